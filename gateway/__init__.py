@@ -1,0 +1,103 @@
+"""Omnichannel message gateway: channels in, one schema, a NATS JetStream bus, replies out.
+
+Integrators import everything from here; underscore modules are private.
+"""
+
+from importlib.metadata import PackageNotFoundError, version
+
+from .core._bus import Subjects
+from .core._channel import Channel, ChannelContext, ChannelState, Conversation, KeyValue, PublishResult, Receipt
+from .core._config import Config, ChannelConfig, load_config, parse_config
+from .core._errors import (
+    BusUnavailable,
+    ConfigError,
+    DeliveryError,
+    GatewayError,
+    PayloadTooLarge,
+    PluginError,
+    RequestError,
+    SignatureError,
+)
+from .core._gateway import Gateway
+from .core._hookspecs import hookimpl
+from .core._plugins import PluginManager
+from .core._schema import (
+    SCHEMA_VERSION,
+    AudioPart,
+    ChoicePart,
+    DeadLetter,
+    DeliveryStatus,
+    ErrorInfo,
+    EventPart,
+    FilePart,
+    HtmlPart,
+    ImagePart,
+    LinkPart,
+    LocationPart,
+    Message,
+    ObjectRef,
+    Outbound,
+    Part,
+    Participant,
+    QuietHours,
+    Reminder,
+    Template,
+    TextPart,
+    UnknownPart,
+    VideoPart,
+)
+
+try:
+    __version__ = version("omnichannel-gateway")
+except PackageNotFoundError:  # pragma: no cover - running from a source tree
+    __version__ = "0.0.0"
+
+__all__ = [
+    "SCHEMA_VERSION",
+    "AudioPart",
+    "BusUnavailable",
+    "Channel",
+    "ChannelConfig",
+    "ChannelContext",
+    "ChannelState",
+    "ChoicePart",
+    "Config",
+    "ConfigError",
+    "Conversation",
+    "DeadLetter",
+    "DeliveryError",
+    "DeliveryStatus",
+    "ErrorInfo",
+    "EventPart",
+    "FilePart",
+    "Gateway",
+    "GatewayError",
+    "HtmlPart",
+    "ImagePart",
+    "KeyValue",
+    "LinkPart",
+    "LocationPart",
+    "Message",
+    "ObjectRef",
+    "Outbound",
+    "Part",
+    "Participant",
+    "PayloadTooLarge",
+    "PluginError",
+    "PluginManager",
+    "PublishResult",
+    "QuietHours",
+    "Receipt",
+    "Reminder",
+    "RequestError",
+    "SignatureError",
+    "Subjects",
+    "Template",
+    "TextPart",
+    "UnknownPart",
+    "VideoPart",
+    "__version__",
+    "hookimpl",
+    "load_config",
+    "parse_config",
+]

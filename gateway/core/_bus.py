@@ -1,0 +1,226 @@
+"""The NATS JetStream bus: connection (with retry while the server is down), the streams and
+buckets of the bus contract (created or updated at start-up), and subject names."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from typing import Any, Callable
+
+import nats
+import nats.errors
+import nats.js.errors
+from nats.js import api
+from nats.js.kv import KeyValue as NatsKV
+
+from ._config import BusConfig, seconds
+from ._errors import BusUnavailable
+
+
+class Subjects:
+    """Subject and stream names of the bus contract, for one prefix."""
+
+    def __init__(self, prefix: str = "gw"):
+        self.prefix = prefix
+        up = prefix.upper().replace("-", "_")
+        self.stream_in = f"{up}_IN"
+        self.stream_out = f"{up}_OUT"
+        self.stream_status = f"{up}_STATUS"
+        self.stream_dead = f"{up}_DEAD"
+        self.kv_dedup = f"{prefix}_dedup"
+        self.kv_conversations = f"{prefix}_conversations"
+        self.kv_state = f"{prefix}_state"
+        self.kv_receipts = f"{prefix}_receipts"
+        self.object_store = f"{prefix}_blobs"
+        self.outbound_consumer = f"{prefix}_delivery"
+
+    def inbound(self, channel_type: str, channel: str) -> str:
+        return f"{self.prefix}.in.{channel_type}.{channel}"
+
+    def outbound(self, channel_type: str, channel: str) -> str:
+        return f"{self.prefix}.out.{channel_type}.{channel}"
+
+    def status(self, channel_type: str, channel: str) -> str:
+        return f"{self.prefix}.status.{channel_type}.{channel}"
+
+    def dead(self, channel_type: str, channel: str) -> str:
+        return f"{self.prefix}.dead.{channel_type}.{channel}"
+
+    def all(self) -> str:
+        return f"{self.prefix}.>"
+
+
+class Bus:
+    """One NATS connection with JetStream, shared by the whole process."""
+
+    def __init__(self, cfg: BusConfig, url: str, *, log: Any, name: str = "gateway"):
+        self.cfg = cfg
+        self.url = url
+        self.log = log
+        self.name = name
+        self.subjects = Subjects(cfg.prefix)
+        self.nc: nats.NATS | None = None
+        self.js: Any = None
+        self.kv: dict[str, NatsKV] = {}
+        self.objects: Any = None
+        self._ready = asyncio.Event()
+        self._connector: asyncio.Task[None] | None = None
+        self.on_ready: list[Callable[[], Any]] = []
+        self.error: str | None = "not connected yet"
+
+    # --- lifecycle -----------------------------------------------------------------
+
+    @property
+    def connected(self) -> bool:
+        """True when the connection is up and the streams exist."""
+        return self._ready.is_set() and self.nc is not None and self.nc.is_connected
+
+    def start(self) -> None:
+        """Connect in the background, retrying with backoff until the server answers."""
+        self._connector = asyncio.create_task(self._connect_loop(), name="bus-connect")
+
+    async def wait_ready(self, timeout: float | None = None) -> None:
+        await asyncio.wait_for(self._ready.wait(), timeout)
+
+    async def _connect_loop(self) -> None:
+        delay = 0.2
+        while True:
+            try:
+                await self._connect_once()
+                self.error = None
+                self._ready.set()
+                self.log.info("bus connected", url=self._safe_url(), prefix=self.cfg.prefix)
+                for cb in self.on_ready:
+                    r = cb()
+                    if asyncio.iscoroutine(r):
+                        await r
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                self.error = f"{type(exc).__name__}: {exc}"
+                self.log.warning("bus not available, retrying", url=self._safe_url(), error=self.error, retry_in=round(delay, 2))
+                if self.nc is not None:
+                    try:
+                        await self.nc.close()
+                    except Exception:
+                        pass
+                    self.nc = None
+                await asyncio.sleep(delay * (0.8 + random.random() * 0.4))
+                delay = min(delay * 2, 10.0)
+
+    def _safe_url(self) -> str:
+        # Never log credentials embedded in a URL.
+        import re
+
+        return re.sub(r"//[^@/]*@", "//***@", self.url)
+
+    async def _connect_once(self) -> None:
+        opts: dict[str, Any] = dict(
+            servers=[u.strip() for u in self.url.split(",") if u.strip()],
+            name=self.name,
+            connect_timeout=max(1, int(seconds(self.cfg.connect_timeout))),
+            allow_reconnect=True,
+            max_reconnect_attempts=-1,
+            reconnect_time_wait=1,
+            error_cb=self._on_error,
+            disconnected_cb=self._on_disconnected,
+            reconnected_cb=self._on_reconnected,
+        )
+        if self.cfg.user:
+            opts["user"], opts["password"] = self.cfg.user, self.cfg.password
+        if self.cfg.token:
+            opts["token"] = self.cfg.token
+        if self.cfg.creds_file:
+            opts["user_credentials"] = self.cfg.creds_file
+        self.nc = await nats.connect(**opts)
+        self.js = self.nc.jetstream(timeout=seconds(self.cfg.publish_timeout), publish_async_max_pending=20000)
+        await self.ensure_layout()
+
+    async def _on_error(self, exc: Exception) -> None:
+        self.log.warning("bus error", error=f"{type(exc).__name__}: {exc}")
+
+    async def _on_disconnected(self) -> None:
+        self.log.warning("bus disconnected")
+
+    async def _on_reconnected(self) -> None:
+        self.log.info("bus reconnected")
+
+    async def close(self) -> None:
+        if self._connector and not self._connector.done():
+            self._connector.cancel()
+            try:
+                await self._connector
+            except (asyncio.CancelledError, Exception):
+                pass
+        if self.nc is not None and not self.nc.is_closed:
+            try:
+                await asyncio.wait_for(self.nc.drain(), 10)
+            except Exception:
+                await self.nc.close()
+        self._ready.clear()
+
+    # --- layout --------------------------------------------------------------------
+
+    def stream_configs(self) -> list[api.StreamConfig]:
+        s, c = self.subjects, self.cfg
+        common = dict(storage=api.StorageType.FILE, num_replicas=c.replicas, max_msg_size=c.max_message_size,
+                      duplicate_window=seconds(c.duplicate_window))
+        return [
+            api.StreamConfig(name=s.stream_in, subjects=[f"{s.prefix}.in.>"], retention=api.RetentionPolicy.LIMITS,
+                             max_age=seconds(c.inbound_max_age), description="inbound customer messages", **common),
+            api.StreamConfig(name=s.stream_out, subjects=[f"{s.prefix}.out.>"], retention=api.RetentionPolicy.WORK_QUEUE,
+                             description="outbound replies awaiting delivery", **common),
+            api.StreamConfig(name=s.stream_status, subjects=[f"{s.prefix}.status.>"], retention=api.RetentionPolicy.LIMITS,
+                             max_age=seconds(c.status_max_age), description="delivery status events", **common),
+            api.StreamConfig(name=s.stream_dead, subjects=[f"{s.prefix}.dead.>"], retention=api.RetentionPolicy.LIMITS,
+                             max_age=seconds(c.dead_max_age), description="dead letters", **common),
+        ]
+
+    async def ensure_layout(self) -> None:
+        """Create or update every stream, KV bucket and the object store."""
+        for cfg in self.stream_configs():
+            try:
+                await self.js.add_stream(cfg)
+            except nats.js.errors.BadRequestError as exc:
+                # Exists with another configuration: update what may be updated.
+                try:
+                    await self.js.update_stream(cfg)
+                except nats.js.errors.APIError as exc2:
+                    self.log.warning("stream config could not be updated", stream=cfg.name, error=str(exc2), first=str(exc))
+        s, c = self.subjects, self.cfg
+        buckets = [
+            api.KeyValueConfig(bucket=s.kv_dedup, ttl=seconds(c.dedup_ttl), history=1, replicas=c.replicas, direct=True,
+                               storage=api.StorageType.FILE, description="seen provider message ids"),
+            api.KeyValueConfig(bucket=s.kv_conversations, history=1, replicas=c.replicas, direct=True,
+                               storage=api.StorageType.FILE, description="conversation routes"),
+            api.KeyValueConfig(bucket=s.kv_state, history=1, replicas=c.replicas, direct=True,
+                               storage=api.StorageType.FILE, description="channel state"),
+            api.KeyValueConfig(bucket=s.kv_receipts, history=1, replicas=c.replicas, direct=True,
+                               ttl=seconds(self._receipt_ttl), storage=api.StorageType.FILE,
+                               description="provider receipts by outbound id"),
+        ]
+        for b in buckets:
+            self.kv[b.bucket] = await self._ensure_kv(b)
+        try:
+            self.objects = await self.js.object_store(s.object_store)
+        except nats.js.errors.BucketNotFoundError:
+            self.objects = await self.js.create_object_store(
+                s.object_store, config=api.ObjectStoreConfig(bucket=s.object_store, replicas=c.replicas,
+                                                             storage=api.StorageType.FILE))
+
+    _receipt_ttl = "7d"
+
+    async def _ensure_kv(self, cfg: api.KeyValueConfig) -> NatsKV:
+        try:
+            return await self.js.create_key_value(cfg)
+        except nats.js.errors.BadRequestError:
+            return await self.js.key_value(cfg.bucket)
+
+    # --- helpers -------------------------------------------------------------------
+
+    def require(self) -> Any:
+        """The JetStream context, or :class:`BusUnavailable`."""
+        if not self.connected:
+            raise BusUnavailable(f"bus not connected ({self.error or 'disconnected'})")
+        return self.js

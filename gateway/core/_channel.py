@@ -1,0 +1,183 @@
+"""What a channel plugin implements (:class:`Channel`) and what the core gives it
+(:class:`ChannelContext`). A plugin never imports NATS: everything bus-related goes
+through the context."""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Awaitable, Callable, Sequence
+from datetime import datetime
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
+
+import msgspec
+
+from ._schema import DeliveryState, ErrorInfo, Message, ObjectRef, Outbound, Participant, Part
+
+if TYPE_CHECKING:
+    from starlette.requests import Request
+    from starlette.responses import Response
+
+ChannelState = Literal["starting", "running", "degraded", "stopped", "failed"]
+
+
+class Receipt(msgspec.Struct, frozen=True, kw_only=True):
+    """What ``deliver`` returns: the provider accepted the outbound."""
+
+    provider_id: str | None = None
+    """The provider's id for what it accepted (SMTP Message-ID, WeChat msgid, Twilio Sid)."""
+    meta: dict[str, Any] = {}
+
+
+class Conversation(msgspec.Struct, kw_only=True):
+    """What the gateway keeps per conversation (KV bucket ``<prefix>_conversations``):
+    everything the channel needs to answer in it, written on every inbound message."""
+
+    key: str
+    channel_type: str
+    channel: str
+    route: dict[str, Any] = {}
+    """Channel-defined addressing: email thread ids, WeChat openid, QQ group + msg id ..."""
+    last_inbound_at: datetime | None = None
+    """Time of the customer's last message (WeChat's 48-hour window is counted from it)."""
+    last_message_id: str | None = None
+
+
+class PublishResult(msgspec.Struct, frozen=True, kw_only=True):
+    """Outcome of :meth:`ChannelContext.publish`."""
+
+    id: str
+    duplicate: bool
+    """True when this provider id had been published before: nothing new is on the bus."""
+    sequence: int | None = None
+    """Stream sequence of the message (of the first copy for a duplicate, when known)."""
+
+
+Endpoint = Callable[["Request"], Awaitable["Response"]]
+
+
+class KeyValue(abc.ABC):
+    """A small persistent key-value store for a channel's own state (checkpoints, thread
+    maps, tokens), shared by every gateway process. Keys are free-form strings."""
+
+    @abc.abstractmethod
+    async def get(self, key: str) -> bytes | None:
+        """The value, or None."""
+
+    @abc.abstractmethod
+    async def put(self, key: str, value: bytes) -> None:
+        """Store ``value``."""
+
+    @abc.abstractmethod
+    async def delete(self, key: str) -> None:
+        """Forget ``key`` (no error if absent)."""
+
+    @abc.abstractmethod
+    async def create(self, key: str, value: bytes) -> bool:
+        """Store ``value`` only if ``key`` does not exist; True if it was stored."""
+
+
+class ChannelContext(abc.ABC):
+    """The core's side of a channel: the only way a plugin reaches the bus, HTTP and
+    storage. One context per configured channel instance."""
+
+    name: str
+    """The instance name (``[channels.<name>]``)."""
+    channel_type: str
+    config: Any
+    """The channel's own config section, converted to the plugin's ``config_type``."""
+    log: Any
+    """A structlog logger bound to this channel; secrets and personal data are redacted."""
+    state: KeyValue
+    """Persistent state of this channel instance."""
+
+    @abc.abstractmethod
+    def message(
+        self,
+        *,
+        conversation: str,
+        sender: Participant,
+        parts: Sequence[Part] = (),
+        provider_id: str | None = None,
+        **fields: Any,
+    ) -> Message:
+        """Build a :class:`Message` for this channel. ``conversation`` is the channel's
+        natural thread key (openid, root Message-ID, phone-number pair); the core turns it
+        into an opaque stable key. ``provider_id`` must be the provider's own id so a
+        retry is recognized."""
+
+    @abc.abstractmethod
+    def conversation_key(self, native: str) -> str:
+        """The opaque conversation key for a channel-natural thread key."""
+
+    @abc.abstractmethod
+    async def publish(self, message: Message, *, route: dict[str, Any] | None = None) -> PublishResult:
+        """Publish an inbound message and wait for the bus to acknowledge it. Only after
+        this returns may the channel tell its provider the message was accepted.
+        ``route`` is stored as the conversation's addressing for replies. Raises
+        :class:`BusUnavailable` when the bus does not acknowledge."""
+
+    @abc.abstractmethod
+    def add_route(self, path: str, endpoint: Endpoint, methods: Sequence[str] = ("POST",)) -> str:
+        """Serve ``endpoint`` at ``/channels/<name><path>`` on the shared HTTP server;
+        returns the full path. A :class:`RequestError` raised by the endpoint becomes its
+        HTTP status with a short reason; :class:`BusUnavailable` becomes 503."""
+
+    @abc.abstractmethod
+    async def report_status(
+        self,
+        outbound_id: str,
+        state: DeliveryState,
+        *,
+        conversation: str = "",
+        provider_id: str | None = None,
+        error: ErrorInfo | None = None,
+    ) -> None:
+        """Publish a status event for an outbound (delivery receipts, bounces)."""
+
+    @abc.abstractmethod
+    async def put_blob(self, data: bytes, *, content_type: str | None = None) -> ObjectRef:
+        """Store binary content in the object store (content-addressed)."""
+
+    @abc.abstractmethod
+    async def get_blob(self, ref: ObjectRef) -> bytes:
+        """Read binary content back."""
+
+    @abc.abstractmethod
+    async def get_conversation(self, key: str) -> Conversation | None:
+        """The stored conversation, or None."""
+
+    @abc.abstractmethod
+    def set_state(self, state: ChannelState, detail: str | None = None) -> None:
+        """Report the channel's health (shown by ``/healthz``)."""
+
+
+class Channel(abc.ABC):
+    """A channel type. Subclass it, set ``type`` and ``config_type``, and return the class
+    from the ``register_channel_types`` hook. The core creates one instance per configured
+    channel and drives it: ``start`` → traffic → ``stop``."""
+
+    type: ClassVar[str]
+    """The ``type = "..."`` value in the config that selects this class."""
+    config_type: ClassVar[type[msgspec.Struct] | None] = None
+    """A msgspec Struct (``forbid_unknown_fields=True`` recommended) for the channel's own
+    keys; None if it takes none."""
+    supported_parts: ClassVar[frozenset[str]] = frozenset({"text"})
+    """Part types ``deliver`` can carry; an outbound with others fails permanently."""
+    rate_limit: ClassVar[float | None] = None
+    """Default outbound rate (messages per second) the provider allows; config may lower it."""
+
+    def __init__(self, ctx: ChannelContext) -> None:
+        self.ctx = ctx
+
+    async def start(self) -> None:
+        """Begin receiving (connect, register HTTP routes, start pollers). Raise to fail."""
+
+    async def stop(self) -> None:
+        """Stop receiving and release resources; in-flight work should finish."""
+
+    async def deliver(self, outbound: Outbound, conversation: Conversation) -> Receipt:
+        """Send ``outbound`` through the provider, in ``conversation``. Return only once the
+        provider accepted it; raise :class:`DeliveryError` (``permanent`` or not) otherwise."""
+        from ._errors import DeliveryError
+
+        raise DeliveryError(f"channel type {self.type!r} cannot send", permanent=True)

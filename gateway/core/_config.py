@@ -1,0 +1,421 @@
+"""One TOML file configures the gateway. Every problem is reported at once, each with the
+file, line, key path, what was expected and what was found; unknown keys are errors;
+``${VAR}`` (or ``${VAR:-default}``) is taken from the environment."""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Any, Literal, Mapping, Union, get_args, get_origin
+
+import msgspec
+
+from ._errors import ConfigError
+
+Duration = Annotated[str, msgspec.Meta(pattern=r"^\d+(\.\d+)?(ms|s|m|h|d)$", description="a duration such as 500ms, 30s, 5m, 2h, 7d")]
+_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
+_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
+_SECRET = re.compile(r"(pass|secret|token|key|cred|auth|sid|aes)", re.I)
+_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def seconds(duration: str) -> float:
+    """``"7d"`` → 604800.0."""
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)", duration)
+    if not m:
+        raise ValueError(f"not a duration: {duration!r}")
+    return float(m.group(1)) * _UNITS[m.group(2)]
+
+
+class _Section(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    pass
+
+
+class BusConfig(_Section):
+    """``[bus]``: where the NATS JetStream bus is and how it is laid out."""
+
+    url: str = ""
+    """``nats://host:port`` (comma-separated for a cluster); empty: start an embedded
+    nats-server. ``GATEWAY_BUS_URL`` overrides it."""
+    prefix: Annotated[str, msgspec.Meta(pattern=r"^[a-zA-Z0-9_-]+$")] = "gw"
+    replicas: Annotated[int, msgspec.Meta(ge=1, le=5)] = 1
+    user: str = ""
+    password: str = ""
+    token: str = ""
+    creds_file: str = ""
+    data_dir: str = "./data/nats"
+    """JetStream storage of the embedded server."""
+    embedded_host: str = "127.0.0.1"
+    embedded_port: Annotated[int, msgspec.Meta(ge=0, le=65535)] = 4222
+    """0 picks a free port."""
+    connect_timeout: Duration = "5s"
+    publish_timeout: Duration = "5s"
+    dedup_ttl: Duration = "7d"
+    """How long a provider message id is remembered: a retry within it is not published again."""
+    duplicate_window: Duration = "2m"
+    """JetStream's own Nats-Msg-Id window on the inbound and outbound streams."""
+    inbound_max_age: Duration = "90d"
+    status_max_age: Duration = "30d"
+    dead_max_age: Duration = "90d"
+    inline_limit: Annotated[int, msgspec.Meta(ge=0)] = 16384
+    """Binary parts larger than this go to the object store."""
+    max_message_size: Annotated[int, msgspec.Meta(ge=1024)] = 1048576
+
+
+class HttpConfig(_Section):
+    """``[http]``: the one HTTP server shared by webhook channels, /healthz and /metrics."""
+
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: Annotated[int, msgspec.Meta(ge=0, le=65535)] = 8080
+    max_body: Annotated[int, msgspec.Meta(ge=1024)] = 1048576
+
+
+class LogConfig(_Section):
+    """``[log]``."""
+
+    format: Literal["console", "json"] = "console"
+    level: Literal["debug", "info", "warning", "error"] = "info"
+
+
+class OutboundConfig(_Section):
+    """``[outbound]``: delivery of replies from the bus to the channels."""
+
+    enabled: bool = True
+    backoff: list[Duration] = msgspec.field(default_factory=lambda: ["1s", "5s", "30s", "2m", "10m", "30m"])
+    """Wait before attempt 2, 3, ...; the last value repeats. Jitter of ±20% is added."""
+    max_attempts: Annotated[int, msgspec.Meta(ge=1)] = 8
+    ack_wait: Duration = "60s"
+    """How long one delivery attempt may take before the bus redelivers it."""
+    concurrency: Annotated[int, msgspec.Meta(ge=1, le=1024)] = 64
+    receipt_ttl: Duration = "7d"
+    """How long a provider receipt is kept to prevent a second send after a crash."""
+
+
+class GatewaySettings(_Section):
+    """Everything but ``[channels.*]``."""
+
+    bus: BusConfig = msgspec.field(default_factory=BusConfig)
+    http: HttpConfig = msgspec.field(default_factory=HttpConfig)
+    log: LogConfig = msgspec.field(default_factory=LogConfig)
+    outbound: OutboundConfig = msgspec.field(default_factory=OutboundConfig)
+
+
+class ChannelCommon(_Section):
+    """Keys every ``[channels.<name>]`` section has, besides the plugin's own."""
+
+    type: str
+    enabled: bool = True
+    required: bool = True
+    """False: a failure to start is logged and the gateway runs without this channel."""
+    rate_limit: Annotated[float, msgspec.Meta(gt=0)] | None = None
+    """Outbound messages per second (default: what the channel type declares)."""
+    backoff: list[Duration] | None = None
+    """Per-channel override of ``[outbound] backoff``."""
+    max_attempts: Annotated[int, msgspec.Meta(ge=1)] | None = None
+
+
+_COMMON_KEYS = {f.encode_name for f in msgspec.structs.fields(ChannelCommon)}
+
+
+@dataclass
+class ChannelConfig:
+    """One configured channel instance."""
+
+    name: str
+    type: str
+    enabled: bool
+    required: bool
+    rate_limit: float | None
+    backoff: list[str] | None
+    max_attempts: int | None
+    options: Any
+    """The plugin's ``config_type`` instance (None if the type takes no keys)."""
+
+
+@dataclass
+class Config:
+    """A validated configuration."""
+
+    settings: GatewaySettings
+    channels: dict[str, ChannelConfig] = field(default_factory=dict)
+    source: str = "<defaults>"
+
+    @property
+    def bus(self) -> BusConfig:
+        return self.settings.bus
+
+    @property
+    def http(self) -> HttpConfig:
+        return self.settings.http
+
+    @property
+    def log(self) -> LogConfig:
+        return self.settings.log
+
+    @property
+    def outbound(self) -> OutboundConfig:
+        return self.settings.outbound
+
+
+# --- loading ------------------------------------------------------------------------
+
+
+class _Locator:
+    """Finds the line of a key path in TOML text (tomllib gives no positions)."""
+
+    def __init__(self, text: str):
+        self.keys: dict[tuple[str, ...], int] = {}
+        table: tuple[str, ...] = ()
+        for lineno, raw in enumerate(text.splitlines(), 1):
+            line = raw.strip()
+            if not line or line.startswith("#"):
+                continue
+            if line.startswith("["):
+                inner = line.strip("[]").split("#")[0].strip().rstrip("]")
+                table = tuple(_split_key(inner))
+                self.keys.setdefault(table, lineno)
+            elif "=" in line:
+                key = line.split("=", 1)[0].strip()
+                self.keys.setdefault(table + tuple(_split_key(key)), lineno)
+
+    def line(self, path: tuple[str, ...]) -> int | None:
+        while path:
+            if path in self.keys:
+                return self.keys[path]
+            path = path[:-1]
+        return None
+
+
+def _split_key(key: str) -> list[str]:
+    return [p.strip().strip("\"'") for p in re.findall(r'"[^"]*"|\'[^\']*\'|[^.]+', key)]
+
+
+class _Problems:
+    def __init__(self, source: str, locator: _Locator | None):
+        self.source = source
+        self.locator = locator
+        self.items: list[str] = []
+        self.from_env: set[tuple[str, ...]] = set()
+
+    def add(self, path: tuple[str, ...], what: str) -> None:
+        line = self.locator.line(path) if self.locator else None
+        where = f"{self.source}:{line}" if line else self.source
+        key = ".".join(path) if path else "(top level)"
+        self.items.append(f"{where}: {key}: {what}")
+
+    def shown(self, path: tuple[str, ...], value: Any) -> str:
+        """The found value, unless it is a secret or came from the environment."""
+        if path in self.from_env or any(_SECRET.search(p) for p in path[-1:]):
+            return "(value hidden)"
+        text = repr(value) if not isinstance(value, str) else '"' + value.replace('"', '\\"') + '"'
+        return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _resolve_env(value: Any, path: tuple[str, ...], env: Mapping[str, str], problems: _Problems) -> Any:
+    if isinstance(value, dict):
+        return {k: _resolve_env(v, path + (k,), env, problems) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_resolve_env(v, path + (str(i),), env, problems) for i, v in enumerate(value)]
+    if isinstance(value, str) and "${" in value:
+        problems.from_env.add(path)
+
+        def sub(m: re.Match[str]) -> str:
+            name, default = m.group(1), m.group(2)
+            if name in env:
+                return env[name]
+            if default is not None:
+                return default
+            problems.add(path, f"environment variable {name} is not set")
+            return ""
+
+        return _VAR.sub(sub, value)
+    return value
+
+
+def _type_name(tp: Any) -> str:
+    if isinstance(tp, type):
+        return {"str": "str", "int": "int", "float": "float", "bool": "bool"}.get(tp.__name__, tp.__name__)
+    return str(tp)
+
+
+def _found_type(value: Any) -> str:
+    return {dict: "table", list: "array"}.get(type(value), type(value).__name__)
+
+
+_MSGSPEC_ERR = re.compile(r"^(?P<msg>.*?)(?: - at `\$(?P<at>[^`]*)`)?$", re.S)
+
+
+def _check(value: Any, tp: Any, path: tuple[str, ...], problems: _Problems) -> None:
+    """Report every problem in ``value`` against ``tp`` (a msgspec Struct or field type)."""
+    if isinstance(tp, type) and issubclass(tp, msgspec.Struct):
+        if not isinstance(value, dict):
+            problems.add(path, f"expected a table, got {_found_type(value)}")
+            return
+        fields = {f.encode_name: f for f in msgspec.structs.fields(tp)}
+        for key in value:
+            if key not in fields:
+                hint = _closest(key, fields)
+                problems.add(path + (key,), "unknown key" + (f" (did you mean {hint!r}?)" if hint else "")
+                             + f"; expected one of: {', '.join(sorted(fields))}")
+        for name, f in fields.items():
+            if name not in value:
+                if f.required:
+                    problems.add(path + (name,), f"missing required key ({_describe(f.type)})")
+                continue
+            _check(value[name], f.type, path + (name,), problems)
+        return
+    try:
+        msgspec.convert(value, tp)
+    except msgspec.ValidationError as exc:
+        m = _MSGSPEC_ERR.match(str(exc))
+        msg = m.group("msg") if m else str(exc)
+        at = m.group("at") if m else ""
+        sub = tuple(p for p in re.findall(r"\[(\d+)\]|\.([^.\[]+)", at or "") for p in p if p)
+        msg = re.sub(r"`([^`]*)`", r"\1", msg)
+        msg = msg[0].lower() + msg[1:] if msg else msg
+        full = path + sub
+        shown = _lookup(value, sub)
+        if "matching regex" in msg or not msg.startswith("expected"):
+            leaf = _field_type_at(tp, sub)
+            msg = f"expected {_describe(leaf)}, got {_found_type(shown)}"
+        sep = " " if ", got " in msg else ", got "
+        problems.add(full, f"{msg}{sep}{problems.shown(full, shown)}")
+
+
+def _field_type_at(tp: Any, sub: tuple[str, ...]) -> Any:
+    for p in sub:
+        args = [a for a in get_args(tp) if a is not type(None)] if get_origin(tp) in (Union, Annotated) else []
+        if get_origin(tp) is Annotated:
+            tp = args[0]
+        elif get_origin(tp) is Union and len(args) == 1:
+            tp = args[0]
+        if get_origin(tp) is list:
+            tp = get_args(tp)[0]
+        elif isinstance(tp, type) and issubclass(tp, msgspec.Struct):
+            tp = {f.encode_name: f.type for f in msgspec.structs.fields(tp)}.get(p, tp)
+    return tp
+
+
+def _lookup(value: Any, sub: tuple[str, ...]) -> Any:
+    for p in sub:
+        try:
+            value = value[int(p)] if isinstance(value, list) else value[p]
+        except (KeyError, IndexError, ValueError, TypeError):
+            return value
+    return value
+
+
+def _describe(tp: Any) -> str:
+    origin = get_origin(tp)
+    if origin is Annotated:
+        base, *meta = get_args(tp)
+        for m in meta:
+            if isinstance(m, msgspec.Meta) and m.description:
+                return m.description
+        return _describe(base)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in get_args(tp))
+    if origin is Union:
+        return " or ".join(_describe(a) for a in get_args(tp))
+    if origin is list:
+        return "array of " + _describe(get_args(tp)[0])
+    if tp is type(None):
+        return "none"
+    return _type_name(tp)
+
+
+def _closest(key: str, options: Mapping[str, Any]) -> str | None:
+    import difflib
+
+    hits = difflib.get_close_matches(key, list(options), n=1, cutoff=0.75)
+    return hits[0] if hits else None
+
+
+def parse_config(
+    data: dict[str, Any],
+    channel_types: Mapping[str, Any],
+    *,
+    source: str = "<config>",
+    text: str | None = None,
+    env: Mapping[str, str] | None = None,
+) -> Config:
+    """Validate already-parsed TOML data. ``channel_types`` maps a type name to its
+    :class:`Channel` class (for its ``config_type``). Raises :class:`ConfigError` with
+    every problem found."""
+    problems = _Problems(source, _Locator(text) if text is not None else None)
+    data = _resolve_env(data, (), os.environ if env is None else env, problems)
+    channels_raw = data.pop("channels", {})
+    _check(data, GatewaySettings, (), problems)
+    channels: dict[str, ChannelConfig] = {}
+    if not isinstance(channels_raw, dict):
+        problems.add(("channels",), f"expected a table of [channels.<name>] sections, got {_found_type(channels_raw)}")
+        channels_raw = {}
+    for name, section in channels_raw.items():
+        path = ("channels", name)
+        if not _NAME.match(name):
+            problems.add(path, "channel names are lower-case letters, digits, '-' and '_' (they become NATS subject tokens)")
+            continue
+        if not isinstance(section, dict):
+            problems.add(path, f"expected a table, got {_found_type(section)}")
+            continue
+        common = {k: v for k, v in section.items() if k in _COMMON_KEYS}
+        own = {k: v for k, v in section.items() if k not in _COMMON_KEYS}
+        ctype = common.get("type")
+        if not isinstance(ctype, str):
+            problems.add(path + ("type",), "missing required key (the channel type, see `gateway plugins`)")
+            continue
+        if ctype not in channel_types:
+            known = ", ".join(sorted(channel_types)) or "none loaded"
+            problems.add(path + ("type",), f"unknown channel type {ctype!r}; loaded types: {known}")
+            continue
+        before = len(problems.items)
+        _check(common, ChannelCommon, path, problems)
+        cls = getattr(channel_types[ctype], "cls", channel_types[ctype])  # a ChannelTypeInfo or a class
+        config_type = getattr(cls, "config_type", None)
+        if config_type is None:
+            for key in own:
+                problems.add(path + (key,), f"unknown key; channel type {ctype!r} takes no keys of its own")
+        else:
+            _check(own, config_type, path, problems)
+        if len(problems.items) != before:
+            continue
+        try:
+            c = msgspec.convert(common, ChannelCommon)
+            options = msgspec.convert(own, config_type) if config_type is not None else None
+        except msgspec.ValidationError as exc:  # e.g. a __post_init__ check of the plugin
+            problems.add(path, str(exc).replace("`", ""))
+            continue
+        channels[name] = ChannelConfig(name, ctype, c.enabled, c.required, c.rate_limit, c.backoff, c.max_attempts, options)
+    if problems.items:
+        raise ConfigError(problems.items)
+    try:
+        settings = msgspec.convert(data, GatewaySettings)
+    except msgspec.ValidationError as exc:  # defensive: _check should have caught it
+        raise ConfigError([f"{source}: {exc}"]) from exc
+    bus_url = (os.environ if env is None else env).get("GATEWAY_BUS_URL")
+    if bus_url:
+        settings.bus.url = bus_url
+    return Config(settings=settings, channels=channels, source=source)
+
+
+def load_config(path: str | os.PathLike[str] | None, channel_types: Mapping[str, Any],
+                env: Mapping[str, str] | None = None) -> Config:
+    """Read and validate a TOML file; None means built-in defaults and no channels."""
+    if path is None:
+        return parse_config({}, channel_types, env=env)
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError([f"{p}: file not found"]) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError([f"{p}: cannot read: {exc}"]) from exc
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError([f"{p}: invalid TOML: {exc}"]) from exc
+    return parse_config(data, channel_types, source=str(path), text=text, env=env)

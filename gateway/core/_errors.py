@@ -1,0 +1,70 @@
+"""One exception tree: callers catch ours, library exceptions are mapped at the boundary."""
+
+from __future__ import annotations
+
+
+class GatewayError(Exception):
+    """Base of every error the gateway raises on purpose."""
+
+
+class ConfigError(GatewayError):
+    """The configuration is invalid. ``problems`` lists each one as
+    ``file: key.path: expected ..., got ...``."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = list(problems)
+        super().__init__("\n".join(self.problems))
+
+
+class PluginError(GatewayError):
+    """A plugin is broken: a bad hook, a duplicate channel type, a failed start."""
+
+
+class BusUnavailable(GatewayError):
+    """The bus did not acknowledge in time: the caller must not report success (an HTTP
+    channel answers 503 so the provider retries)."""
+
+
+class RequestError(GatewayError):
+    """A channel rejected an incoming request; ``status`` is the HTTP status to answer
+    (400 malformed, 403 bad signature, 413 too large ...). ``reason`` is short and never
+    contains the request body."""
+
+    status = 400
+
+    def __init__(self, reason: str, *, status: int | None = None):
+        super().__init__(reason)
+        self.reason = reason
+        if status is not None:
+            self.status = status
+
+
+class SignatureError(RequestError):
+    """A webhook's signature or timestamp did not verify."""
+
+    status = 403
+
+
+class PayloadTooLarge(RequestError):
+    """A request or message exceeds a configured size limit."""
+
+    status = 413
+
+
+class DeliveryError(GatewayError):
+    """``Channel.deliver`` failed. ``permanent`` says whether retrying can help;
+    ``retry_after`` (seconds) passes on a provider's Retry-After."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        permanent: bool,
+        code: str | None = None,
+        retry_after: float | None = None,
+    ):
+        super().__init__(message)
+        self.message = message
+        self.permanent = permanent
+        self.code = code
+        self.retry_after = retry_after

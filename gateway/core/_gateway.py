@@ -1,0 +1,256 @@
+"""The gateway process: embedded bus, HTTP server, channels and outbound delivery, started
+and stopped in the right order."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import signal
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import nats.errors
+import nats.js.errors
+from nats.js import api
+
+from ._bus import Bus
+from ._channel import Channel, Conversation
+from ._config import ChannelConfig, Config, load_config, seconds
+from ._embedded import EmbeddedServer
+from ._errors import BusUnavailable, ConfigError, GatewayError, PluginError
+from ._http import HttpServer
+from ._logging import get_logger
+from ._metrics import Metrics
+from ._pipeline import Context, Inbound, conversation_decoder
+from ._plugins import PluginManager
+from ._schema import DeliveryStatus, Message, ObjectRef, encode
+
+
+class _Running:
+    def __init__(self, cfg: ChannelConfig, ctx: Context, channel: Channel | None):
+        self.cfg = cfg
+        self.ctx = ctx
+        self.channel = channel
+
+
+class Gateway:
+    """One gateway process. ``await gw.start()`` … ``await gw.stop()``, or ``await gw.run()``
+    to serve until SIGTERM/SIGINT (SIGHUP reloads ``config_path``)."""
+
+    def __init__(self, config: Config, plugins: PluginManager | None = None, *, config_path: str | None = None):
+        self.config = config
+        self.config_path = config_path
+        self.plugins = plugins or PluginManager()
+        self.log = get_logger()
+        self.metrics = Metrics()
+        self.embedded: EmbeddedServer | None = None
+        bus_url = config.bus.url
+        if not bus_url:
+            self.embedded = EmbeddedServer(host=config.bus.embedded_host, port=config.bus.embedded_port,
+                                           store_dir=config.bus.data_dir, max_payload=max(config.bus.max_message_size, 1048576))
+            bus_url = self.embedded.url
+        self.bus = Bus(config.bus, bus_url, log=self.log.bind(component="bus"))
+        self.bus._receipt_ttl = config.outbound.receipt_ttl
+        self.publish_timeout = seconds(config.bus.publish_timeout)
+        self.inbound = Inbound(self)
+        self.http = HttpServer(self)
+        self.channels: dict[str, _Running] = {}
+        self.outbound: Any = None
+        self._stopping = False
+        self._reload_lock = asyncio.Lock()
+
+    # --- lifecycle -----------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Start the bus connection (retrying in the background if the server is down), the
+        HTTP server and every enabled channel. A required channel that fails to start
+        fails the whole start; an optional one is logged and skipped."""
+        if self.embedded is not None:
+            await self.embedded.start()
+            self.log.info("embedded nats-server started", url=self.embedded.url, store=str(self.embedded.store_dir))
+        if self.config.outbound.enabled:
+            from ._outbound import Dispatcher
+
+            self.outbound = Dispatcher(self)
+            self.bus.on_ready.append(self.outbound.start)
+        self.bus.start()
+        try:
+            await self.bus.wait_ready(seconds(self.config.bus.connect_timeout))
+        except asyncio.TimeoutError:
+            self.log.warning("starting without the bus: webhooks answer 503 until it is reachable", error=self.bus.error)
+        if self.config.http.enabled:
+            await self.http.start()
+            self.log.info("http listening", url=f"http://{self.config.http.host}:{self.http.port}")
+        try:
+            for cfg in self.config.channels.values():
+                if cfg.enabled:
+                    await self._start_channel(cfg)
+        except BaseException:
+            await self.stop()
+            raise
+        self.metrics.bus_connected.set_function(lambda: 1 if self.bus.connected else 0)
+
+    async def _start_channel(self, cfg: ChannelConfig) -> None:
+        info = self.plugins.channel_types[cfg.type]
+        log = get_logger(channel=cfg.name, channel_type=cfg.type)
+        ctx = Context(self, cfg.name, cfg.type, cfg.options, log)
+        running = _Running(cfg, ctx, None)
+        self.channels[cfg.name] = running
+        try:
+            channel = info.cls(ctx)
+            await channel.start()
+        except Exception as exc:
+            ctx.set_state("failed", f"{type(exc).__name__}: {exc}")
+            self.http.remove_channel(cfg.name)
+            msg = f"channel {cfg.name!r} (type {cfg.type!r}, plugin {info.plugin!r}) failed to start: {type(exc).__name__}: {exc}"
+            if cfg.required:
+                raise PluginError(msg + " (set required = false to run without it)") from exc
+            log.error("channel failed to start; running without it (required = false)", error=f"{type(exc).__name__}: {exc}")
+            return
+        running.channel = channel
+        if ctx.health == "starting":
+            ctx.set_state("running")
+        log.info("channel started")
+
+    async def _stop_channel(self, name: str) -> None:
+        running = self.channels.pop(name, None)
+        if running is None:
+            return
+        self.http.remove_channel(name)
+        if running.channel is not None:
+            try:
+                await asyncio.wait_for(running.channel.stop(), 30)
+            except Exception as exc:
+                running.ctx.log.error("channel failed to stop cleanly", error=f"{type(exc).__name__}: {exc}")
+        running.ctx.set_state("stopped")
+
+    async def stop(self) -> None:
+        """Drain: stop taking webhooks (requests in flight finish and reach the bus), stop
+        channels, finish deliveries in flight, close the bus, stop the embedded server."""
+        if self._stopping:
+            return
+        self._stopping = True
+        self.log.info("stopping")
+        await self.http.stop()
+        for name in list(self.channels):
+            await self._stop_channel(name)
+        if self.outbound is not None:
+            await self.outbound.stop()
+        await self.bus.close()
+        if self.embedded is not None:
+            await self.embedded.stop()
+        self.log.info("stopped")
+
+    async def reload(self, config: Config | None = None) -> bool:
+        """Apply a new configuration: channels added, removed or changed are started,
+        stopped or restarted. An invalid file is refused and the old config keeps running.
+        Bus and HTTP settings need a restart. Returns True if applied."""
+        async with self._reload_lock:
+            if config is None:
+                try:
+                    config = load_config(self.config_path, self.plugins.channel_types)
+                except ConfigError as exc:
+                    self.log.error("reload refused: invalid configuration, keeping the running one",
+                                   problems=exc.problems)
+                    return False
+            if config.settings.bus != self.config.settings.bus or config.settings.http != self.config.settings.http:
+                self.log.warning("bus/http settings changed: they take effect at the next restart")
+            old = self.config.channels
+            new = {n: c for n, c in config.channels.items() if c.enabled}
+            for name in list(self.channels):
+                if name not in new or new[name] != old.get(name):
+                    await self._stop_channel(name)
+            self.config.channels = config.channels
+            self.config.settings.outbound = config.settings.outbound
+            for name, cfg in new.items():
+                if name not in self.channels:
+                    await self._start_channel(cfg)
+            self.log.info("configuration reloaded", channels=sorted(new))
+            return True
+
+    async def run(self) -> None:
+        """Start, then serve until SIGTERM or SIGINT; SIGHUP reloads the config file."""
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(self.reload()))
+        try:
+            await self.start()
+            await stop.wait()
+        finally:
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                loop.remove_signal_handler(sig)
+            await self.stop()
+
+    # --- services for contexts -------------------------------------------------------
+
+    def enrich(self, message: Message) -> Message:
+        for impl in self.plugins.hook.enrich_message.get_hookimpls():
+            try:
+                out = impl.function(message=message, channel=message.channel)
+            except Exception as exc:
+                self.log.error("enrich_message hook failed; message published unchanged",
+                               plugin=self.plugins.pm.get_name(impl.plugin), error=f"{type(exc).__name__}: {exc}")
+                continue
+            if isinstance(out, Message):
+                message = out
+        return message
+
+    async def publish_status(self, status: DeliveryStatus) -> None:
+        js = self.bus.require()
+        subject = self.bus.subjects.status(status.channel_type, status.channel)
+        try:
+            await js.publish(subject, encode(status), headers={
+                "Nats-Msg-Id": f"{status.outbound_id}:{status.state}:{status.attempt}",
+                "Content-Type": "application/json", "Gw-Schema": "delivery-status/1"})
+        except (asyncio.TimeoutError, nats.errors.Error, nats.js.errors.Error) as exc:
+            raise BusUnavailable(f"status not acknowledged: {type(exc).__name__}") from exc
+
+    async def put_blob(self, data: bytes, *, content_type: str | None = None) -> ObjectRef:
+        self.bus.require()
+        digest = hashlib.sha256(data).hexdigest()
+        store = self.bus.objects
+        try:
+            info = await store.get_info(digest)
+            if info is not None and not info.deleted:
+                return ObjectRef(bucket=self.bus.subjects.object_store, name=digest, size=len(data), sha256=digest)
+        except nats.js.errors.ObjectNotFoundError:
+            pass
+        meta = api.ObjectMeta(name=digest, description=content_type)
+        await store.put(digest, data, meta=meta)
+        return ObjectRef(bucket=self.bus.subjects.object_store, name=digest, size=len(data), sha256=digest)
+
+    async def get_blob(self, ref: ObjectRef) -> bytes:
+        self.bus.require()
+        store = self.bus.objects if ref.bucket == self.bus.subjects.object_store else await self.bus.js.object_store(ref.bucket)
+        result = await store.get(ref.name)
+        return result.data
+
+    async def get_conversation(self, key: str) -> Conversation | None:
+        self.bus.require()
+        kv = self.bus.kv[self.bus.subjects.kv_conversations]
+        try:
+            entry = await kv.get(key)
+        except (nats.js.errors.KeyNotFoundError, nats.js.errors.InvalidKeyError):
+            return None
+        try:
+            return conversation_decoder.decode(entry.value)
+        except msgspec.DecodeError:
+            return None
+
+    def health(self) -> dict[str, Any]:
+        channels = {
+            name: {"type": r.cfg.type, "state": r.ctx.health, **({"detail": r.ctx.health_detail} if r.ctx.health_detail else {})}
+            for name, r in self.channels.items()
+        }
+        bad = [n for n, r in self.channels.items() if r.ctx.health not in ("running",) and r.cfg.required]
+        ok = self.bus.connected and not bad
+        return {
+            "status": "ok" if ok else "unavailable",
+            "bus": {"connected": self.bus.connected, **({"error": self.bus.error} if self.bus.error else {})},
+            "channels": channels,
+            "time": datetime.now(timezone.utc).isoformat(),
+        }

@@ -1,0 +1,72 @@
+"""Structured logging (structlog) that never writes secrets or personal data.
+
+Redaction is by key name: values of keys that name a secret (password, token, key ...) or
+personal data (phone, email, text, body, address, openid ...) are replaced by ``***``
+before rendering, in every logger of the process, plugins included."""
+
+from __future__ import annotations
+
+import logging
+import re
+import sys
+from typing import Any
+
+import structlog
+
+_REDACT = re.compile(
+    r"(pass|secret|token|api_?key|aes|cred|auth|signature|cookie|"
+    r"phone|mobile|e?mail|address|openid|unionid|sender|recipient|from_|to_|body|text|content|payload|name$)",
+    re.I,
+)
+_KEEP = {"event", "level", "timestamp", "logger", "channel", "channel_type", "plugin", "error", "exc_info", "subject",
+         "stream", "status", "path", "method", "url", "id", "outbound_id", "conversation", "state", "attempt"}
+REDACTED = "***"
+# Personal data that slips into free text (provider error messages, exception texts).
+_EMAIL = re.compile(r"[\w.+-]+@[\w-]+(\.[\w-]+)+")
+_PHONE = re.compile(r"(?<![\w.])\+?\d[\d\s().-]{6,}\d(?![\w.])")
+
+
+def scrub(text: str) -> str:
+    """Mask e-mail addresses and phone numbers in free text."""
+    def phone(m: re.Match[str]) -> str:
+        return REDACTED if sum(ch.isdigit() for ch in m.group(0)) >= 8 else m.group(0)
+
+    return _PHONE.sub(phone, _EMAIL.sub(REDACTED, text))
+
+
+def redact(_logger: Any, _name: str, event: dict[str, Any]) -> dict[str, Any]:
+    """structlog processor: mask values whose key names a secret or personal data, and
+    e-mail addresses or phone numbers anywhere in the text that is kept."""
+    for key, value in list(event.items()):
+        if key not in _KEEP and _REDACT.search(key):
+            event[key] = REDACTED
+        elif isinstance(value, str):
+            event[key] = scrub(value)
+    return event
+
+
+def configure_logging(format: str = "console", level: str = "info", stream: Any = None) -> None:
+    """Set up structlog for the process: JSON lines or a readable console format."""
+    renderer: Any
+    if format == "json":
+        renderer = structlog.processors.JSONRenderer()
+    else:
+        renderer = structlog.dev.ConsoleRenderer(colors=False)
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            redact,
+            structlog.processors.format_exc_info,
+            renderer,
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(getattr(logging, level.upper())),
+        logger_factory=structlog.PrintLoggerFactory(stream or sys.stderr),
+        cache_logger_on_first_use=False,
+    )
+
+
+def get_logger(**bind: Any) -> Any:
+    """A logger bound to ``bind`` (for example ``channel="support-mail"``)."""
+    return structlog.get_logger("gateway").bind(**bind)

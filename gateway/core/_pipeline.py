@@ -1,0 +1,292 @@
+"""The inbound path (normalize → dedup → offload binaries → publish → await ack) and the
+context object each channel gets."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import re
+import time
+import uuid
+from collections.abc import Sequence
+from datetime import datetime, timezone
+from typing import TYPE_CHECKING, Any
+
+import msgspec
+import nats.errors
+import nats.js.errors
+from nats.js import api
+
+from ._channel import (
+    ChannelContext,
+    ChannelState,
+    Conversation,
+    Endpoint,
+    KeyValue,
+    PublishResult,
+)
+from ._errors import BusUnavailable, PayloadTooLarge
+from ._schema import (
+    AudioPart,
+    DeliveryState,
+    DeliveryStatus,
+    ErrorInfo,
+    FilePart,
+    ImagePart,
+    Message,
+    ObjectRef,
+    Participant,
+    Part,
+    VideoPart,
+    encode,
+)
+
+if TYPE_CHECKING:
+    from ._gateway import Gateway
+
+_MEDIA = (ImagePart, FilePart, AudioPart, VideoPart)
+_SAFE_KEY = re.compile(r"^[-_=a-zA-Z0-9]{1,200}$")
+conversation_decoder = msgspec.json.Decoder(Conversation)
+
+
+def _token(*parts: str, n: int = 26) -> str:
+    h = hashlib.sha256("\x00".join(parts).encode("utf-8", "surrogatepass")).digest()
+    return base64.b32encode(h).decode("ascii").rstrip("=").lower()[:n]
+
+
+def message_id(channel: str, provider_id: str) -> str:
+    """The gateway id of a provider message: the same for every retry of it, in every
+    gateway process (so it can be the JetStream ``Nats-Msg-Id``)."""
+    return _token(channel, provider_id)
+
+
+def conversation_key(channel: str, native: str) -> str:
+    """Opaque, stable conversation key: ``<channel>.<hash of the native thread key>``. It
+    carries no personal data (an openid or phone number never appears in it)."""
+    return f"{channel}.{_token(channel, native)}"
+
+
+def _timeout_error(exc: BaseException) -> BusUnavailable:
+    return BusUnavailable(f"bus did not acknowledge: {type(exc).__name__}")
+
+
+class Inbound:
+    """Publishes inbound messages: exactly one bus message per provider message id, for as
+    long as ``dedup_ttl``, across processes and restarts."""
+
+    def __init__(self, gw: Gateway):
+        self.gw = gw
+        self.bus = gw.bus
+        self._inflight: dict[str, asyncio.Future[PublishResult]] = {}
+        self._timeout = gw.publish_timeout
+
+    async def publish(self, message: Message, route: dict[str, Any] | None) -> PublishResult:
+        key = f"{message.channel}.{message.id}" if message.provider_id else None
+        if key is not None:
+            # A retry that arrives while the first copy is still being published waits for it.
+            pending = self._inflight.get(key)
+            if pending is not None:
+                first = await asyncio.shield(pending)
+                self._count_duplicate(message)
+                return msgspec.structs.replace(first, duplicate=True)
+            fut: asyncio.Future[PublishResult] = asyncio.get_running_loop().create_future()
+            self._inflight[key] = fut
+            try:
+                result = await self._publish(message, route, key)
+            except BaseException as exc:
+                fut.set_exception(exc)
+                fut.exception()  # retrieved: no "never retrieved" warning when nobody waited
+                raise
+            else:
+                fut.set_result(result)
+                return result
+            finally:
+                del self._inflight[key]
+        return await self._publish(message, route, None)
+
+    def _count_duplicate(self, message: Message) -> None:
+        self.gw.metrics.inbound_duplicates.labels(message.channel_type, message.channel).inc()
+
+    async def _publish(self, message: Message, route: dict[str, Any] | None, key: str | None) -> PublishResult:
+        js = self.bus.require()
+        t0 = time.perf_counter()
+        dedup = self.bus.kv[self.bus.subjects.kv_dedup]
+        try:
+            if key is not None:
+                try:
+                    entry = await asyncio.wait_for(dedup.get(key), self._timeout)
+                except nats.js.errors.KeyNotFoundError:
+                    pass
+                else:
+                    self._count_duplicate(message)
+                    seq = int(entry.value) if entry.value and entry.value.isdigit() else None
+                    return PublishResult(id=message.id, duplicate=True, sequence=seq)
+            message = self.gw.enrich(message)
+            message = await self._offload(message)
+            data = encode(message)
+            if len(data) > self.gw.config.bus.max_message_size:
+                raise PayloadTooLarge(
+                    f"message of {len(data)} bytes exceeds bus.max_message_size {self.gw.config.bus.max_message_size}")
+            subject = self.bus.subjects.inbound(message.channel_type, message.channel)
+            headers = {
+                "Nats-Msg-Id": message.id,
+                "Content-Type": "application/json",
+                "Gw-Schema": "message/1",
+                "Gw-Conversation": message.conversation,
+                "ce-specversion": "1.0",
+                "ce-id": message.id,
+                "ce-type": "gateway.message.v1",
+                "ce-source": f"/{message.channel_type}/{message.channel}",
+            }
+            ack_fut = await js.publish_async(subject, data, headers=headers)
+            conv = Conversation(key=message.conversation, channel_type=message.channel_type, channel=message.channel,
+                                route=route or {}, last_inbound_at=message.received_at, last_message_id=message.id)
+            conv_key = message.conversation
+            results = await asyncio.wait_for(
+                asyncio.gather(ack_fut, self._put_conversation(conv_key, conv, route is None)), self._timeout)
+            ack: api.PubAck = results[0]
+            if key is not None:
+                await asyncio.wait_for(dedup.put(key, str(ack.seq).encode()), self._timeout)
+        except (asyncio.TimeoutError, nats.errors.Error, nats.js.errors.Error, ConnectionError) as exc:
+            raise _timeout_error(exc) from exc
+        elapsed = time.perf_counter() - t0
+        self.gw.metrics.publish_latency.labels(message.channel_type).observe(elapsed)
+        if ack.duplicate:
+            self._count_duplicate(message)
+        else:
+            self.gw.metrics.inbound.labels(message.channel_type, message.channel).inc()
+        return PublishResult(id=message.id, duplicate=bool(ack.duplicate), sequence=ack.seq)
+
+    async def _put_conversation(self, key: str, conv: Conversation, keep_route: bool) -> None:
+        kv = self.bus.kv[self.bus.subjects.kv_conversations]
+        if keep_route:
+            # The channel gave no route: keep the stored one, refresh the rest.
+            try:
+                old = conversation_decoder.decode((await kv.get(key)).value)
+                conv.route = old.route
+            except (nats.js.errors.KeyNotFoundError, msgspec.DecodeError):
+                pass
+        await kv.put(key, encode(conv))
+
+    async def _offload(self, message: Message) -> Message:
+        limit = self.gw.config.bus.inline_limit
+        if not any(isinstance(p, _MEDIA) and p.data is not None and len(p.data) > limit for p in message.parts):
+            return message
+        parts: list[Part] = []
+        for p in message.parts:
+            if isinstance(p, _MEDIA) and p.data is not None and len(p.data) > limit:
+                ref = await self.gw.put_blob(p.data, content_type=p.content_type)
+                p = msgspec.structs.replace(p, data=None, ref=ref, size=len(p.data))
+            parts.append(p)
+        return msgspec.structs.replace(message, parts=parts)
+
+
+class _State(KeyValue):
+    def __init__(self, gw: Gateway, channel: str):
+        self.gw = gw
+        self.channel = channel
+
+    def _key(self, key: str) -> str:
+        return f"{self.channel}.{key}" if _SAFE_KEY.match(key) else f"{self.channel}.h-{_token(key, n=40)}"
+
+    def _kv(self) -> Any:
+        self.gw.bus.require()
+        return self.gw.bus.kv[self.gw.bus.subjects.kv_state]
+
+    async def get(self, key: str) -> bytes | None:
+        try:
+            return (await self._kv().get(self._key(key))).value
+        except nats.js.errors.KeyNotFoundError:
+            return None
+
+    async def put(self, key: str, value: bytes) -> None:
+        await self._kv().put(self._key(key), value)
+
+    async def delete(self, key: str) -> None:
+        try:
+            await self._kv().delete(self._key(key))
+        except nats.js.errors.KeyNotFoundError:
+            pass
+
+    async def create(self, key: str, value: bytes) -> bool:
+        try:
+            await self._kv().create(self._key(key), value)
+            return True
+        except nats.js.errors.KeyWrongLastSequenceError:
+            return False
+
+
+class Context(ChannelContext):
+    """The core's implementation of :class:`ChannelContext`."""
+
+    def __init__(self, gw: Gateway, name: str, channel_type: str, config: Any, log: Any):
+        self.gw = gw
+        self.name = name
+        self.channel_type = channel_type
+        self.config = config
+        self.log = log
+        self.state = _State(gw, name)
+        self.health: ChannelState = "starting"
+        self.health_detail: str | None = None
+
+    def conversation_key(self, native: str) -> str:
+        return conversation_key(self.name, native)
+
+    def message(
+        self,
+        *,
+        conversation: str,
+        sender: Participant,
+        parts: Sequence[Part] = (),
+        provider_id: str | None = None,
+        **fields: Any,
+    ) -> Message:
+        mid = message_id(self.name, provider_id) if provider_id else uuid.uuid4().hex
+        return Message(
+            id=mid,
+            channel_type=self.channel_type,
+            channel=self.name,
+            provider_id=provider_id,
+            conversation=self.conversation_key(conversation),
+            sender=sender,
+            received_at=fields.pop("received_at", None) or datetime.now(timezone.utc),
+            parts=list(parts),
+            **fields,
+        )
+
+    async def publish(self, message: Message, *, route: dict[str, Any] | None = None) -> PublishResult:
+        if message.channel != self.name or message.channel_type != self.channel_type:
+            raise ValueError(f"message belongs to channel {message.channel!r}, not {self.name!r}")
+        return await self.gw.inbound.publish(message, route)
+
+    def add_route(self, path: str, endpoint: Endpoint, methods: Sequence[str] = ("POST",)) -> str:
+        return self.gw.http.add_route(self, path, endpoint, methods)
+
+    async def report_status(
+        self,
+        outbound_id: str,
+        state: DeliveryState,
+        *,
+        conversation: str = "",
+        provider_id: str | None = None,
+        error: ErrorInfo | None = None,
+    ) -> None:
+        status = DeliveryStatus(outbound_id=outbound_id, conversation=conversation, channel_type=self.channel_type,
+                                channel=self.name, state=state, at=datetime.now(timezone.utc),
+                                provider_id=provider_id, error=error)
+        await self.gw.publish_status(status)
+
+    async def put_blob(self, data: bytes, *, content_type: str | None = None) -> ObjectRef:
+        return await self.gw.put_blob(data, content_type=content_type)
+
+    async def get_blob(self, ref: ObjectRef) -> bytes:
+        return await self.gw.get_blob(ref)
+
+    async def get_conversation(self, key: str) -> Conversation | None:
+        return await self.gw.get_conversation(key)
+
+    def set_state(self, state: ChannelState, detail: str | None = None) -> None:
+        self.health = state
+        self.health_detail = detail
+        self.gw.metrics.channel_up.labels(self.channel_type, self.name).set(1 if state == "running" else 0)

@@ -1,0 +1,323 @@
+"""The wire types of the bus: every message that crosses NATS is one of these.
+
+All are msgspec Structs encoded as JSON. Ids are strings, never JSON numbers: WeChat's
+MsgId is above 2**53 and a JavaScript backend would round it. Binary content travels
+inline (base64) only below the configured inline limit; above it, it is stored in the
+JetStream Object Store and the part carries an :class:`ObjectRef` instead.
+
+Adding a part type is a contract change: a consumer built against an older schema
+rejects an unknown ``type`` tag. Such a change raises :data:`SCHEMA_VERSION`.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Literal, Union
+
+import msgspec
+
+SCHEMA_VERSION = 1
+"""Version of the wire contract; carried in every message as ``schema_version``."""
+
+
+class _Wire(msgspec.Struct, frozen=True, omit_defaults=True, kw_only=True):
+    """Base of parts and nested values: immutable, compact JSON (defaults omitted)."""
+
+
+class _Envelope(msgspec.Struct, frozen=True, kw_only=True):
+    """Base of top-level bus types: every field is encoded, ``schema_version`` included,
+    so consumers in any language see explicit nulls instead of guessing defaults."""
+
+
+class ObjectRef(_Wire, kw_only=True):
+    """Where a binary payload lives in the JetStream Object Store."""
+
+    bucket: str
+    name: str
+    size: int
+    sha256: str
+
+
+class Participant(_Wire, kw_only=True):
+    """A sender or recipient in the channel's own terms."""
+
+    id: str
+    """Channel-native id: an e-mail address, a WeChat openid, a QQ number, an E.164 phone number."""
+    name: str | None = None
+    """Display name, if the channel gives one."""
+
+
+# --- message parts (a tagged union on "type") -------------------------------------------
+
+
+class TextPart(_Wire, tag="text", tag_field="type"):
+    """Plain text. For email, ``text`` is the new text of the message and ``quoted`` /
+    ``signature`` hold what was trimmed off, so a backend sees both."""
+
+    text: str
+    quoted: str | None = None
+    signature: str | None = None
+
+
+class HtmlPart(_Wire, tag="html", tag_field="type"):
+    """An HTML body (its plain-text rendering travels as a separate TextPart)."""
+
+    html: str
+
+
+class _Media(_Wire, tag_field="type", kw_only=True):
+    content_type: str | None = None
+    filename: str | None = None
+    size: int | None = None
+    data: bytes | None = None
+    """Inline content (base64 in JSON), only when below the inline limit."""
+    ref: ObjectRef | None = None
+    """Content stored in the object store."""
+    url: str | None = None
+    """Where the provider serves it, if it does."""
+    media_id: str | None = None
+    """The provider's own media id (WeChat MediaId, ...)."""
+    content_id: str | None = None
+    """MIME Content-ID of an inline image (``cid:`` references in HTML)."""
+
+
+class ImagePart(_Media, tag="image", kw_only=True):
+    """An image."""
+
+
+class FilePart(_Media, tag="file", kw_only=True):
+    """Any other attachment."""
+
+
+class AudioPart(_Media, tag="audio", kw_only=True):
+    """Voice or audio; ``recognition`` is the provider's speech-to-text, if given."""
+
+    duration: float | None = None
+    recognition: str | None = None
+
+
+class VideoPart(_Media, tag="video", kw_only=True):
+    """A video; ``thumb`` references its thumbnail if the provider sends one."""
+
+    duration: float | None = None
+    thumb_media_id: str | None = None
+
+
+class LocationPart(_Wire, tag="location", tag_field="type"):
+    """A geographic position."""
+
+    latitude: float
+    longitude: float
+    label: str | None = None
+    scale: float | None = None
+
+
+class LinkPart(_Wire, tag="link", tag_field="type"):
+    """A shared link or article card."""
+
+    url: str
+    title: str | None = None
+    description: str | None = None
+
+
+class EventPart(_Wire, tag="event", tag_field="type"):
+    """A channel event that is not a message (subscribe, menu click, scan ...)."""
+
+    event: str
+    key: str | None = None
+    data: dict[str, str] = {}
+
+
+class ChoicePart(_Wire, tag="choice", tag_field="type"):
+    """A survey answer parsed from the customer's reply to a survey reminder."""
+
+    reminder_id: str
+    choice: str
+    index: int | None = None
+
+
+class UnknownPart(_Wire, tag="unknown", tag_field="type"):
+    """Content the channel plugin could not map; ``raw`` keeps the provider's fields."""
+
+    raw: dict[str, Any] = {}
+
+
+Part = Union[
+    TextPart,
+    HtmlPart,
+    ImagePart,
+    FilePart,
+    AudioPart,
+    VideoPart,
+    LocationPart,
+    LinkPart,
+    EventPart,
+    ChoicePart,
+    UnknownPart,
+]
+MediaPart = Union[ImagePart, FilePart, AudioPart, VideoPart]
+
+
+# --- envelopes -----------------------------------------------------------------------
+
+
+class Message(_Envelope, kw_only=True):
+    """An inbound message, published on ``<prefix>.in.<channel_type>.<channel>``."""
+
+    schema_version: int = SCHEMA_VERSION
+    id: str
+    """Gateway id, derived from (channel, provider_id): a provider retry gets the same id.
+    It is also the ``Nats-Msg-Id`` header."""
+    channel_type: str
+    channel: str
+    provider_id: str | None = None
+    """The provider's own message id (WeChat MsgId, Message-ID, Twilio MessageSid ...)."""
+    conversation: str
+    """Stable key of the conversation; a reply names it and the gateway routes."""
+    sender: Participant
+    recipient: Participant | None = None
+    """Our side: the mailbox, official account or number the customer wrote to."""
+    received_at: datetime
+    """When the gateway received it (UTC)."""
+    sent_at: datetime | None = None
+    """When the customer sent it, per the provider."""
+    subject: str | None = None
+    parts: list[Part] = []
+    in_reply_to: str | None = None
+    """Provider id of the message this one replies to, if the channel says."""
+    auto: bool = False
+    """Machine-generated (auto-reply, bulk, bounce): never answer automatically (RFC 3834)."""
+    meta: dict[str, Any] = {}
+    """Channel-specific metadata; documented per plugin."""
+
+
+class Template(_Wire, kw_only=True):
+    """A provider template (WeChat template/subscription message, SMS template) used where
+    free text is not allowed, for example outside WeChat's 48-hour window."""
+
+    id: str
+    data: dict[str, str] = {}
+    url: str | None = None
+
+
+class Outbound(_Envelope, kw_only=True):
+    """A reply or notice, published by a backend on ``<prefix>.out.<channel_type>.<channel>``."""
+
+    schema_version: int = SCHEMA_VERSION
+    id: str
+    """Chosen by the backend, unique per outbound; also its ``Nats-Msg-Id``. Publishing the
+    same id twice delivers once."""
+    conversation: str
+    parts: list[Part] = []
+    kind: Literal["reply", "notice", "followup", "survey"] = "reply"
+    in_reply_to: str | None = None
+    """Gateway id of the inbound message this answers (threads email, quotes in QQ)."""
+    subject: str | None = None
+    auto: bool = False
+    """An automatic answer: marked so (``Auto-Submitted: auto-replied``) where the channel can."""
+    template: Template | None = None
+    """Fallback where the channel refuses free text (WeChat outside 48 h)."""
+    created_at: datetime | None = None
+    meta: dict[str, Any] = {}
+
+
+class ErrorInfo(_Wire, kw_only=True):
+    """Why a delivery failed."""
+
+    message: str
+    permanent: bool
+    code: str | None = None
+
+
+DeliveryState = Literal["accepted", "sent", "delivered", "read", "failed", "dead"]
+
+
+class DeliveryStatus(_Envelope, kw_only=True):
+    """The fate of one outbound, on ``<prefix>.status.<channel_type>.<channel>``."""
+
+    schema_version: int = SCHEMA_VERSION
+    outbound_id: str
+    conversation: str
+    channel_type: str
+    channel: str
+    state: DeliveryState
+    at: datetime
+    attempt: int = 0
+    provider_id: str | None = None
+    error: ErrorInfo | None = None
+    next_attempt_at: datetime | None = None
+
+
+class QuietHours(_Wire, kw_only=True):
+    """The customer's rest hours, in their time zone: nothing is sent between ``start`` and
+    ``end`` (``"21:00"`` to ``"09:00"`` wraps midnight)."""
+
+    start: str = "21:00"
+    end: str = "09:00"
+    tz: str = "Asia/Shanghai"
+
+
+class Reminder(_Envelope, kw_only=True):
+    """A scheduled callback (回访): a follow-up or survey sent at ``due_at`` through the
+    conversation's channel, never inside quiet hours, published on
+    ``<prefix>.sched.<id>``."""
+
+    schema_version: int = SCHEMA_VERSION
+    id: str
+    conversation: str
+    channel_type: str
+    channel: str
+    due_at: datetime
+    outbound: Outbound
+    quiet_hours: QuietHours | None = None
+    deadline: datetime | None = None
+    """Latest acceptable send time (for example three days after service); past it, the
+    reminder is recorded as missed instead of sent."""
+    cancel_on_reply: bool = True
+    """Cancel when the customer writes again before it fires."""
+    choices: list[str] = []
+    """Survey choices; the customer's answer comes back as a ChoicePart."""
+
+
+class DeadLetter(_Envelope, kw_only=True):
+    """What the gateway gave up on, on ``<prefix>.dead.<channel_type>.<channel>``."""
+
+    schema_version: int = SCHEMA_VERSION
+    id: str
+    subject: str
+    """The subject it was taken from."""
+    reason: str
+    attempts: int
+    at: datetime
+    outbound: Outbound | None = None
+    """The decoded outbound, when it could be decoded."""
+    payload: bytes | None = None
+    """The raw bytes, when it could not be decoded."""
+    error: ErrorInfo | None = None
+    headers: dict[str, str] = {}
+
+
+WIRE_TYPES: dict[str, type[_Envelope]] = {
+    "message": Message,
+    "outbound": Outbound,
+    "delivery-status": DeliveryStatus,
+    "reminder": Reminder,
+    "dead-letter": DeadLetter,
+}
+"""Every top-level bus type, by the file name of its JSON Schema."""
+
+
+_encoder = msgspec.json.Encoder()
+encode = _encoder.encode
+"""Encode any wire struct to JSON bytes (one shared encoder: the fast path)."""
+
+message_decoder = msgspec.json.Decoder(Message)
+outbound_decoder = msgspec.json.Decoder(Outbound)
+status_decoder = msgspec.json.Decoder(DeliveryStatus)
+reminder_decoder = msgspec.json.Decoder(Reminder)
+dead_letter_decoder = msgspec.json.Decoder(DeadLetter)
+
+
+def json_schemas() -> dict[str, dict[str, Any]]:
+    """JSON Schema of every top-level bus type, keyed by file stem."""
+    return {name: msgspec.json.schema(tp) for name, tp in WIRE_TYPES.items()}

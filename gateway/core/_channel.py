@@ -75,6 +75,16 @@ class KeyValue(abc.ABC):
     async def create(self, key: str, value: bytes) -> bool:
         """Store ``value`` only if ``key`` does not exist; True if it was stored."""
 
+    @abc.abstractmethod
+    async def get_revision(self, key: str) -> tuple[bytes, int] | None:
+        """The value and its revision (for :meth:`update`), or None."""
+
+    @abc.abstractmethod
+    async def update(self, key: str, value: bytes, revision: int) -> bool:
+        """Compare-and-set: store ``value`` only if ``key`` is still at ``revision``; True
+        if it was stored. With :meth:`create` this builds leases and single-flight locks
+        shared by every gateway process."""
+
 
 class ChannelContext(abc.ABC):
     """The core's side of a channel: the only way a plugin reaches the bus, HTTP and

@@ -213,8 +213,26 @@ class _State(KeyValue):
         try:
             await self._kv().create(self._key(key), value)
             return True
-        except nats.js.errors.KeyWrongLastSequenceError:
-            return False
+        except (nats.js.errors.KeyWrongLastSequenceError, nats.js.errors.APIError) as exc:
+            if isinstance(exc, nats.js.errors.KeyWrongLastSequenceError) or getattr(exc, "err_code", None) == 10071:
+                return False
+            raise
+
+    async def get_revision(self, key: str) -> tuple[bytes, int] | None:
+        try:
+            entry = await self._kv().get(self._key(key))
+        except nats.js.errors.KeyNotFoundError:
+            return None
+        return entry.value or b"", entry.revision
+
+    async def update(self, key: str, value: bytes, revision: int) -> bool:
+        try:
+            await self._kv().update(self._key(key), value, last=revision)
+            return True
+        except (nats.js.errors.KeyWrongLastSequenceError, nats.js.errors.APIError) as exc:
+            if isinstance(exc, nats.js.errors.KeyWrongLastSequenceError) or getattr(exc, "err_code", None) == 10071:
+                return False
+            raise
 
 
 class Context(ChannelContext):

@@ -1,0 +1,1 @@
+"""Built-in channel plugins, importable as ``gateway_plugins.<name>``."""

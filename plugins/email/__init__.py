@@ -1,0 +1,1 @@
+"""Email channel (issue 5)."""

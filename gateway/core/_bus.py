@@ -67,6 +67,7 @@ class Bus:
         self._connector: asyncio.Task[None] | None = None
         self.on_ready: list[Callable[[], Any]] = []
         self.error: str | None = "not connected yet"
+        self._closing = False
 
     # --- lifecycle -----------------------------------------------------------------
 
@@ -141,12 +142,14 @@ class Bus:
         self.log.warning("bus error", error=f"{type(exc).__name__}: {exc}")
 
     async def _on_disconnected(self) -> None:
-        self.log.warning("bus disconnected")
+        if not self._closing:
+            self.log.warning("bus disconnected")
 
     async def _on_reconnected(self) -> None:
         self.log.info("bus reconnected")
 
     async def close(self) -> None:
+        self._closing = True
         if self._connector and not self._connector.done():
             self._connector.cancel()
             try:
@@ -154,10 +157,13 @@ class Bus:
             except (asyncio.CancelledError, Exception):
                 pass
         if self.nc is not None and not self.nc.is_closed:
+            # Every publish was awaited by its caller; flush what is buffered and close.
+            # (drain() would wait on the pull subscription's internal queue.)
             try:
-                await asyncio.wait_for(self.nc.drain(), 10)
+                await self.nc.flush(timeout=2)
             except Exception:
-                await self.nc.close()
+                pass
+            await self.nc.close()
         self._ready.clear()
 
     # --- layout --------------------------------------------------------------------

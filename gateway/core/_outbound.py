@@ -103,6 +103,10 @@ class Dispatcher:
             done, pending = await asyncio.wait(self.lane_tasks, timeout=20)
             for t in pending:
                 t.cancel()
+        try:
+            await self.psub.unsubscribe()
+        except Exception:
+            pass
 
     async def _loop(self) -> None:
         while not self._stopping.is_set():

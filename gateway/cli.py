@@ -1,0 +1,307 @@
+"""The ``gateway`` command.
+
+Exit codes: 0 success; 1 runtime failure; 2 usage or configuration error; 3 the bus is
+unreachable; 4 a plugin failed to load or start.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+import uuid
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+from .core._config import Config, load_config, seconds
+from .core._errors import BusUnavailable, ConfigError, PluginError
+from .core._logging import configure_logging
+
+EXIT_OK, EXIT_FAIL, EXIT_USAGE, EXIT_BUS, EXIT_PLUGIN = 0, 1, 2, 3, 4
+DEFAULT_CONFIG = "gateway.toml"
+
+
+def _config_path(arg: str | None) -> str | None:
+    if arg:
+        return arg
+    env = os.environ.get("GATEWAY_CONFIG")
+    if env:
+        return env
+    return DEFAULT_CONFIG if Path(DEFAULT_CONFIG).exists() else None
+
+
+def _load(args: argparse.Namespace) -> tuple[Config, Any]:
+    from .core._plugins import PluginManager
+
+    pm = PluginManager()
+    return load_config(_config_path(args.config), pm.channel_types), pm
+
+
+def _bus_url(config: Config) -> str:
+    return config.bus.url or f"nats://{config.bus.embedded_host}:{config.bus.embedded_port}"
+
+
+async def _connect(config: Config) -> Any:
+    import nats
+
+    url = _bus_url(config)
+    opts: dict[str, Any] = {"servers": url.split(","), "connect_timeout": 3, "allow_reconnect": False,
+                            "max_reconnect_attempts": 0}
+    if config.bus.user:
+        opts.update(user=config.bus.user, password=config.bus.password)
+    if config.bus.token:
+        opts["token"] = config.bus.token
+    if config.bus.creds_file:
+        opts["user_credentials"] = config.bus.creds_file
+    try:
+        return await nats.connect(**opts)
+    except Exception as exc:
+        hint = " (is `gateway run` running with the embedded bus?)" if not config.bus.url else ""
+        raise BusUnavailable(f"cannot reach the bus at {url}{hint}: {type(exc).__name__}") from exc
+
+
+# --- commands -----------------------------------------------------------------------
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from .core._gateway import Gateway
+
+    config, pm = _load(args)
+    configure_logging(args.log_format or config.log.format, args.log_level or config.log.level)
+    gw = Gateway(config, pm, config_path=_config_path(args.config))
+    asyncio.run(gw.run())
+    return EXIT_OK
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    from .core._plugins import PluginManager
+
+    path = args.file or _config_path(args.config)
+    if path is None:
+        print(f"no configuration file given and no ./{DEFAULT_CONFIG}", file=sys.stderr)
+        return EXIT_USAGE
+    config = load_config(path, PluginManager().channel_types)
+    names = ", ".join(f"{n} ({c.type})" for n, c in config.channels.items()) or "none"
+    print(f"{path}: OK; channels: {names}; bus: {config.bus.url or 'embedded'}")
+    return EXIT_OK
+
+
+def cmd_plugins(args: argparse.Namespace) -> int:
+    from .core._plugins import PluginManager
+
+    pm = PluginManager()
+    rows = [{"type": i.type, "plugin": i.plugin, "package": i.package, "version": i.version,
+             "class": f"{i.cls.__module__}.{i.cls.__qualname__}", "source": i.source} for i in pm.channel_types.values()]
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return EXIT_OK
+    if not rows:
+        print("no channel types loaded")
+        return EXIT_OK
+    width = max(len(r["type"]) for r in rows)
+    for r in rows:
+        print(f"{r['type']:<{width}}  {r['package']} {r['version']}  {r['class']}  ({r['source']})")
+    return EXIT_OK
+
+
+def cmd_schema(args: argparse.Namespace) -> int:
+    from .core._schema import json_schemas
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for name, schema in json_schemas().items():
+        (out / f"{name}.json").write_text(json.dumps(schema, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
+        print(out / f"{name}.json")
+    return EXIT_OK
+
+
+def cmd_send(args: argparse.Namespace) -> int:
+    from .core._bus import Subjects
+    from .core._schema import Outbound, TextPart, encode
+
+    config, _ = _load(args)
+    ctype = args.type
+    if ctype is None:
+        ch = config.channels.get(args.channel)
+        if ch is None:
+            print(f"channel {args.channel!r} is not in the configuration; give --type", file=sys.stderr)
+            return EXIT_USAGE
+        ctype = ch.type
+    outbound = Outbound(id=args.id or uuid.uuid4().hex, conversation=args.conversation, parts=[TextPart(text=args.text)],
+                        subject=args.subject, created_at=datetime.now(timezone.utc))
+    subject = Subjects(config.bus.prefix).outbound(ctype, args.channel)
+
+    async def go() -> None:
+        nc = await _connect(config)
+        try:
+            ack = await nc.jetstream().publish(subject, encode(outbound), headers={
+                "Nats-Msg-Id": outbound.id, "Content-Type": "application/json", "Gw-Schema": "outbound/1"})
+        finally:
+            await nc.close()
+        print(f"published outbound {outbound.id} on {subject} (stream {ack.stream} seq {ack.seq}"
+              f"{', duplicate' if ack.duplicate else ''})")
+
+    asyncio.run(go())
+    return EXIT_OK
+
+
+def _describe(subject: str, data: bytes) -> str:
+    try:
+        obj = json.loads(data)
+    except ValueError:
+        return f"<{len(data)} bytes, not JSON>"
+    if not isinstance(obj, dict):
+        return json.dumps(obj)[:200]
+    if ".in." in subject and "sender" in obj:
+        texts = [p.get("text") or p.get("type") for p in obj.get("parts", []) if isinstance(p, dict)]
+        return (f"message {obj.get('id')} conv={obj.get('conversation')} from={obj.get('sender', {}).get('id')}: "
+                + " | ".join(repr(t)[:120] for t in texts))
+    if ".out." in subject:
+        texts = [p.get("text") or p.get("type") for p in obj.get("parts", []) if isinstance(p, dict)]
+        return f"outbound {obj.get('id')} conv={obj.get('conversation')}: " + " | ".join(repr(t)[:120] for t in texts)
+    if ".status." in subject:
+        err = (obj.get("error") or {}).get("message")
+        return (f"status {obj.get('state')} outbound={obj.get('outbound_id')} attempt={obj.get('attempt')}"
+                + (f" provider_id={obj['provider_id']}" if obj.get("provider_id") else "") + (f" error={err!r}" if err else ""))
+    if ".dead." in subject:
+        return f"dead {obj.get('id')} attempts={obj.get('attempts')} reason={obj.get('reason')!r}"
+    return json.dumps(obj, ensure_ascii=False)[:300]
+
+
+def cmd_tail(args: argparse.Namespace) -> int:
+    config, _ = _load(args)
+    subject = args.subject or f"{config.bus.prefix}.>"
+
+    async def go() -> None:
+        nc = await _connect(config)
+        seen = 0
+        done = asyncio.Event()
+
+        async def on_msg(msg: Any) -> None:
+            nonlocal seen
+            if msg.subject.startswith("$JS.") or msg.subject.startswith("_INBOX."):
+                return
+            ts = datetime.now().strftime("%H:%M:%S.%f")[:-3]
+            line = msg.data.decode("utf-8", "replace") if args.raw else _describe(msg.subject, msg.data)
+            print(f"{ts} {msg.subject}  {line}", flush=True)
+            seen += 1
+            if args.count and seen >= args.count:
+                done.set()
+
+        await nc.subscribe(subject, cb=on_msg)
+        print(f"tailing {subject} on {_bus_url(config)} (Ctrl-C to stop)", file=sys.stderr, flush=True)
+        try:
+            await done.wait()
+        finally:
+            await nc.close()
+
+    try:
+        asyncio.run(go())
+    except KeyboardInterrupt:
+        pass
+    return EXIT_OK
+
+
+def cmd_dlq(args: argparse.Namespace) -> int:
+    from .core import _dlq
+
+    config, _ = _load(args)
+
+    async def go() -> int:
+        nc = await _connect(config)
+        try:
+            return await _dlq.run(nc, config, args)
+        finally:
+            await nc.close()
+
+    return asyncio.run(go())
+
+
+# --- parser -------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="gateway", description="Omnichannel message gateway on a NATS JetStream bus.",
+                                epilog="Exit codes: 0 ok, 1 failure, 2 usage/config error, 3 bus unreachable, 4 plugin error.")
+    p.add_argument("-c", "--config", help=f"TOML configuration (default: $GATEWAY_CONFIG or ./{DEFAULT_CONFIG} if present)")
+    p.add_argument("--log-format", choices=["console", "json"], help="override [log] format")
+    p.add_argument("--log-level", choices=["debug", "info", "warning", "error"], help="override [log] level")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    s = sub.add_parser("run", help="run the gateway (embedded nats-server when no [bus] url)",
+                       description="Run the gateway until SIGTERM/SIGINT; SIGHUP reloads the configuration.")
+    s.set_defaults(func=cmd_run)
+
+    s = sub.add_parser("check-config", help="validate a configuration file and print every problem",
+                       description="Validate FILE; print each problem as file:line: key.path: what is wrong.")
+    s.add_argument("file", nargs="?", help="the TOML file (default: -c, $GATEWAY_CONFIG or ./gateway.toml)")
+    s.set_defaults(func=cmd_check_config)
+
+    s = sub.add_parser("plugins", help="list loaded channel types and where they come from")
+    s.add_argument("--json", action="store_true", help="machine-readable output")
+    s.set_defaults(func=cmd_plugins)
+
+    s = sub.add_parser("schema", help="write the JSON Schema of every bus type")
+    s.add_argument("--out", default="schemas", help="output folder (default: ./schemas)")
+    s.set_defaults(func=cmd_schema)
+
+    s = sub.add_parser("send", help="publish a test outbound (a text reply) on the bus")
+    s.add_argument("--channel", required=True, help="channel instance name")
+    s.add_argument("--type", help="channel type (default: from the configuration)")
+    s.add_argument("--conversation", required=True, help="conversation key (from an inbound message)")
+    s.add_argument("--text", required=True)
+    s.add_argument("--subject", help="subject line (email)")
+    s.add_argument("--id", help="outbound id (default: random); the same id twice is delivered once")
+    s.set_defaults(func=cmd_send)
+
+    s = sub.add_parser("tail", help="print bus traffic in readable form")
+    s.add_argument("subject", nargs="?", help="subject filter (default: <prefix>.>)")
+    s.add_argument("--raw", action="store_true", help="print the JSON bodies as they are")
+    s.add_argument("-n", "--count", type=int, default=0, help="exit after N messages")
+    s.set_defaults(func=cmd_tail)
+
+    s = sub.add_parser("dlq", help="list, replay or purge dead letters")
+    dsub = s.add_subparsers(dest="dlq_command", required=True, metavar="ACTION")
+    d = dsub.add_parser("list", help="list dead letters (no bodies unless --show-body)")
+    d.add_argument("--channel")
+    d.add_argument("--show-body", action="store_true")
+    d.add_argument("--json", action="store_true")
+    d = dsub.add_parser("replay", help="republish dead letters for delivery")
+    d.add_argument("id", nargs="?", help="dead letter (outbound) id")
+    d.add_argument("--all", action="store_true")
+    d.add_argument("--channel")
+    d = dsub.add_parser("purge", help="delete dead letters")
+    d.add_argument("--channel")
+    d.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+    s.set_defaults(func=cmd_dlq)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command != "run":
+        configure_logging(args.log_format or "console", args.log_level or "warning")
+    try:
+        return args.func(args)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(problem, file=sys.stderr)
+        print(f"{len(exc.problems)} problem{'s' if len(exc.problems) != 1 else ''} in the configuration", file=sys.stderr)
+        return EXIT_USAGE
+    except BusUnavailable as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_BUS
+    except PluginError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_PLUGIN
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -22,6 +22,7 @@ from nats.js import api
 from ._channel import Receipt
 from ._config import seconds
 from ._errors import BusUnavailable, DeliveryError
+from ._failpoints import failpoint
 from ._schema import DeadLetter, DeliveryStatus, ErrorInfo, Outbound, encode, outbound_decoder
 
 if TYPE_CHECKING:
@@ -212,11 +213,13 @@ class Dispatcher:
                 attempt += 1
                 local += 1
                 continue
+            failpoint("outbound.after_deliver")
             gw.metrics.delivery_latency.labels(ctype).observe(time.perf_counter() - t0)
             gw.metrics.outbound.labels(ctype, cname).inc()
             # Receipt first, then status, then ack: a crash in between re-emits "sent"
             # on redelivery instead of sending twice.
             await self._store_receipt(outbound.id, receipt)
+            failpoint("outbound.after_receipt")
             await self._status(outbound, ctype, cname, "sent", attempt=attempt, provider_id=receipt.provider_id)
             await msg.ack_sync()
             return

@@ -27,6 +27,7 @@ from ._channel import (
     PublishResult,
 )
 from ._errors import BusUnavailable, PayloadTooLarge
+from ._failpoints import failpoint
 from ._schema import (
     AudioPart,
     DeliveryState,
@@ -146,6 +147,7 @@ class Inbound:
             results = await asyncio.wait_for(
                 asyncio.gather(ack_fut, self._put_conversation(conv_key, conv, route is None)), self._timeout)
             ack: api.PubAck = results[0]
+            failpoint("inbound.after_ack")
             if key is not None:
                 await asyncio.wait_for(dedup.put(key, str(ack.seq).encode()), self._timeout)
         except (asyncio.TimeoutError, nats.errors.Error, nats.js.errors.Error, ConnectionError) as exc:

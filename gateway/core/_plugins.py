@@ -43,11 +43,22 @@ class PluginManager:
             self._load_entry_points()
         for plugin in extra or []:
             self.pm.register(plugin)
-        try:
-            self.pm.check_pending()
-        except pluggy.PluginValidationError as exc:
-            raise PluginError(f"plugin {exc.plugin!r} has a hook implementation that matches no hook: {exc}") from exc
+        self._check_pending()
         self.channel_types = self._collect_channel_types()
+
+    def _check_pending(self) -> None:
+        """Like ``pm.check_pending()``, but naming the plugin and the known hooks."""
+        known = sorted(n for n in dir(_hookspecs) if hasattr(getattr(_hookspecs, n), "gateway_spec"))
+        for name in sorted(vars(self.pm.hook)):
+            caller = getattr(self.pm.hook, name)
+            if name.startswith("_") or not hasattr(caller, "has_spec") or caller.has_spec():
+                continue
+            for impl in caller.get_hookimpls():
+                if not impl.optionalhook:
+                    raise PluginError(
+                        f"plugin {self.pm.get_name(impl.plugin)!r}: hook implementation {name!r} matches no hook "
+                        f"(misspelled? known hooks: {', '.join(known)})")
+        self.pm.check_pending()
 
     def _load_entry_points(self) -> None:
         only = {n.strip() for n in os.environ.get(LOAD_ENV, "").split(",") if n.strip()}

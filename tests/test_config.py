@@ -1,0 +1,178 @@
+"""Configuration: every problem reported with file, line, key path, expected and found."""
+
+from __future__ import annotations
+
+import textwrap
+
+import pytest
+
+from gateway import ConfigError, PluginManager, load_config
+from gateway.cli import main
+
+
+def write(tmp_path, text: str):
+    p = tmp_path / "gateway.toml"
+    p.write_text(textwrap.dedent(text))
+    return p
+
+
+def check(tmp_path, capsys, text: str) -> tuple[int, str]:
+    p = write(tmp_path, text)
+    code = main(["check-config", str(p)])
+    out = capsys.readouterr()
+    return code, out.out + out.err
+
+
+def test_wrong_type_names_file_line_key_expected_and_found(tmp_path, capsys):
+    code, out = check(tmp_path, capsys, """
+        [http]
+        port = "80x"
+        """)
+    assert code == 2
+    assert f"{tmp_path / 'gateway.toml'}:3: http.port: expected int, got str \"80x\"" in out
+
+
+def test_every_problem_is_reported_not_just_the_first(tmp_path, capsys):
+    code, out = check(tmp_path, capsys, """
+        [bus]
+        prefx = "gw"
+        replicas = 9
+        dedup_ttl = "a week"
+
+        [channels.demo]
+        type = "mock"
+        deliver_dealy = "1s"
+        """)
+    assert code == 2
+    assert ":3: bus.prefx: unknown key (did you mean 'prefix'?)" in out
+    assert ":4: bus.replicas: expected int <= 5, got 9" in out
+    assert ':5: bus.dedup_ttl: expected a duration such as 500ms, 30s, 5m, 2h, 7d, got str "a week"' in out
+    assert ":9: channels.demo.deliver_dealy: unknown key (did you mean 'deliver_delay'?)" in out
+    assert "4 problems in the configuration" in out
+
+
+def test_unknown_top_level_section_is_an_error(tmp_path, capsys):
+    code, out = check(tmp_path, capsys, """
+        [buss]
+        url = "nats://x"
+        """)
+    assert code == 2
+    assert "buss: unknown key (did you mean 'bus'?)" in out
+
+
+def test_missing_environment_variable_is_named(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("GW_TEST_UNSET_TOKEN", raising=False)
+    code, out = check(tmp_path, capsys, """
+        [bus]
+        token = "${GW_TEST_UNSET_TOKEN}"
+        """)
+    assert code == 2
+    assert ":3: bus.token: environment variable GW_TEST_UNSET_TOKEN is not set" in out
+
+
+def test_value_from_environment_is_never_echoed(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("GW_TEST_PORT", "s3cr3t-not-a-port")
+    code, out = check(tmp_path, capsys, """
+        [http]
+        port = "${GW_TEST_PORT}"
+        """)
+    assert code == 2
+    assert "http.port: expected int, got str (value hidden)" in out
+    assert "s3cr3t" not in out
+
+
+def test_secret_key_value_is_never_echoed(tmp_path, capsys):
+    code, out = check(tmp_path, capsys, """
+        [bus]
+        password = 12345678
+        """)
+    assert code == 2
+    assert "bus.password: expected str, got int (value hidden)" in out
+    assert "12345678" not in out
+
+
+def test_environment_variables_are_substituted(tmp_path, monkeypatch):
+    monkeypatch.setenv("GW_TEST_URL", "nats://10.1.2.3:4222")
+    p = write(tmp_path, """
+        [bus]
+        url = "${GW_TEST_URL}"
+        prefix = "${GW_TEST_PREFIX:-acme}"
+        """)
+    cfg = load_config(p, PluginManager().channel_types)
+    assert cfg.bus.url == "nats://10.1.2.3:4222"
+    assert cfg.bus.prefix == "acme"
+
+
+def test_gateway_bus_url_environment_overrides_file(tmp_path, monkeypatch):
+    monkeypatch.setenv("GATEWAY_BUS_URL", "nats://127.0.0.1:4999")
+    p = write(tmp_path, "[bus]\nurl = 'nats://elsewhere:4222'\n")
+    assert load_config(p, PluginManager().channel_types).bus.url == "nats://127.0.0.1:4999"
+
+
+def test_invalid_toml_reports_line(tmp_path, capsys):
+    code, out = check(tmp_path, capsys, """
+        [http]
+        port = = 8080
+        """)
+    assert code == 2
+    assert "invalid TOML" in out and "line 3" in out
+
+
+def test_unknown_channel_type_lists_loaded_types(tmp_path, capsys):
+    code, out = check(tmp_path, capsys, """
+        [channels.support]
+        type = "fax"
+        """)
+    assert code == 2
+    assert "channels.support.type: unknown channel type 'fax'; loaded types:" in out
+    assert "mock" in out
+
+
+def test_channel_without_type_is_an_error(tmp_path, capsys):
+    code, out = check(tmp_path, capsys, """
+        [channels.support]
+        required = false
+        """)
+    assert code == 2
+    assert "channels.support.type: missing required key" in out
+
+
+def test_channel_name_must_be_a_subject_token(tmp_path, capsys):
+    code, out = check(tmp_path, capsys, """
+        [channels."Support.Mail"]
+        type = "mock"
+        """)
+    assert code == 2
+    assert "channels.Support.Mail: channel names are lower-case letters" in out
+
+
+def test_several_channels_of_one_type_are_allowed(tmp_path, capsys):
+    code, out = check(tmp_path, capsys, """
+        [channels.support]
+        type = "mock"
+        [channels.billing]
+        type = "mock"
+        rate_limit = 5
+        """)
+    assert code == 0, out
+    assert "support (mock), billing (mock)" in out
+
+
+def test_missing_file_is_a_clear_error(tmp_path, capsys):
+    code = main(["check-config", str(tmp_path / "nope.toml")])
+    assert code == 2
+    assert "nope.toml: file not found" in capsys.readouterr().err
+
+
+def test_example_configuration_is_valid(capsys):
+    from pathlib import Path
+
+    example = Path(__file__).parent.parent / "gateway.example.toml"
+    assert main(["check-config", str(example)]) == 0
+
+
+def test_config_error_lists_problems_programmatically(tmp_path):
+    p = write(tmp_path, "[log]\nformat = 'xml'\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(p, {})
+    assert err.value.problems == [f"{p}:2: log.format: expected one of 'console', 'json', got str \"xml\""]

@@ -1,0 +1,122 @@
+"""The backend side: gateway.client, the echo example, and a backend that does not use
+our Python package at all (only the documented subjects and JSON)."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+from conftest import post_inbound, wait_until
+from gateway.client import Client
+
+ROOT = Path(__file__).parent.parent
+
+
+async def test_round_trip_inbound_backend_reply_delivered_in_the_same_conversation(gateway_factory, nats_server):
+    gw = await gateway_factory({"demo": {"type": "mock"}})
+    mock = gw.channels["demo"].channel
+    await post_inbound(gw.http.port, "demo", text="Is my refund done?", sender="carol", id="c-1")
+    async with Client(nats_server.url) as client:
+        async for msg in client.inbound(durable="helpdesk"):
+            assert msg.parts[0].text == "Is my refund done?"
+            out_id = await client.reply(msg, text="Yes, since Monday.")
+            break
+        statuses = client.status(outbound_id=out_id, from_start=True)
+        states = []
+        async for st in statuses:
+            states.append(st.state)
+            if st.state == "sent":
+                break
+    [(out, conv)] = await mock.wait_for_deliveries(1)
+    assert out.id == out_id and out.in_reply_to == msg.id and conv.route["to"] == "carol"
+    assert states == ["accepted", "sent"]
+
+
+async def test_handler_exception_means_redelivery_and_offline_messages_come_first(gateway_factory, nats_server):
+    gw = await gateway_factory({"demo": {"type": "mock"}})
+    for i in range(3):  # arrive while no backend is online
+        await post_inbound(gw.http.port, "demo", text=f"m{i}", id=f"off-{i}")
+    async with Client(nats_server.url) as client:
+        seen = []
+        try:
+            async for msg in client.inbound(durable="desk", ack_wait=1):
+                seen.append(msg.parts[0].text)
+                raise RuntimeError("backend bug")
+        except RuntimeError:
+            pass
+        got = []
+        async for msg in client.inbound(durable="desk", ack_wait=1):
+            got.append(msg.parts[0].text)
+            if len(got) == 3:
+                break
+    assert seen == ["m0"]
+    assert got == ["m0", "m1", "m2"]
+
+
+async def test_reply_by_conversation_key_finds_the_channel(gateway_factory, nats_server):
+    gw = await gateway_factory({"demo": {"type": "mock"}})
+    await post_inbound(gw.http.port, "demo", text="hi", sender="dave")
+    key = gw.channels["demo"].ctx.conversation_key("dave")
+    async with Client(nats_server.url) as client:
+        await client.reply(key, text="A follow-up", kind="followup")
+    [(out, _)] = await gw.channels["demo"].channel.wait_for_deliveries(1)
+    assert out.kind == "followup" and out.parts[0].text == "A follow-up"
+
+
+async def test_echo_backend_example_answers_with_the_expected_handling_time(gateway_factory, nats_server):
+    gw = await gateway_factory({"demo": {"type": "mock"}})
+    await post_inbound(gw.http.port, "demo", text="hello?", sender="erin")
+    proc = await asyncio.create_subprocess_exec(sys.executable, str(ROOT / "examples" / "echo_backend.py"), nats_server.url,
+                                                "--count", "1", "--within", "2 working days",
+                                                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    out, err = await asyncio.wait_for(proc.communicate(), 30)
+    assert proc.returncode == 0, err.decode()
+    [(reply, _)] = await gw.channels["demo"].channel.wait_for_deliveries(1)
+    assert reply.parts[0].text == "We received your message and will reply within 2 working days."
+    assert reply.auto is True
+
+
+NON_PYTHON_BACKEND = textwrap.dedent('''
+    # Uses only nats-py and json, as a Go or Node backend would use its NATS client:
+    # the documented subjects, stream names, headers and JSON fields, nothing of ours.
+    import asyncio, json, sys
+    import nats
+
+    async def main(url):
+        nc = await nats.connect(url)
+        js = nc.jetstream()
+        sub = await js.pull_subscribe("gw.in.>", durable="polyglot", stream="GW_IN")
+        [msg] = await sub.fetch(1, timeout=10)
+        m = json.loads(msg.data)
+        reply = {"id": "poly-1", "conversation": m["conversation"], "in_reply_to": m["id"],
+                 "parts": [{"type": "text", "text": "answered without the gateway package"}]}
+        await js.publish("gw.out.%s.%s" % (m["channel_type"], m["channel"]), json.dumps(reply).encode(),
+                         headers={"Nats-Msg-Id": reply["id"]})
+        await msg.ack()
+        status = await js.subscribe("gw.status.>", ordered_consumer=True)
+        async for s in status.messages:
+            st = json.loads(s.data)
+            if st["outbound_id"] == "poly-1" and st["state"] == "sent":
+                print("sent", st["provider_id"])
+                break
+        await nc.close()
+
+    asyncio.run(main(sys.argv[1]))
+''')
+
+
+async def test_a_backend_without_the_gateway_package_can_consume_and_reply(gateway_factory, nats_server, tmp_path):
+    gw = await gateway_factory({"demo": {"type": "mock"}})
+    await post_inbound(gw.http.port, "demo", text="from a customer", sender="fay")
+    script = tmp_path / "backend.py"
+    script.write_text(NON_PYTHON_BACKEND)
+    r = await asyncio.to_thread(subprocess.run, [sys.executable, "-I", str(script), nats_server.url],
+                                capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "sent mock-1"
+    assert "gateway" not in script.read_text().replace("gateway package", "")
+    [(out, _)] = gw.channels["demo"].channel.deliveries
+    assert out.parts[0].text == "answered without the gateway package"

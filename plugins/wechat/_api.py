@@ -1,0 +1,259 @@
+"""An async client for the WeChat API (httpx) with one access_token per app, shared by
+every gateway process through the channel's state.
+
+wechatpy has a WeChat client too, but it is synchronous (requests): calling it on the
+event loop would stall every channel of the gateway, so this module speaks the few JSON
+endpoints itself."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import time
+from typing import Any
+
+import httpx
+import msgspec
+
+from gateway.core._channel import KeyValue
+
+TOKEN_KEY = "access-token"
+_TOKEN_ERRORS = {40001, 40014, 42001}
+
+# errcode → (permanent, reason). Reasons are shown to the backend as they are.
+ERRORS: dict[int, tuple[bool, str]] = {
+    -1: (False, "WeChat system busy"),
+    40001: (False, "access_token rejected even after a refresh"),
+    40014: (False, "access_token invalid even after a refresh"),
+    42001: (False, "access_token expired even after a refresh"),
+    45009: (False, "daily API quota of the account reached"),
+    45011: (False, "API called too often (minute quota)"),
+    40003: (True, "invalid openid (not a follower of this account)"),
+    43004: (True, "customer has unsubscribed or blocked the account"),
+    43101: (True, "customer refused to receive this message"),
+    45015: (True, "customer has not written for more than 48 hours"),
+    45047: (True, "customer-service message limit reached: the customer has not written since"),
+    45002: (True, "message content too long"),
+    40004: (True, "invalid media type"),
+    40007: (True, "invalid media_id"),
+    40008: (True, "invalid message type"),
+    40037: (True, "invalid template_id"),
+    47003: (True, "template data invalid"),
+    40013: (True, "invalid appid"),
+    40125: (True, "invalid AppSecret"),
+    40164: (True, "the gateway's IP address is not in the account's IP whitelist"),
+    41001: (True, "access_token missing"),
+    44002: (True, "empty request body"),
+    48001: (True, "API not authorized for this account"),
+}
+_RETRY_AFTER = {45009: 3600.0, 45011: 60.0}
+
+
+class APIError(Exception):
+    """A WeChat API call failed. ``permanent``: retrying the same call cannot help.
+    ``errcode`` is WeChat's code (None for network and HTTP errors)."""
+
+    def __init__(self, message: str, *, permanent: bool, errcode: int | None = None, code: str | None = None,
+                 retry_after: float | None = None):
+        super().__init__(message)
+        self.message = message
+        self.permanent = permanent
+        self.errcode = errcode
+        self.code = code or (str(errcode) if errcode is not None else None)
+        self.retry_after = retry_after
+
+
+def api_error(errcode: int, errmsg: str) -> APIError:
+    """Classify a WeChat ``errcode``; unknown codes are permanent (a blind retry of an
+    unknown refusal could send twice)."""
+    permanent, reason = ERRORS.get(errcode, (True, "WeChat refused the call"))
+    return APIError(f"{reason} (errcode {errcode}: {errmsg})", permanent=permanent, errcode=errcode,
+                    retry_after=_RETRY_AFTER.get(errcode))
+
+
+class _TokenRecord(msgspec.Struct, kw_only=True):
+    token: str = ""
+    expires_at: float = 0.0
+    lease_until: float = 0.0
+    """While in the future, one process is fetching a new token; the others wait."""
+
+
+_token_decoder = msgspec.json.Decoder(_TokenRecord)
+
+
+class WeChatAPI:
+    """The calls the channel needs, each returning WeChat's JSON or raising :class:`APIError`."""
+
+    def __init__(self, *, base_url: str, appid: str, secret: str, state: KeyValue, timeout: float,
+                 refresh_margin: float, log: Any):
+        self.appid = appid
+        self._secret = secret
+        self.state = state
+        self.timeout = timeout
+        self.refresh_margin = refresh_margin
+        self.log = log
+        self.client = httpx.AsyncClient(base_url=base_url.rstrip("/"), timeout=timeout,
+                                        headers={"User-Agent": "omnichannel-gateway"})
+        self._token = ""
+        self._expires_at = 0.0
+        self._lock = asyncio.Lock()
+        self.token_fetches = 0
+        """How many times this process asked WeChat for a token (for tests and metrics)."""
+
+    async def aclose(self) -> None:
+        await self.client.aclose()
+
+    # --- access_token ------------------------------------------------------------
+
+    def _fresh(self, token: str, expires_at: float, stale: str | None) -> bool:
+        return bool(token) and token != stale and expires_at - self.refresh_margin > time.time()
+
+    async def access_token(self, *, stale: str | None = None) -> str:
+        """A valid token. ``stale`` is a token WeChat just refused: it is never returned,
+        and only one process replaces it (the others wait for and reuse the new one)."""
+        if self._fresh(self._token, self._expires_at, stale):
+            return self._token
+        async with self._lock:
+            deadline = time.monotonic() + 2 * self.timeout + 5
+            while True:
+                now = time.time()
+                current = await self.state.get_revision(TOKEN_KEY)
+                rec = _token_decoder.decode(current[0]) if current else _TokenRecord()
+                if self._fresh(rec.token, rec.expires_at, stale):
+                    self._token, self._expires_at = rec.token, rec.expires_at
+                    return rec.token
+                if rec.lease_until > now:
+                    if time.monotonic() > deadline:
+                        raise APIError("access_token refresh by another gateway process did not finish",
+                                       permanent=False, code="token_refresh")
+                    await asyncio.sleep(0.05 + random.random() * 0.1)
+                    continue
+                lease = msgspec.json.encode(msgspec.structs.replace(rec, lease_until=now + self.timeout + 5))
+                won = (await self.state.update(TOKEN_KEY, lease, current[1]) if current
+                       else await self.state.create(TOKEN_KEY, lease))
+                if not won:
+                    continue  # another process took the lease first: loop and wait for its token
+                try:
+                    token, expires_in = await self._fetch_token()
+                except BaseException:
+                    await self.state.put(TOKEN_KEY, msgspec.json.encode(msgspec.structs.replace(rec, lease_until=0.0)))
+                    raise
+                rec = _TokenRecord(token=token, expires_at=time.time() + expires_in)
+                await self.state.put(TOKEN_KEY, msgspec.json.encode(rec))
+                self._token, self._expires_at = rec.token, rec.expires_at
+                return token
+
+    async def _fetch_token(self) -> tuple[str, float]:
+        self.token_fetches += 1
+        data = await self._request("GET", "/cgi-bin/token",
+                                   params={"grant_type": "client_credential", "appid": self.appid, "secret": self._secret})
+        token = data.get("access_token")
+        if not isinstance(token, str) or not token:
+            raise APIError("token endpoint answered without access_token", permanent=False, code="bad_response")
+        expires_in = float(data.get("expires_in") or 7200)
+        self.log.info("access_token refreshed", expires_in=expires_in)
+        return token, expires_in
+
+    # --- calls -------------------------------------------------------------------
+
+    async def _request(self, method: str, path: str, **kw: Any) -> dict[str, Any]:
+        response = await self._send(method, path, **kw)
+        return self._json(response)
+
+    async def _send(self, method: str, path: str, **kw: Any) -> httpx.Response:
+        try:
+            response = await self.client.request(method, path, **kw)
+        except httpx.TimeoutException as exc:
+            raise APIError(f"WeChat API timed out ({type(exc).__name__})", permanent=False, code="timeout") from exc
+        except httpx.TransportError as exc:
+            raise APIError(f"WeChat API unreachable ({type(exc).__name__})", permanent=False, code="network") from exc
+        if response.status_code >= 500 or response.status_code == 429:
+            retry = response.headers.get("Retry-After")
+            raise APIError(f"WeChat API answered HTTP {response.status_code}", permanent=False,
+                           code=f"http_{response.status_code}",
+                           retry_after=float(retry) if retry and retry.isdigit() else None)
+        if response.status_code >= 400:
+            raise APIError(f"WeChat API answered HTTP {response.status_code}", permanent=True,
+                           code=f"http_{response.status_code}")
+        return response
+
+    @staticmethod
+    def _json(response: httpx.Response) -> dict[str, Any]:
+        try:
+            data = response.json()
+        except ValueError as exc:
+            raise APIError("WeChat API answered something other than JSON", permanent=False,
+                           code="bad_response") from exc
+        if not isinstance(data, dict):
+            raise APIError("WeChat API answered unexpected JSON", permanent=False, code="bad_response")
+        errcode = data.get("errcode", 0)
+        if errcode not in (0, None):
+            try:
+                errcode = int(errcode)
+            except (TypeError, ValueError):
+                errcode = -1
+            raise api_error(errcode, str(data.get("errmsg", "")))
+        return data
+
+    async def _with_token(self, method: str, path: str, *, raw: bool = False, **kw: Any) -> Any:
+        """Call with the access_token; on 40001/42001/40014 refresh once and retry once."""
+        params = dict(kw.pop("params", {}) or {})
+        token = await self.access_token()
+        for attempt in (1, 2):
+            params["access_token"] = token
+            response = await self._send(method, path, params=params, **kw)
+            try:
+                if raw and not _is_json(response):
+                    return response
+                return response if raw else self._json(response)
+            except APIError as exc:
+                if exc.errcode in _TOKEN_ERRORS and attempt == 1:
+                    self.log.info("access_token refused, refreshing", errcode=exc.errcode)
+                    token = await self.access_token(stale=token)
+                    continue
+                raise
+        raise AssertionError("unreachable")
+
+    async def send_custom(self, payload: dict[str, Any]) -> dict[str, Any]:
+        """``POST /cgi-bin/message/custom/send`` (customer-service message)."""
+        return await self._with_token("POST", "/cgi-bin/message/custom/send", content=_dump(payload),
+                                      headers={"Content-Type": "application/json; charset=utf-8"})
+
+    async def send_template(self, payload: dict[str, Any]) -> dict[str, Any]:
+        """``POST /cgi-bin/message/template/send``; the answer carries ``msgid``."""
+        return await self._with_token("POST", "/cgi-bin/message/template/send", content=_dump(payload),
+                                      headers={"Content-Type": "application/json; charset=utf-8"})
+
+    async def upload_media(self, kind: str, data: bytes, filename: str, content_type: str) -> str:
+        """``POST /cgi-bin/media/upload`` (temporary media, kept 3 days): the media_id."""
+        answer = await self._with_token("POST", "/cgi-bin/media/upload", params={"type": kind},
+                                        files={"media": (filename, data, content_type)})
+        media_id = answer.get("media_id") or answer.get("thumb_media_id")
+        if not isinstance(media_id, str) or not media_id:
+            raise APIError("media upload answered without media_id", permanent=False, code="bad_response")
+        return media_id
+
+    async def download_media(self, media_id: str, max_size: int) -> tuple[bytes, str | None]:
+        """``GET /cgi-bin/media/get``: the bytes and their content type. A video answer
+        (JSON with ``video_url``) is followed to the file."""
+        response = await self._with_token("GET", "/cgi-bin/media/get", raw=True, params={"media_id": media_id})
+        if _is_json(response):
+            url = self._json(response).get("video_url")
+            if not isinstance(url, str) or not url:
+                raise APIError("media download answered JSON without video_url", permanent=True, code="bad_response")
+            response = await self._send("GET", url)
+        if len(response.content) > max_size:
+            raise APIError(f"media larger than {max_size} bytes", permanent=True, code="too_large")
+        return response.content, response.headers.get("Content-Type")
+
+
+def _is_json(response: httpx.Response) -> bool:
+    ctype = response.headers.get("Content-Type", "")
+    return "json" in ctype or "text/plain" in ctype
+
+
+def _dump(payload: dict[str, Any]) -> bytes:
+    # UTF-8 as is, not \uXXXX escapes: WeChat is known to show escapes literally.
+    return json.dumps(payload, ensure_ascii=False).encode("utf-8")
+

@@ -176,3 +176,16 @@ def test_config_error_lists_problems_programmatically(tmp_path):
     with pytest.raises(ConfigError) as err:
         load_config(p, {})
     assert err.value.problems == [f"{p}:2: log.format: expected one of 'console', 'json', got str \"xml\""]
+
+
+def test_every_core_config_key_is_documented():
+    import msgspec
+    from pathlib import Path
+
+    from gateway.core._config import BusConfig, ChannelCommon, HttpConfig, LogConfig, OutboundConfig
+    from gateway.testing import MockConfig
+
+    doc = (Path(__file__).parent.parent / "docs" / "configuration.md").read_text()
+    for section in (BusConfig, HttpConfig, LogConfig, OutboundConfig, ChannelCommon, MockConfig):
+        for f in msgspec.structs.fields(section):
+            assert f"`{f.encode_name}`" in doc, f"{section.__name__}.{f.encode_name} is not in docs/configuration.md"

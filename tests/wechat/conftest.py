@@ -88,7 +88,8 @@ class FakeWeChat:
     def _scripted(self, endpoint: str) -> Response | None:
         if self.script[endpoint]:
             code, msg = self.script[endpoint].popleft()
-            return JSONResponse({"errcode": code, "errmsg": msg})
+            if code != 0:  # 0: answer this call normally (lets a script fail the 2nd call)
+                return JSONResponse({"errcode": code, "errmsg": msg})
         return None
 
     def _check_token(self, request: Request) -> Response | None:
@@ -189,6 +190,13 @@ class FakeWeChat:
     async def video_file(self, request: Request) -> Response:
         data, ctype = self.media[request.path_params["media_id"]]
         return Response(data, media_type=ctype)
+
+
+@pytest.fixture(autouse=True)
+def only_our_plugins(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Load only the plugins these tests use, so another plugin's half-finished work in
+    the same checkout cannot fail them (the documented GATEWAY_LOAD_PLUGINS switch)."""
+    monkeypatch.setenv("GATEWAY_LOAD_PLUGINS", "mock,wechat")
 
 
 @pytest.fixture

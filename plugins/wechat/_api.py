@@ -161,9 +161,12 @@ class WeChatAPI:
         response = await self._send(method, path, **kw)
         return self._json(response)
 
-    async def _send(self, method: str, path: str, **kw: Any) -> httpx.Response:
+    async def _send(self, method: str, path: str, *, stream_limit: int | None = None, **kw: Any) -> httpx.Response:
         try:
-            response = await self.client.request(method, path, **kw)
+            if stream_limit is None:
+                response = await self.client.request(method, path, **kw)
+            else:
+                response = await self._bounded(method, path, stream_limit, **kw)
         except httpx.TimeoutException as exc:
             raise APIError(f"WeChat API timed out ({type(exc).__name__})", permanent=False, code="timeout") from exc
         except httpx.TransportError as exc:
@@ -177,6 +180,20 @@ class WeChatAPI:
             raise APIError(f"WeChat API answered HTTP {response.status_code}", permanent=True,
                            code=f"http_{response.status_code}")
         return response
+
+    async def _bounded(self, method: str, path: str, limit: int, **kw: Any) -> httpx.Response:
+        """Read a response of at most ``limit`` bytes; stop reading as soon as it is larger."""
+        async with self.client.stream(method, path, **kw) as response:
+            chunks: list[bytes] = []
+            size = 0
+            async for chunk in response.aiter_bytes():
+                size += len(chunk)
+                if size > limit:
+                    raise APIError(f"media larger than {limit} bytes", permanent=True, code="too_large")
+                chunks.append(chunk)
+        # The chunks are already decoded: drop the headers that would decode them again.
+        headers = [(k, v) for k, v in response.headers.items() if k.lower() not in ("content-encoding", "content-length")]
+        return httpx.Response(response.status_code, headers=headers, content=b"".join(chunks), request=response.request)
 
     @staticmethod
     def _json(response: httpx.Response) -> dict[str, Any]:
@@ -237,14 +254,13 @@ class WeChatAPI:
     async def download_media(self, media_id: str, max_size: int) -> tuple[bytes, str | None]:
         """``GET /cgi-bin/media/get``: the bytes and their content type. A video answer
         (JSON with ``video_url``) is followed to the file."""
-        response = await self._with_token("GET", "/cgi-bin/media/get", raw=True, params={"media_id": media_id})
+        response = await self._with_token("GET", "/cgi-bin/media/get", raw=True, params={"media_id": media_id},
+                                          stream_limit=max_size)
         if _is_json(response):
             url = self._json(response).get("video_url")
             if not isinstance(url, str) or not url:
                 raise APIError("media download answered JSON without video_url", permanent=True, code="bad_response")
-            response = await self._send("GET", url)
-        if len(response.content) > max_size:
-            raise APIError(f"media larger than {max_size} bytes", permanent=True, code="too_large")
+            response = await self._send("GET", url, stream_limit=max_size)
         return response.content, response.headers.get("Content-Type")
 
 

@@ -331,3 +331,16 @@ async def test_inbound_video_is_followed_to_its_video_url(gateway_factory, fake_
 
 async def _count(url: str, n: int) -> bool:
     return len(await inbound(url)) >= n
+
+
+async def test_inbound_media_above_the_size_limit_is_not_copied(gateway_factory, fake_wechat, nats_server):
+    gw = await gateway_factory({"wx": channel_config(fake_wechat, max_media_size=1000)})
+    channel = gw.channels["wx"].channel
+    small, large = fake_wechat.add_media(PNG, "image/png"), fake_wechat.add_media(PNG * 20, "image/png")
+    for i, media_id in enumerate((large, small)):
+        body = xml({"ToUserName": ACCOUNT, "FromUserName": OPENID, "CreateTime": int(time.time()), "MsgType": "image",
+                    "PicUrl": "http://mmbiz.example/x.jpg", "MediaId": media_id, "MsgId": 6200 + i})
+        assert (await post(gw.http.port, body, signed_query())).status_code == 200
+    await wait_until(lambda: channel.stored_media(small), timeout=10)
+    await channel.wait_background()
+    assert await channel.stored_media(large) is None

@@ -1,0 +1,366 @@
+"""The IMAP mailbox reader: IDLE (or polling), reconnect with backoff, a UIDVALIDITY + UID
+checkpoint in the channel's KV state, and a lease so exactly one gateway process reads a
+mailbox.
+
+Order of work per message: publish (the core dedups on Message-ID), then move the
+checkpoint past its UID, then the optional \\Seen / move. A crash between publish and
+checkpoint re-reads that message at the next start, and the dedup drops it; nothing is
+ever checkpointed before it is on the bus, so nothing is skipped."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import re
+import ssl
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import aioimaplib
+import msgspec
+
+from gateway import BusUnavailable, KeyValue
+
+from ._config import ImapConfig, seconds
+from ._parse import MailRejected
+
+Ingest = Callable[[bytes, dict[str, Any]], Awaitable[str]]
+
+
+class ImapError(Exception):
+    """The IMAP server refused something (login, select, fetch)."""
+
+
+class Checkpoint(msgspec.Struct):
+    """Where reading stopped: every message with a UID up to ``last_uid`` in the mailbox
+    generation ``uidvalidity`` is on the bus."""
+
+    uidvalidity: int
+    last_uid: int
+
+
+class _Lease(msgspec.Struct):
+    holder: str
+    expires: float
+
+
+_cp_enc = msgspec.json.Encoder()
+_cp_dec = msgspec.json.Decoder(Checkpoint)
+_lease_dec = msgspec.json.Decoder(_Lease)
+
+
+class Lease:
+    """A lease in the KV state, taken and renewed by compare-and-set. The holder renews it
+    every third of its TTL; when the holder dies, another process takes it once it expired.
+    Expiry is wall-clock time in the value, so the processes' clocks must agree to within a
+    fraction of the TTL (NTP)."""
+
+    def __init__(self, state: KeyValue, key: str, ttl: float):
+        self.state = state
+        self.key = key
+        self.ttl = ttl
+        self.holder = uuid.uuid4().hex
+
+    async def acquire(self) -> bool:
+        """Take or renew the lease; True if we hold it now."""
+        now = time.time()
+        value = _cp_enc.encode(_Lease(holder=self.holder, expires=now + self.ttl))
+        cur = await self.state.get_revision(self.key)
+        if cur is None:
+            return await self.state.create(self.key, value)
+        raw, revision = cur
+        try:
+            lease = _lease_dec.decode(raw)
+        except msgspec.DecodeError:
+            lease = _Lease(holder="", expires=0)
+        if lease.holder != self.holder and lease.expires > now:
+            return False
+        return await self.state.update(self.key, value, revision)
+
+    async def release(self) -> None:
+        """Give the lease up (only if we still hold it) so a peer takes over at once."""
+        cur = await self.state.get_revision(self.key)
+        if cur is None:
+            return
+        raw, revision = cur
+        try:
+            lease = _lease_dec.decode(raw)
+        except msgspec.DecodeError:
+            return
+        if lease.holder == self.holder:
+            await self.state.update(self.key, _cp_enc.encode(_Lease(holder="", expires=0)), revision)
+
+
+_UIDVALIDITY = re.compile(rb"\[UIDVALIDITY (\d+)\]")
+_UIDNEXT = re.compile(rb"\[UIDNEXT (\d+)\]")
+_FETCH_UID = re.compile(rb"\bUID (\d+)")
+
+
+def _check(resp: Any, what: str) -> Any:
+    if resp.result != "OK":
+        detail = b" ".join(bytes(x) for x in resp.lines[-1:]).decode("utf-8", "replace")[:200]
+        raise ImapError(f"{what} failed: {resp.result} {detail}")
+    return resp
+
+
+def fetched_messages(resp: Any) -> list[tuple[int, bytes]]:
+    """(uid, raw bytes) from an aioimaplib ``UID FETCH (UID BODY.PEEK[])`` response."""
+    out: list[tuple[int, bytes]] = []
+    lines = resp.lines
+    i = 0
+    while i < len(lines):
+        line = lines[i]
+        # aioimaplib hands literals over as bytearray and response lines as bytes.
+        if isinstance(line, bytes) and b" FETCH (" in line and i + 1 < len(lines) and isinstance(lines[i + 1], bytearray):
+            m = _FETCH_UID.search(line)
+            tail = lines[i + 2] if i + 2 < len(lines) and not isinstance(lines[i + 2], bytearray) else b""
+            if m is None:
+                m = _FETCH_UID.search(bytes(tail))
+            if m is not None:
+                out.append((int(m.group(1)), bytes(lines[i + 1])))
+            i += 2
+            continue
+        i += 1
+    return out
+
+
+class ImapPoller:
+    """Reads one mailbox into the bus (see the module docstring)."""
+
+    def __init__(self, cfg: ImapConfig, state: KeyValue, ingest: Ingest, log: Any,
+                 set_state: Callable[[str, str | None], None]):
+        self.cfg = cfg
+        self.state = state
+        self.ingest = ingest
+        self.log = log
+        self.set_state = set_state
+        safe = re.sub(r"[^A-Za-z0-9_-]", "_", cfg.mailbox)[:80]
+        self.cp_key = f"imap-cp-{safe}"
+        self.lease = Lease(state, f"imap-lease-{safe}", seconds(cfg.lease_ttl))
+        self.task: asyncio.Task[None] | None = None
+        self.client: aioimaplib.IMAP4 | None = None
+        self.holding = False
+        self.published = 0
+        self._wake = asyncio.Event()
+        self._stopping = False
+
+    def start(self) -> None:
+        """Run in the background until :meth:`stop`."""
+        self.task = asyncio.create_task(self._run(), name=f"imap:{self.cfg.mailbox}")
+
+    async def stop(self) -> None:
+        """Stop reading, log out, and release the lease so a peer takes over at once."""
+        self._stopping = True
+        if self.task is not None:
+            self.task.cancel()
+            try:
+                await self.task
+            except (asyncio.CancelledError, Exception):
+                pass
+        await self._disconnect()
+        if self.holding:
+            try:
+                await asyncio.wait_for(self.lease.release(), 5)
+            except Exception:  # noqa: BLE001 - it expires by itself
+                pass
+            self.holding = False
+
+    # --- the loop ------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        backoff = 1.0
+        while not self._stopping:
+            try:
+                if not await self._hold_lease():
+                    await asyncio.sleep(self.lease.ttl / 3)
+                    continue
+                await self._session()
+                backoff = 1.0
+            except asyncio.CancelledError:
+                raise
+            except _LeaseLost:
+                self.log.warning("imap lease lost; another process reads the mailbox")
+                await self._disconnect()
+            except BusUnavailable as exc:
+                await self._disconnect()
+                self.set_state("degraded", f"bus unavailable: {exc}")
+                await asyncio.sleep(min(backoff, seconds(self.cfg.backoff_max)))
+                backoff = min(backoff * 2, seconds(self.cfg.backoff_max))
+            except Exception as exc:  # noqa: BLE001 - network, server, protocol: reconnect
+                await self._disconnect()
+                delay = min(backoff, seconds(self.cfg.backoff_max)) * random.uniform(0.8, 1.2)
+                self.log.warning("imap connection failed; reconnecting", error=f"{type(exc).__name__}: {exc}",
+                                 retry_in=round(delay, 2))
+                self.set_state("degraded", f"imap: {type(exc).__name__}: {exc}")
+                await asyncio.sleep(delay)
+                backoff = min(backoff * 2, seconds(self.cfg.backoff_max))
+
+    async def _hold_lease(self) -> bool:
+        try:
+            self.holding = await self.lease.acquire()
+        except Exception as exc:  # noqa: BLE001 - KV unreachable: we cannot know, so we do not read
+            self.log.warning("imap lease check failed", error=f"{type(exc).__name__}: {exc}")
+            self.holding = False
+        return self.holding
+
+    async def _session(self) -> None:
+        cfg = self.cfg
+        client = await self._connect()
+        uidvalidity, uidnext = await self._select(client)
+        self.set_state("running", None)
+        renew_every = self.lease.ttl / 3
+        use_idle = cfg.idle and client.has_capability("IDLE")
+        await self._catch_up(client, uidvalidity, uidnext)
+        last_renew = time.monotonic()
+        while not self._stopping:
+            if use_idle:
+                await self._idle(client, renew_every)
+            else:
+                await self._sleep_polling(renew_every)
+            if time.monotonic() - last_renew >= renew_every * 0.9:
+                if not await self._hold_lease():
+                    raise _LeaseLost()
+                last_renew = time.monotonic()
+            if not use_idle:
+                _check(await client.noop(), "NOOP")
+            await self._catch_up(client, uidvalidity, None)
+
+    async def _sleep_polling(self, renew_every: float) -> None:
+        # Poll every poll_interval, but wake up in time to renew the lease.
+        deadline = time.monotonic() + seconds(self.cfg.poll_interval)
+        while time.monotonic() < deadline:
+            await asyncio.sleep(min(renew_every, max(0.0, deadline - time.monotonic())))
+            if not await self._hold_lease():
+                raise _LeaseLost()
+
+    async def _idle(self, client: aioimaplib.IMAP4, renew_every: float) -> None:
+        """IDLE until the server pushes a change or it is time to renew the lease."""
+        idle = await client.idle_start(timeout=seconds(self.cfg.idle_refresh))
+        try:
+            while True:
+                try:
+                    push = await client.wait_server_push(timeout=renew_every)
+                except asyncio.TimeoutError:
+                    break
+                if push == aioimaplib.STOP_WAIT_SERVER_PUSH:
+                    break
+                if any(isinstance(x, (bytes, bytearray)) and (x.endswith(b"EXISTS") or x.endswith(b"EXPUNGE"))
+                       for x in (push if isinstance(push, list) else [])):
+                    break
+        finally:
+            client.idle_done()
+            await asyncio.wait_for(idle, seconds(self.cfg.timeout))
+
+    # --- IMAP ----------------------------------------------------------------------
+
+    async def _connect(self) -> aioimaplib.IMAP4:
+        cfg = self.cfg
+        timeout = seconds(cfg.timeout)
+        if cfg.security == "ssl":
+            ctx = ssl.create_default_context()
+            if not cfg.verify_certs:
+                ctx.check_hostname = False
+                ctx.verify_mode = ssl.CERT_NONE
+            client: aioimaplib.IMAP4 = aioimaplib.IMAP4_SSL(host=cfg.host, port=cfg.port, timeout=timeout, ssl_context=ctx)
+        else:
+            client = aioimaplib.IMAP4(host=cfg.host, port=cfg.port, timeout=timeout)
+        self.client = client
+        await client.wait_hello_from_server()
+        _check(await client.login(cfg.user, cfg.password), "LOGIN")
+        return client
+
+    async def _select(self, client: aioimaplib.IMAP4) -> tuple[int, int | None]:
+        resp = _check(await client.select(self.cfg.mailbox), f"SELECT {self.cfg.mailbox}")
+        joined = b"\n".join(bytes(x) for x in resp.lines)
+        m = _UIDVALIDITY.search(joined)
+        if m is None:
+            raise ImapError("server sent no UIDVALIDITY")
+        n = _UIDNEXT.search(joined)
+        return int(m.group(1)), int(n.group(1)) if n else None
+
+    async def _disconnect(self) -> None:
+        client, self.client = self.client, None
+        if client is None:
+            return
+        try:
+            if client.has_pending_idle():
+                client.idle_done()
+            await asyncio.wait_for(client.logout(), 3)
+        except Exception:  # noqa: BLE001
+            pass
+        try:
+            if client.protocol.transport is not None:
+                client.protocol.transport.close()
+        except Exception:  # noqa: BLE001
+            pass
+
+    async def _load_checkpoint(self) -> Checkpoint | None:
+        raw = await self.state.get(self.cp_key)
+        if raw is None:
+            return None
+        try:
+            return _cp_dec.decode(raw)
+        except msgspec.DecodeError:
+            return None
+
+    async def _catch_up(self, client: aioimaplib.IMAP4, uidvalidity: int, uidnext: int | None) -> None:
+        """Publish every message after the checkpoint, in UID order."""
+        cp = await self._load_checkpoint()
+        rescan = False
+        if cp is None:
+            start_uid = 0
+            if self.cfg.start == "new" and uidnext is not None:
+                start_uid = uidnext - 1
+            cp = Checkpoint(uidvalidity=uidvalidity, last_uid=start_uid)
+            await self.state.put(self.cp_key, _cp_enc.encode(cp))
+        elif cp.uidvalidity != uidvalidity:
+            # The mailbox was recreated or its UIDs renumbered (RFC 3501 2.3.1.1): old UIDs
+            # mean nothing now. Re-read all of it; Message-ID dedup drops what is on the bus.
+            self.log.warning("imap UIDVALIDITY changed; re-scanning the mailbox", old=cp.uidvalidity, new=uidvalidity)
+            cp = Checkpoint(uidvalidity=uidvalidity, last_uid=0)
+            rescan = True
+            await self.state.put(self.cp_key, _cp_enc.encode(cp))
+        resp = _check(await client.uid_search(f"UID {cp.last_uid + 1}:*", charset=None), "UID SEARCH")
+        uids: list[int] = []
+        for line in resp.lines[:-1]:
+            uids += [int(x) for x in bytes(line).split() if x.isdigit()]
+        # "N:*" always matches the highest UID, even one below N.
+        uids = sorted(u for u in set(uids) if u > cp.last_uid)
+        for i in range(0, len(uids), self.cfg.batch):
+            chunk = uids[i:i + self.cfg.batch]
+            resp = _check(await client.uid("fetch", ",".join(map(str, chunk)), "(UID BODY.PEEK[])"), "UID FETCH")
+            got = dict(fetched_messages(resp))
+            for uid in chunk:
+                raw = got.get(uid)
+                if raw is None:
+                    continue  # expunged meanwhile
+                meta = {"mailbox": self.cfg.mailbox, "uidvalidity": str(uidvalidity), "uid": str(uid),
+                        **({"rescan": True} if rescan else {})}
+                try:
+                    await self.ingest(raw, meta)
+                except MailRejected as exc:
+                    # Unprocessable mail stays in the mailbox; it is skipped, not retried forever.
+                    self.log.warning("imap message rejected", uid=uid, reason=exc.reason)
+                cp = Checkpoint(uidvalidity=uidvalidity, last_uid=uid)
+                await self.state.put(self.cp_key, _cp_enc.encode(cp))
+                self.published += 1
+                await self._after(client, uid)
+
+    async def _after(self, client: aioimaplib.IMAP4, uid: int) -> None:
+        cfg = self.cfg
+        if cfg.after == "seen":
+            _check(await client.uid("store", str(uid), "+FLAGS.SILENT (\\Seen)"), "UID STORE")
+        elif cfg.after == "move" and cfg.move_to:
+            if client.has_capability("MOVE"):
+                _check(await client.uid("move", str(uid), cfg.move_to), "UID MOVE")
+            else:
+                _check(await client.uid("copy", str(uid), cfg.move_to), "UID COPY")
+                _check(await client.uid("store", str(uid), "+FLAGS.SILENT (\\Deleted)"), "UID STORE")
+                if client.has_capability("UIDPLUS"):
+                    _check(await client.uid("expunge", str(uid)), "UID EXPUNGE")
+
+
+class _LeaseLost(Exception):
+    pass

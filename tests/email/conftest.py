@@ -168,6 +168,13 @@ class SmtpSink:
         """Scripted answer to DATA (e.g. ``"451 4.7.1 try later"``); None accepts."""
         self.server: asyncio.base_events.Server | None = None
         self.port = 0
+        self.ehlos = 0
+        """EHLO commands seen: one per SMTP session."""
+
+    async def handle_EHLO(self, server: Any, session: Any, envelope: Any, hostname: str, responses: list[str]) -> list[str]:
+        self.ehlos += 1
+        session.host_name = hostname
+        return responses
 
     async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
         if self.reply is not None:

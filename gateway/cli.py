@@ -50,8 +50,11 @@ async def _connect(config: Config) -> Any:
     import nats
 
     url = _bus_url(config)
+    async def quiet(exc: Exception) -> None:  # the failure is reported once, below
+        pass
+
     opts: dict[str, Any] = {"servers": url.split(","), "connect_timeout": 3, "allow_reconnect": False,
-                            "max_reconnect_attempts": 0}
+                            "max_reconnect_attempts": 1, "error_cb": quiet}
     if config.bus.user:
         opts.update(user=config.bus.user, password=config.bus.password)
     if config.bus.token:

@@ -122,7 +122,9 @@ class Bus:
             name=self.name,
             connect_timeout=max(1, int(seconds(self.cfg.connect_timeout))),
             allow_reconnect=True,
-            max_reconnect_attempts=-1,
+            # One pass over the servers: while the bus is down at start, our own loop
+            # retries with backoff (nats-py would otherwise spin inside connect()).
+            max_reconnect_attempts=1,
             reconnect_time_wait=1,
             error_cb=self._on_error,
             disconnected_cb=self._on_disconnected,
@@ -135,6 +137,8 @@ class Bus:
         if self.cfg.creds_file:
             opts["user_credentials"] = self.cfg.creds_file
         self.nc = await nats.connect(**opts)
+        # Once connected, never give up reconnecting (nats-py reads this option live).
+        self.nc.options["max_reconnect_attempts"] = -1
         self.js = self.nc.jetstream(timeout=seconds(self.cfg.publish_timeout), publish_async_max_pending=20000)
         await self.ensure_layout()
 

@@ -301,3 +301,20 @@ async def test_kill_9_during_delivery_delivers_after_restart(tmp_path):
 
 async def _has_state(url: str, outbound_id: str, state: str) -> bool:
     return any(s.state == state for s in await statuses(url, outbound_id))
+
+
+async def test_a_provider_outage_on_one_channel_does_not_stall_the_others(gateway_factory, nats_server, bus):
+    gw = await gateway_factory({"demo": {"type": "mock"}, "other": {"type": "mock"}},
+                               outbound={"concurrency": 2, "backoff": ["30s"]})
+    gw.channels["demo"].channel.fail_next(10, message="provider down")
+    convs = [await conversation_of(gw, f"s{i}") for i in range(4)]
+    for i, conv in enumerate(convs):
+        await publish(bus, Outbound(id=f"down-{i}", conversation=conv, parts=[TextPart(text="x")]))
+    for i in range(4):
+        await wait_state(nats_server.url, f"down-{i}", "failed")
+    r = await post_inbound(gw.http.port, "other", text="hi", sender="zed")
+    other_conv = gw.channels["other"].ctx.conversation_key("zed")
+    t0 = time.monotonic()
+    await publish(bus, Outbound(id="fine", conversation=other_conv, parts=[TextPart(text="x")]), channel="other")
+    await gw.channels["other"].channel.wait_for_deliveries(1, timeout=10)
+    assert time.monotonic() - t0 < 5

@@ -82,7 +82,9 @@ class Dispatcher:
             ack_policy=api.AckPolicy.EXPLICIT,
             ack_wait=seconds(self.cfg.ack_wait),
             max_deliver=-1,
-            max_ack_pending=self.cfg.concurrency * 16,
+            # Messages waiting for a retry stay unacked (that keeps their conversation in
+            # order), so the server must allow many more pending acks than we work on.
+            max_ack_pending=max(10000, self.cfg.concurrency * 64),
             filter_subject=f"{s.prefix}.out.>",
             description="gateway outbound delivery (shared by every gateway process)",
         )
@@ -276,8 +278,12 @@ class Dispatcher:
                 pass
 
     async def _hold(self, msg: Any, delay: float) -> bool:
-        """Wait ``delay`` while keeping the message ours; False if the gateway stops."""
+        """Wait ``delay`` while keeping the message ours; False if the gateway stops.
+
+        The concurrency slot is given back while waiting: a provider outage on one
+        channel must not stall deliveries on the others."""
         keep = asyncio.create_task(self._keepalive(msg))
+        self.slots.release()
         try:
             await asyncio.wait_for(self._stopping.wait(), delay)
             return False
@@ -285,6 +291,7 @@ class Dispatcher:
             return True
         finally:
             keep.cancel()
+            await self.slots.acquire()
 
     async def _dead(self, msg: Any, outbound: Outbound | None, ctype: str, cname: str, error: ErrorInfo, attempts: int) -> None:
         gw = self.gw

@@ -149,3 +149,12 @@ def test_public_api_exports_only_public_names():
     for name in gateway.__all__:
         assert hasattr(gateway, name), name
     assert "Gateway" in gateway.__all__ and "Channel" in gateway.__all__
+
+
+def test_channel_plugins_never_import_nats():
+    offenders = []
+    for path in list((ROOT / "plugins").rglob("*.py")) + [ROOT / "gateway" / "testing" / "_mock.py"]:
+        for n, line in enumerate(path.read_text().splitlines(), 1):
+            if re.match(r"\s*(import nats|from nats)\b", line):
+                offenders.append(f"{path.relative_to(ROOT)}:{n}")
+    assert not offenders, f"plugins must use the context, not NATS: {offenders}"

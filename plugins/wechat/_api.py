@@ -223,7 +223,8 @@ class WeChatAPI:
             try:
                 if raw and not _is_json(response):
                     return response
-                return response if raw else self._json(response)
+                data = self._json(response)  # raises on errcode, token errors included
+                return response if raw else data
             except APIError as exc:
                 if exc.errcode in _TOKEN_ERRORS and attempt == 1:
                     self.log.info("access_token refused, refreshing", errcode=exc.errcode)

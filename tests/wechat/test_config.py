@@ -31,3 +31,15 @@ def test_bad_aes_key_and_unknown_key_are_config_errors():
     assert "channels.wx.encoding_aes_key" in text and "43-character" in text
     assert "channels.wx.tokn: unknown key (did you mean 'token'?)" in text
     assert "tooshort" not in text  # secrets are not echoed
+
+
+def test_every_config_key_is_documented():
+    from pathlib import Path
+
+    import msgspec
+
+    from gateway_plugins.wechat import WeChatConfig
+
+    doc = (Path(__file__).parents[2] / "docs" / "channels" / "wechat.md").read_text(encoding="utf-8")
+    missing = [f.encode_name for f in msgspec.structs.fields(WeChatConfig) if f"| `{f.encode_name}` |" not in doc]
+    assert missing == []

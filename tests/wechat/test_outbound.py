@@ -344,3 +344,16 @@ async def test_inbound_media_above_the_size_limit_is_not_copied(gateway_factory,
     await wait_until(lambda: channel.stored_media(small), timeout=10)
     await channel.wait_background()
     assert await channel.stored_media(large) is None
+
+
+async def test_media_download_refreshes_an_expired_token(gateway_factory, fake_wechat, nats_server):
+    gw = await gateway_factory({"wx": channel_config(fake_wechat)})
+    channel = gw.channels["wx"].channel
+    await channel.api.access_token()
+    fake_wechat.expire_tokens()
+    media_id = fake_wechat.add_media(PNG, "image/png")
+    body = xml({"ToUserName": ACCOUNT, "FromUserName": OPENID, "CreateTime": int(time.time()), "MsgType": "image",
+                "PicUrl": "http://mmbiz.example/x.jpg", "MediaId": media_id, "MsgId": 6301})
+    assert (await post(gw.http.port, body, signed_query())).status_code == 200
+    await wait_until(lambda: channel.stored_media(media_id), timeout=10)
+    assert fake_wechat.tokens_issued == 2

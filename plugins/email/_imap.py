@@ -143,7 +143,7 @@ class ImapPoller:
         self.client: aioimaplib.IMAP4 | None = None
         self.holding = False
         self.published = 0
-        self._wake = asyncio.Event()
+        self._lost = asyncio.Event()
         self._stopping = False
 
     def start(self) -> None:
@@ -237,21 +237,36 @@ class ImapPoller:
 
     async def _idle(self, client: aioimaplib.IMAP4, renew_every: float) -> None:
         """IDLE until the server pushes a change or it is time to renew the lease."""
+        lost = self._lost
         idle = await client.idle_start(timeout=seconds(self.cfg.idle_refresh))
         try:
             while True:
+                push_task = asyncio.ensure_future(client.wait_server_push(timeout=renew_every))
+                lost_task = asyncio.ensure_future(lost.wait())
                 try:
-                    push = await client.wait_server_push(timeout=renew_every)
+                    await asyncio.wait({push_task, lost_task}, return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    lost_task.cancel()
+                    if not push_task.done():
+                        push_task.cancel()
+                if lost.is_set():
+                    raise ConnectionError("IMAP connection lost during IDLE")
+                try:
+                    push = push_task.result()
                 except asyncio.TimeoutError:
                     break
                 if push == aioimaplib.STOP_WAIT_SERVER_PUSH:
                     break
-                if any(isinstance(x, (bytes, bytearray)) and (x.endswith(b"EXISTS") or x.endswith(b"EXPUNGE"))
-                       for x in (push if isinstance(push, list) else [])):
+                lines = [bytes(x) for x in (push if isinstance(push, list) else []) if isinstance(x, (bytes, bytearray))]
+                if any(x.startswith(b"BYE") for x in lines):
+                    raise ConnectionError("IMAP server closed the connection (BYE)")
+                if any(x.endswith((b"EXISTS", b"EXPUNGE")) for x in lines):
                     break
         finally:
-            client.idle_done()
-            await asyncio.wait_for(idle, seconds(self.cfg.timeout))
+            if not lost.is_set():
+                client.idle_done()
+                # A server that does not answer DONE is treated as gone.
+                await asyncio.wait_for(idle, min(5.0, seconds(self.cfg.timeout)))
 
     # --- IMAP ----------------------------------------------------------------------
 
@@ -267,6 +282,8 @@ class ImapPoller:
         else:
             client = aioimaplib.IMAP4(host=cfg.host, port=cfg.port, timeout=timeout)
         self.client = client
+        self._lost = lost = asyncio.Event()
+        client.protocol.conn_lost_cb = lambda exc: lost.set()
         await client.wait_hello_from_server()
         _check(await client.login(cfg.user, cfg.password), "LOGIN")
         return client

@@ -90,13 +90,18 @@ class Dovecot:
         if binary is None:
             pytest.fail("dovecot is not installed: the IMAP tests need a real IMAP server "
                         "(apt-get install -y dovecot-imapd; .ci/run installs it)", pytrace=False)
+        self.binary = binary
         (self.dir / "mail").mkdir()
         shutil.chown(self.dir / "mail", "dovecot", "dovecot")
         (self.dir / "users").write_text(f"{self.user}:{{PLAIN}}{self.password}::::::\n")
         self.conf.write_text(_DOVECOT_CONF.format(d=self.dir, port=self.port))
+        self.restart()
+
+    def restart(self) -> None:
+        """Start the master process (again) and wait until it listens."""
         # Output to a file: Dovecot's children inherit stdout/stderr.
-        with open(self.dir / "stdout.log", "wb") as out:
-            subprocess.run([binary, "-c", str(self.conf)], stdout=out, stderr=out, check=True, timeout=30)
+        with open(self.dir / "stdout.log", "ab") as out:
+            subprocess.run([self.binary, "-c", str(self.conf)], stdout=out, stderr=out, check=True, timeout=30)
         deadline = time.monotonic() + 15
         while time.monotonic() < deadline:
             try:
@@ -107,21 +112,25 @@ class Dovecot:
         log = (self.dir / "dovecot.log").read_text(errors="replace") if (self.dir / "dovecot.log").exists() else ""
         pytest.fail(f"dovecot did not listen on port {self.port}:\n{log[-2000:]}", pytrace=False)
 
-    def stop(self) -> None:
+    def kill(self) -> None:
+        """SIGTERM the master and wait until it is gone (the mail stays)."""
         pidfile = self.dir / "run" / "master.pid"
         try:
             pid = int(pidfile.read_text().strip())
         except (OSError, ValueError):
-            pid = None
-        if pid is not None:
-            try:
-                os.kill(pid, signal.SIGTERM)
-                deadline = time.monotonic() + 10
-                while time.monotonic() < deadline:
-                    os.kill(pid, 0)
-                    time.sleep(0.05)
-            except ProcessLookupError:
-                pass
+            return
+        try:
+            os.kill(pid, signal.SIGTERM)
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline:
+                os.kill(pid, 0)
+                time.sleep(0.05)
+        except ProcessLookupError:
+            pass
+
+    def stop(self) -> None:
+        """Stop and delete everything."""
+        self.kill()
         shutil.rmtree(self.dir, ignore_errors=True)
 
     async def client(self) -> aioimaplib.IMAP4:

@@ -227,3 +227,15 @@ async def test_streams_and_buckets_follow_the_configured_prefix(gateway_factory,
         assert (await js.stream_info("ACME_IN")).config.subjects == ["acme.in.>"]
     finally:
         await nc.close()
+
+
+async def test_an_event_that_is_not_an_interaction_keeps_the_conversation_time(gateway_factory):
+    gw = await gateway_factory({"demo": {"type": "mock"}})
+    ctx = gw.channels["demo"].ctx
+    first = ctx.message(conversation="u1", sender=Participant(id="u1"), provider_id="a")
+    await ctx.publish(first, route={"to": "u1"})
+    later = ctx.message(conversation="u1", sender=Participant(id="u1"), provider_id="b")
+    await ctx.publish(later, interaction=False)
+    conv = await ctx.get_conversation(ctx.conversation_key("u1"))
+    assert conv.last_inbound_at == first.received_at and conv.last_message_id == later.id
+    assert conv.route == {"to": "u1"}  # no route given: the stored one is kept

@@ -146,7 +146,7 @@ async def test_dlq_purge_needs_confirmation(gateway_factory, nats_server, bus, c
 @pytest.mark.parametrize("outbound, reason", [
     (Outbound(id="u1", conversation="demo.unknownconversation", parts=[TextPart(text="x")]), "unknown conversation"),
     (Outbound(id="u2", conversation="CONV", parts=[LocationPart(latitude=1, longitude=2)]), "cannot carry part types: location"),
-    (Outbound(id="u3", conversation="CONV", parts=[]), "no parts and no template"),
+    (Outbound(id="u3", conversation="CONV", parts=[]), "no parts, no template and no meta"),
 ])
 async def test_undeliverable_outbound_fails_permanently_with_the_reason(gateway_factory, nats_server, bus, outbound, reason):
     gw = await gateway_factory({"demo": {"type": "mock"}})

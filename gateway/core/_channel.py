@@ -120,11 +120,14 @@ class ChannelContext(abc.ABC):
         """The opaque conversation key for a channel-natural thread key."""
 
     @abc.abstractmethod
-    async def publish(self, message: Message, *, route: dict[str, Any] | None = None) -> PublishResult:
+    async def publish(self, message: Message, *, route: dict[str, Any] | None = None,
+                      interaction: bool = True) -> PublishResult:
         """Publish an inbound message and wait for the bus to acknowledge it. Only after
         this returns may the channel tell its provider the message was accepted.
-        ``route`` is stored as the conversation's addressing for replies. Raises
-        :class:`BusUnavailable` when the bus does not acknowledge."""
+        ``route`` is stored as the conversation's addressing for replies (None keeps the
+        stored one). ``interaction=False`` leaves the conversation's ``last_inbound_at``
+        alone, for events the provider does not count as the customer writing (a WeChat
+        location report). Raises :class:`BusUnavailable` when the bus does not acknowledge."""
 
     @abc.abstractmethod
     def add_route(self, path: str, endpoint: Endpoint, methods: Sequence[str] = ("POST",)) -> str:

@@ -245,8 +245,9 @@ class Dispatcher:
         if unsupported:
             raise _Permanent(f"channel type {ctype!r} cannot carry part types: {', '.join(map(str, unsupported))}",
                              "unsupported_content")
-        if not outbound.parts and outbound.template is None:
-            raise _Permanent("outbound has no parts and no template", "empty")
+        if not outbound.parts and outbound.template is None and not outbound.meta:
+            # meta alone may carry channel-specific content (a WeChat mini-program card).
+            raise _Permanent("outbound has no parts, no template and no meta", "empty")
         bucket = self._bucket(cname, ccfg.rate_limit or channel.rate_limit)
         if bucket is not None:
             await bucket.acquire()

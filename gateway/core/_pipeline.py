@@ -82,7 +82,7 @@ class Inbound:
         self._inflight: dict[str, asyncio.Future[PublishResult]] = {}
         self._timeout = gw.publish_timeout
 
-    async def publish(self, message: Message, route: dict[str, Any] | None) -> PublishResult:
+    async def publish(self, message: Message, route: dict[str, Any] | None, interaction: bool = True) -> PublishResult:
         key = f"{message.channel}.{message.id}" if message.provider_id else None
         if key is not None:
             # A retry that arrives while the first copy is still being published waits for it.
@@ -94,7 +94,7 @@ class Inbound:
             fut: asyncio.Future[PublishResult] = asyncio.get_running_loop().create_future()
             self._inflight[key] = fut
             try:
-                result = await self._publish(message, route, key)
+                result = await self._publish(message, route, key, interaction)
             except BaseException as exc:
                 fut.set_exception(exc)
                 fut.exception()  # retrieved: no "never retrieved" warning when nobody waited
@@ -104,12 +104,13 @@ class Inbound:
                 return result
             finally:
                 del self._inflight[key]
-        return await self._publish(message, route, None)
+        return await self._publish(message, route, None, interaction)
 
     def _count_duplicate(self, message: Message) -> None:
         self.gw.metrics.inbound_duplicates.labels(message.channel_type, message.channel).inc()
 
-    async def _publish(self, message: Message, route: dict[str, Any] | None, key: str | None) -> PublishResult:
+    async def _publish(self, message: Message, route: dict[str, Any] | None, key: str | None,
+                       interaction: bool = True) -> PublishResult:
         js = self.bus.require()
         t0 = time.perf_counter()
         dedup = self.bus.kv[self.bus.subjects.kv_dedup]
@@ -142,10 +143,11 @@ class Inbound:
             }
             ack_fut = await js.publish_async(subject, data, headers=headers)
             conv = Conversation(key=message.conversation, channel_type=message.channel_type, channel=message.channel,
-                                route=route or {}, last_inbound_at=message.received_at, last_message_id=message.id)
-            conv_key = message.conversation
+                                route=route or {}, last_inbound_at=message.received_at if interaction else None,
+                                last_message_id=message.id)
             results = await asyncio.wait_for(
-                asyncio.gather(ack_fut, self._put_conversation(conv_key, conv, route is None)), self._timeout)
+                asyncio.gather(ack_fut, self._put_conversation(conv, keep_route=route is None,
+                                                               keep_time=not interaction)), self._timeout)
             ack: api.PubAck = results[0]
             failpoint("inbound.after_ack")
             if key is not None:
@@ -160,16 +162,20 @@ class Inbound:
             self.gw.metrics.inbound.labels(message.channel_type, message.channel).inc()
         return PublishResult(id=message.id, duplicate=bool(ack.duplicate), sequence=ack.seq)
 
-    async def _put_conversation(self, key: str, conv: Conversation, keep_route: bool) -> None:
+    async def _put_conversation(self, conv: Conversation, *, keep_route: bool, keep_time: bool) -> None:
         kv = self.bus.kv[self.bus.subjects.kv_conversations]
-        if keep_route:
-            # The channel gave no route: keep the stored one, refresh the rest.
+        if keep_route or keep_time:
+            # Keep what the channel did not give (only then is the stored entry read).
             try:
-                old = conversation_decoder.decode((await kv.get(key)).value)
-                conv.route = old.route
+                old = conversation_decoder.decode((await kv.get(conv.key)).value)
             except (nats.js.errors.KeyNotFoundError, msgspec.DecodeError):
                 pass
-        await kv.put(key, encode(conv))
+            else:
+                if keep_route:
+                    conv.route = old.route
+                if keep_time:
+                    conv.last_inbound_at = old.last_inbound_at
+        await kv.put(conv.key, encode(conv))
 
     async def _offload(self, message: Message) -> Message:
         limit = self.gw.config.bus.inline_limit
@@ -275,10 +281,11 @@ class Context(ChannelContext):
             **fields,
         )
 
-    async def publish(self, message: Message, *, route: dict[str, Any] | None = None) -> PublishResult:
+    async def publish(self, message: Message, *, route: dict[str, Any] | None = None,
+                      interaction: bool = True) -> PublishResult:
         if message.channel != self.name or message.channel_type != self.channel_type:
             raise ValueError(f"message belongs to channel {message.channel!r}, not {self.name!r}")
-        return await self.gw.inbound.publish(message, route)
+        return await self.gw.inbound.publish(message, route, interaction)
 
     def add_route(self, path: str, endpoint: Endpoint, methods: Sequence[str] = ("POST",)) -> str:
         return self.gw.http.add_route(self, path, endpoint, methods)

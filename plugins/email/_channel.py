@@ -150,6 +150,11 @@ class EmailChannel(Channel):
             meta["truncated"] = mail.truncated
         if mail.forwarded:
             meta["forwarded"] = mail.forwarded
+        if mail.bounce is not None:
+            # A report about mail this channel did not send (or no longer knows).
+            b = mail.bounce
+            meta["bounce"] = {k: v for k, v in (("action", b.action), ("status", b.status),
+                                                 ("diagnostic", b.diagnostic)) if v}
         if envelope_from is not None:
             meta["envelope_from"] = envelope_from
         if envelope_to:

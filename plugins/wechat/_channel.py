@@ -140,7 +140,8 @@ class WeChatChannel(Channel):
             conversation=inbound.openid, sender=Participant(id=inbound.openid),
             recipient=Participant(id=inbound.account) if inbound.account else None,
             parts=inbound.parts, provider_id=inbound.provider_id, sent_at=inbound.sent_at, meta=inbound.meta)
-        result = await self.ctx.publish(message, route={"openid": inbound.openid, "account": inbound.account})
+        result = await self.ctx.publish(message, route={"openid": inbound.openid, "account": inbound.account},
+                                        interaction=_opens_window(inbound.msg_type, inbound.meta.get("event")))
         if not result.duplicate and inbound.media and self.cfg.download_media:
             for media_id, kind in inbound.media:
                 self._spawn(self._copy_media(media_id, kind, message.id, inbound.openid, inbound.provider_id))
@@ -376,3 +377,14 @@ class WeChatChannel(Channel):
                 _TemplateSent(outbound_id=outbound.id, conversation=outbound.conversation)))
         self.ctx.log.info("sent as template message", outbound_id=outbound.id, why=why)
         return Receipt(provider_id=msgid or None, meta={"via": "template", "why": why})
+
+
+# Events after which WeChat accepts customer-service messages for 48 hours (its
+# customer-service API documentation: subscribe, QR scan, and the click / scancode_push /
+# scancode_waitmsg menu types). A location report, a VIEW menu jump or an unsubscribe do
+# not open the window, so they must not move last_inbound_at.
+_WINDOW_EVENTS = frozenset({"subscribe", "scan", "click", "scancode_push", "scancode_waitmsg"})
+
+
+def _opens_window(msg_type: str, event: object) -> bool:
+    return msg_type != "event" or str(event or "").lower() in _WINDOW_EVENTS

@@ -310,3 +310,26 @@ async def test_body_above_the_gateway_limit_is_refused_with_413(gateway_factory)
                 yield b"<" * 4096
         r = await c.post("/channels/wx/webhook", params=signed_query(), content=chunks())
     assert r.status_code == 413
+
+
+
+async def test_location_report_does_not_reopen_the_48_hour_window(gateway_factory, nats_server):
+    """WeChat does not count a LOCATION report as an interaction, so it must not move
+    last_inbound_at; a menu CLICK does."""
+    gw = await gateway_factory({"wx": channel_config()})
+    conversation = gw.channels["wx"].ctx.conversation_key(OPENID)
+
+    async def last_inbound():
+        return (await gw.get_conversation(conversation)).last_inbound_at
+
+    async def event(name: str, at: int) -> None:
+        body = {"ToUserName": ACCOUNT, "FromUserName": OPENID, "CreateTime": at, "MsgType": "event", "Event": name}
+        assert (await post(gw.http.port, xml(body), signed_query())).status_code == 200
+
+    assert (await post(gw.http.port, xml(text_message("hi", msg_id="7001", openid=OPENID)), signed_query())).status_code == 200
+    first = await last_inbound()
+    await event("LOCATION", NOW + 10)
+    assert await last_inbound() == first
+    await event("CLICK", NOW + 20)
+    assert await last_inbound() > first
+    assert len(await inbound(nats_server.url)) == 3  # all published, only some count

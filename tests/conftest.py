@@ -11,26 +11,13 @@ import httpx
 import nats
 import pytest
 
+from gateway.testing import wait_until  # noqa: F401  (re-exported for the tests)
+
 
 async def post_inbound(port: int, channel: str, **body: Any) -> httpx.Response:
     """POST a mock-channel webhook, as a provider would."""
     async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=10) as c:
         return await c.post(f"/channels/{channel}/inbound", content=json.dumps(body))
-
-
-async def wait_until(predicate: Any, timeout: float = 10.0, interval: float = 0.05) -> None:
-    """Poll an (async or sync) predicate until it is true."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while True:
-        r = predicate()
-        if asyncio.iscoroutine(r):
-            r = await r
-        if r:
-            return
-        if loop.time() > deadline:
-            raise AssertionError(f"condition not met within {timeout}s")
-        await asyncio.sleep(interval)
 
 
 @pytest.fixture

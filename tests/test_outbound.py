@@ -15,8 +15,8 @@ import pytest
 from conftest import post_inbound, wait_until
 from gateway import ImagePart, LocationPart, Outbound, TextPart
 from gateway.cli import main
-from gateway.core._schema import dead_letter_decoder, encode, status_decoder
-from gateway.testing import stream_messages
+from gateway.core._schema import dead_letter_decoder, encode
+from gateway.testing import statuses, stream_messages, wait_for_status as wait_state
 from test_lifecycle import GatewayProcess
 
 
@@ -24,26 +24,10 @@ async def publish(nc, outbound: Outbound, channel: str = "demo", msg_id: str | N
     await nc.jetstream().publish(f"gw.out.mock.{channel}", encode(outbound), headers={"Nats-Msg-Id": msg_id or outbound.id})
 
 
-async def statuses(url: str, outbound_id: str | None = None) -> list:
-    out = [status_decoder.decode(m.data) for m in await stream_messages(url, "GW_STATUS")]
-    return [s for s in out if outbound_id is None or s.outbound_id == outbound_id]
-
-
 async def conversation_of(gw, sender: str = "alice") -> str:
     r = await post_inbound(gw.http.port, "demo", text="hello", sender=sender)
     assert r.status_code == 200
     return gw.channels["demo"].ctx.conversation_key(sender)
-
-
-async def wait_state(url: str, outbound_id: str, state: str, timeout: float = 10) -> list:
-    found: list = []
-
-    async def check() -> bool:
-        found[:] = await statuses(url, outbound_id)
-        return any(s.state == state for s in found)
-
-    await wait_until(check, timeout)
-    return found
 
 
 async def test_reply_is_delivered_in_the_conversation_with_accepted_and_sent(gateway_factory, nats_server, bus):

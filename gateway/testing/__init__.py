@@ -4,6 +4,7 @@ automatically (pytest11 entry point) wherever the gateway is installed."""
 
 from __future__ import annotations
 
+import asyncio
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -14,9 +15,11 @@ from ..core._config import Config, parse_config
 from ..core._embedded import EmbeddedServer, free_port
 from ..core._gateway import Gateway
 from ..core._plugins import PluginManager
+from ..core._schema import DeliveryStatus, status_decoder
 from ._mock import MockChannel, MockConfig
 
-__all__ = ["MockChannel", "MockConfig", "NatsServer", "free_port", "make_config", "start_gateway", "stream_messages"]
+__all__ = ["MockChannel", "MockConfig", "NatsServer", "free_port", "make_config", "start_gateway", "statuses",
+           "stream_messages", "wait_for_status", "wait_until"]
 
 
 class NatsServer(EmbeddedServer):
@@ -80,3 +83,36 @@ async def stream_messages(url: str, stream: str, subject: str | None = None) -> 
         return out
     finally:
         await nc.close()
+
+
+async def wait_until(predicate: Any, timeout: float = 10.0, interval: float = 0.05) -> None:
+    """Poll a sync or async predicate until it is true; AssertionError after ``timeout``."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        r = predicate()
+        if asyncio.iscoroutine(r):
+            r = await r
+        if r:
+            return
+        if loop.time() > deadline:
+            raise AssertionError(f"condition not met within {timeout}s")
+        await asyncio.sleep(interval)
+
+
+async def statuses(url: str, outbound_id: str | None = None) -> list[DeliveryStatus]:
+    """Every status event in the status stream, optionally of one outbound, in order."""
+    out = [status_decoder.decode(m.data) for m in await stream_messages(url, "GW_STATUS")]
+    return [s for s in out if outbound_id is None or s.outbound_id == outbound_id]
+
+
+async def wait_for_status(url: str, outbound_id: str, state: str, timeout: float = 10.0) -> list[DeliveryStatus]:
+    """Wait until ``outbound_id`` has a status ``state``; return all its statuses so far."""
+    found: list[DeliveryStatus] = []
+
+    async def check() -> bool:
+        found[:] = await statuses(url, outbound_id)
+        return any(s.state == state for s in found)
+
+    await wait_until(check, timeout)
+    return found

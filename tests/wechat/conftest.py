@@ -23,7 +23,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from gateway.core._schema import message_decoder, status_decoder
+from gateway.core._schema import message_decoder
 from gateway.testing import free_port, stream_messages
 from gateway_plugins.wechat._crypto import MessageCrypto, signature
 
@@ -284,33 +284,8 @@ async def inbound(url: str, channel: str = "wx") -> list[Any]:
     return [message_decoder.decode(m.data) for m in await stream_messages(url, "GW_IN", f"gw.in.wechat.{channel}")]
 
 
-async def statuses(url: str, outbound_id: str) -> list[Any]:
-    out = [status_decoder.decode(m.data) for m in await stream_messages(url, "GW_STATUS")]
-    return [s for s in out if s.outbound_id == outbound_id]
+from gateway.testing import statuses, wait_until  # noqa: E402,F401  (shared helpers)
+from gateway.testing import wait_for_status as wait_state  # noqa: E402,F401
 
-
-async def wait_until(predicate: Any, timeout: float = 10.0, interval: float = 0.05) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while True:
-        r = predicate()
-        if asyncio.iscoroutine(r):
-            r = await r
-        if r:
-            return
-        if loop.time() > deadline:
-            raise AssertionError(f"condition not met within {timeout}s")
-        await asyncio.sleep(interval)
-
-
-async def wait_state(url: str, outbound_id: str, state: str, timeout: float = 15) -> list[Any]:
-    found: list[Any] = []
-
-    async def check() -> bool:
-        found[:] = await statuses(url, outbound_id)
-        return any(s.state == state for s in found)
-
-    await wait_until(check, timeout)
-    return found
 
 

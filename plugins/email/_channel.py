@@ -123,7 +123,10 @@ class EmailChannel(Channel):
             reason = "own message-id (loop)"
         elif customer in self.own_addresses:
             reason = reason or "sent from our own address (loop)"
-        thread = await self.threads.resolve(mail, customer, ours)
+        # The raw copy and the thread lookup are independent round trips to the bus.
+        thread, raw_ref = await asyncio.gather(
+            self.threads.resolve(mail, customer, ours),
+            self.ctx.put_blob(raw, content_type="message/rfc822") if self.cfg.keep_raw else _none())
         meta: dict[str, Any] = {
             "transport": transport,
             "message_id": mail.message_id,
@@ -161,9 +164,8 @@ class EmailChannel(Channel):
             meta["envelope_to"] = envelope_to
         if imap:
             meta["imap"] = imap
-        if self.cfg.keep_raw:
-            ref = await self.ctx.put_blob(raw, content_type="message/rfc822")
-            meta["raw"] = msgspec.to_builtins(ref)
+        if raw_ref is not None:
+            meta["raw"] = msgspec.to_builtins(raw_ref)
         msg = self.ctx.message(
             conversation=thread.native,
             sender=Participant(id=customer, name=customer_name),
@@ -262,3 +264,7 @@ class EmailChannel(Channel):
                                                          r=references, s=subject, a=outbound.auto))
         await self.sender.send(msg, self.cfg.address, [to])
         return Receipt(provider_id=message_id)
+
+
+async def _none() -> None:
+    return None

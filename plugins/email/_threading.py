@@ -10,6 +10,7 @@ who both write "Help" never share a conversation."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import re
@@ -121,14 +122,12 @@ class ThreadStore:
 
     async def resolve(self, mail: ParsedMail, customer: str, ours: str) -> Thread:
         """The conversation ``mail`` belongs to (see the module docstring)."""
-        for mid in mail.in_reply_to:
-            rec = await self.get(mid)
+        # One concurrent lookup of every referenced id (the nearest known one wins).
+        candidates = list(dict.fromkeys([*mail.in_reply_to, *reversed(mail.references[-20:])]))
+        records = await asyncio.gather(*(self.get(mid) for mid in candidates)) if candidates else []
+        for mid, rec in zip(candidates, records):
             if rec is not None:
-                return Thread(rec.t, "in-reply-to")
-        for mid in reversed(mail.references):
-            rec = await self.get(mid)
-            if rec is not None:
-                return Thread(rec.t, "references")
+                return Thread(rec.t, "in-reply-to" if mid in mail.in_reply_to else "references")
         if mail.references:
             return Thread("thread:" + mail.references[0], "root")
         if mail.in_reply_to:
@@ -144,12 +143,12 @@ class ThreadStore:
                        customer: str, ours: str, auto: bool) -> None:
         """Record an inbound message after it was published."""
         refs = (mail.references or mail.in_reply_to)[-20:]
-        await self.put(mail.message_id, MessageRecord(t=thread.native, g=gateway_id, c=conversation, r=refs,
-                                                      s=mail.subject, a=auto))
-        await self.state.put("gid:" + gateway_id, mail.message_id.encode())
         subject, _ = normalize_subject(mail.subject)
-        if subject:
-            await self.state.put(_subject_key(subject, customer, ours), thread.native.encode())
+        await asyncio.gather(
+            self.put(mail.message_id, MessageRecord(t=thread.native, g=gateway_id, c=conversation, r=refs,
+                                                    s=mail.subject, a=auto)),
+            self.state.put("gid:" + gateway_id, mail.message_id.encode()),
+            *([self.state.put(_subject_key(subject, customer, ours), thread.native.encode())] if subject else []))
 
 
 def _subject_key(subject: str, customer: str, ours: str) -> str:

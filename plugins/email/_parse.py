@@ -310,7 +310,7 @@ def _body(msg: email.message.Message, lim: Limits, problems: list[str]) -> tuple
                 truncated.append("parts")
             continue
         ctype = part.get_content_type()
-        maintype = part.get_content_maintype()
+        maintype = ctype.partition("/")[0]
         if ctype == "multipart/report" and bounce is None:
             bounce = _bounce(part, fb)
         if part.is_multipart():

@@ -154,3 +154,31 @@ async def test_the_smtp_connection_is_reused_between_replies(start_email, send_m
     await smtp_sink.wait(3)
     # One SMTP session (one EHLO) carried all three transactions.
     assert smtp_sink.ehlos == 1
+
+
+async def test_replies_are_dkim_signed_when_configured(start_email, send_mail, email_bus, smtp_sink, tmp_path):
+    import subprocess
+
+    import dkim
+
+    key = tmp_path / "dkim.pem"
+    subprocess.run(["openssl", "genrsa", "-out", str(key), "2048"], check=True, capture_output=True)
+    pub = subprocess.run(["openssl", "rsa", "-in", str(key), "-pubout", "-outform", "DER"], check=True,
+                         capture_output=True).stdout
+    import base64
+
+    record = b"v=DKIM1; k=rsa; p=" + base64.b64encode(pub)
+    _, ch = await start_email(send=send_config(smtp_sink),
+                              dkim={"domain": "acme.test", "selector": "gw", "private_key_file": str(key)})
+    await send_mail(ch.smtp_port, customer_mail("<d1@customer.test>", "Hi", "hi"))
+    [msg] = await email_bus.inbound()
+    await email_bus.send(Outbound(id="out-dkim", conversation=msg.conversation, parts=[TextPart(text="signed")]))
+    await email_bus.wait_status("out-dkim", "sent")
+    raw = (await smtp_sink.wait(1))[0][2]
+    assert raw.startswith(b"DKIM-Signature:")
+
+    def dns(name, timeout=5):
+        return record if name == b"gw._domainkey.acme.test." else None
+
+    assert dkim.verify(raw, dnsfunc=dns)
+    assert not dkim.verify(raw.replace(b"signed", b"forged"), dnsfunc=dns)

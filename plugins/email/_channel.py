@@ -71,7 +71,7 @@ class EmailChannel(Channel):
         if cfg.send is not None:
             self.sender = Sender(cfg.send, cfg.dkim)
         if cfg.smtp is not None and cfg.smtp.enabled:
-            self.smtp = SmtpListener(cfg.smtp, self._ingest_smtp, self.ctx.log)
+            self.smtp = SmtpListener(cfg.smtp, self._ingest_smtp, self.ctx.log, cfg.address)
             await self.smtp.start()
             self.ctx.log.info("smtp listening", host=cfg.smtp.host, port=self.smtp.port)
         if cfg.imap is not None and cfg.imap.enabled:

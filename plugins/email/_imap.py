@@ -144,6 +144,7 @@ class ImapPoller:
         self.holding = False
         self.published = 0
         self._lost = asyncio.Event()
+        self._last_renew = 0.0
         self._stopping = False
 
     def start(self) -> None:
@@ -212,28 +213,32 @@ class ImapPoller:
         self.set_state("running", None)
         renew_every = self.lease.ttl / 3
         use_idle = cfg.idle and client.has_capability("IDLE")
+        self._last_renew = time.monotonic()
         await self._catch_up(client, uidvalidity, uidnext)
-        last_renew = time.monotonic()
         while not self._stopping:
             if use_idle:
                 await self._idle(client, renew_every)
             else:
                 await self._sleep_polling(renew_every)
-            if time.monotonic() - last_renew >= renew_every * 0.9:
-                if not await self._hold_lease():
-                    raise _LeaseLost()
-                last_renew = time.monotonic()
+            await self._renew_if_due()
             if not use_idle:
                 _check(await client.noop(), "NOOP")
             await self._catch_up(client, uidvalidity, None)
+
+    async def _renew_if_due(self) -> None:
+        """Renew the lease once a third of its TTL has passed (also between the messages
+        of a long catch-up, so a big backlog does not let it expire)."""
+        if time.monotonic() - self._last_renew >= self.lease.ttl / 3 * 0.9:
+            if not await self._hold_lease():
+                raise _LeaseLost()
+            self._last_renew = time.monotonic()
 
     async def _sleep_polling(self, renew_every: float) -> None:
         # Poll every poll_interval, but wake up in time to renew the lease.
         deadline = time.monotonic() + seconds(self.cfg.poll_interval)
         while time.monotonic() < deadline:
             await asyncio.sleep(min(renew_every, max(0.0, deadline - time.monotonic())))
-            if not await self._hold_lease():
-                raise _LeaseLost()
+            await self._renew_if_due()
 
     async def _idle(self, client: aioimaplib.IMAP4, renew_every: float) -> None:
         """IDLE until the server pushes a change or it is time to renew the lease."""
@@ -364,6 +369,7 @@ class ImapPoller:
                 await self.state.put(self.cp_key, _cp_enc.encode(cp))
                 self.published += 1
                 await self._after(client, uid)
+                await self._renew_if_due()
 
     async def _after(self, client: aioimaplib.IMAP4, uid: int) -> None:
         cfg = self.cfg

@@ -77,6 +77,7 @@ class ParsedMail:
     size: int = 0
 
 
+_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]+")
 _ID = re.compile(r"<([^<>\s]{1,900})>")
 _BOUNDARY = re.compile(rb"boundary\s*=", re.IGNORECASE)
 
@@ -118,7 +119,9 @@ def _addresses(values: list[str], fallbacks: tuple[str, ...]) -> list[tuple[str,
         addr = addr.strip()
         if not addr or "@" not in addr:
             continue
-        dname = decode_header_value(name, fallbacks).strip() or None if name else None
+        # Encoded words can smuggle CR/LF into a name; a reply would then be refused as
+        # header injection, so they are flattened here.
+        dname = _CONTROL.sub(" ", decode_header_value(name, fallbacks)).strip() or None if name else None
         out.append((addr.lower() if addr.isascii() else addr, dname))
     return out
 
@@ -233,7 +236,7 @@ def parse_mail(raw: bytes, limits: Limits | None = None, *, envelope_from: str |
     reply_to = (_addresses(h.get("reply-to", []), fb) or [None])[0]
     subject = hval("subject")
     if subject is not None:
-        subject = subject[:998]
+        subject = _CONTROL.sub(" ", subject)[:998]
 
     parts, forwarded, truncated, bounce = _body(msg, lim, problems)
     auto = _auto_reason(h, sender[0])

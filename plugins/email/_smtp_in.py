@@ -23,12 +23,15 @@ Ingest = Callable[[bytes, str, list[str], str], Awaitable[str]]
 class _Handler:
     """aiosmtpd handler hooks: RCPT filtering and DATA → bus."""
 
-    def __init__(self, cfg: SmtpInConfig, ingest: Ingest, log: Any):
+    def __init__(self, cfg: SmtpInConfig, ingest: Ingest, log: Any, default_address: str):
         self.cfg = cfg
         self.ingest = ingest
         self.log = log
         self.domains = {d.lower().lstrip("@") for d in cfg.domains}
         self.addresses = {a.lower() for a in cfg.addresses}
+        if not self.domains and not self.addresses:
+            # Nothing configured: accept the channel's own address only, never an open relay.
+            self.addresses = {default_address.lower()}
 
     def accepts(self, address: str) -> bool:
         a = address.strip().strip("<>").lower()
@@ -78,9 +81,9 @@ class SmtpListener:
     """Runs aiosmtpd's SMTP protocol on the gateway's own event loop (not aiosmtpd's
     Controller thread): ``ingest`` publishes straight from the DATA handler."""
 
-    def __init__(self, cfg: SmtpInConfig, ingest: Ingest, log: Any):
+    def __init__(self, cfg: SmtpInConfig, ingest: Ingest, log: Any, default_address: str):
         self.cfg = cfg
-        self.handler = _Handler(cfg, ingest, log)
+        self.handler = _Handler(cfg, ingest, log, default_address)
         self.log = log
         self.server: asyncio.base_events.Server | None = None
         self.port: int | None = None

@@ -182,3 +182,18 @@ async def test_replies_are_dkim_signed_when_configured(start_email, send_mail, e
 
     assert dkim.verify(raw, dnsfunc=dns)
     assert not dkim.verify(raw.replace(b"signed", b"forged"), dnsfunc=dns)
+
+
+async def test_crlf_smuggled_in_an_encoded_customer_name_does_not_reach_our_headers(start_email, send_mail, email_bus, smtp_sink):
+    _, ch = await start_email(send=send_config(smtp_sink))
+    raw = (b"From: =?utf-8?q?Eve=0D=0ABcc=3A_victim=40elsewhere=2Etest?= <eve@customer.test>\r\n"
+           b"To: support@acme.test\r\nSubject: =?utf-8?q?Hi=0D=0ABcc=3A_x=40y=2Etest?=\r\n"
+           b"Message-ID: <crlf@customer.test>\r\n\r\nhi\r\n")
+    await send_mail(ch.smtp_port, raw)
+    [msg] = await email_bus.inbound()
+    assert "\n" not in msg.sender.name and "\n" not in msg.subject
+    await email_bus.send(Outbound(id="out-crlf", conversation=msg.conversation, parts=[TextPart(text="ok")]))
+    await email_bus.wait_status("out-crlf", "sent")
+    [(_, rcpts, out)] = await smtp_sink.wait(1)
+    reply = parse(out)
+    assert rcpts == ["eve@customer.test"] and "Bcc" not in reply

@@ -173,3 +173,9 @@ async def test_smtp_auth_and_starttls_when_configured(start_email, email_bus, tm
     await good.sendmail("alice@customer.test", ["support@acme.test"], raw)
     await good.quit()
     assert len(await email_bus.inbound()) == 1
+
+
+async def test_without_domains_only_the_channel_address_is_accepted(start_email, send_mail, email_bus):
+    _, ch = await start_email(smtp={"port": 0})
+    assert (await send_mail(ch.smtp_port, customer_mail().as_bytes(), rcpt="support@acme.test"))[0] == 250
+    assert (await send_mail(ch.smtp_port, customer_mail().as_bytes(), rcpt="other@acme.test"))[0] == 550

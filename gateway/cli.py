@@ -16,9 +16,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-import msgspec
 
-from .core._config import Config, load_config, seconds
+from .core._config import Config, load_config
 from .core._errors import BusUnavailable, ConfigError, PluginError
 from .core._logging import configure_logging
 

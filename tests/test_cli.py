@@ -6,7 +6,7 @@ import asyncio
 import subprocess
 import sys
 
-from conftest import post_inbound
+from gateway.testing import post_inbound
 from gateway.cli import main
 
 

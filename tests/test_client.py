@@ -9,7 +9,7 @@ import sys
 import textwrap
 from pathlib import Path
 
-from conftest import post_inbound, wait_until
+from gateway.testing import post_inbound
 from gateway.client import Client
 
 ROOT = Path(__file__).parent.parent

@@ -11,7 +11,7 @@ import msgspec
 import nats
 import pytest
 
-from conftest import post_inbound, wait_until
+from gateway.testing import post_inbound
 from gateway import Channel, ImagePart, Participant, PluginManager, hookimpl
 from gateway.core._schema import message_decoder
 from gateway.testing import NatsServer, make_config, start_gateway, stream_messages

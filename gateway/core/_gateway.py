@@ -7,7 +7,6 @@ import asyncio
 import hashlib
 import signal
 from datetime import datetime, timezone
-from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -19,7 +18,7 @@ from ._bus import Bus
 from ._channel import Channel, Conversation
 from ._config import ChannelConfig, Config, load_config, seconds
 from ._embedded import EmbeddedServer
-from ._errors import BusUnavailable, ConfigError, GatewayError, PluginError
+from ._errors import BusUnavailable, ConfigError, PluginError
 from ._http import HttpServer
 from ._logging import get_logger
 from ._metrics import Metrics

@@ -19,7 +19,7 @@ from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route, Router
 
-from ._errors import BusUnavailable, PayloadTooLarge, RequestError
+from ._errors import BusUnavailable, RequestError
 
 if TYPE_CHECKING:
     from ._channel import Endpoint

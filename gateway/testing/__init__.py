@@ -5,10 +5,12 @@ automatically (pytest11 entry point) wherever the gateway is installed."""
 from __future__ import annotations
 
 import asyncio
+import json
 import tempfile
 from pathlib import Path
 from typing import Any
 
+import httpx
 import nats
 
 from ..core._config import Config, parse_config
@@ -17,8 +19,9 @@ from ..core._gateway import Gateway
 from ..core._plugins import PluginManager
 from ..core._schema import DeliveryStatus, status_decoder
 from ._mock import MockChannel, MockConfig
+from ._process import GatewayProcess
 
-__all__ = ["MockChannel", "MockConfig", "NatsServer", "free_port", "make_config", "start_gateway", "statuses",
+__all__ = ["GatewayProcess", "MockChannel", "MockConfig", "NatsServer", "post_inbound", "free_port", "make_config", "start_gateway", "statuses",
            "stream_messages", "wait_for_status", "wait_until"]
 
 
@@ -116,3 +119,10 @@ async def wait_for_status(url: str, outbound_id: str, state: str, timeout: float
 
     await wait_until(check, timeout)
     return found
+
+
+async def post_inbound(port: int, channel: str, **body: Any) -> httpx.Response:
+    """POST a mock-channel webhook (``text``, ``sender``, ``id``, ``thread``, ``name``) to a
+    gateway's HTTP port, as a provider would."""
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=10) as c:
+        return await c.post(f"/channels/{channel}/inbound", content=json.dumps(body))

@@ -9,7 +9,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import AsyncIterator
@@ -321,24 +320,3 @@ async def smtp_send(port: int, raw: bytes, *, mail_from: str = "alice@customer.t
 def send_mail() -> Any:
     """The :func:`smtp_send` helper."""
     return smtp_send
-
-
-# pytest imports every conftest.py that is not in a package under the one module name
-# "conftest" and drops the previous one from sys.modules. The core tests do
-# `from conftest import ...` and are collected after this directory, so once this
-# directory is collected, the name goes back to tests/conftest.py. (A package here would be
-# named "email" and shadow the standard library.)
-_config: Any = None
-
-
-def pytest_configure(config: Any) -> None:
-    global _config
-    _config = config
-
-
-def pytest_collectreport(report: Any) -> None:
-    if _config is None:
-        return
-    top = _config.pluginmanager.get_plugin(str(Path(__file__).resolve().parents[1] / "conftest.py"))
-    if top is not None:
-        sys.modules["conftest"] = top

@@ -7,7 +7,7 @@ from importlib.metadata import PackageNotFoundError, version
 
 from .core._bus import Subjects
 from .core._channel import Channel, ChannelContext, ChannelState, Conversation, KeyValue, PublishResult, Receipt
-from .core._config import Config, ChannelConfig, load_config, parse_config
+from .core._config import ChannelConfig, Config, Duration, load_config, parse_config, seconds
 from .core._errors import (
     BusUnavailable,
     ConfigError,
@@ -67,6 +67,7 @@ __all__ = [
     "DeadLetter",
     "DeliveryError",
     "DeliveryStatus",
+    "Duration",
     "ErrorInfo",
     "EventPart",
     "FilePart",
@@ -100,4 +101,5 @@ __all__ = [
     "hookimpl",
     "load_config",
     "parse_config",
+    "seconds",
 ]

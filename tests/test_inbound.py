@@ -239,3 +239,22 @@ async def test_an_event_that_is_not_an_interaction_keeps_the_conversation_time(g
     conv = await ctx.get_conversation(ctx.conversation_key("u1"))
     assert conv.last_inbound_at == first.received_at and conv.last_message_id == later.id
     assert conv.route == {"to": "u1"}  # no route given: the stored one is kept
+
+
+async def test_channel_state_entries_with_a_ttl_expire(gateway_factory):
+    gw = await gateway_factory({"demo": {"type": "mock"}})
+    state = gw.channels["demo"].ctx.state
+    await state.put("thread:<a@b>", b"kept", ttl=1)
+    await state.put("forever", b"kept")
+    assert await state.get("thread:<a@b>") == b"kept"
+    await asyncio.sleep(2.5)
+    assert await state.get("thread:<a@b>") is None
+    assert await state.get("forever") == b"kept"
+
+
+async def test_binary_content_retention_follows_blob_max_age(gateway_factory, nats_server, bus):
+    await gateway_factory({"demo": {"type": "mock"}}, bus={"blob_max_age": "30d"})
+    info = await bus.jetstream().stream_info("OBJ_gw_blobs")
+    assert info.config.max_age == 30 * 86400
+    await gateway_factory({"demo": {"type": "mock"}}, bus={"blob_max_age": "7d"})  # a changed config is applied
+    assert (await bus.jetstream().stream_info("OBJ_gw_blobs")).config.max_age == 7 * 86400

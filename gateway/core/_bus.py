@@ -217,7 +217,14 @@ class Bus:
         except nats.js.errors.BucketNotFoundError:
             self.objects = await self.js.create_object_store(
                 s.object_store, config=api.ObjectStoreConfig(bucket=s.object_store, replicas=c.replicas,
-                                                             storage=api.StorageType.FILE))
+                                                             storage=api.StorageType.FILE, ttl=seconds(c.blob_max_age)))
+        else:
+            # Retention may change with the config: apply it to the existing bucket.
+            stream = f"OBJ_{s.object_store}"
+            info = await self.js.stream_info(stream)
+            if info.config.max_age != seconds(c.blob_max_age):
+                info.config.max_age = seconds(c.blob_max_age)
+                await self.js.update_stream(info.config)
 
     _receipt_ttl = "7d"
 

@@ -64,8 +64,9 @@ class KeyValue(abc.ABC):
         """The value, or None."""
 
     @abc.abstractmethod
-    async def put(self, key: str, value: bytes) -> None:
-        """Store ``value``."""
+    async def put(self, key: str, value: bytes, *, ttl: float | None = None) -> None:
+        """Store ``value``; with ``ttl`` (seconds, at least 1) it disappears after that
+        long (thread maps, caches: personal data is not kept forever)."""
 
     @abc.abstractmethod
     async def delete(self, key: str) -> None:
@@ -149,7 +150,8 @@ class ChannelContext(abc.ABC):
 
     @abc.abstractmethod
     async def put_blob(self, data: bytes, *, content_type: str | None = None) -> ObjectRef:
-        """Store binary content in the object store (content-addressed)."""
+        """Store binary content in the object store (content-addressed). It is kept for
+        ``[bus] blob_max_age`` after its last store."""
 
     @abc.abstractmethod
     async def get_blob(self, ref: ObjectRef) -> bytes:

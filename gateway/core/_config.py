@@ -60,6 +60,8 @@ class BusConfig(_Section):
     inbound_max_age: Duration = "90d"
     status_max_age: Duration = "30d"
     dead_max_age: Duration = "90d"
+    blob_max_age: Duration = "90d"
+    """Binary content (attachments, media, raw e-mails) in the object store is kept this long."""
     inline_limit: Annotated[int, msgspec.Meta(ge=0)] = 16384
     """Binary parts larger than this go to the object store."""
     max_message_size: Annotated[int, msgspec.Meta(ge=1024)] = 1048576

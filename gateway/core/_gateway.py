@@ -214,7 +214,11 @@ class Gateway:
         store = self.bus.objects
         try:
             info = await store.get_info(digest)
-            if info is not None and not info.deleted:
+            fresh = info.mtime and (datetime.now(timezone.utc) - _parse_time(info.mtime)).total_seconds() \
+                < seconds(self.config.bus.blob_max_age) / 2
+            if info is not None and not info.deleted and fresh:
+                # Stored recently: skip the upload. An old copy is stored again so that
+                # retention counts from this new reference, not the first one.
                 return ObjectRef(bucket=self.bus.subjects.object_store, name=digest, size=len(data), sha256=digest)
         except nats.js.errors.ObjectNotFoundError:
             pass
@@ -253,3 +257,11 @@ class Gateway:
             "channels": channels,
             "time": datetime.now(timezone.utc).isoformat(),
         }
+
+
+def _parse_time(value: str) -> datetime:
+    # nats-server writes RFC 3339 with nanoseconds; Python takes at most microseconds.
+    import re
+
+    value = re.sub(r"(\.\d{6})\d+", r"\1", value.replace("Z", "+00:00"))
+    return datetime.fromisoformat(value)

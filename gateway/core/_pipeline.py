@@ -208,8 +208,13 @@ class _State(KeyValue):
         except nats.js.errors.KeyNotFoundError:
             return None
 
-    async def put(self, key: str, value: bytes) -> None:
-        await self._kv().put(self._key(key), value)
+    async def put(self, key: str, value: bytes, *, ttl: float | None = None) -> None:
+        if ttl is None:
+            await self._kv().put(self._key(key), value)
+            return
+        # A per-message TTL (the bucket's stream allows them): nats-py's put() has none.
+        kv = self._kv()
+        await self.gw.bus.js.publish(f"$KV.{kv._name}.{self._key(key)}", value, msg_ttl=max(1.0, ttl))
 
     async def delete(self, key: str) -> None:
         try:

@@ -19,7 +19,7 @@ from gateway import (
     Receipt,
 )
 
-from ._config import EmailConfig
+from ._config import EmailConfig, seconds
 from ._imap import ImapPoller
 from ._parse import Limits, MailRejected, ParsedMail, meta_addresses, parse_mail
 from ._smtp_in import SmtpListener
@@ -53,7 +53,7 @@ class EmailChannel(Channel):
         self.cfg = cfg
         self.domain = (cfg.message_id_domain or cfg.address.rsplit("@", 1)[1]).lower()
         self.own_addresses = {cfg.address.lower(), *(a.lower() for a in cfg.own_addresses)}
-        self.threads = ThreadStore(ctx.state)
+        self.threads = ThreadStore(ctx.state, ttl=seconds(cfg.thread_ttl))
         self.limits = Limits(max_parts=cfg.max_parts, max_nesting=cfg.max_nesting, max_text=cfg.max_text,
                              fallback_charsets=tuple(cfg.fallback_charsets))
         self.smtp: SmtpListener | None = None

@@ -2,23 +2,11 @@
 
 from __future__ import annotations
 
-import re
 from typing import Annotated, Literal
 
 import msgspec
 
-# The same duration syntax as the core's config (the core does not export its type).
-Duration = Annotated[str, msgspec.Meta(pattern=r"^\d+(\.\d+)?(ms|s|m|h|d)$",
-                                       description="a duration such as 500ms, 30s, 5m, 2h, 7d")]
-_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
-
-
-def seconds(duration: str) -> float:
-    """``"5m"`` -> 300.0."""
-    m = re.fullmatch(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)", duration)
-    if not m:
-        raise ValueError(f"not a duration: {duration!r}")
-    return float(m.group(1)) * _UNITS[m.group(2)]
+from gateway import Duration, seconds  # noqa: F401  (seconds is used by the other modules)
 
 
 class _Section(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -128,6 +116,9 @@ class EmailConfig(_Section, kw_only=True):
     send: SmtpOutConfig | None = None
     dkim: DkimConfig | None = None
     keep_raw: bool = True
+    thread_ttl: Duration = "180d"
+    """How long the Message-ID → conversation map is kept: a reply to mail older than this
+    starts a new conversation (the map holds addresses and subjects: not kept forever)."""
     """Store the original message in the object store (``meta.raw``) for audit."""
     max_parts: Annotated[int, msgspec.Meta(ge=1)] = 500
     """MIME parts extracted per message; the rest are dropped and ``meta.truncated`` says so."""

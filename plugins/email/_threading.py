@@ -98,8 +98,9 @@ class Thread:
 class ThreadStore:
     """Message-ID → conversation map in the channel's KV state (shared by processes)."""
 
-    def __init__(self, state: KeyValue):
+    def __init__(self, state: KeyValue, ttl: float | None = None):
         self.state = state
+        self.ttl = ttl
 
     async def get(self, message_id: str) -> MessageRecord | None:
         """The record of ``message_id``, or None."""
@@ -113,7 +114,7 @@ class ThreadStore:
 
     async def put(self, message_id: str, record: MessageRecord) -> None:
         """Record ``message_id``."""
-        await self.state.put("mid:" + message_id, _rec_enc.encode(record))
+        await self.state.put("mid:" + message_id, _rec_enc.encode(record), ttl=self.ttl)
 
     async def message_id_of(self, gateway_id: str) -> str | None:
         """The Message-ID of an inbound message, by its gateway id."""
@@ -147,8 +148,9 @@ class ThreadStore:
         await asyncio.gather(
             self.put(mail.message_id, MessageRecord(t=thread.native, g=gateway_id, c=conversation, r=refs,
                                                     s=mail.subject, a=auto)),
-            self.state.put("gid:" + gateway_id, mail.message_id.encode()),
-            *([self.state.put(_subject_key(subject, customer, ours), thread.native.encode())] if subject else []))
+            self.state.put("gid:" + gateway_id, mail.message_id.encode(), ttl=self.ttl),
+            *([self.state.put(_subject_key(subject, customer, ours), thread.native.encode(), ttl=self.ttl)]
+              if subject else []))
 
 
 def _subject_key(subject: str, customer: str, ours: str) -> str:

@@ -93,3 +93,17 @@ async def test_our_own_message_id_coming_back_is_marked_as_a_loop(start_email, s
     await send_mail(ch.smtp_port, mail("Re: Parcel", "alice@customer.test", "<gw.abcdefghijklmnopqrstuvwxyz@acme.test>"))
     [msg] = await email_bus.inbound()
     assert msg.auto is True and msg.meta["auto_reason"] == "own message-id (loop)"
+
+
+async def test_thread_map_expires_after_thread_ttl(start_email, send_mail, email_bus):
+    import asyncio
+
+    _, ch = await start_email(thread_ttl="1s")
+    await send_mail(ch.smtp_port, mail("Parcel", "alice@customer.test", "<t1@customer.test>"))
+    await asyncio.sleep(2.5)  # the map entry of <t1> is gone: personal data is not kept forever
+    await send_mail(ch.smtp_port, mail("Re: Parcel", "alice@customer.test", "<t2@customer.test>",
+                                       In_Reply_To="<t1@customer.test>"))
+    first, second = await email_bus.inbound()
+    # Without the map the reply is keyed by its root, <t1>: the same conversation key is
+    # derived, but through the root rule, not from a stored record.
+    assert second.meta["thread_by"] == "root"

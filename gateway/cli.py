@@ -76,8 +76,22 @@ def cmd_run(args: argparse.Namespace) -> int:
     config, pm = _load(args)
     configure_logging(args.log_format or config.log.format, args.log_level or config.log.level)
     gw = Gateway(config, pm, config_path=_config_path(args.config))
-    asyncio.run(gw.run())
+    _run_loop(gw.run())
     return EXIT_OK
+
+
+def _run_loop(coro: Any) -> None:
+    """Run on uvloop where it is installed (it roughly halves the event loop's share of
+    every message's CPU); ``GATEWAY_EVENT_LOOP=asyncio`` forces the standard loop."""
+    if os.environ.get("GATEWAY_EVENT_LOOP", "uvloop") == "uvloop":
+        try:
+            import uvloop
+        except ImportError:
+            pass
+        else:
+            uvloop.run(coro)
+            return
+    asyncio.run(coro)
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:

@@ -113,46 +113,49 @@ class Inbound:
                        interaction: bool = True) -> PublishResult:
         js = self.bus.require()
         t0 = time.perf_counter()
-        dedup = self.bus.kv[self.bus.subjects.kv_dedup]
+        s = self.bus.subjects
+        dedup = self.bus.kv[s.kv_dedup]
         try:
-            if key is not None:
-                try:
-                    entry = await asyncio.wait_for(dedup.get(key), self._timeout)
-                except nats.js.errors.KeyNotFoundError:
-                    pass
-                else:
-                    self._count_duplicate(message)
-                    seq = int(entry.value) if entry.value and entry.value.isdigit() else None
-                    return PublishResult(id=message.id, duplicate=True, sequence=seq)
-            message = self.gw.enrich(message)
-            message = await self._offload(message)
-            data = encode(message)
-            if len(data) > self.gw.config.bus.max_message_size:
-                raise PayloadTooLarge(
-                    f"message of {len(data)} bytes exceeds bus.max_message_size {self.gw.config.bus.max_message_size}")
-            subject = self.bus.subjects.inbound(message.channel_type, message.channel)
-            headers = {
-                "Nats-Msg-Id": message.id,
-                "Content-Type": "application/json",
-                "Gw-Schema": "message/1",
-                "Gw-Conversation": message.conversation,
-                "ce-specversion": "1.0",
-                "ce-id": message.id,
-                "ce-type": "gateway.message.v1",
-                "ce-source": f"/{message.channel_type}/{message.channel}",
-            }
-            ack_fut = await js.publish_async(subject, data, headers=headers)
-            conv = Conversation(key=message.conversation, channel_type=message.channel_type, channel=message.channel,
-                                route=route or {}, last_inbound_at=message.received_at if interaction else None,
-                                last_message_id=message.id)
-            results = await asyncio.wait_for(
-                asyncio.gather(ack_fut, self._put_conversation(conv, keep_route=route is None,
-                                                               keep_time=not interaction)), self._timeout)
-            ack: api.PubAck = results[0]
-            failpoint("inbound.after_ack")
-            if key is not None:
-                await asyncio.wait_for(dedup.put(key, str(ack.seq).encode()), self._timeout)
-        except (asyncio.TimeoutError, nats.errors.Error, nats.js.errors.Error, ConnectionError) as exc:
+            # One deadline for the whole path (asyncio.timeout costs no task, unlike
+            # wait_for); KV writes are plain JetStream publishes pipelined with the
+            # message itself, each awaited only for its own ack.
+            async with asyncio.timeout(self._timeout):
+                if key is not None:
+                    try:
+                        entry = await dedup.get(key)
+                    except nats.js.errors.KeyNotFoundError:
+                        pass
+                    else:
+                        self._count_duplicate(message)
+                        seq = int(entry.value) if entry.value and entry.value.isdigit() else None
+                        return PublishResult(id=message.id, duplicate=True, sequence=seq)
+                message = self.gw.enrich(message)
+                message = await self._offload(message)
+                data = encode(message)
+                if len(data) > self.gw.config.bus.max_message_size:
+                    raise PayloadTooLarge(
+                        f"message of {len(data)} bytes exceeds bus.max_message_size {self.gw.config.bus.max_message_size}")
+                headers = {
+                    "Nats-Msg-Id": message.id,
+                    "Content-Type": "application/json",
+                    "Gw-Schema": "message/1",
+                    "Gw-Conversation": message.conversation,
+                    "ce-specversion": "1.0",
+                    "ce-id": message.id,
+                    "ce-type": "gateway.message.v1",
+                    "ce-source": f"/{message.channel_type}/{message.channel}",
+                }
+                ack_fut = await js.publish_async(s.inbound(message.channel_type, message.channel), data, headers=headers)
+                conv = Conversation(key=message.conversation, channel_type=message.channel_type, channel=message.channel,
+                                    route=route or {}, last_inbound_at=message.received_at if interaction else None,
+                                    last_message_id=message.id)
+                conv_fut = await self._put_conversation(conv, keep_route=route is None, keep_time=not interaction)
+                ack: api.PubAck = await ack_fut
+                await conv_fut
+                failpoint("inbound.after_ack")
+                if key is not None:
+                    await (await js.publish_async(f"$KV.{s.kv_dedup}.{key}", str(ack.seq).encode()))
+        except (TimeoutError, nats.errors.Error, nats.js.errors.Error, ConnectionError) as exc:
             raise _timeout_error(exc) from exc
         elapsed = time.perf_counter() - t0
         self.gw.metrics.publish_latency.labels(message.channel_type).observe(elapsed)
@@ -162,7 +165,8 @@ class Inbound:
             self.gw.metrics.inbound.labels(message.channel_type, message.channel).inc()
         return PublishResult(id=message.id, duplicate=bool(ack.duplicate), sequence=ack.seq)
 
-    async def _put_conversation(self, conv: Conversation, *, keep_route: bool, keep_time: bool) -> None:
+    async def _put_conversation(self, conv: Conversation, *, keep_route: bool, keep_time: bool) -> asyncio.Future[Any]:
+        """Send the conversation's KV write; returns the future of its ack."""
         kv = self.bus.kv[self.bus.subjects.kv_conversations]
         if keep_route or keep_time:
             # Keep what the channel did not give (only then is the stored entry read).
@@ -175,7 +179,7 @@ class Inbound:
                     conv.route = old.route
                 if keep_time:
                     conv.last_inbound_at = old.last_inbound_at
-        await kv.put(conv.key, encode(conv))
+        return await self.bus.js.publish_async(f"$KV.{self.bus.subjects.kv_conversations}.{conv.key}", encode(conv))
 
     async def _offload(self, message: Message) -> Message:
         limit = self.gw.config.bus.inline_limit

@@ -188,8 +188,11 @@ async def _count(coro, state: str, n: int) -> bool:
     return sum(s.state == state for s in await coro) >= n
 
 
-async def test_replies_to_one_conversation_keep_their_order(gateway_factory, nats_server, bus):
-    gw = await gateway_factory({"demo": {"type": "mock"}})
+@pytest.mark.parametrize("concurrency", [2, 64])
+async def test_replies_to_one_conversation_keep_their_order(gateway_factory, nats_server, bus, concurrency):
+    # With few delivery places, replies queued behind a retried one must not take the
+    # place it needs to come back (that was a deadlock once).
+    gw = await gateway_factory({"demo": {"type": "mock"}}, outbound={"concurrency": concurrency, "backoff": ["100ms"]})
     mock = gw.channels["demo"].channel
     mock.fail_next(1, message="hiccup on the first one")  # a retry must not let later ones overtake
     conv = await conversation_of(gw, "alice")

@@ -199,14 +199,28 @@ class Gateway:
         return message
 
     async def publish_status(self, status: DeliveryStatus) -> None:
+        """Publish a status event and wait for its JetStream ack."""
+        await self.await_ack(await self.send_status(status))
+
+    async def send_status(self, status: DeliveryStatus) -> asyncio.Future[Any]:
+        """Publish a status event; returns the future of its ack (pipelined: await it
+        later with :meth:`await_ack`)."""
         js = self.bus.require()
         subject = self.bus.subjects.status(status.channel_type, status.channel)
         try:
-            await js.publish(subject, encode(status), headers={
+            return await js.publish_async(subject, encode(status), headers={
                 "Nats-Msg-Id": f"{status.outbound_id}:{status.state}:{status.attempt}",
                 "Content-Type": "application/json", "Gw-Schema": "delivery-status/1"})
-        except (asyncio.TimeoutError, nats.errors.Error, nats.js.errors.Error) as exc:
-            raise BusUnavailable(f"status not acknowledged: {type(exc).__name__}") from exc
+        except (nats.errors.Error, nats.js.errors.Error) as exc:
+            raise BusUnavailable(f"status not sent: {type(exc).__name__}") from exc
+
+    async def await_ack(self, fut: asyncio.Future[Any]) -> Any:
+        """Wait for a pipelined publish's ack, within ``publish_timeout``."""
+        try:
+            async with asyncio.timeout(self.publish_timeout):
+                return await fut
+        except (TimeoutError, nats.errors.Error, nats.js.errors.Error) as exc:
+            raise BusUnavailable(f"not acknowledged: {type(exc).__name__}") from exc
 
     async def put_blob(self, data: bytes, *, content_type: str | None = None) -> ObjectRef:
         self.bus.require()

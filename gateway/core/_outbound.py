@@ -19,7 +19,7 @@ import nats.errors
 import nats.js.errors
 from nats.js import api
 
-from ._channel import Receipt
+from ._channel import Conversation, Receipt
 from ._config import seconds
 from ._errors import BusUnavailable, DeliveryError
 from ._failpoints import failpoint
@@ -71,7 +71,13 @@ class Dispatcher:
         self.lanes: dict[str, deque[Any]] = {}
         self.lane_tasks: set[asyncio.Task[None]] = set()
         self.buckets: dict[str, TokenBucket] = {}
-        self.slots = asyncio.Semaphore(self.cfg.concurrency)
+        # Two limits, so that nothing waits in a circle: ``active`` bounds deliveries in
+        # progress (a message waiting for its retry gives its place back, so one provider's
+        # outage does not stall the others); ``buffered`` bounds messages taken off the bus
+        # and not finished (replies queued behind an earlier one of their conversation
+        # hold only this, never ``active``).
+        self.active = asyncio.Semaphore(self.cfg.concurrency)
+        self.buffered = asyncio.Semaphore(self.cfg.concurrency * 16)
         self._stopping = asyncio.Event()
 
     async def start(self) -> None:
@@ -114,9 +120,9 @@ class Dispatcher:
     async def _loop(self) -> None:
         while not self._stopping.is_set():
             try:
-                await self.slots.acquire()
-                self.slots.release()
-                free = max(1, self.slots._value)  # noqa: SLF001 - cheap read of free slots
+                await self.buffered.acquire()
+                self.buffered.release()
+                free = max(1, self.buffered._value)  # noqa: SLF001 - cheap read of free places
                 msgs = await self.psub.fetch(batch=min(free, 256), timeout=1)
             except (nats.errors.TimeoutError, asyncio.TimeoutError):
                 continue
@@ -127,7 +133,7 @@ class Dispatcher:
                 await asyncio.sleep(1)
                 continue
             for msg in msgs:
-                await self.slots.acquire()
+                await self.buffered.acquire()
                 self._enqueue(msg)
 
     def _enqueue(self, msg: Any) -> None:
@@ -153,6 +159,7 @@ class Dispatcher:
         try:
             while q:
                 msg, outbound, err = q[0]
+                await self.active.acquire()
                 try:
                     await self._process(msg, outbound, err)
                 except asyncio.CancelledError:
@@ -160,8 +167,9 @@ class Dispatcher:
                 except Exception as exc:  # never lose the lane on a bug: leave unacked
                     self.log.error("outbound processing failed; left for redelivery", error=f"{type(exc).__name__}: {exc}")
                 finally:
+                    self.active.release()
                     q.popleft()
-                    self.slots.release()
+                    self.buffered.release()
         finally:
             del self.lanes[lane]
 
@@ -176,13 +184,17 @@ class Dispatcher:
                                                                code="invalid_message"), 1)
             return
         attempt = msg.metadata.num_delivered
-        if attempt == 1:
-            await self._status(outbound, ctype, cname, "accepted", attempt=0)
-        receipt = await self._receipt(outbound.id)
+        # Pipelined: the "accepted" status, the receipt lookup and the conversation lookup
+        # go out together; the status ack is awaited before the next status.
+        accepted = (await gw.send_status(self._make_status(outbound, ctype, cname, "accepted", attempt=0))
+                    if attempt == 1 else None)
+        receipt, conversation = await asyncio.gather(self._receipt(outbound.id), gw.get_conversation(outbound.conversation))
+        if accepted is not None:
+            await gw.await_ack(accepted)
         if receipt is not None:
             # Sent before a crash or by a duplicate publish: do not send twice.
             await self._status(outbound, ctype, cname, "sent", attempt=attempt, provider_id=receipt.provider_id)
-            await msg.ack_sync()
+            await msg.ack()
             return
         ccfg = gw.config.channels.get(cname)
         backoff = [seconds(d) for d in ((ccfg.backoff if ccfg and ccfg.backoff else None) or self.cfg.backoff)]
@@ -191,7 +203,7 @@ class Dispatcher:
         while True:
             t0 = time.perf_counter()
             try:
-                receipt = await self._deliver_once(msg, outbound, ctype, cname)
+                receipt = await self._deliver_once(msg, outbound, conversation, ctype, cname)
             except _Permanent as exc:
                 await self._dead(msg, outbound, ctype, cname, ErrorInfo(message=exc.message, permanent=True, code=exc.code), attempt)
                 return
@@ -223,10 +235,12 @@ class Dispatcher:
             await self._store_receipt(outbound.id, receipt)
             failpoint("outbound.after_receipt")
             await self._status(outbound, ctype, cname, "sent", attempt=attempt, provider_id=receipt.provider_id)
-            await msg.ack_sync()
+            # A plain ack: if it is lost, the redelivery finds the receipt and sends nothing.
+            await msg.ack()
             return
 
-    async def _deliver_once(self, msg: Any, outbound: Outbound, ctype: str, cname: str) -> Receipt:
+    async def _deliver_once(self, msg: Any, outbound: Outbound, conversation: Conversation | None,
+                            ctype: str, cname: str) -> Receipt:
         gw = self.gw
         ccfg = gw.config.channels.get(cname)
         if ccfg is None or ccfg.type != ctype:
@@ -235,7 +249,6 @@ class Dispatcher:
         if running is None or running.channel is None or running.ctx.health not in ("running", "degraded"):
             raise DeliveryError(f"channel {cname!r} is not running", permanent=False, code="channel_down")
         channel = running.channel
-        conversation = await gw.get_conversation(outbound.conversation)
         if conversation is None:
             raise _Permanent(f"unknown conversation {outbound.conversation!r}", "unknown_conversation")
         if conversation.channel != cname:
@@ -281,10 +294,10 @@ class Dispatcher:
     async def _hold(self, msg: Any, delay: float) -> bool:
         """Wait ``delay`` while keeping the message ours; False if the gateway stops.
 
-        The concurrency slot is given back while waiting: a provider outage on one
+        The ``active`` place is given back while waiting: a provider outage on one
         channel must not stall deliveries on the others."""
         keep = asyncio.create_task(self._keepalive(msg))
-        self.slots.release()
+        self.active.release()
         try:
             await asyncio.wait_for(self._stopping.wait(), delay)
             return False
@@ -292,7 +305,7 @@ class Dispatcher:
             return True
         finally:
             keep.cancel()
-            await self.slots.acquire()
+            await self.active.acquire()
 
     async def _dead(self, msg: Any, outbound: Outbound | None, ctype: str, cname: str, error: ErrorInfo, attempts: int) -> None:
         gw = self.gw
@@ -315,10 +328,17 @@ class Dispatcher:
     async def _status(self, outbound: Outbound, ctype: str, cname: str, state: Any, *, attempt: int,
                       provider_id: str | None = None, error: ErrorInfo | None = None,
                       next_attempt_at: datetime | None = None) -> None:
-        st = DeliveryStatus(outbound_id=outbound.id, conversation=outbound.conversation, channel_type=ctype, channel=cname,
-                            state=state, at=datetime.now(timezone.utc), attempt=attempt, provider_id=provider_id,
-                            error=error, next_attempt_at=next_attempt_at)
-        await self.gw.publish_status(st)
+        await self.gw.publish_status(self._make_status(outbound, ctype, cname, state, attempt=attempt,
+                                                       provider_id=provider_id, error=error,
+                                                       next_attempt_at=next_attempt_at))
+
+    @staticmethod
+    def _make_status(outbound: Outbound, ctype: str, cname: str, state: Any, *, attempt: int,
+                     provider_id: str | None = None, error: ErrorInfo | None = None,
+                     next_attempt_at: datetime | None = None) -> DeliveryStatus:
+        return DeliveryStatus(outbound_id=outbound.id, conversation=outbound.conversation, channel_type=ctype,
+                              channel=cname, state=state, at=datetime.now(timezone.utc), attempt=attempt,
+                              provider_id=provider_id, error=error, next_attempt_at=next_attempt_at)
 
     async def _receipt(self, outbound_id: str) -> Receipt | None:
         kv = self.gw.bus.kv[self.gw.bus.subjects.kv_receipts]
@@ -332,11 +352,12 @@ class Dispatcher:
             return Receipt()
 
     async def _store_receipt(self, outbound_id: str, receipt: Receipt) -> None:
-        kv = self.gw.bus.kv[self.gw.bus.subjects.kv_receipts]
+        bus = self.gw.bus
         try:
-            await kv.put(_receipt_key(outbound_id), encode(receipt))
-        except (nats.errors.Error, nats.js.errors.Error, asyncio.TimeoutError) as exc:
+            fut = await bus.js.publish_async(f"$KV.{bus.subjects.kv_receipts}.{_receipt_key(outbound_id)}", encode(receipt))
+        except (nats.errors.Error, nats.js.errors.Error) as exc:
             raise BusUnavailable(f"receipt not stored: {exc}") from exc
+        await self.gw.await_ack(fut)
 
 
 def _receipt_key(outbound_id: str) -> str:

@@ -192,13 +192,6 @@ class FakeWeChat:
         return Response(data, media_type=ctype)
 
 
-@pytest.fixture(autouse=True)
-def only_our_plugins(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Load only the plugins these tests use, so another plugin's half-finished work in
-    the same checkout cannot fail them (the documented GATEWAY_LOAD_PLUGINS switch)."""
-    monkeypatch.setenv("GATEWAY_LOAD_PLUGINS", "mock,wechat")
-
-
 @pytest.fixture
 async def fake_wechat() -> Any:
     """The fake WeChat API, listening on a free port for this test."""

@@ -72,3 +72,12 @@ def test_unknown_part_type_is_rejected_by_a_consumer():
 def test_outbound_minimal_json_from_another_language_decodes():
     o = outbound_decoder.decode(b'{"id":"o1","conversation":"c.k","parts":[{"type":"text","text":"hi"}]}')
     assert o == Outbound(id="o1", conversation="c.k", parts=[TextPart(text="hi")])
+
+
+def test_derived_ids_never_change_between_releases():
+    # Dedup across restarts and upgrades depends on these being the same forever: a
+    # change here makes every provider retry after an upgrade a new message.
+    from gateway.core._pipeline import conversation_key, message_id
+
+    assert message_id("demo", "p-1") == "2xlw676q26dzc5nd7hovexk5zb"
+    assert conversation_key("demo", "alice") == "demo.j5jubarhqc37lcqsupgkeysqig"

@@ -4,6 +4,7 @@ and stopped in the right order."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import hashlib
 import signal
 from datetime import datetime, timezone
@@ -178,6 +179,9 @@ class Gateway:
         loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(self.reload()))
         try:
             await self.start()
+            # Everything allocated at start-up lives until the end: keep it out of the
+            # collector's full passes (30-40 ms each here, the p99 tail under load).
+            gc.freeze()
             await stop.wait()
         finally:
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):

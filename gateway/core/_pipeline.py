@@ -53,7 +53,9 @@ conversation_decoder = msgspec.json.Decoder(Conversation)
 
 def _token(*parts: str, n: int = 26) -> str:
     h = hashlib.sha256("\x00".join(parts).encode("utf-8", "surrogatepass")).digest()
-    return base64.b32encode(h).decode("ascii").rstrip("=").lower()[:n]
+    # base32 turns each 5 bytes into 8 characters: encode only the bytes the first n
+    # characters come from (the same string, at half the cost of the pure-Python encoder).
+    return base64.b32encode(h[: -(-n // 8) * 5]).decode("ascii").lower()[:n]
 
 
 def message_id(channel: str, provider_id: str) -> str:

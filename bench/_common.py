@@ -801,3 +801,18 @@ def _interference_note(data: dict[str, Any]) -> list[str]:
         return ["", f"Other processes used at most {worst:.2f} cores during the measurements (a quiet machine)."]
     return ["", f"**Other processes used up to {worst:.2f} of the {data['machine']['cores']} cores during the "
             f"measurements**: the machine was shared, so these numbers are pessimistic."]
+
+
+def bench_main(name: str, parser: Any, run: Any, argv: list[str] | None) -> dict[str, Any]:
+    """The command line of one benchmark: parse, run, print the JSON, then either print
+    the profile (``--profile``: results are not written) or write the results."""
+    args = parser().parse_args(argv)
+    if args.profile is not None:
+        args.profile = args.profile.resolve()
+    data = run_loop(run(args))
+    print(json.dumps(data, indent=2))
+    if args.profile is not None:
+        print_profile(args.profile)
+    else:
+        print(f"written: {write_results(name, data)}", file=sys.stderr)
+    return data

@@ -35,6 +35,7 @@ import nats.js.errors
 from nats.js import api
 
 from bench._common import (
+    bench_main,
     HOST,
     Bus,
     CpuMeter,
@@ -49,10 +50,7 @@ from bench._common import (
     open_loop,
     peak_rss_mib,
     post_request,
-    print_profile,
     rate,
-    run_loop,
-    write_results,
     wrk_run,
 )
 
@@ -350,16 +348,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    args = parser().parse_args(argv)
-    if args.profile is not None:
-        args.profile = args.profile.resolve()
-    data = run_loop(run(args))
-    print(json.dumps(data, indent=2))
-    if args.profile is not None:
-        print_profile(args.profile)
-    else:
-        print(f"written: {write_results('inbound', data)}", file=sys.stderr)
-    return data
+    return bench_main("inbound", parser, run, argv)
 
 
 if __name__ == "__main__":

@@ -34,6 +34,7 @@ import nats.js.errors
 from nats.js import api
 
 from bench._common import (
+    bench_main,
     HOST,
     Bus,
     CpuMeter,
@@ -46,10 +47,7 @@ from bench._common import (
     now_iso,
     peak_rss_mib,
     post_request,
-    print_profile,
     rate,
-    run_loop,
-    write_results,
 )
 
 CHANNEL = "bench"
@@ -400,16 +398,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    args = parser().parse_args(argv)
-    if args.profile is not None:
-        args.profile = args.profile.resolve()
-    data = run_loop(run(args))
-    print(json.dumps(data, indent=2))
-    if args.profile is not None:
-        print_profile(args.profile)
-    else:
-        print(f"written: {write_results('outbound', data)}", file=sys.stderr)
-    return data
+    return bench_main("outbound", parser, run, argv)
 
 
 if __name__ == "__main__":

@@ -198,6 +198,8 @@ class Template(_Wire, kw_only=True):
     id: str
     data: dict[str, str] = {}
     url: str | None = None
+    kind: Literal["template", "subscription"] = "template"
+    """WeChat: a template message (模板消息) or a subscription notification (订阅通知)."""
 
 
 class Outbound(_Envelope, kw_only=True):

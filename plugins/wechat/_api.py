@@ -243,6 +243,11 @@ class WeChatAPI:
         return await self._with_token("POST", "/cgi-bin/message/template/send", content=_dump(payload),
                                       headers={"Content-Type": "application/json; charset=utf-8"})
 
+    async def send_subscription(self, payload: dict[str, Any]) -> dict[str, Any]:
+        """``POST /cgi-bin/message/subscribe/bizsend`` (subscription notification, 订阅通知)."""
+        return await self._with_token("POST", "/cgi-bin/message/subscribe/bizsend", content=_dump(payload),
+                                      headers={"Content-Type": "application/json; charset=utf-8"})
+
     async def upload_media(self, kind: str, data: bytes, filename: str, content_type: str) -> str:
         """``POST /cgi-bin/media/upload`` (temporary media, kept 3 days): the media_id."""
         answer = await self._with_token("POST", "/cgi-bin/media/upload", params={"type": kind},

@@ -358,6 +358,8 @@ class WeChatChannel(Channel):
         assert self.api is not None and outbound.template is not None
         t = outbound.template
         wx = outbound.meta.get("wechat") or {}
+        if t.kind == "subscription":
+            return await self._send_subscription(outbound, openid, why)
         payload: dict[str, Any] = {"touser": openid, "template_id": t.id,
                                    "data": {k: {"value": v} for k, v in t.data.items()},
                                    # WeChat drops a second send with the same client_msg_id.
@@ -377,6 +379,27 @@ class WeChatChannel(Channel):
                 _TemplateSent(outbound_id=outbound.id, conversation=outbound.conversation)))
         self.ctx.log.info("sent as template message", outbound_id=outbound.id, why=why)
         return Receipt(provider_id=msgid or None, meta={"via": "template", "why": why})
+
+    async def _send_subscription(self, outbound: Outbound, openid: str, why: str) -> Receipt:
+        """A subscription notification (订阅通知): needs the customer's one-time or
+        long-term consent; WeChat answers 43101 without it (permanent)."""
+        assert self.api is not None and outbound.template is not None
+        t = outbound.template
+        wx = outbound.meta.get("wechat") or {}
+        payload: dict[str, Any] = {"touser": openid, "template_id": t.id,
+                                   "data": {k: {"value": v} for k, v in t.data.items()}}
+        if t.url:
+            payload["page"] = t.url
+        if isinstance(wx, dict) and wx.get("template_miniprogram"):
+            payload["miniprogram"] = wx["template_miniprogram"]
+        try:
+            await self.api.send_subscription(payload)
+        except APIError as exc:
+            raise DeliveryError(f"subscription notification failed ({why}): {exc.message}", permanent=exc.permanent,
+                                code=exc.code, retry_after=exc.retry_after) from exc
+        self.ctx.log.info("sent as subscription notification", outbound_id=outbound.id, why=why)
+        # bizsend answers no message id: the outbound id stands in for it.
+        return Receipt(provider_id=None, meta={"via": "subscription", "why": why})
 
 
 # Events after which WeChat accepts customer-service messages for 48 hours (its

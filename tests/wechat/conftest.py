@@ -47,6 +47,9 @@ class FakeWeChat:
         self.tokens_issued = 0
         self.custom: list[dict[str, Any]] = []
         self.templates: list[dict[str, Any]] = []
+        self.subscriptions: list[dict[str, Any]] = []
+        self.consented: set[str] = set()
+        """openids that accepted subscription notifications (others get 43101)."""
         self.uploads: list[dict[str, Any]] = []
         self.media: dict[str, tuple[bytes, str]] = {}
         self.downloads = 0
@@ -60,6 +63,7 @@ class FakeWeChat:
             Route("/cgi-bin/token", self.token, methods=["GET"]),
             Route("/cgi-bin/message/custom/send", self.custom_send, methods=["POST"]),
             Route("/cgi-bin/message/template/send", self.template_send, methods=["POST"]),
+            Route("/cgi-bin/message/subscribe/bizsend", self.subscription_send, methods=["POST"]),
             Route("/cgi-bin/media/upload", self.media_upload, methods=["POST"]),
             Route("/cgi-bin/media/get", self.media_get, methods=["GET"]),
             Route("/videos/{media_id}", self.video_file, methods=["GET"]),
@@ -137,6 +141,17 @@ class FakeWeChat:
         if msgtype in ("image", "voice", "video") and body[msgtype].get("media_id") not in self.media:
             return JSONResponse({"errcode": 40007, "errmsg": "invalid media_id"})
         self.custom.append(body)
+        return JSONResponse({"errcode": 0, "errmsg": "ok"})
+
+    async def subscription_send(self, request: Request) -> Response:
+        if (r := self._check_token(request)) is not None:
+            return r
+        body = json.loads(await request.body())
+        if not body.get("template_id"):
+            return JSONResponse({"errcode": 40037, "errmsg": "invalid template_id"})
+        if body.get("touser") not in self.consented:
+            return JSONResponse({"errcode": 43101, "errmsg": "user refuse to accept the msg"})
+        self.subscriptions.append(body)
         return JSONResponse({"errcode": 0, "errmsg": "ok"})
 
     async def template_send(self, request: Request) -> Response:

@@ -117,6 +117,27 @@ async def test_outside_48h_falls_back_to_the_template_and_reports_its_result(gat
     assert [m.provider_id for m in await inbound(nats_server.url)] == ["old-49"]
 
 
+async def test_outside_48h_falls_back_to_a_subscription_notification(gateway_factory, fake_wechat, nats_server, nc):
+    gw = await gateway_factory({"wx": channel_config(fake_wechat)})
+    conv = await customer_wrote_long_ago(gw)
+    fake_wechat.consented.add(OPENID)
+    sub = Template(id="SUB_ID", kind="subscription", data={"thing1": "回访：您对服务满意吗？"}, url="pages/survey")
+    await send(nc, Outbound(id="o-sub", conversation=conv, parts=[TextPart(text="free text")], template=sub))
+    await wait_state(nats_server.url, "o-sub", "sent")
+    assert fake_wechat.custom == [] and fake_wechat.templates == []
+    assert fake_wechat.subscriptions == [{"touser": OPENID, "template_id": "SUB_ID", "page": "pages/survey",
+                                          "data": {"thing1": {"value": "回访：您对服务满意吗？"}}}]
+
+
+async def test_subscription_notification_without_consent_fails_permanently(gateway_factory, fake_wechat, nats_server, nc):
+    gw = await gateway_factory({"wx": channel_config(fake_wechat)})
+    conv = await customer_wrote_long_ago(gw)
+    await send(nc, Outbound(id="o-nosub", conversation=conv, parts=[TextPart(text="x")],
+                            template=Template(id="SUB_ID", kind="subscription")))
+    sts = await wait_state(nats_server.url, "o-nosub", "dead")
+    assert sts[-1].error.permanent and "customer refused to receive this message" in sts[-1].error.message
+
+
 async def test_template_rejected_by_the_customer_is_reported_failed(gateway_factory, fake_wechat, nats_server, nc):
     gw = await gateway_factory({"wx": channel_config(fake_wechat)})
     conv = await customer_wrote_long_ago(gw)

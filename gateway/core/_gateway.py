@@ -267,7 +267,8 @@ class Gateway:
             name: {"type": r.cfg.type, "state": r.ctx.health, **({"detail": r.ctx.health_detail} if r.ctx.health_detail else {})}
             for name, r in self.channels.items()
         }
-        bad = [n for n, r in self.channels.items() if r.ctx.health not in ("running",) and r.cfg.required]
+        # "degraded" still serves (for example IMAP polling while IDLE is down).
+        bad = [n for n, r in self.channels.items() if r.ctx.health not in ("running", "degraded") and r.cfg.required]
         ok = self.bus.connected and not bad
         return {
             "status": "ok" if ok else "unavailable",

@@ -11,6 +11,7 @@ rejects an unknown ``type`` tag. Such a change raises :data:`SCHEMA_VERSION`.
 
 from __future__ import annotations
 
+import inspect
 from datetime import datetime
 from typing import Any, Literal, Union
 
@@ -321,5 +322,18 @@ dead_letter_decoder = msgspec.json.Decoder(DeadLetter)
 
 
 def json_schemas() -> dict[str, dict[str, Any]]:
-    """JSON Schema of every top-level bus type, keyed by file stem."""
-    return {name: msgspec.json.schema(tp) for name, tp in WIRE_TYPES.items()}
+    """JSON Schema of every top-level bus type, keyed by file stem.
+
+    Descriptions come from docstrings; msgspec's own handling of their indentation has
+    changed between releases, so they are normalized here (``inspect.cleandoc``) and the
+    committed files do not depend on the msgspec version."""
+    return {name: _clean_descriptions(msgspec.json.schema(tp)) for name, tp in WIRE_TYPES.items()}
+
+
+def _clean_descriptions(node: Any) -> Any:
+    if isinstance(node, dict):
+        return {k: inspect.cleandoc(v) if k == "description" and isinstance(v, str) else _clean_descriptions(v)
+                for k, v in node.items()}
+    if isinstance(node, list):
+        return [_clean_descriptions(v) for v in node]
+    return node

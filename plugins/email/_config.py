@@ -116,14 +116,16 @@ class EmailConfig(_Section, kw_only=True):
     send: SmtpOutConfig | None = None
     dkim: DkimConfig | None = None
     keep_raw: bool = True
+    """Store the original message in the object store (``meta.raw``) for audit."""
     thread_ttl: Duration = "180d"
     """How long the Message-ID → conversation map is kept: a reply to mail older than this
     starts a new conversation (the map holds addresses and subjects: not kept forever)."""
-    """Store the original message in the object store (``meta.raw``) for audit."""
     max_parts: Annotated[int, msgspec.Meta(ge=1)] = 500
     """MIME parts extracted per message; the rest are dropped and ``meta.truncated`` says so."""
     max_nesting: Annotated[int, msgspec.Meta(ge=1, le=200)] = 40
-    """Messages declaring more multipart boundaries than this are rejected (parser DoS)."""
+    """Multipart nesting depth followed; deeper subtrees are dropped (``meta.truncated``
+    contains ``"nesting"``), and a message with no text above this depth is refused (554).
+    A message declaring more than 25 x this many boundaries is refused before parsing."""
     max_text: Annotated[int, msgspec.Meta(ge=1024)] = 262144
     """Characters of text and of HTML kept per message (the raw message keeps all)."""
     fallback_charsets: list[str] = msgspec.field(default_factory=lambda: ["utf-8", "gb18030", "big5", "cp1252"])

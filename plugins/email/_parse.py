@@ -36,6 +36,8 @@ class Limits:
 
     max_parts: int = 500
     max_nesting: int = 40
+    """Multipart depth followed; deeper subtrees are dropped (``truncated``), and a message
+    whose every text lies below it is refused."""
     max_text: int = 262144
     fallback_charsets: tuple[str, ...] = ("utf-8", "gb18030", "big5", "cp1252")
 
@@ -365,6 +367,10 @@ def _body(msg: email.message.Message, lim: Limits, problems: list[str]) -> tuple
         truncated.append("html")
     if not text.strip() and html_text.strip():
         text = html_to_text(html_text)[: lim.max_text]
+    if "nesting" in truncated and not text.strip() and not media:
+        # Everything readable was below the depth cut: publishing an empty message would
+        # silently lose the customer's text, so the sender is told instead (554).
+        raise MailRejected(f"MIME structure nested too deeply: no text above the depth limit of {lim.max_nesting} levels")
     if text or html_text or not media:
         new, quoted, signature = split_reply(text)
         parts.append(TextPart(text=new, quoted=quoted, signature=signature))
@@ -387,7 +393,13 @@ def _forwarded(part: email.message.Message, inner: email.message.Message, forwar
         data = inner.as_bytes(policy=email.policy.SMTP.clone(linesep="\r\n"))
     except Exception:  # noqa: BLE001 - a broken inner message is still attached, as text
         data = str(inner.get_payload()).encode("utf-8", "replace")
-    name = re.sub(r"[\\/\x00-\x1f]", "_", subject or "forwarded")[:120] + ".eml"
+    # The sender's own name for the attachment wins; only a nameless part is named after
+    # the forwarded subject.
+    own = _param(part, "filename", "content-disposition", fb) or _param(part, "name", "content-type", fb)
+    if own and own.strip():
+        name = re.sub(r"[\\/\x00-\x1f]", "_", own.strip())[:255]
+    else:
+        name = re.sub(r"[\\/\x00-\x1f]", "_", subject or "forwarded")[:120] + ".eml"
     return FilePart(content_type="message/rfc822", filename=name, size=len(data), data=data)
 
 

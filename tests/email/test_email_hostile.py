@@ -20,10 +20,15 @@ def head(subject: bytes = b"odd", extra: bytes = b"", message_id: bytes = b"<odd
             + b"MIME-Version: 1.0\r\n" + extra)
 
 
-def nested(depth: int) -> bytes:
+def nested(depth: int, top_text: bytes | None = None) -> bytes:
+    """``depth`` nested multiparts with text only at the bottom (and, with ``top_text``,
+    a text part at the top as well)."""
     out = [head()]
     for i in range(depth):
-        out.append(b'Content-Type: multipart/mixed; boundary="b%d"\r\n\r\n--b%d\r\n' % (i, i))
+        out.append(b'Content-Type: multipart/mixed; boundary="b%d"\r\n\r\n' % i)
+        if i == 0 and top_text is not None:
+            out.append(b"--b0\r\nContent-Type: text/plain\r\n\r\n" + top_text + b"\r\n")
+        out.append(b"--b%d\r\n" % i)
     out.append(b"Content-Type: text/plain\r\n\r\ndeep inside\r\n")
     for i in reversed(range(depth)):
         out.append(b"--b%d--\r\n" % i)
@@ -43,11 +48,22 @@ async def test_thousands_of_nested_multiparts_are_refused_with_a_reason(start_em
     await still_serving(send_mail, ch.smtp_port, email_bus)
 
 
-async def test_moderately_deep_nesting_is_published_with_the_depth_cut(start_email, send_mail, email_bus):
+async def test_deep_nesting_below_readable_text_is_published_with_the_depth_cut(start_email, send_mail, email_bus):
     _, ch = await start_email()
-    assert (await send_mail(ch.smtp_port, nested(60)))[0] == 250
+    assert (await send_mail(ch.smtp_port, nested(60, top_text=b"read me")))[0] == 250
     [msg] = await email_bus.inbound()
-    assert msg.meta["truncated"] == ["nesting"]
+    assert msg.meta["truncated"] == ["nesting"] and msg.parts[0].text == "read me"
+
+
+async def test_nesting_that_hides_all_the_text_below_the_depth_limit_is_refused_not_published_empty(
+        start_email, send_mail, email_bus):
+    # 200 levels declare 200 boundaries: below the 25 x max_nesting pre-check, so the
+    # parser runs and the depth cut at 40 drops the only text there is.
+    _, ch = await start_email()
+    code, text = await send_mail(ch.smtp_port, nested(200))
+    assert code == 554 and "nested" in text and "40" in text
+    assert await email_bus.inbound() == []
+    await still_serving(send_mail, ch.smtp_port, email_bus)
 
 
 async def test_thousands_of_parts_are_published_with_the_rest_dropped(start_email, send_mail, email_bus):
@@ -177,3 +193,20 @@ async def test_forwarded_message_as_attachment_is_kept_whole(start_email, send_m
                                       "message_id": "<inner@vendor.test>"}]
     # The forwarded message does not hijack threading: it is Alice's own new thread.
     assert msg.meta["thread_by"] == "new"
+
+
+async def test_forwarded_message_keeps_the_filename_its_sender_gave_it(start_email, send_mail, email_bus):
+    inner = (b"From: bob@vendor.test\r\nSubject: Original complaint\r\nMessage-ID: <inner2@vendor.test>\r\n\r\n"
+             b"The product broke.\r\n")
+    raw = head(extra=b'Content-Type: multipart/mixed; boundary="F"\r\n\r\n') + (
+        b"--F\r\nContent-Type: text/plain\r\n\r\nsee attached\r\n"
+        b"--F\r\nContent-Type: message/rfc822\r\n"
+        b"Content-Disposition: attachment; filename*=utf-8''%E6%8A%95%E8%AF%89%E5%8E%9F%E4%BB%B6.eml\r\n\r\n"
+        + inner + b"--F\r\nContent-Type: message/rfc822; name=\"by-name.eml\"\r\n\r\n" + inner + b"--F\r\n"
+        b"Content-Type: message/rfc822\r\n\r\n" + inner + b"--F--\r\n")
+    _, ch = await start_email()
+    assert (await send_mail(ch.smtp_port, raw))[0] == 250
+    [msg] = await email_bus.inbound()
+    # The part's own name wins (Content-Disposition, then Content-Type); only a nameless
+    # part is named after the forwarded subject.
+    assert [p.filename for p in msg.parts[1:]] == ["投诉原件.eml", "by-name.eml", "Original complaint.eml"]

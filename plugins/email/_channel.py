@@ -190,7 +190,15 @@ class EmailChannel(Channel):
             "auto": reason is not None,
             "gid": msg.id,
         }
-        result = await self.ctx.publish(msg, route=route)
+        if reason is not None and await self.ctx.get_conversation(msg.conversation) is not None:
+            # Automatic mail (an out-of-office, a list copy) never becomes what a reply
+            # answers: the conversation keeps the customer's latest human message as its
+            # target (route=None keeps the stored one). A conversation that automatic mail
+            # starts still gets a route, or nobody could ever answer in it.
+            route_or_keep: dict[str, Any] | None = None
+        else:
+            route_or_keep = route
+        result = await self.ctx.publish(msg, route=route_or_keep)
         await self.threads.remember(mail, thread, gateway_id=result.id, conversation=msg.conversation,
                                     customer=customer, ours=ours, auto=reason is not None)
         return result.id
@@ -212,6 +220,14 @@ class EmailChannel(Channel):
             ids = list(dict.fromkeys(m.decode("ascii") for m in self._own_id_re.findall(raw)))
             m = _STATUS_CODE.search(raw)
             status = m.group(1).decode() if m else None
+        # A relay's retry or an IMAP re-scan delivers the same report again, days later
+        # perhaps: the core's Message-ID dedup covers published messages only, so bounces
+        # keep their own record (written after the status, so a crash repeats it rather
+        # than losing it).
+        seen_key = "dsn:" + mail.message_id
+        if await self.ctx.state.get(seen_key) is not None:
+            self.ctx.log.info("bounce already reported", status=status)
+            return True
         handled = False
         for mid in ids:
             rec = await self.threads.get(mid)
@@ -224,6 +240,8 @@ class EmailChannel(Channel):
                                          error=ErrorInfo(message=text[:500], permanent=permanent, code=status or "bounce"))
             self.ctx.log.info("bounce reported", outbound_id=rec.o, state="dead" if permanent else "failed", status=status)
             handled = True
+        if handled:
+            await self.ctx.state.put(seen_key, b"1", ttl=seconds(self.cfg.thread_ttl))
         return handled
 
     # --- outbound ------------------------------------------------------------------

@@ -3,6 +3,7 @@ of that outbound, never customer messages."""
 
 from __future__ import annotations
 
+import asyncio
 import email
 import email.policy
 
@@ -80,3 +81,30 @@ async def test_bounce_of_mail_we_never_sent_is_published_as_auto(start_email, se
     [msg] = await email_bus.inbound()
     assert msg.auto is True and msg.meta["auto_reason"] == "auto-submitted: auto-replied"
     assert msg.meta["bounce"]["status"] == "5.1.1" and msg.meta["bounce"]["action"] == "failed"
+
+
+async def test_a_bounce_delivered_twice_reports_the_outbound_dead_once(gateway_factory, send_mail, email_bus, smtp_sink):
+    # The status stream's own duplicate window is shortened to 1 s: a DSN delivered again
+    # minutes later (a relay's retry, an IMAP re-scan) must still be recognised.
+    gw = await gateway_factory({"support": {"type": "email", "address": "support@acme.test",
+                                            "smtp": {"port": 0, "domains": ["acme.test"]},
+                                            "send": {"host": "127.0.0.1", "port": smtp_sink.port, "security": "none"}}},
+                               bus={"duplicate_window": "1s"})
+    ch = gw.channels["support"].channel
+    raw = (b"From: alice@customer.test\r\nTo: support@acme.test\r\nSubject: Parcel\r\n"
+           b"Message-ID: <p9@customer.test>\r\n\r\nwhere?\r\n")
+    assert (await send_mail(ch.smtp_port, raw))[0] == 250
+    [msg] = await email_bus.inbound()
+    await email_bus.send(Outbound(id="out-b9", conversation=msg.conversation, parts=[TextPart(text="Today.")]))
+    await email_bus.wait_status("out-b9", "sent")
+    our_id = email.message_from_bytes((await smtp_sink.wait(1))[0][2], policy=email.policy.default)["Message-ID"]
+    report = dsn(our_id, "failed", "5.1.1")
+    assert (await send_mail(ch.smtp_port, report, mail_from=""))[0] == 250
+    first = await email_bus.wait_status("out-b9", "dead")
+    await asyncio.sleep(1.5)  # past the (shortened) duplicate window: only our own dedup is left
+    assert (await send_mail(ch.smtp_port, report, mail_from=""))[0] == 250
+    # Answered 250 (the relay must not retry it) and nothing reported: a status is on the
+    # stream before the SMTP answer, so reading it now is enough.
+    dead = [s for s in await email_bus.statuses() if s.outbound_id == "out-b9" and s.state == "dead"]
+    assert dead == [first]
+    assert len(await email_bus.inbound()) == 1

@@ -197,3 +197,28 @@ async def test_crlf_smuggled_in_an_encoded_customer_name_does_not_reach_our_head
     [(_, rcpts, out)] = await smtp_sink.wait(1)
     reply = parse(out)
     assert rcpts == ["eve@customer.test"] and "Bcc" not in reply
+
+
+async def test_out_of_office_mail_never_becomes_the_reply_target_of_the_conversation(
+        start_email, send_mail, email_bus, smtp_sink):
+    _, ch = await start_email(send=send_config(smtp_sink))
+    assert (await send_mail(ch.smtp_port, customer_mail("<ooo1@customer.test>", "Help", "My order is late.")))[0] == 250
+    [question] = await email_bus.inbound()
+    await email_bus.send(Outbound(id="out-ooo-1", conversation=question.conversation, in_reply_to=question.id,
+                                  parts=[TextPart(text="We are on it.")]))
+    await email_bus.wait_status("out-ooo-1", "sent")
+    our_id = parse((await smtp_sink.wait(1))[0][2])["Message-ID"]
+    # The customer's mailbox answers our reply automatically (RFC 3834).
+    ooo = customer_mail("<ooo2@customer.test>", "Automatic reply: Re: Help", "I am away until Monday.",
+                        In_Reply_To=our_id, References=f"<ooo1@customer.test> {our_id}", Auto_Submitted="auto-replied")
+    assert (await send_mail(ch.smtp_port, ooo))[0] == 250
+    _, away = await email_bus.wait_inbound(2)
+    assert away.auto is True and away.conversation == question.conversation
+    # A reply to the conversation that names no message answers the customer's own mail.
+    await email_bus.send(Outbound(id="out-ooo-2", conversation=question.conversation,
+                                  parts=[TextPart(text="It has shipped now.")]))
+    await email_bus.wait_status("out-ooo-2", "sent")
+    second = parse((await smtp_sink.wait(2))[1][2])
+    assert second["Subject"] == "Re: Help"
+    assert second["In-Reply-To"] == "<ooo1@customer.test>"
+    assert "Auto-Submitted" not in second

@@ -96,6 +96,7 @@ class Lease:
 _UIDVALIDITY = re.compile(rb"\[UIDVALIDITY (\d+)\]")
 _UIDNEXT = re.compile(rb"\[UIDNEXT (\d+)\]")
 _FETCH_UID = re.compile(rb"\bUID (\d+)")
+_EXISTS = re.compile(rb"^\*\s+\d+\s+EXISTS\s*$", re.IGNORECASE)
 
 
 def _check(resp: Any, what: str) -> Any:
@@ -146,6 +147,8 @@ class ImapPoller:
         self._lost = asyncio.Event()
         self._last_renew = 0.0
         self._stopping = False
+        self._exists_seen = False
+        """Set when the server announced new mail (``* N EXISTS``) in any response."""
 
     def start(self) -> None:
         """Run in the background until :meth:`stop`."""
@@ -214,7 +217,7 @@ class ImapPoller:
         renew_every = self.lease.ttl / 3
         use_idle = cfg.idle and client.has_capability("IDLE")
         self._last_renew = time.monotonic()
-        await self._catch_up(client, uidvalidity, uidnext)
+        await self._catch_up_all(client, uidvalidity, uidnext)
         while not self._stopping:
             if use_idle:
                 await self._idle(client, renew_every)
@@ -223,7 +226,20 @@ class ImapPoller:
             await self._renew_if_due()
             if not use_idle:
                 _check(await client.noop(), "NOOP")
-            await self._catch_up(client, uidvalidity, None)
+            await self._catch_up_all(client, uidvalidity, None)
+
+    async def _catch_up_all(self, client: aioimaplib.IMAP4, uidvalidity: int, uidnext: int | None) -> None:
+        """Catch up, and again while the server announced new mail meanwhile.
+
+        Mail delivered just before IDLE ends is announced (``* N EXISTS``) in the response
+        of the next command, after that command ran on the older view: the UID SEARCH
+        misses it, and without another round it would wait for the next IDLE exit."""
+        while True:
+            self._exists_seen = False
+            await self._catch_up(client, uidvalidity, uidnext)
+            uidnext = None
+            if not self._exists_seen or self._stopping:
+                return
 
     async def _renew_if_due(self) -> None:
         """Renew the lease once a third of its TTL has passed (also between the messages
@@ -289,9 +305,24 @@ class ImapPoller:
         self.client = client
         self._lost = lost = asyncio.Event()
         client.protocol.conn_lost_cb = lambda exc: lost.set()
+        self._watch_exists(client)
         await client.wait_hello_from_server()
         _check(await client.login(cfg.user, cfg.password), "LOGIN")
         return client
+
+    def _watch_exists(self, client: aioimaplib.IMAP4) -> None:
+        """Note every ``* N EXISTS`` the server sends, in any response. aioimaplib hands
+        untagged data that arrives during an asynchronous command (UID SEARCH, UID FETCH)
+        to no one and drops it, so it is observed where every untagged line passes."""
+        protocol = client.protocol
+        untagged = protocol._untagged_response  # noqa: SLF001 - the one place all untagged lines pass
+
+        def observe(line: bytes) -> Any:
+            if _EXISTS.match(line):
+                self._exists_seen = True
+            return untagged(line)
+
+        protocol._untagged_response = observe  # noqa: SLF001
 
     async def _select(self, client: aioimaplib.IMAP4) -> tuple[int, int | None]:
         resp = _check(await client.select(self.cfg.mailbox), f"SELECT {self.cfg.mailbox}")

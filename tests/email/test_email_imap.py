@@ -157,3 +157,70 @@ async def test_reconnects_after_the_imap_server_restarts(dovecot, start_email, e
     dovecot.restart()
     await dovecot.append(mail(1))
     assert ids(await email_bus.wait_inbound(1, timeout=20)) == ["<imap-1@customer.test>"]
+
+
+class DoneRace:
+    """A TCP relay between the gateway and Dovecot (bytes pass unchanged) that, once armed,
+    holds the client's next ``DONE`` until ``before_done()`` has run: mail delivered in
+    that moment reaches Dovecot after its IDLE check and before IDLE ends, the window
+    where Dovecot reports ``* N EXISTS`` in the response of the next command instead."""
+
+    def __init__(self, upstream_port: int, before_done) -> None:
+        self.upstream_port = upstream_port
+        self.before_done = before_done
+        self.armed = asyncio.Event()
+        self.fired = asyncio.Event()
+        self.server: asyncio.base_events.Server | None = None
+        self.port = 0
+        self.tasks: set[asyncio.Task] = set()
+
+    async def start(self) -> None:
+        self.server = await asyncio.start_server(self._client, "127.0.0.1", 0)
+        self.port = self.server.sockets[0].getsockname()[1]
+
+    async def stop(self) -> None:
+        for t in self.tasks:
+            t.cancel()
+        if self.server is not None:
+            self.server.close()
+
+    async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_r, up_w = await asyncio.open_connection("127.0.0.1", self.upstream_port)
+        for t in (self._pipe(up_r, writer, False), self._pipe(reader, up_w, True)):
+            task = asyncio.create_task(t)
+            self.tasks.add(task)
+
+    async def _pipe(self, src: asyncio.StreamReader, dst: asyncio.StreamWriter, from_client: bool) -> None:
+        try:
+            while line := await src.readline():
+                if from_client and line.strip().upper() == b"DONE" and self.armed.is_set() and not self.fired.is_set():
+                    await self.before_done()
+                    self.fired.set()
+                dst.write(line)
+                await dst.drain()
+        except (ConnectionError, asyncio.CancelledError):
+            pass
+        finally:
+            dst.close()
+
+
+async def test_mail_reported_by_exists_in_a_command_response_after_idle_is_read_at_once(dovecot, start_email, email_bus):
+    # IDLE ends every lease_ttl / 3 = 10 s here: mail left unread after an IDLE would wait
+    # that long for the next round.
+    race = DoneRace(dovecot.port, lambda: dovecot.append(mail(2)))
+    await race.start()
+    try:
+        _, ch = await start_email(smtp=None, imap=dovecot.imap_config(port=race.port, lease_ttl="30s"))
+        await wait_for(lambda: ch.imap.holding and ch.imap.client is not None and ch.imap.client.has_pending_idle())
+        race.armed.set()
+        # Mail 1 arrives during IDLE: Dovecot pushes it, the gateway leaves IDLE (DONE), and
+        # mail 2 is delivered just before that DONE reaches Dovecot.
+        await dovecot.append(mail(1))
+        await asyncio.wait_for(race.fired.wait(), 10)
+        t0 = time.monotonic()
+        msgs = await email_bus.wait_inbound(2, timeout=12)
+        took = time.monotonic() - t0
+        assert ids(msgs) == ["<imap-1@customer.test>", "<imap-2@customer.test>"]
+        assert took < 4, f"mail 2 waited {took:.1f} s for the next IDLE round"
+    finally:
+        await race.stop()

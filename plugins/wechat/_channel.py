@@ -239,11 +239,11 @@ class WeChatChannel(Channel):
         last = conversation.last_inbound_at
         if last is not None and last.tzinfo is None:
             last = last.replace(tzinfo=timezone.utc)
-        hours = round(self.window.total_seconds() / 3600)
+        window = format_duration(self.window.total_seconds())
         if last is None or datetime.now(timezone.utc) - last >= self.window:
             if outbound.template is not None:
-                return await self._send_template(outbound, openid, f"outside the {hours}-hour window")
-            raise DeliveryError(f"customer has not written for more than {hours} hours: WeChat allows no "
+                return await self._send_template(outbound, openid, f"outside the window of {window}")
+            raise DeliveryError(f"customer has not written for more than {window}: WeChat allows no "
                                 "customer-service message and the outbound has no template", permanent=True,
                                 code="outside_window")
         try:
@@ -264,13 +264,19 @@ class WeChatChannel(Channel):
             # the parts WeChat already accepted instead of sending them again.
             raw = await self.ctx.state.get(progress_key)
             done = int(raw) if raw and raw.isdigit() else 0
+        msgid = None
         for i, payload in enumerate(payloads[done:], start=done):
-            await self.api.send_custom(payload)
+            answer = await self.api.send_custom(payload)
+            # WeChat's documentation shows no id in this answer, but answers carry a
+            # ``msgid`` (a JSON number above 2**53): kept as a string, exactly.
+            got = answer.get("msgid")
+            msgid = str(got) if got not in (None, "", 0) else None
             if len(payloads) > 1 and i + 1 < len(payloads):
                 await self.ctx.state.put(progress_key, str(i + 1).encode())
         if len(payloads) > 1:
             await self.ctx.state.delete(progress_key)
-        return Receipt(meta={"via": "custom", "messages": len(payloads)})
+        # Several parts are several WeChat messages: the receipt names the last one.
+        return Receipt(provider_id=msgid, meta={"via": "custom", "messages": len(payloads)})
 
     async def _payloads(self, outbound: Outbound, openid: str) -> list[dict[str, Any]]:
         wx = outbound.meta.get("wechat") or {}
@@ -400,6 +406,18 @@ class WeChatChannel(Channel):
         self.ctx.log.info("sent as subscription notification", outbound_id=outbound.id, why=why)
         # bizsend answers no message id: the outbound id stands in for it.
         return Receipt(provider_id=None, meta={"via": "subscription", "why": why})
+
+
+def format_duration(total_seconds: float) -> str:
+    """``48 hours``, ``20 minutes``, ``1 hour 30 minutes``: the two largest units that are
+    not zero, in hours as WeChat states its window (never ``0 hours`` under an hour)."""
+    rest = max(0, round(total_seconds))
+    units = []
+    for name, size in (("hour", 3600), ("minute", 60), ("second", 1)):
+        n, rest = divmod(rest, size)
+        if n:
+            units.append(f"{n} {name}" + ("s" if n != 1 else ""))
+    return " ".join(units[:2]) if units else "0 seconds"
 
 
 # Events after which WeChat accepts customer-service messages for 48 hours (its

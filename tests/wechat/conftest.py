@@ -48,6 +48,9 @@ class FakeWeChat:
         self.custom: list[dict[str, Any]] = []
         self.templates: list[dict[str, Any]] = []
         self.subscriptions: list[dict[str, Any]] = []
+        self.custom_msgid = True
+        """Answer customer-service sends with a ``msgid`` (a JSON number, as WeChat's
+        answers carry it; its documentation shows only errcode and errmsg)."""
         self.consented: set[str] = set()
         """openids that accepted subscription notifications (others get 43101)."""
         self.uploads: list[dict[str, Any]] = []
@@ -141,6 +144,8 @@ class FakeWeChat:
         if msgtype in ("image", "voice", "video") and body[msgtype].get("media_id") not in self.media:
             return JSONResponse({"errcode": 40007, "errmsg": "invalid media_id"})
         self.custom.append(body)
+        if self.custom_msgid:
+            return JSONResponse({"errcode": 0, "errmsg": "ok", "msgid": 6918340117829758977 + len(self.custom)})
         return JSONResponse({"errcode": 0, "errmsg": "ok"})
 
     async def subscription_send(self, request: Request) -> Response:

@@ -47,6 +47,25 @@ async def test_reply_is_sent_through_the_customer_service_api(gateway_factory, f
     assert fake_wechat.custom == [{"touser": OPENID, "msgtype": "text", "text": {"content": "您好，我们在处理"}}]
 
 
+async def test_sent_status_carries_the_msgid_wechat_returned_as_a_string(gateway_factory, fake_wechat, nats_server, nc):
+    gw = await gateway_factory({"wx": channel_config(fake_wechat)})
+    conv = await customer_writes(gw)
+    await send(nc, Outbound(id="o-id", conversation=conv, parts=[TextPart(text="one"), TextPart(text="two")]))
+    sts = await wait_state(nats_server.url, "o-id", "sent")
+    # Two parts are two WeChat messages: the status names the last one. The id is above
+    # 2**53 and stays exact because it is a string.
+    assert sts[-1].provider_id == "6918340117829758979"
+
+
+async def test_sent_status_has_no_provider_id_when_wechat_answers_without_msgid(gateway_factory, fake_wechat, nats_server, nc):
+    fake_wechat.custom_msgid = False
+    gw = await gateway_factory({"wx": channel_config(fake_wechat)})
+    conv = await customer_writes(gw)
+    await send(nc, Outbound(id="o-noid", conversation=conv, parts=[TextPart(text="hi")]))
+    sts = await wait_state(nats_server.url, "o-noid", "sent")
+    assert sts[-1].provider_id is None
+
+
 async def test_access_token_is_fetched_once_and_reused(gateway_factory, fake_wechat, nats_server, nc):
     gw = await gateway_factory({"wx": channel_config(fake_wechat)})
     conv = await customer_writes(gw)
@@ -159,6 +178,14 @@ async def test_outside_48h_without_template_fails_permanently_with_a_clear_reaso
     assert "customer has not written for more than 48 hours" in sts[-1].error.message
     assert sts[-1].error.permanent and sts[-1].error.code == "outside_window"
     assert fake_wechat.custom == [] and fake_wechat.templates == []
+
+
+async def test_outside_a_window_shorter_than_an_hour_the_reason_names_minutes(gateway_factory, fake_wechat, nats_server, nc):
+    gw = await gateway_factory({"wx": channel_config(fake_wechat, window="20m")})
+    conv = await customer_wrote_long_ago(gw, hours=0.5)
+    await send(nc, Outbound(id="o-20m", conversation=conv, parts=[TextPart(text="too late")]))
+    sts = await wait_state(nats_server.url, "o-20m", "dead")
+    assert "customer has not written for more than 20 minutes:" in sts[-1].error.message
 
 
 async def test_45015_from_wechat_falls_back_to_the_template(gateway_factory, fake_wechat, nats_server, nc):

@@ -18,8 +18,8 @@ from typing import Any
 
 
 from .core._config import Config, load_config
-from .core._errors import BusUnavailable, ConfigError, PluginError
-from .core._logging import configure_logging
+from .core._errors import BusUnavailable, ConfigError, PluginError, StartupError
+from .core._logging import add_secrets, configure_logging, get_logger, mask_secrets, url_secrets
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE, EXIT_BUS, EXIT_PLUGIN = 0, 1, 2, 3, 4
 DEFAULT_CONFIG = "gateway.toml"
@@ -38,22 +38,65 @@ def _load(args: argparse.Namespace) -> tuple[Config, Any]:
     from .core._plugins import PluginManager
 
     pm = PluginManager()
-    return load_config(_config_path(args.config), pm.channel_types), pm
+    config = load_config(_config_path(args.config), pm.channel_types)
+    _register_secrets(config)
+    return config, pm
+
+
+def _register_secrets(config: Config) -> None:
+    """From here on the bus credentials are masked in everything this process prints,
+    whichever way they were given (URL, [bus] keys, ${ENV}, GATEWAY_BUS_URL)."""
+    add_secrets(config.bus.password, config.bus.token, *url_secrets(config.bus.url))
+
+
+class _MaskedStream:
+    """Wraps stdout or stderr: every command's output, error and log line passes
+    :func:`mask_secrets` on its way out, so no code path can print a credential."""
+
+    def __init__(self, stream: Any):
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        self._stream.write(mask_secrets(text))
+        return len(text)
+
+    def writelines(self, lines: Any) -> None:
+        for line in lines:
+            self.write(line)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
 
 
 def _bus_url(config: Config) -> str:
     return config.bus.url or f"nats://{config.bus.embedded_host}:{config.bus.embedded_port}"
 
 
+def _reason(exc: BaseException) -> str:
+    """What went wrong, in the server's or the system's words (not an exception class)."""
+    import nats.errors
+
+    if isinstance(exc, (TimeoutError, nats.errors.TimeoutError)):
+        return "no answer within 3s"
+    if isinstance(exc, OSError) and exc.errno:
+        return os.strerror(exc.errno).lower()
+    text = str(exc).strip()
+    text = text[len("nats:"):].strip() if text.startswith("nats:") else text
+    return text.strip("'\"") or type(exc).__name__
+
+
 async def _connect(config: Config) -> Any:
     import nats
+    import nats.errors
 
     url = _bus_url(config)
-    async def quiet(exc: Exception) -> None:  # the failure is reported once, below
-        pass
+    errors: list[Exception] = []
+
+    async def remember(exc: Exception) -> None:  # reported once, below, with the server's reason
+        errors.append(exc)
 
     opts: dict[str, Any] = {"servers": url.split(","), "connect_timeout": 3, "allow_reconnect": False,
-                            "max_reconnect_attempts": 1, "error_cb": quiet}
+                            "max_reconnect_attempts": 1, "error_cb": remember}
     if config.bus.user:
         opts.update(user=config.bus.user, password=config.bus.password)
     if config.bus.token:
@@ -63,8 +106,16 @@ async def _connect(config: Config) -> Any:
     try:
         return await nats.connect(**opts)
     except Exception as exc:
-        hint = " (is `gateway run` running with the embedded bus?)" if not config.bus.url else ""
-        raise BusUnavailable(f"cannot reach the bus at {url}{hint}: {type(exc).__name__}") from exc
+        # "no servers available" says nothing; the error callback got the real cause.
+        cause = errors[-1] if errors and isinstance(exc, nats.errors.NoServersError) else exc
+        reason = _reason(cause)
+        if "authori" in reason.lower() or "authenti" in reason.lower():
+            hint = " (the server refused the credentials: check [bus] user, password, token or creds_file)"
+        elif not config.bus.url:
+            hint = " (is `gateway run` running with the embedded bus?)"
+        else:
+            hint = ""
+        raise BusUnavailable(f"cannot reach the bus at {mask_secrets(url)}: {reason}{hint}") from exc
 
 
 # --- commands -----------------------------------------------------------------------
@@ -75,7 +126,13 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     config, pm = _load(args)
     configure_logging(args.log_format or config.log.format, args.log_level or config.log.level)
-    gw = Gateway(config, pm, config_path=_config_path(args.config))
+    path = _config_path(args.config)
+    if not any(c.enabled for c in config.channels.values()):
+        # Otherwise a gateway without its file starts quietly and /healthz says "ok".
+        where = (f"in {path}" if path else
+                 f"no configuration file: no -c FILE, $GATEWAY_CONFIG is not set and there is no {Path.cwd() / DEFAULT_CONFIG}")
+        get_logger().warning(f"no channels configured ({where}); see gateway.example.toml")
+    gw = Gateway(config, pm, config_path=path)
     _run_loop(gw.run())
     return EXIT_OK
 
@@ -102,8 +159,9 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         print(f"no configuration file given and no ./{DEFAULT_CONFIG}", file=sys.stderr)
         return EXIT_USAGE
     config = load_config(path, PluginManager().channel_types)
+    _register_secrets(config)
     names = ", ".join(f"{n} ({c.type})" for n, c in config.channels.items()) or "none"
-    print(f"{path}: OK; channels: {names}; bus: {config.bus.url or 'embedded'}")
+    print(f"{path}: OK; channels: {names}; bus: {mask_secrets(config.bus.url) or 'embedded'}")
     return EXIT_OK
 
 
@@ -210,7 +268,7 @@ def cmd_tail(args: argparse.Namespace) -> int:
                 done.set()
 
         await nc.subscribe(subject, cb=on_msg)
-        print(f"tailing {subject} on {_bus_url(config)} (Ctrl-C to stop)", file=sys.stderr, flush=True)
+        print(f"tailing {subject} on {mask_secrets(_bus_url(config))} (Ctrl-C to stop)", file=sys.stderr, flush=True)
         try:
             await done.wait()
         finally:
@@ -242,31 +300,40 @@ def cmd_dlq(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="gateway", description="Omnichannel message gateway on a NATS JetStream bus.",
-                                epilog="Exit codes: 0 ok, 1 failure, 2 usage/config error, 3 bus unreachable, 4 plugin error.")
-    p.add_argument("-c", "--config", help=f"TOML configuration (default: $GATEWAY_CONFIG or ./{DEFAULT_CONFIG} if present)")
-    p.add_argument("--log-format", choices=["console", "json"], help="override [log] format")
-    p.add_argument("--log-level", choices=["debug", "info", "warning", "error"], help="override [log] level")
+    def common(parser: argparse.ArgumentParser, default: Any = None) -> argparse.ArgumentParser:
+        parser.add_argument("-c", "--config", default=default,
+                            help=f"TOML configuration (default: $GATEWAY_CONFIG or ./{DEFAULT_CONFIG} if present)")
+        parser.add_argument("--log-format", choices=["console", "json"], default=default, help="override [log] format")
+        parser.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default=default,
+                            help="override [log] level")
+        return parser
+
+    # The same options after the subcommand (`gateway run -c FILE`); SUPPRESS keeps a
+    # value given before it when they are not repeated.
+    shared = common(argparse.ArgumentParser(add_help=False), argparse.SUPPRESS)
+    p = common(argparse.ArgumentParser(
+        prog="gateway", description="Omnichannel message gateway on a NATS JetStream bus.",
+        epilog="Exit codes: 0 ok, 1 failure, 2 usage/config error, 3 bus unreachable, 4 plugin error."))
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    s = sub.add_parser("run", help="run the gateway (embedded nats-server when no [bus] url)",
+    s = sub.add_parser("run", parents=[shared], help="run the gateway (embedded nats-server when no [bus] url)",
                        description="Run the gateway until SIGTERM/SIGINT; SIGHUP reloads the configuration.")
     s.set_defaults(func=cmd_run)
 
-    s = sub.add_parser("check-config", help="validate a configuration file and print every problem",
+    s = sub.add_parser("check-config", parents=[shared], help="validate a configuration file and print every problem",
                        description="Validate FILE; print each problem as file:line: key.path: what is wrong.")
     s.add_argument("file", nargs="?", help="the TOML file (default: -c, $GATEWAY_CONFIG or ./gateway.toml)")
     s.set_defaults(func=cmd_check_config)
 
-    s = sub.add_parser("plugins", help="list loaded channel types and where they come from")
+    s = sub.add_parser("plugins", parents=[shared], help="list loaded channel types and where they come from")
     s.add_argument("--json", action="store_true", help="machine-readable output")
     s.set_defaults(func=cmd_plugins)
 
-    s = sub.add_parser("schema", help="write the JSON Schema of every bus type")
+    s = sub.add_parser("schema", parents=[shared], help="write the JSON Schema of every bus type")
     s.add_argument("--out", default="schemas", help="output folder (default: ./schemas)")
     s.set_defaults(func=cmd_schema)
 
-    s = sub.add_parser("send", help="publish a test outbound (a text reply) on the bus")
+    s = sub.add_parser("send", parents=[shared], help="publish a test outbound (a text reply) on the bus")
     s.add_argument("--channel", required=True, help="channel instance name")
     s.add_argument("--type", help="channel type (default: from the configuration)")
     s.add_argument("--conversation", required=True, help="conversation key (from an inbound message)")
@@ -275,23 +342,23 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--id", help="outbound id (default: random); the same id twice is delivered once")
     s.set_defaults(func=cmd_send)
 
-    s = sub.add_parser("tail", help="print bus traffic in readable form")
+    s = sub.add_parser("tail", parents=[shared], help="print bus traffic in readable form")
     s.add_argument("subject", nargs="?", help="subject filter (default: <prefix>.>)")
     s.add_argument("--raw", action="store_true", help="print the JSON bodies as they are")
     s.add_argument("-n", "--count", type=int, default=0, help="exit after N messages")
     s.set_defaults(func=cmd_tail)
 
-    s = sub.add_parser("dlq", help="list, replay or purge dead letters")
+    s = sub.add_parser("dlq", parents=[shared], help="list, replay or purge dead letters")
     dsub = s.add_subparsers(dest="dlq_command", required=True, metavar="ACTION")
-    d = dsub.add_parser("list", help="list dead letters (no bodies unless --show-body)")
+    d = dsub.add_parser("list", parents=[shared], help="list dead letters (no bodies unless --show-body)")
     d.add_argument("--channel")
     d.add_argument("--show-body", action="store_true")
     d.add_argument("--json", action="store_true")
-    d = dsub.add_parser("replay", help="republish dead letters for delivery")
+    d = dsub.add_parser("replay", parents=[shared], help="republish dead letters for delivery")
     d.add_argument("id", nargs="?", help="dead letter (outbound) id")
     d.add_argument("--all", action="store_true")
     d.add_argument("--channel")
-    d = dsub.add_parser("purge", help="delete dead letters")
+    d = dsub.add_parser("purge", parents=[shared], help="delete dead letters")
     d.add_argument("--channel")
     d.add_argument("--yes", action="store_true", help="do not ask for confirmation")
     s.set_defaults(func=cmd_dlq)
@@ -299,11 +366,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    out, err = sys.stdout, sys.stderr
+    sys.stdout, sys.stderr = _MaskedStream(out), _MaskedStream(err)
+    try:
+        return _main(argv)
+    finally:
+        sys.stdout, sys.stderr = out, err
+
+
+def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     if args.command != "run":
         configure_logging(args.log_format or "console", args.log_level or "warning")
     try:
         return args.func(args)
+    except StartupError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     except ConfigError as exc:
         for problem in exc.problems:
             print(problem, file=sys.stderr)

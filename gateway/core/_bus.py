@@ -111,10 +111,9 @@ class Bus:
                 delay = min(delay * 2, 10.0)
 
     def _safe_url(self) -> str:
-        # Never log credentials embedded in a URL.
-        import re
+        from ._logging import mask_secrets  # one masking function for logs and CLI output
 
-        return re.sub(r"//[^@/]*@", "//***@", self.url)
+        return mask_secrets(self.url)
 
     async def _connect_once(self) -> None:
         opts: dict[str, Any] = dict(

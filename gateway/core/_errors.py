@@ -16,6 +16,15 @@ class ConfigError(GatewayError):
         super().__init__("\n".join(self.problems))
 
 
+class StartupError(ConfigError):
+    """The configuration is valid but cannot be used on this machine right now: a port or
+    folder it names is taken (by another ``gateway run``, say). The message is one line
+    naming the key and what to do; ``gateway`` exits 2."""
+
+    def __init__(self, message: str):
+        super().__init__([message])
+
+
 class PluginError(GatewayError):
     """A plugin is broken: a bad hook, a duplicate channel type, a failed start."""
 

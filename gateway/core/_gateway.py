@@ -59,6 +59,7 @@ class Gateway:
         self.channels: dict[str, _Running] = {}
         self.outbound: Any = None
         self._stopping = False
+        self._started = False
         self._reload_lock = asyncio.Lock()
 
     # --- lifecycle -----------------------------------------------------------------
@@ -67,9 +68,18 @@ class Gateway:
         """Start the bus connection (retrying in the background if the server is down), the
         HTTP server and every enabled channel. A required channel that fails to start
         fails the whole start; an optional one is logged and skipped."""
+        # Ports and the store first, before anything is started or logged: one taken by
+        # another process is one clear StartupError, with nothing to undo.
+        if self.config.http.enabled:
+            self.http.bind()
         if self.embedded is not None:
-            await self.embedded.start()
+            try:
+                await self.embedded.start()
+            except BaseException:
+                self.http.unbind()
+                raise
             self.log.info("embedded nats-server started", url=self.embedded.url, store=str(self.embedded.store_dir))
+        self._started = True
         if self.config.outbound.enabled:
             from ._outbound import Dispatcher
 
@@ -129,7 +139,7 @@ class Gateway:
     async def stop(self) -> None:
         """Drain: stop taking webhooks (requests in flight finish and reach the bus), stop
         channels, finish deliveries in flight, close the bus, stop the embedded server."""
-        if self._stopping:
+        if self._stopping or not self._started:  # not started: a start-up check failed, nothing to undo
             return
         self._stopping = True
         self.log.info("stopping")

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import json
+import socket
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -19,7 +21,7 @@ from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route, Router
 
-from ._errors import BusUnavailable, RequestError
+from ._errors import BusUnavailable, RequestError, StartupError
 
 if TYPE_CHECKING:
     from ._channel import Endpoint
@@ -49,6 +51,7 @@ class HttpServer:
         self.server: uvicorn.Server | None = None
         self.task: asyncio.Task[None] | None = None
         self.port: int | None = None
+        self.sockets: list[socket.socket] = []
 
     # --- routes --------------------------------------------------------------------
 
@@ -141,20 +144,58 @@ class HttpServer:
 
     # --- server --------------------------------------------------------------------
 
+    def bind(self) -> None:
+        """Take the listening socket(s) now, before anything else starts: a port in use is
+        one clear :class:`StartupError` (uvicorn would log the errno and exit the process)."""
+        if self.sockets:
+            return
+        host, port = self.cfg.host, self.cfg.port
+        try:
+            infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        except socket.gaierror as exc:
+            raise StartupError(f"[http] host {host!r} cannot be resolved ({exc.strerror}): "
+                               f"set [http] host to an address of this machine, such as 127.0.0.1") from None
+        try:
+            for family, kind, proto, _, addr in dict.fromkeys(infos):  # each address once, as asyncio does
+                sock = socket.socket(family, kind, proto)
+                self.sockets.append(sock)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                if family == socket.AF_INET6:
+                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                sock.bind(addr)
+        except OSError as exc:
+            self.unbind()
+            if exc.errno == errno.EADDRINUSE:
+                what = (f"[http] port {port} on {host} is already in use by another process (another `gateway run`?): "
+                        f"stop it, or set [http] port to a free port")
+            elif exc.errno == errno.EADDRNOTAVAIL:
+                what = f"[http] host {host} is not an address of this machine: set [http] host (127.0.0.1, 0.0.0.0 ...)"
+            elif exc.errno == errno.EACCES:
+                what = f"[http] port {port} needs privileges this process lacks: set [http] port to 1024 or above"
+            else:
+                what = f"[http] host {host} port {port}: cannot listen ({exc.strerror}): check [http] host and port"
+            raise StartupError(what) from None
+
+    def unbind(self) -> None:
+        """Release sockets taken by :meth:`bind` when the server is not going to start."""
+        for sock in self.sockets:
+            sock.close()
+        self.sockets = []
+
     async def start(self) -> None:
+        self.bind()
         config = uvicorn.Config(
             self, host=self.cfg.host, port=self.cfg.port, log_config=None, access_log=False, lifespan="off",
             timeout_graceful_shutdown=15, server_header=False, date_header=False,
         )
         self.server = _Server(config)
-        self.task = asyncio.create_task(self.server.serve(), name="http")
+        self.task = asyncio.create_task(self.server.serve(sockets=self.sockets), name="http")
         while not self.server.started:
             if self.task.done():
                 exc = self.task.exception() if not self.task.cancelled() else None
                 raise OSError(f"HTTP server could not start on {self.cfg.host}:{self.cfg.port}: {exc or 'exited'}")
             await asyncio.sleep(0.01)
-        sock = self.server.servers[0].sockets[0]
-        self.port = sock.getsockname()[1]
+        self.port = self.sockets[0].getsockname()[1]
 
     async def stop(self) -> None:
         """Stop accepting; requests in flight finish (their messages reach the bus)."""
@@ -166,3 +207,4 @@ class HttpServer:
         except (asyncio.TimeoutError, asyncio.CancelledError):
             self.task.cancel()
         self.server = None
+        self.unbind()

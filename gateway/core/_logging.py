@@ -2,7 +2,9 @@
 
 Redaction is by key name: values of keys that name a secret (password, token, key ...) or
 personal data (phone, email, text, body, address, openid ...) are replaced by ``***``
-before rendering, in every logger of the process, plugins included."""
+before rendering, in every logger of the process, plugins included. Credentials are masked
+by value as well (:func:`mask_secrets`): the ``user:password@`` or ``token@`` of any URL
+and every value registered with :func:`add_secrets`, wherever they appear."""
 
 from __future__ import annotations
 
@@ -24,6 +26,47 @@ REDACTED = "***"
 # Personal data that slips into free text (provider error messages, exception texts).
 _EMAIL = re.compile(r"[\w.+-]+@[\w-]+(\.[\w-]+)+")
 _PHONE = re.compile(r"(?<![\w.])\+?\d[\d\s().-]{6,}\d(?![\w.])")
+# The userinfo of a URL (nats://user:password@host, nats://token@host).
+_USERINFO = re.compile(r"(?<=://)[^@/\s,]*@")
+# Shorter values are not registered: masking every "abc" would garble the output, and a
+# password that short is no secret anyway.
+_MIN_SECRET = 4
+_secrets: set[str] = set()
+
+
+def add_secrets(*values: str | None) -> None:
+    """Mask these values (a password, a token) in everything logged or printed from now
+    on; empty values and values shorter than 4 characters are ignored."""
+    for value in values:
+        if value and len(value) >= _MIN_SECRET:
+            _secrets.add(value)
+
+
+def url_secrets(urls: str) -> list[str]:
+    """The password, or token, in the userinfo of each comma-separated URL."""
+    from urllib.parse import unquote, urlsplit
+
+    found = []
+    for url in urls.split(","):
+        try:
+            parts = urlsplit(url.strip())
+        except ValueError:
+            continue
+        secret = parts.password if parts.password is not None else parts.username
+        if secret:
+            found += [secret, unquote(secret)]
+    return found
+
+
+def mask_secrets(text: str) -> str:
+    """``text`` with the credentials of any URL in it replaced by ``***@`` and every value
+    given to :func:`add_secrets` by ``***``. The one masking function: the bus logs, the
+    ``gateway`` command's output and its error messages all go through it."""
+    # Values first: a password with an unencoded "@" would otherwise be cut in two.
+    for secret in sorted(_secrets, key=len, reverse=True):
+        if secret in text:
+            text = text.replace(secret, REDACTED)
+    return _USERINFO.sub(REDACTED + "@", text)
 
 
 def scrub(text: str) -> str:
@@ -41,7 +84,9 @@ def redact(_logger: Any, _name: str, event: dict[str, Any]) -> dict[str, Any]:
         if key not in _KEEP and _REDACT.search(key):
             event[key] = REDACTED
         elif isinstance(value, str):
-            event[key] = scrub(value)
+            # Credentials first: scrub would take "user:pw@host" for an e-mail address
+            # and leave the user name.
+            event[key] = scrub(mask_secrets(value))
     return event
 
 

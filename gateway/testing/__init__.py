@@ -26,14 +26,24 @@ __all__ = ["GatewayProcess", "MockChannel", "MockConfig", "NatsServer", "post_in
 
 
 class NatsServer(EmbeddedServer):
-    """A real nats-server with JetStream on a free loopback port and its own store."""
+    """A real nats-server with JetStream on a free loopback port and its own store.
+    ``user`` and ``password``, or ``token``, make it require them from every client."""
 
-    def __init__(self, store_dir: str | Path | None = None, port: int = 0):
+    def __init__(self, store_dir: str | Path | None = None, port: int = 0, *,
+                 user: str = "", password: str = "", token: str = ""):
         self._tmp = None
         if store_dir is None:
             self._tmp = tempfile.TemporaryDirectory(prefix="gw-nats-")
             store_dir = self._tmp.name
         super().__init__(host="127.0.0.1", port=port, store_dir=store_dir)
+        self.user, self.password, self.token = user, password, token
+
+    def _extra_config(self) -> str:
+        if self.token:
+            return f"authorization {{ token: {json.dumps(self.token)} }}\n"
+        if self.user:
+            return f"authorization {{ user: {json.dumps(self.user)}, password: {json.dumps(self.password)} }}\n"
+        return ""
 
     async def stop(self, timeout: float = 10.0) -> None:
         await super().stop(timeout)

@@ -70,19 +70,20 @@ class _GuardedProtocol(HttpToolsProtocol):
         super().connection_made(transport)
         self._arm_header_timer()
 
-    def _arm_header_timer(self) -> None:
+    def _arm_header_timer(self, answer: bool = True) -> None:
         if self._header_timer is None:
-            self._header_timer = self.loop.call_later(self.owner.header_timeout, self._headers_too_slow)
+            self._header_timer = self.loop.call_later(self.owner.header_timeout, self._headers_too_slow, answer)
 
     def _cancel_header_timer(self) -> None:
         if self._header_timer is not None:
             self._header_timer.cancel()
             self._header_timer = None
 
-    def _headers_too_slow(self) -> None:
+    def _headers_too_slow(self, answer: bool) -> None:
         self._header_timer = None
         if not self.transport.is_closing():
-            self.transport.write(_HEADER_TIMEOUT)
+            if answer:
+                self.transport.write(_HEADER_TIMEOUT)
             self.transport.close()
             self.owner.connection_closed("header_timeout")
 
@@ -100,7 +101,8 @@ class _GuardedProtocol(HttpToolsProtocol):
         if self.cycle is not None and self.cycle.more_body and not self.transport.is_closing():
             # Answered before the body was all in (a 413, an endpoint that did not read
             # it): the rest is read and dropped, and must arrive as fast as headers would.
-            self._arm_header_timer()
+            # That request has its answer already: on time-out the connection just closes.
+            self._arm_header_timer(answer=False)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_header_timer()

@@ -31,12 +31,16 @@ async def open_connection(port: int) -> tuple[asyncio.StreamReader, asyncio.Stre
 
 
 async def read_until_closed(reader: asyncio.StreamReader, timeout: float) -> bytes:
-    """Everything the server sends until it closes the connection (``<reset>`` when a write
-    of ours hit the closed socket first: the stream then drops what it had buffered)."""
+    """Everything the server sends until it closes the connection; what came before a reset
+    (a write of ours that hit the closed socket), or ``<reset>`` if nothing did."""
+    data = b""
     try:
-        return await asyncio.wait_for(reader.read(), timeout)
+        async with asyncio.timeout(timeout):
+            while chunk := await reader.read(65536):
+                data += chunk
     except ConnectionError:
-        return b"<reset>"
+        pass
+    return data or b"<reset>"
 
 
 async def trickle(writers: list[asyncio.StreamWriter], data: bytes, interval: float) -> None:
@@ -82,6 +86,7 @@ async def test_slow_clients_are_closed_after_header_timeout_while_normal_request
 
 async def test_connections_beyond_max_connections_are_refused_and_logged_once(gateway_factory):
     gw = await gateway_factory({"demo": {"type": "mock"}}, http={"max_connections": 20, "header_timeout": "2s"})
+    gw.http.evict_after = 60.0  # this test is about refusing; making room is the next one
     port = gw.http.port
     with capture_logs() as logs:
         conns = [await open_connection(port) for _ in range(30)]
@@ -197,3 +202,22 @@ async def test_rejection_reasons_never_repeat_what_the_client_sent(gateway_facto
     reasons = [a.text for a in answers]
     assert reasons[0] == "invalid JSON: unknown field\n"
     assert reasons[3] == "invalid JSON: Expected `str`, got `array` at $.text\n"
+
+
+async def test_at_the_connection_cap_the_slowest_waiting_connection_makes_room(gateway_factory):
+    gw = await gateway_factory({"demo": {"type": "mock"}}, http={"max_connections": 20, "header_timeout": "60s"})
+    gw.http.evict_after = 0.5
+    conns = [await open_connection(gw.http.port) for _ in range(20)]
+    try:
+        # They have sent nothing for longer than a real client takes (time is the condition).
+        t0 = time.monotonic()
+        await wait_until(lambda: time.monotonic() - t0 > 0.6)
+        for i in range(5):
+            assert (await post_inbound(gw.http.port, "demo", text=f"provider {i}")).status_code == 200
+        # The oldest went, with a 408, long before its header_timeout; the place it freed
+        # served the following requests.
+        assert (await read_until_closed(conns[0][0], 10)).startswith(b"HTTP/1.1 408")
+    finally:
+        for _, w in conns:
+            w.close()
+    assert closed(gw, "evicted") == 1 and closed(gw, "max_connections") == 0

@@ -61,7 +61,8 @@ class _GuardedProtocol(HttpToolsProtocol):
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         self._header_timer: asyncio.TimerHandle | None = None
-        if len(self.connections) >= self.owner.cfg.max_connections:
+        self._waiting_since: float | None = None
+        if len(self.connections) >= self.owner.cfg.max_connections and not self._evict_slowest():
             self.transport = transport  # uvicorn's connection_lost expects it
             transport.write(_REFUSED)
             transport.close()
@@ -70,22 +71,36 @@ class _GuardedProtocol(HttpToolsProtocol):
         super().connection_made(transport)
         self._arm_header_timer()
 
+    def _evict_slowest(self) -> bool:
+        """At the cap, make room by closing the connection that has waited longest for its
+        headers, if longer than a real client takes: otherwise a flood of slow clients
+        would lock providers out for a whole ``header_timeout`` after another."""
+        now = self.loop.time()
+        waiting = [c for c in self.connections if isinstance(c, _GuardedProtocol) and c._waiting_since is not None
+                   and now - c._waiting_since > self.owner.evict_after and not c.transport.is_closing()]
+        if not waiting:
+            return False
+        min(waiting, key=lambda c: c._waiting_since or 0.0)._headers_too_slow(True, "evicted")
+        return True
+
     def _arm_header_timer(self, answer: bool = True) -> None:
         if self._header_timer is None:
+            self._waiting_since = self.loop.time()
             self._header_timer = self.loop.call_later(self.owner.header_timeout, self._headers_too_slow, answer)
 
     def _cancel_header_timer(self) -> None:
+        self._waiting_since = None
         if self._header_timer is not None:
             self._header_timer.cancel()
             self._header_timer = None
 
-    def _headers_too_slow(self, answer: bool) -> None:
-        self._header_timer = None
+    def _headers_too_slow(self, answer: bool, reason: str = "header_timeout") -> None:
+        self._cancel_header_timer()
         if not self.transport.is_closing():
             if answer:
                 self.transport.write(_HEADER_TIMEOUT)
             self.transport.close()
-            self.owner.connection_closed("header_timeout")
+            self.owner.connection_closed(reason)
 
     def on_message_begin(self) -> None:
         # The next request on a kept-alive connection: its headers get the same deadline.
@@ -132,6 +147,9 @@ class HttpServer:
         self.port: int | None = None
         self.header_timeout = seconds(self.cfg.header_timeout)
         self.body_timeout = seconds(self.cfg.body_timeout)
+        # At the cap, a connection still without complete headers after this long makes
+        # room for a new one (real clients send their headers in milliseconds).
+        self.evict_after = 1.0
         # One line per interval and cause (and channel), with the count of the rest: a bus
         # outage under load or a flood of slow clients must not become a flood of logs.
         self.throttle = Throttle(_LOG_INTERVAL)
@@ -156,7 +174,9 @@ class HttpServer:
         if held is not None:
             what = {"max_connections": f"[http] max_connections ({self.cfg.max_connections}) reached: connection refused",
                     "header_timeout": f"request headers not complete within [http] header_timeout "
-                                      f"({self.cfg.header_timeout}): connection closed"}[reason]
+                                      f"({self.cfg.header_timeout}): connection closed",
+                    "evicted": f"[http] max_connections ({self.cfg.max_connections}) reached: the connection "
+                               f"waiting longest for its headers was closed to make room"}[reason]
             self.gw.log.warning(what, suppressed=held, open_connections=self._open_connections())
 
     def _open_connections(self) -> int:

@@ -4,7 +4,7 @@ buckets of the bus contract (created or updated at start-up), and subject names.
 from __future__ import annotations
 
 import asyncio
-import random
+import time
 from typing import Any, Callable
 
 import nats
@@ -15,6 +15,7 @@ from nats.js.kv import KeyValue as NatsKV
 
 from ._config import BusConfig, seconds
 from ._errors import BusUnavailable
+from ._retry import Backoff
 
 
 class Subjects:
@@ -64,7 +65,7 @@ class Bus:
         self.kv: dict[str, NatsKV] = {}
         self.objects: Any = None
         self._ready = asyncio.Event()
-        self._connector: asyncio.Task[None] | None = None
+        self._supervisor: asyncio.Task[None] | None = None
         self.on_ready: list[Callable[[], Any]] = []
         self.error: str | None = "not connected yet"
         self._closing = False
@@ -77,45 +78,75 @@ class Bus:
         return self._ready.is_set() and self.nc is not None and self.nc.is_connected
 
     def start(self) -> None:
-        """Connect in the background, retrying with backoff until the server answers."""
-        self._connector = asyncio.create_task(self._connect_loop(), name="bus-connect")
+        """Connect in the background and stay connected: retry with backoff while the server
+        is down, and connect again whenever nats-py gives a connection up for good."""
+        self._supervisor = asyncio.create_task(self._supervise(), name="bus-supervisor")
 
     async def wait_ready(self, timeout: float | None = None) -> None:
         await asyncio.wait_for(self._ready.wait(), timeout)
 
-    async def _connect_loop(self) -> None:
-        delay = 0.2
+    async def _supervise(self) -> None:
+        # nats-py reconnects by itself after a dropped socket, but it closes the connection
+        # for good after a server error (a payload over max_payload, an authorization
+        # error) and then nothing would ever publish again: this loop starts over.
+        backoff = Backoff(first=0.2, cap=10.0)
         while True:
+            lost = asyncio.Event()
             try:
-                await self._connect_once()
-                self.error = None
-                self._ready.set()
-                self.log.info("bus connected", url=self._safe_url(), prefix=self.cfg.prefix)
+                await self._connect_once(lost)
                 for cb in self.on_ready:
                     r = cb()
                     if asyncio.iscoroutine(r):
                         await r
-                return
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
                 self.error = f"{type(exc).__name__}: {exc}"
+                delay = backoff.next()
                 self.log.warning("bus not available, retrying", url=self._safe_url(), error=self.error, retry_in=round(delay, 2))
-                if self.nc is not None:
-                    try:
-                        await self.nc.close()
-                    except Exception:
-                        pass
-                    self.nc = None
-                await asyncio.sleep(delay * (0.8 + random.random() * 0.4))
-                delay = min(delay * 2, 10.0)
+                await self._discard()
+                await asyncio.sleep(delay)
+                continue
+            self.error = None
+            self._ready.set()
+            up_since = time.monotonic()
+            self.log.info("bus connected", url=self._safe_url(), prefix=self.cfg.prefix)
+            await self._until_closed(lost)
+            self._ready.clear()
+            reason = self.nc.last_error if self.nc is not None else None
+            self.error = f"connection closed ({type(reason).__name__}: {reason}); reconnecting" if reason else \
+                "connection closed; reconnecting"
+            if time.monotonic() - up_since > 30:
+                backoff.reset()  # a connection that lived a while: start again quickly
+            delay = backoff.next()
+            self.log.warning("bus connection closed, connecting again", error=self.error, retry_in=round(delay, 2))
+            await self._discard()
+            await asyncio.sleep(delay)
+
+    async def _until_closed(self, lost: asyncio.Event) -> None:
+        # closed_cb is the signal; the poll covers a close that skipped the callbacks
+        # (nats-py does so for errors that arrive while it is connecting).
+        while not lost.is_set() and self.nc is not None and not self.nc.is_closed:
+            try:
+                await asyncio.wait_for(lost.wait(), 1.0)
+            except asyncio.TimeoutError:
+                pass
+
+    async def _discard(self) -> None:
+        """Close the current connection, whatever state it is in."""
+        nc, self.nc = self.nc, None
+        if nc is not None and not nc.is_closed:
+            await _close_quietly(nc, self.log)
 
     def _safe_url(self) -> str:
         from ._logging import mask_secrets  # one masking function for logs and CLI output
 
         return mask_secrets(self.url)
 
-    async def _connect_once(self) -> None:
+    async def _connect_once(self, lost: asyncio.Event) -> None:
+        async def closed() -> None:
+            lost.set()
+
         opts: dict[str, Any] = dict(
             servers=[u.strip() for u in self.url.split(",") if u.strip()],
             name=self.name,
@@ -128,6 +159,7 @@ class Bus:
             error_cb=self._on_error,
             disconnected_cb=self._on_disconnected,
             reconnected_cb=self._on_reconnected,
+            closed_cb=closed,
         )
         if self.cfg.user:
             opts["user"], opts["password"] = self.cfg.user, self.cfg.password
@@ -139,6 +171,8 @@ class Bus:
         # Once connected, never give up reconnecting (nats-py reads this option live).
         self.nc.options["max_reconnect_attempts"] = -1
         self.js = self.nc.jetstream(timeout=seconds(self.cfg.publish_timeout), publish_async_max_pending=20000)
+        # Also after a reconnect: the KV and object store handles hold the JetStream
+        # context they were made with, so they are made again on the new one.
         await self.ensure_layout()
 
     async def _on_error(self, exc: Exception) -> None:
@@ -146,28 +180,32 @@ class Bus:
 
     async def _on_disconnected(self) -> None:
         if not self._closing:
+            self.error = "disconnected; reconnecting"
             self.log.warning("bus disconnected")
 
     async def _on_reconnected(self) -> None:
+        self.error = None
         self.log.info("bus reconnected")
 
     async def close(self) -> None:
         self._closing = True
-        if self._connector and not self._connector.done():
-            self._connector.cancel()
+        if self._supervisor and not self._supervisor.done():
+            self._supervisor.cancel()
             try:
-                await self._connector
+                await self._supervisor
             except (asyncio.CancelledError, Exception):
                 pass
-        if self.nc is not None and not self.nc.is_closed:
-            # Every publish was awaited by its caller; flush what is buffered and close.
-            # (drain() would wait on the pull subscription's internal queue.)
-            try:
-                await self.nc.flush(timeout=2)
-            except Exception:
-                pass
-            await self.nc.close()
         self._ready.clear()
+        nc, self.nc = self.nc, None
+        if nc is not None and not nc.is_closed:
+            if nc.is_connected:
+                # Every publish was awaited by its caller; flush what is buffered and close.
+                # (drain() would wait on the pull subscription's internal queue.)
+                try:
+                    await nc.flush(timeout=2)
+                except Exception:
+                    pass
+            await _close_quietly(nc, self.log)
 
     # --- layout --------------------------------------------------------------------
 
@@ -240,3 +278,13 @@ class Bus:
         if not self.connected:
             raise BusUnavailable(f"bus not connected ({self.error or 'disconnected'})")
         return self.js
+
+
+async def _close_quietly(nc: nats.NATS, log: Any) -> None:
+    # While nats-py is between reconnect attempts its socket is already gone, and close()
+    # raises (RuntimeError from the transport, when it tries to flush what is pending).
+    # What was pending was never acknowledged, so its callers were told so already.
+    try:
+        await nc.close()
+    except Exception as exc:
+        log.debug("bus connection closed with an error", error=f"{type(exc).__name__}: {exc}")

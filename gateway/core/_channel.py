@@ -131,10 +131,13 @@ class ChannelContext(abc.ABC):
         location report). Raises :class:`BusUnavailable` when the bus does not acknowledge."""
 
     @abc.abstractmethod
-    def add_route(self, path: str, endpoint: Endpoint, methods: Sequence[str] = ("POST",)) -> str:
+    def add_route(self, path: str, endpoint: Endpoint, methods: Sequence[str] = ("POST",), *,
+                  max_body: int | None = None) -> str:
         """Serve ``endpoint`` at ``/channels/<name><path>`` on the shared HTTP server;
         returns the full path. A :class:`RequestError` raised by the endpoint becomes its
-        HTTP status with a short reason; :class:`BusUnavailable` becomes 503."""
+        HTTP status with a short reason; :class:`BusUnavailable` becomes 503. ``max_body``
+        lowers ``[http] max_body`` for this route: a larger body is answered 413 (counted,
+        logged, naming the limit) before the endpoint runs or while it reads."""
 
     @abc.abstractmethod
     async def report_status(

@@ -74,6 +74,19 @@ class HttpConfig(_Section):
     host: str = "127.0.0.1"
     port: Annotated[int, msgspec.Meta(ge=0, le=65535)] = 8080
     max_body: Annotated[int, msgspec.Meta(ge=1024)] = 1048576
+    """Largest request body in bytes (a channel may set a lower limit for its routes)."""
+    header_timeout: Duration = "10s"
+    """A request's line and headers must arrive within this (counted from the connection's
+    opening, or from the first byte of a later request on a kept-alive connection);
+    otherwise 408 and the connection is closed."""
+    body_timeout: Duration = "30s"
+    """A request's whole body must arrive within this after its headers; otherwise 408 and
+    the connection is closed."""
+    keep_alive_timeout: Duration = "5s"
+    """An idle kept-alive connection is closed after this."""
+    max_connections: Annotated[int, msgspec.Meta(ge=1)] = 512
+    """Open connections at most; one more is answered 503 and closed at once. Keep it well
+    below the process's open-file limit (``ulimit -n``), which the bus and the store share."""
 
 
 class LogConfig(_Section):

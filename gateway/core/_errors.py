@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import re
+
+import msgspec
+
 
 class GatewayError(Exception):
     """Base of every error the gateway raises on purpose."""
@@ -77,3 +81,30 @@ class DeliveryError(GatewayError):
         self.permanent = permanent
         self.code = code
         self.retry_after = retry_after
+
+
+_OWN_PATH = re.compile(r"\$(\.[A-Za-z_][A-Za-z0-9_]*|\[\d+\])*")
+
+
+def body_problem(exc: msgspec.DecodeError) -> str:
+    """A reason for a body msgspec refused that names the field and the problem but never
+    repeats what the sender wrote: msgspec quotes unknown key names ("unknown field
+    `...`"), enum values and dict keys (``$.meta[...]``), so only its messages about
+    types and required fields, and paths made of our own field names, are kept."""
+    text = str(exc)
+    head, sep, tail = text.rpartition(" - at `")
+    path = None
+    if sep:
+        text = head
+        candidate = tail.rstrip("`")
+        path = candidate if _OWN_PATH.fullmatch(candidate) else None
+    if not isinstance(exc, msgspec.ValidationError):
+        problem = "malformed"  # msgspec's JSON syntax errors carry only a byte offset
+        problem = text if text.startswith(("JSON is malformed", "Input data was truncated")) else problem
+    elif text.startswith(("Expected `", "Object missing required field `")):
+        problem = text
+    elif text.startswith("Object contains unknown field"):
+        problem = "unknown field"
+    else:
+        problem = "invalid value"
+    return f"{problem} at {path}" if path else problem

@@ -143,14 +143,18 @@ class Gateway:
             return
         self._stopping = True
         self.log.info("stopping")
-        await self.http.stop()
-        for name in list(self.channels):
-            await self._stop_channel(name)
-        if self.outbound is not None:
-            await self.outbound.stop()
-        await self.bus.close()
-        if self.embedded is not None:
-            await self.embedded.stop()
+        try:
+            await self.http.stop()
+            for name in list(self.channels):
+                await self._stop_channel(name)
+            if self.outbound is not None:
+                await self.outbound.stop()
+            await self.bus.close()
+        finally:
+            # Whatever failed above (a bus lost for good, a stuck channel), the embedded
+            # server must not outlive us holding its port and store.
+            if self.embedded is not None:
+                await self.embedded.stop()
         self.log.info("stopped")
 
     async def reload(self, config: Config | None = None) -> bool:

@@ -1,9 +1,14 @@
 """One HTTP server (uvicorn) for every webhook channel, plus /healthz and /metrics.
 
 Each channel's routes live under ``/channels/<name>/``. Bodies are limited to
-``[http] max_body`` (413 above it); a :class:`RequestError` from an endpoint becomes its
-status with a short reason, :class:`BusUnavailable` becomes 503 with Retry-After so the
-provider retries; nothing of a request body is ever logged."""
+``[http] max_body`` or the route's own lower limit (413 above it); a :class:`RequestError`
+from an endpoint becomes its status with a short reason, :class:`BusUnavailable` becomes 503
+with Retry-After so the provider retries; nothing of a request body is ever logged.
+
+Slow clients cannot hold the server: a request's headers must arrive within
+``header_timeout`` and its body within ``body_timeout`` (408, connection closed), an idle
+keep-alive connection is closed after ``keep_alive_timeout``, and connections beyond
+``max_connections`` are refused at once (503) so that file descriptors never run out."""
 
 from __future__ import annotations
 
@@ -17,11 +22,15 @@ from typing import TYPE_CHECKING, Any
 
 import uvicorn
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route, Router
 
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+from ._config import seconds
 from ._errors import BusUnavailable, RequestError, StartupError
+from ._logging import Throttle
 
 if TYPE_CHECKING:
     from ._channel import Endpoint
@@ -33,12 +42,99 @@ class _BodyTooLarge(Exception):
     pass
 
 
+class _BodyTimeout(Exception):
+    pass
+
+
+# Written straight to the socket: these connections never reach the ASGI app.
+_REFUSED = (b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: text/plain\r\ncontent-length: 21\r\n"
+            b"retry-after: 1\r\nconnection: close\r\n\r\ntoo many connections\n")
+_HEADER_TIMEOUT = (b"HTTP/1.1 408 Request Timeout\r\ncontent-type: text/plain\r\ncontent-length: 30\r\n"
+                   b"connection: close\r\n\r\nrequest headers took too long\n")
+
+
+class _GuardedProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol plus what it lacks against slow clients: uvicorn arms no
+    timer until a first response, so a connection that sends its headers one byte a
+    second lives forever. Here the headers of every request must be complete within
+    ``header_timeout``, and a connection beyond ``max_connections`` is refused at once."""
+
+    owner: HttpServer  # set on the per-server subclass made by HttpServer.start()
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        self._header_timer: asyncio.TimerHandle | None = None
+        self._waiting_since: float | None = None
+        if len(self.connections) >= self.owner.cfg.max_connections and not self._evict_slowest():
+            self.transport = transport  # uvicorn's connection_lost expects it
+            transport.write(_REFUSED)
+            transport.close()
+            self.owner.connection_closed("max_connections")
+            return
+        super().connection_made(transport)
+        self._arm_header_timer()
+
+    def _evict_slowest(self) -> bool:
+        """At the cap, make room by closing the connection that has waited longest for its
+        headers, if longer than a real client takes: otherwise a flood of slow clients
+        would lock providers out for a whole ``header_timeout`` after another."""
+        now = self.loop.time()
+        waiting = [c for c in self.connections if isinstance(c, _GuardedProtocol) and c._waiting_since is not None
+                   and now - c._waiting_since > self.owner.evict_after and not c.transport.is_closing()]
+        if not waiting:
+            return False
+        min(waiting, key=lambda c: c._waiting_since or 0.0)._headers_too_slow(True, "evicted")
+        return True
+
+    def _arm_header_timer(self, answer: bool = True) -> None:
+        if self._header_timer is None:
+            self._waiting_since = self.loop.time()
+            self._header_timer = self.loop.call_later(self.owner.header_timeout, self._headers_too_slow, answer)
+
+    def _cancel_header_timer(self) -> None:
+        self._waiting_since = None
+        if self._header_timer is not None:
+            self._header_timer.cancel()
+            self._header_timer = None
+
+    def _headers_too_slow(self, answer: bool, reason: str = "header_timeout") -> None:
+        self._cancel_header_timer()
+        if not self.transport.is_closing():
+            if answer:
+                self.transport.write(_HEADER_TIMEOUT)
+            self.transport.close()
+            self.owner.connection_closed(reason)
+
+    def on_message_begin(self) -> None:
+        # The next request on a kept-alive connection: its headers get the same deadline.
+        super().on_message_begin()
+        self._arm_header_timer()
+
+    def on_headers_complete(self) -> None:
+        self._cancel_header_timer()
+        super().on_headers_complete()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if self.cycle is not None and self.cycle.more_body and not self.transport.is_closing():
+            # Answered before the body was all in (a 413, an endpoint that did not read
+            # it): the rest is read and dropped, and must arrive as fast as headers would.
+            # That request has its answer already: on time-out the connection just closes.
+            self._arm_header_timer(answer=False)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._cancel_header_timer()
+        super().connection_lost(exc)
+
+
 class _Server(uvicorn.Server):
     """uvicorn without its signal handlers: SIGTERM/SIGHUP belong to the gateway."""
 
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
         yield
+
+
+_LOG_INTERVAL = 10.0
 
 
 class HttpServer:
@@ -52,42 +148,116 @@ class HttpServer:
         self.task: asyncio.Task[None] | None = None
         self.port: int | None = None
         self.sockets: list[socket.socket] = []
+        self.header_timeout = seconds(self.cfg.header_timeout)
+        self.body_timeout = seconds(self.cfg.body_timeout)
+        # At the cap, a connection still without complete headers after this long makes
+        # room for a new one (real clients send their headers in milliseconds).
+        self.evict_after = 1.0
+        # One line per interval and cause (and channel), with the count of the rest: a bus
+        # outage under load or a flood of slow clients must not become a flood of logs.
+        self.throttle = Throttle(_LOG_INTERVAL)
 
     # --- routes --------------------------------------------------------------------
 
-    def add_route(self, ctx: Context, path: str, endpoint: Endpoint, methods: Sequence[str]) -> str:
+    def add_route(self, ctx: Context, path: str, endpoint: Endpoint, methods: Sequence[str],
+                  max_body: int | None = None) -> str:
         if not path.startswith("/"):
             path = "/" + path
         router = self.routers.setdefault(ctx.name, Router())
-        router.routes.append(Route(path, self._wrap(ctx, endpoint), methods=list(methods)))
+        router.routes.append(Route(path, self._wrap(ctx, endpoint, max_body), methods=list(methods)))
         return f"/channels/{ctx.name}{path}"
 
     def remove_channel(self, name: str) -> None:
         self.routers.pop(name, None)
 
-    def _wrap(self, ctx: Context, endpoint: Endpoint):
+    def connection_closed(self, reason: str) -> None:
+        """Count (and log, throttled) a connection the server closed on its own."""
+        self.gw.metrics.http_closed.labels(reason).inc()
+        held = self.throttle.allow(("closed", reason))
+        if held is not None:
+            what = {"max_connections": f"[http] max_connections ({self.cfg.max_connections}) reached: connection refused",
+                    "header_timeout": f"request headers not complete within [http] header_timeout "
+                                      f"({self.cfg.header_timeout}): connection closed",
+                    "evicted": f"[http] max_connections ({self.cfg.max_connections}) reached: the connection "
+                               f"waiting longest for its headers was closed to make room"}[reason]
+            self.gw.log.warning(what, suppressed=held, open_connections=self._open_connections())
+
+    def _open_connections(self) -> int:
+        return len(self.server.server_state.connections) if self.server is not None else 0
+
+    def _wrap(self, ctx: Context, endpoint: Endpoint, route_limit: int | None):
         metrics = self.gw.metrics
+        # The lower of the server's and the route's limit applies; the answer names it.
+        if route_limit is not None and route_limit < self.cfg.max_body:
+            limit, limit_name = route_limit, f"the limit of channel {ctx.name!r}"
+        else:
+            limit, limit_name = self.cfg.max_body, "[http] max_body"
+        too_large = f"body exceeds {limit} bytes ({limit_name})"
+
+        def reject(request: Request, status: int, reason: str, *, close: bool = False) -> Response:
+            metrics.inbound_rejected.labels(ctx.channel_type, ctx.name, str(status)).inc()
+            ctx.log.info("request rejected", path=request.url.path, status=status, reason=reason)
+            # After a body that did not come in time, close rather than wait for the rest.
+            # (Not after a 413: closing with unread data makes the kernel send a reset,
+            # and the client might never read the answer; the rest is read and dropped.)
+            return PlainTextResponse(reason + "\n", status_code=status, headers={"Connection": "close"} if close else None)
 
         async def handler(request: Request) -> Response:
+            length = request.headers.get("content-length")
+            if length is not None:
+                if not length.isdigit():
+                    return reject(request, 400, "invalid Content-Length header")
+                if int(length) > limit:
+                    return reject(request, 413, too_large)
+            request = Request(request.scope, self._receive(request.receive, limit), request._send)  # noqa: SLF001
             try:
                 return await endpoint(request)
             except _BodyTooLarge:
-                reason, status = f"body exceeds {self.cfg.max_body} bytes", 413
+                return reject(request, 413, too_large)
+            except _BodyTimeout:
+                return reject(request, 408, f"body not received within [http] body_timeout ({self.cfg.body_timeout})",
+                              close=True)
+            except ClientDisconnect:
+                # The client's doing, not ours: no error, no 500 (nobody reads the answer).
+                metrics.inbound_rejected.labels(ctx.channel_type, ctx.name, "client_disconnected").inc()
+                ctx.log.debug("client disconnected before its request was read", path=request.url.path)
+                return Response(status_code=499)
             except BusUnavailable as exc:
                 metrics.inbound_rejected.labels(ctx.channel_type, ctx.name, "bus").inc()
-                ctx.log.warning("bus unavailable, answered 503", path=request.url.path, error=str(exc))
+                held = self.throttle.allow(("bus", ctx.name))
+                if held is not None:
+                    ctx.log.warning("bus unavailable, answered 503", path=request.url.path, error=str(exc), suppressed=held)
                 return PlainTextResponse("bus unavailable, retry later\n", status_code=503, headers={"Retry-After": "5"})
             except RequestError as exc:
-                reason, status = exc.reason, exc.status
+                return reject(request, exc.status, exc.reason)
             except Exception as exc:  # a plugin bug must not take the server down
                 ctx.log.error("webhook handler failed", path=request.url.path, error=f"{type(exc).__name__}: {exc}")
                 metrics.inbound_rejected.labels(ctx.channel_type, ctx.name, "error").inc()
                 return PlainTextResponse("internal error\n", status_code=500)
-            metrics.inbound_rejected.labels(ctx.channel_type, ctx.name, str(status)).inc()
-            ctx.log.info("request rejected", path=request.url.path, status=status, reason=reason)
-            return PlainTextResponse(reason + "\n", status_code=status)
 
         return handler
+
+    def _receive(self, receive: Any, limit: int) -> Any:
+        """``receive`` with the body limit (also without Content-Length, chunked) and one
+        deadline for the whole body: a per-read timeout would let a body that trickles in a
+        byte at a time live forever."""
+        deadline = asyncio.get_running_loop().time() + self.body_timeout
+        seen = 0
+
+        async def limited_receive() -> dict[str, Any]:
+            nonlocal seen
+            try:
+                async with asyncio.timeout_at(deadline):
+                    msg = await receive()
+            except TimeoutError:
+                raise _BodyTimeout() from None
+            if msg["type"] == "http.request":
+                seen += len(msg.get("body", b""))
+                if seen > limit:
+                    raise _BodyTooLarge()
+            return msg
+
+        return limited_receive
 
     # --- ASGI ----------------------------------------------------------------------
 
@@ -109,32 +279,10 @@ class HttpServer:
         if router is None:
             await PlainTextResponse("not found\n", status_code=404)(scope, receive, send)
             return
-        limit = self.cfg.max_body
-        for name, value in scope.get("headers", []):
-            if name == b"content-length":
-                try:
-                    too_big = int(value) > limit
-                except ValueError:
-                    await PlainTextResponse("bad content-length\n", status_code=400)(scope, receive, send)
-                    return
-                if too_big:
-                    await PlainTextResponse(f"body exceeds {limit} bytes\n", status_code=413)(scope, receive, send)
-                    return
-        seen = 0
-
-        async def limited_receive() -> dict[str, Any]:
-            nonlocal seen
-            msg = await receive()
-            if msg["type"] == "http.request":
-                seen += len(msg.get("body", b""))
-                if seen > limit:
-                    raise _BodyTooLarge()
-            return msg
-
         sub = dict(scope)
         sub["root_path"] = scope.get("root_path", "") + f"/channels/{parts[2]}"
         sub["path"] = "/" + (parts[3] if len(parts) > 3 else "")
-        await router(sub, limited_receive, send)
+        await router(sub, receive, send)
 
     async def _healthz(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         report = self.gw.health()
@@ -187,6 +335,8 @@ class HttpServer:
         config = uvicorn.Config(
             self, host=self.cfg.host, port=self.cfg.port, log_config=None, access_log=False, lifespan="off",
             timeout_graceful_shutdown=15, server_header=False, date_header=False,
+            http=type("Protocol", (_GuardedProtocol,), {"owner": self}),
+            timeout_keep_alive=seconds(self.cfg.keep_alive_timeout),  # type: ignore[arg-type]  # a float works
         )
         self.server = _Server(config)
         self.task = asyncio.create_task(self.server.serve(sockets=self.sockets), name="http")

@@ -11,6 +11,8 @@ from __future__ import annotations
 import logging
 import re
 import sys
+import time
+from collections.abc import Hashable
 from typing import Any
 
 import structlog
@@ -125,3 +127,23 @@ def configure_logging(format: str = "console", level: str = "info", stream: Any 
 def get_logger(**bind: Any) -> Any:
     """A logger bound to ``bind`` (for example ``channel="support-mail"``)."""
     return structlog.get_logger("gateway").bind(**bind)
+
+
+class Throttle:
+    """At most one log line per ``interval`` seconds for each key; the lines held back are
+    counted so the next one can say how many there were."""
+
+    def __init__(self, interval: float):
+        self.interval = interval
+        self._next: dict[Hashable, float] = {}
+        self._held: dict[Hashable, int] = {}
+
+    def allow(self, key: Hashable) -> int | None:
+        """None: stay quiet (the line is counted); otherwise the number of lines held back
+        since the last one that was written."""
+        now = time.monotonic()
+        if now < self._next.get(key, 0.0):
+            self._held[key] = self._held.get(key, 0) + 1
+            return None
+        self._next[key] = now + self.interval
+        return self._held.pop(key, 0)

@@ -27,5 +27,6 @@ class Metrics:
             buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
             registry=self.registry,
         )
+        self.http_closed = Counter("gateway_http_connections_closed_total", "HTTP connections the server closed or refused on its own (max_connections, evicted, header_timeout)", ["reason"], registry=self.registry)
         self.bus_connected = Gauge("gateway_bus_connected", "1 when the bus is connected", registry=self.registry)
         self.channel_up = Gauge("gateway_channel_up", "1 when the channel is running", labels, registry=self.registry)

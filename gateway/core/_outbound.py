@@ -81,6 +81,16 @@ class Dispatcher:
         self._stopping = asyncio.Event()
 
     async def start(self) -> None:
+        """Subscribe and start fetching. Called again by the bus after every new connection:
+        the old subscription died with the old connection, so its fetch loop is replaced.
+        Deliveries in flight carry on; their acks on the old connection fail, the messages
+        are redelivered after ``ack_wait``, and their receipts prevent a second send."""
+        if self.task is not None:
+            self.task.cancel()
+            try:
+                await self.task
+            except (asyncio.CancelledError, Exception):
+                pass
         bus = self.gw.bus
         s = bus.subjects
         cfg = api.ConsumerConfig(
@@ -129,7 +139,10 @@ class Dispatcher:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                self.log.warning("fetch failed", error=f"{type(exc).__name__}: {exc}")
+                # While the bus is down the bus logs the outage; saying it here every
+                # second would only repeat it.
+                log = self.log.warning if self.gw.bus.connected else self.log.debug
+                log("fetch failed", error=f"{type(exc).__name__}: {exc}")
                 await asyncio.sleep(1)
                 continue
             for msg in msgs:

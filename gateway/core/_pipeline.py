@@ -298,8 +298,9 @@ class Context(ChannelContext):
             raise ValueError(f"message belongs to channel {message.channel!r}, not {self.name!r}")
         return await self.gw.inbound.publish(message, route, interaction)
 
-    def add_route(self, path: str, endpoint: Endpoint, methods: Sequence[str] = ("POST",)) -> str:
-        return self.gw.http.add_route(self, path, endpoint, methods)
+    def add_route(self, path: str, endpoint: Endpoint, methods: Sequence[str] = ("POST",), *,
+                  max_body: int | None = None) -> str:
+        return self.gw.http.add_route(self, path, endpoint, methods, max_body)
 
     async def report_status(
         self,

@@ -19,7 +19,7 @@ from starlette.responses import Response
 
 from ..core._channel import Channel, Conversation, PublishResult, Receipt
 from ..core._config import Duration, seconds
-from ..core._errors import DeliveryError, RequestError
+from ..core._errors import DeliveryError, RequestError, body_problem
 from ..core._hookspecs import hookimpl
 from ..core._schema import Outbound, Participant, TextPart, encode
 
@@ -76,7 +76,7 @@ class MockChannel(Channel):
         try:
             body = _inbound_decoder.decode(await request.body())
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-            raise RequestError(f"invalid JSON: {exc}") from None
+            raise RequestError(f"invalid JSON: {body_problem(exc)}") from None
         result = await self.inject(body.text, sender=body.sender, provider_id=body.id, thread=body.thread, name=body.name)
         return Response(json.dumps({"id": result.id, "duplicate": result.duplicate}), media_type="application/json")
 

@@ -15,7 +15,7 @@ from starlette.responses import PlainTextResponse, Response
 
 from gateway.core._channel import Channel, Conversation, Receipt
 from gateway.core._config import seconds
-from gateway.core._errors import DeliveryError, PayloadTooLarge, RequestError, SignatureError
+from gateway.core._errors import DeliveryError, RequestError, SignatureError
 from gateway.core._schema import (
     AudioPart,
     ErrorInfo,
@@ -34,7 +34,7 @@ from . import _xml
 from ._api import APIError, WeChatAPI
 from ._config import WeChatConfig
 from ._crypto import MessageCrypto, check_signature, check_timestamp
-from ._inbound import normalize
+from ._inbound import FieldError, normalize
 
 WEBHOOK_PATH = "/webhook"
 _WINDOW_ERRORS = {45015, 45047}
@@ -94,7 +94,7 @@ class WeChatChannel(Channel):
         self.api = WeChatAPI(base_url=self.cfg.api_base, appid=self.cfg.appid, secret=self.cfg.secret,
                              state=self.ctx.state, timeout=seconds(self.cfg.api_timeout),
                              refresh_margin=seconds(self.cfg.token_refresh_margin), log=self.ctx.log)
-        self.path = self.ctx.add_route(WEBHOOK_PATH, self._webhook, methods=["GET", "POST"])
+        self.path = self.ctx.add_route(WEBHOOK_PATH, self._webhook, methods=["GET", "POST"], max_body=self.cfg.max_body)
 
     async def stop(self) -> None:
         if self._tasks:
@@ -128,8 +128,11 @@ class WeChatChannel(Channel):
         fields, encrypted = self._open(await self._body(request), q, timestamp, nonce)
         try:
             inbound = normalize(fields)
-        except ValueError as exc:
+        except FieldError as exc:
             raise RequestError(f"not a WeChat message: {exc}") from None
+        except ValueError:
+            # int() and datetime quote the value they refused: the reason must not.
+            raise RequestError("not a WeChat message: a field has an unusable value") from None
         if inbound.msg_type == "event" and inbound.meta.get("event") == "templatesendjobfinish":
             await self._template_finished(fields)
             return _success()
@@ -148,17 +151,8 @@ class WeChatChannel(Channel):
         return _success()
 
     async def _body(self, request: Request) -> bytes:
-        length = request.headers.get("content-length")
-        if length and length.isdigit() and int(length) > self.cfg.max_body:
-            raise PayloadTooLarge(f"body exceeds {self.cfg.max_body} bytes")
-        chunks: list[bytes] = []
-        size = 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > self.cfg.max_body:
-                raise PayloadTooLarge(f"body exceeds {self.cfg.max_body} bytes")
-            chunks.append(chunk)
-        return b"".join(chunks)
+        # The HTTP layer enforces this route's max_body (and answers 413 naming it).
+        return await request.body()
 
     def _open(self, body: bytes, q: Any, timestamp: str, nonce: str) -> tuple[dict[str, str], bool]:
         """Check the signature(s) and return the message fields and whether it was encrypted."""
@@ -184,7 +178,8 @@ class WeChatChannel(Channel):
         status = (fields.get("Status") or "").strip()
         raw = await self.ctx.state.get(f"tmpl-{msgid}") if msgid else None
         if raw is None:
-            self.ctx.log.info("template result for a template this gateway did not send", status=status)
+            # Status is the sender's text: whether it says success is all the log may keep.
+            self.ctx.log.info("template result for a template this gateway did not send", success=status == "success")
             return
         sent = _template_decoder.decode(raw)
         if status == "success":

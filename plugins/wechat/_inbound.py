@@ -23,6 +23,10 @@ _VOICE_TYPES = {"amr": "audio/amr", "speex": "audio/speex", "mp3": "audio/mpeg"}
 _ENVELOPE = {"ToUserName", "FromUserName", "CreateTime", "MsgType", "MsgId", "Event", "EventKey"}
 
 
+class FieldError(ValueError):
+    """A field is missing or unusable; the text names the field, never its value."""
+
+
 @dataclass
 class Inbound:
     """One callback, normalized."""
@@ -68,10 +72,11 @@ def provider_id(fields: dict[str, str]) -> str:
 def normalize(fields: dict[str, str]) -> Inbound:
     """Map a decrypted callback to parts. Unknown message types keep every field in an
     :class:`UnknownPart`; unknown events are still :class:`EventPart`\\ s (their fields
-    in ``data``). Raises ValueError when the sender is missing."""
+    in ``data``). Raises :class:`FieldError` when the sender is missing (ValueError for
+    other unusable values)."""
     openid = _s(fields, "FromUserName")
     if not openid:
-        raise ValueError("FromUserName missing")
+        raise FieldError("FromUserName missing")
     msg_type = (_s(fields, "MsgType") or "").lower()
     created = _s(fields, "CreateTime")
     sent_at = datetime.fromtimestamp(int(created), timezone.utc) if created and created.isdigit() else None

@@ -21,8 +21,12 @@ def parse(data: bytes | str) -> dict[str, str]:
         root = fromstring(data, forbid_dtd=True, forbid_entities=True, forbid_external=True)
     except defusedxml.DefusedXmlException as exc:
         raise RequestError(f"XML refused: {type(exc).__name__}") from None
-    except (ParseError, ValueError) as exc:
+    except ParseError as exc:
+        # expat's messages are fixed texts with a position, never a piece of the document.
         raise RequestError(f"malformed XML: {exc}") from None
+    except (ValueError, LookupError):
+        # These quote the document (an unknown encoding name): say what, not which.
+        raise RequestError("malformed XML: unsupported encoding declaration") from None
     if root.tag != "xml":
         raise RequestError("malformed XML: root element is not <xml>")
     out: dict[str, str] = {}

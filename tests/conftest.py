@@ -14,3 +14,15 @@ async def bus(nats_server):
     nc = await nats.connect(nats_server.url)
     yield nc
     await nc.close()
+
+
+@pytest.fixture(autouse=True)
+def _default_logging():
+    """Each test starts with structlog's defaults: a test that runs ``gateway.cli.main`` in
+    process configures logging at warning level, which would hide the info lines a later
+    test captures with ``structlog.testing.capture_logs``."""
+    import structlog
+
+    structlog.reset_defaults()
+    yield
+    structlog.reset_defaults()

@@ -18,6 +18,7 @@ import nats.errors
 import nats.js.errors
 from nats.js import api
 
+from ._bus import MessageTooLarge
 from ._channel import (
     ChannelContext,
     ChannelState,
@@ -134,9 +135,6 @@ class Inbound:
                 message = self.gw.enrich(message)
                 message = await self._offload(message)
                 data = encode(message)
-                if len(data) > self.gw.config.bus.max_message_size:
-                    raise PayloadTooLarge(
-                        f"message of {len(data)} bytes exceeds bus.max_message_size {self.gw.config.bus.max_message_size}")
                 headers = {
                     "Nats-Msg-Id": message.id,
                     "Content-Type": "application/json",
@@ -147,6 +145,9 @@ class Inbound:
                     "ce-type": "gateway.message.v1",
                     "ce-source": f"/{message.channel_type}/{message.channel}",
                 }
+                # What the server counts (payload and headers) against the smaller of its
+                # max_payload and ours: above it, nats-server would close the connection.
+                self.bus.check_size("message", data, headers)
                 ack_fut = await js.publish_async(s.inbound(message.channel_type, message.channel), data, headers=headers)
                 conv = Conversation(key=message.conversation, channel_type=message.channel_type, channel=message.channel,
                                     route=route or {}, last_inbound_at=message.received_at if interaction else None,
@@ -157,6 +158,9 @@ class Inbound:
                 failpoint("inbound.after_ack")
                 if key is not None:
                     await (await js.publish_async(f"$KV.{s.kv_dedup}.{key}", str(ack.seq).encode()))
+        except MessageTooLarge as exc:
+            # The client-side guard refused a write (the check above makes this rare).
+            raise PayloadTooLarge(f"a write of {exc.size} bytes exceeds the bus limit of {exc.limit} bytes") from exc
         except (TimeoutError, nats.errors.Error, nats.js.errors.Error, ConnectionError) as exc:
             raise _timeout_error(exc) from exc
         elapsed = time.perf_counter() - t0

@@ -4,9 +4,10 @@ bus connection stays up, and the next message goes through on it (issue 9.1)."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 
-from gateway.testing import post_inbound, stream_messages
+from gateway.testing import post_inbound, stream_messages, wait_for_status, wait_until
 
 
 def server_counted_size(m) -> int:
@@ -71,3 +72,42 @@ async def test_a_smaller_server_max_payload_is_the_limit_not_the_config(tmp_path
             await gw.stop()
     finally:
         await server.stop()
+
+
+async def test_undecodable_outbound_too_large_for_a_dead_letter_is_kept_in_the_object_store(gateway_factory, nats_server, bus):
+    from gateway.core._schema import ObjectRef, dead_letter_decoder
+
+    gw = await gateway_factory({"demo": {"type": "mock"}})
+    nc = gw.bus.nc
+    # Fits on GW_OUT; as a dead letter its bytes would be base64 (4/3 larger) and would not.
+    junk = b"\xff" + b"not json " * 100_000
+    await bus.jetstream().publish("gw.out.mock.demo", junk, headers={"Nats-Msg-Id": "junk-1"})
+    await wait_until(lambda: stream_messages(nats_server.url, "GW_DEAD"), timeout=15)
+    [m] = await stream_messages(nats_server.url, "GW_DEAD")
+    dl = dead_letter_decoder.decode(m.data)
+    assert dl.payload is None and dl.outbound is None and "undecodable" in dl.reason
+    bucket, name = dl.headers["Gw-Dead-Payload"].split("/")
+    assert await gw.get_blob(ObjectRef(bucket=bucket, name=name, size=len(junk), sha256=name)) == junk
+    assert gw.bus.nc is nc and nc.stats["reconnects"] == 0
+    # Consumed (terminated), not redelivered again and again.
+    await asyncio.sleep(0.5)
+    assert len(await stream_messages(nats_server.url, "GW_DEAD")) == 1
+
+
+async def test_a_provider_error_too_long_for_a_status_is_shortened_and_the_connection_stays_up(gateway_factory, nats_server, bus):
+    from gateway import Outbound, TextPart
+    from gateway.core._schema import encode
+
+    gw = await gateway_factory({"demo": {"type": "mock"}})
+    nc = gw.bus.nc
+    assert (await post_inbound(gw.http.port, "demo", text="hello", sender="alice")).status_code == 200
+    conv = gw.channels["demo"].ctx.conversation_key("alice")
+    gw.channels["demo"].channel.fail_next(permanent=True, message="provider says: " + "e" * 1_100_000)
+    await bus.jetstream().publish("gw.out.mock.demo", encode(Outbound(id="o-big-error", conversation=conv,
+                                                                      parts=[TextPart(text="hi")])),
+                                  headers={"Nats-Msg-Id": "o-big-error"})
+    [*_, dead] = await wait_for_status(nats_server.url, "o-big-error", "dead", timeout=15)
+    assert dead.error is not None and dead.error.message.startswith("provider says: eee")
+    assert dead.error.message.endswith("[truncated]")
+    assert len(await stream_messages(nats_server.url, "GW_DEAD")) == 1
+    assert gw.bus.nc is nc and nc.stats["reconnects"] == 0

@@ -25,6 +25,7 @@ from ._logging import get_logger
 from ._metrics import Metrics
 from ._pipeline import Context, Inbound, conversation_decoder
 from ._plugins import PluginManager
+from ._restore import DedupRestore
 from ._schema import DeliveryStatus, Message, ObjectRef, encode
 
 
@@ -55,6 +56,7 @@ class Gateway:
         self.bus._receipt_ttl = config.outbound.receipt_ttl
         self.publish_timeout = seconds(config.bus.publish_timeout)
         self.inbound = Inbound(self)
+        self.restore = DedupRestore(self)
         self.http = HttpServer(self)
         self.channels: dict[str, _Running] = {}
         self.outbound: Any = None
@@ -75,9 +77,13 @@ class Gateway:
 
             self.outbound = Dispatcher(self)
             self.bus.on_ready.append(self.outbound.start)
+        # Dedup records a crashed process (this one before a restart, or a peer) left
+        # unwritten are restored before channels and HTTP take traffic.
+        self.bus.on_ready.insert(0, self.restore.start)
         self.bus.start()
         try:
             await self.bus.wait_ready(seconds(self.config.bus.connect_timeout))
+            await asyncio.wait_for(self.restore.ready.wait(), seconds(self.config.bus.connect_timeout) + 30)
         except asyncio.TimeoutError:
             self.log.warning("starting without the bus: webhooks answer 503 until it is reachable", error=self.bus.error)
         if self.config.http.enabled:
@@ -138,6 +144,8 @@ class Gateway:
             await self._stop_channel(name)
         if self.outbound is not None:
             await self.outbound.stop()
+        # Every inbound publish has finished: the stop is clean, the marker goes.
+        await self.restore.stop()
         await self.bus.close()
         if self.embedded is not None:
             await self.embedded.stop()

@@ -12,7 +12,7 @@ messages that can lack a record are the ones it had in flight when it died, whic
 stored between its last beat minus ``publish_timeout`` and its last beat plus the time it
 takes to notice (``stale_after``). That window of GW_IN (seconds, whatever the stream's
 size) is replayed with an ordered consumer, and a record is created for every message
-with a provider id that has none (create-only, so an existing record is never touched).
+with a provider id that has none (looked up first; only missing ones are written).
 
 This works with several processes on one bus, where a checkpoint per process would not
 (one process's clean stop says nothing about another's crash): any process repairs any
@@ -63,7 +63,6 @@ class _ProviderId(msgspec.Struct):
 
 _marker_decoder = msgspec.json.Decoder(_Marker)
 _pid_decoder = msgspec.json.Decoder(_ProviderId)
-_CREATE_ONLY = {"Nats-Expected-Last-Subject-Sequence": "0"}
 _WRONG_LAST_SEQUENCE = 10071
 
 
@@ -204,7 +203,7 @@ class DedupRestore:
                                                            opt_start_time=start),
                                  pending_msgs_limit=100_000)
         scanned = 0
-        futs: list[asyncio.Future[Any]] = []
+        wanted: list[tuple[str, int]] = []
         try:
             while True:
                 try:
@@ -222,9 +221,7 @@ class DedupRestore:
                     except msgspec.DecodeError:
                         has_provider_id = False
                     if has_provider_id:
-                        channel = msg.subject.rsplit(".", 1)[-1]
-                        futs.append(await js.publish_async(f"$KV.{s.kv_dedup}.{channel}.{mid}",
-                                                           str(meta.sequence.stream).encode(), headers=_CREATE_ONLY))
+                        wanted.append((f"{msg.subject.rsplit('.', 1)[-1]}.{mid}", meta.sequence.stream))
                 if meta.num_pending == 0:
                     break
         finally:
@@ -232,11 +229,20 @@ class DedupRestore:
                 await sub.unsubscribe()
             except Exception:
                 pass
+        # Look up first, write only what is missing (a create-only write would do both in
+        # one, but every refusal of an existing record is reported as a connection error).
+        kv = self.bus.kv[s.kv_dedup]
         restored = 0
-        for r in await asyncio.gather(*futs, return_exceptions=True):
-            if not isinstance(r, BaseException):
-                restored += 1
-            elif not (isinstance(r, nats.js.errors.APIError) and r.err_code == _WRONG_LAST_SEQUENCE):
-                raise r
+        for i in range(0, len(wanted), 512):
+            chunk = wanted[i:i + 512]
+            found = await asyncio.gather(*(kv.get(key) for key, _ in chunk), return_exceptions=True)
+            futs = []
+            for (key, seq), r in zip(chunk, found):
+                if isinstance(r, nats.js.errors.KeyNotFoundError):
+                    futs.append(await js.publish_async(f"$KV.{s.kv_dedup}.{key}", str(seq).encode()))
+                elif isinstance(r, BaseException):
+                    raise r
+            await asyncio.gather(*futs)
+            restored += len(futs)
         return scanned, restored
 

@@ -1,6 +1,9 @@
 """``python -m bench [--quick] [--only inbound|outbound]``: run the inbound and the
 outbound benchmark, each in a fresh process, write ``bench/results/*.json`` and
-``bench/results/RESULTS.md``, and print the tables."""
+``bench/results/RESULTS.md``, and print the tables.
+
+``python -m bench soak [--duration 600] [--rate 200] ...``: the soak (memory over time,
+10 minutes by default), run on its own and never as part of the default pair."""
 
 from __future__ import annotations
 
@@ -14,6 +17,12 @@ BENCHMARKS = ("inbound", "outbound")
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["soak"]:
+        from bench import soak
+
+        soak.main(argv[1:])
+        return 0
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="smaller N (a quick look, not the published numbers)")
     p.add_argument("--only", choices=BENCHMARKS, action="append", help="run only this benchmark (repeatable)")

@@ -782,6 +782,22 @@ def write_results_md() -> None:
         t = outb["targets"]
         lines += ["", f"Target (issue): gateway ≥ ½ baseline rate: ratio **{t['ratio_gateway_to_baseline']:.3f}**, "
                   f"{'met' if t['half_baseline_met'] else 'not met'}.", ""]
+    soak = _load("soak")
+    if soak:
+        m, r = soak["machine"], soak["results"]
+        rss, load = r["rss"], r["load"]
+        lines += [f"## Soak: gateway RSS over {soak['duration_s'] / 60:g} min at {_f(soak['offered_rate_msg_s'])} msg/s, "
+                  f"a reply to each ({soak['date']}{', ' + soak['label'] if soak.get('label') else ''})", "",
+                  f"{m['cores']} cores ({m['cpu']}), Python {m['python']}, {m['nats_server']}; `python -m bench soak`, "
+                  f"default configuration with one mock channel, RSS (`VmRSS`) sampled every {_f(soak['sample_interval_s'])} s.", "",
+                  "| RSS after warm-up | at the end | growth | slope | requests ok | replies sent |",
+                  "|---:|---:|---:|---:|---:|---:|",
+                  f"| {_f(rss['after_warmup_mib'], ' MiB')} (at {_f(rss['after_warmup_at_s'])} s) | {_f(rss['end_mib'], ' MiB')} | "
+                  f"{_f(rss['growth_after_warmup_mib'], ' MiB')} | {_f(rss['slope_mib_per_min'], ' MiB/min')} "
+                  f"({_f(rss['slope_bytes_per_message'], ' B/msg')}) | {_f(load['ok'])} of {_f(load['requests'])} | "
+                  f"{_f(r['replies']['sent_statuses'])} |"]
+        lines += _interference_note(soak)
+        lines.append("")
     (RESULTS / "RESULTS.md").write_text("\n".join(lines) + "\n")
 
 

@@ -11,8 +11,11 @@ Backends in other languages use the same subjects and JSON (``docs/bus-contract.
 from __future__ import annotations
 
 import asyncio
+import inspect
+import logging
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
@@ -25,7 +28,9 @@ from nats.js import api
 from .core._bus import Subjects
 from .core._errors import GatewayError
 from .core._schema import (
+    DeadLetter,
     DeliveryStatus,
+    ErrorInfo,
     Message,
     Outbound,
     Part,
@@ -36,7 +41,23 @@ from .core._schema import (
     status_decoder,
 )
 
-__all__ = ["Client"]
+__all__ = ["Client", "Undecodable"]
+
+log = logging.getLogger("gateway.client")
+
+
+@dataclass
+class Undecodable:
+    """An inbound message this client could not decode as a :class:`Message` (a producer
+    other than the gateway, a newer schema, a bug): never dropped without a trace."""
+
+    subject: str
+    sequence: int
+    """Its sequence in the inbound stream (``GW_IN``), where it stays until retention ends."""
+    data: bytes
+    error: str
+    """What the decoder said: the field and the problem."""
+    headers: dict[str, str] = field(default_factory=dict)
 
 
 class Client:
@@ -70,11 +91,20 @@ class Client:
     # --- inbound -------------------------------------------------------------------
 
     async def inbound(self, *, durable: str = "backend", channel_type: str = "*", channel: str = "*",
-                      batch: int = 32, ack_wait: float = 60.0) -> AsyncIterator[Message]:
+                      batch: int = 32, ack_wait: float = 60.0,
+                      on_undecodable: Callable[[Undecodable], Awaitable[None] | None] | None = None,
+                      dead_letter: bool = True) -> AsyncIterator[Message]:
         """Inbound messages through a durable consumer: messages that arrived while the
         backend was offline come first. A message is acked when the loop body that got it
         finishes; if the body raises (or the loop is left), it is not acked and will be
-        delivered again."""
+        delivered again.
+
+        A message that does not decode is not yielded and never dropped silently: it is
+        logged (logger ``gateway.client``) with its stream sequence, handed to
+        ``on_undecodable`` if given, copied as a :class:`DeadLetter` to
+        ``<prefix>.dead.<type>.<channel>`` unless ``dead_letter`` is False, and only then
+        terminated. If the callback or the copy fails, it is left for redelivery after
+        ``ack_wait``. See "Undecodable inbound messages" in ``docs/bus-contract.md``."""
         subject = self.subjects.inbound(channel_type, channel)
         config = api.ConsumerConfig(durable_name=durable, ack_policy=api.AckPolicy.EXPLICIT, ack_wait=ack_wait,
                                     filter_subject=subject, max_deliver=-1)
@@ -88,8 +118,8 @@ class Client:
                 for i, raw in enumerate(msgs):
                     try:
                         message = message_decoder.decode(raw.data)
-                    except (msgspec.DecodeError, msgspec.ValidationError):
-                        await raw.term()  # can never be decoded: do not redeliver forever
+                    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+                        await self._undecodable(raw, str(exc), on_undecodable, dead_letter, ack_wait)
                         continue
                     try:
                         yield message
@@ -103,6 +133,46 @@ class Client:
                 await psub.unsubscribe()
             except Exception:
                 pass
+
+    async def _undecodable(self, raw: Any, error: str, callback: Callable[[Undecodable], Any] | None,
+                           dead_letter: bool, ack_wait: float) -> None:
+        seq = raw.metadata.sequence.stream
+        headers = dict(raw.headers or {})
+        log.error("undecodable inbound message: dead-lettered and terminated (subject=%s, stream sequence=%d): %s",
+                  raw.subject, seq, error)
+        bad = Undecodable(subject=raw.subject, sequence=seq, data=raw.data, error=error, headers=headers)
+        try:
+            if callback is not None:
+                r = callback(bad)
+                if inspect.isawaitable(r):
+                    await r
+            if dead_letter:
+                await self._dead_letter(bad, raw.metadata.num_delivered)
+        except Exception as exc:  # not lost: it comes back after ack_wait
+            log.error("undecodable inbound message (stream sequence=%d) not dead-lettered, left for redelivery: %s: %s",
+                      seq, type(exc).__name__, exc)
+            await raw.nak(delay=ack_wait)
+            return
+        # Copied first, terminated second (a crash in between copies it twice, never loses it);
+        # terminated because it can never be decoded: redelivering it forever helps nobody.
+        await raw.term()
+
+    async def _dead_letter(self, bad: Undecodable, attempts: int) -> None:
+        parts = bad.subject.split(".")
+        ctype, cname = (parts[-2], parts[-1]) if len(parts) >= 4 else ("unknown", "unknown")
+        # The bytes travel base64-encoded (4/3 larger): too large ones stay only in GW_IN,
+        # which the dead letter names by sequence.
+        fits = len(bad.data) * 4 // 3 + 8192 < (self.nc.max_payload if self.nc is not None else 1048576)
+        where = f"{self.subjects.stream_in} sequence {bad.sequence}"
+        reason = f"undecodable inbound message ({where}): {bad.error}"
+        dl = DeadLetter(id=f"in-{bad.sequence}", subject=bad.subject, reason=reason, attempts=attempts,
+                        at=datetime.now(timezone.utc), payload=bad.data if fits else None,
+                        error=ErrorInfo(message=reason, permanent=True, code="undecodable_inbound"),
+                        headers={**{k: v for k, v in bad.headers.items() if not k.startswith("Nats-")},
+                                 "Gw-Inbound-Sequence": str(bad.sequence)})
+        await self.js.publish(self.subjects.dead(ctype, cname), encode(dl), headers={
+            "Nats-Msg-Id": f"dead-in:{self.subjects.stream_in}:{bad.sequence}", "Content-Type": "application/json",
+            "Gw-Schema": "dead-letter/1"})
 
     # --- outbound ------------------------------------------------------------------
 

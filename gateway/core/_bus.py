@@ -14,8 +14,55 @@ from nats.js import api
 from nats.js.kv import KeyValue as NatsKV
 
 from ._config import BusConfig, seconds
-from ._errors import BusUnavailable
+from ._errors import BusUnavailable, PayloadTooLarge
 from ._retry import Backoff
+
+_HEADER_LINE = len("NATS/1.0\r\n")
+_BLOCK_END = len("\r\n")
+
+
+def wire_size(payload: bytes, headers: dict[str, str] | None = None) -> int:
+    """What nats-server counts against ``max_payload`` (and JetStream against a stream's
+    ``max_msg_size``): the payload plus, for an HPUB, the header block
+    ``NATS/1.0\r\n`` + ``k: v\r\n`` per header + ``\r\n``. nats-py checks only the
+    payload: a message whose headers push it over the limit is sent, and the server
+    answers by closing the connection (issue 9.1)."""
+    if headers is None:
+        return len(payload)
+    n = _HEADER_LINE + _BLOCK_END
+    for k, v in headers.items():
+        # ASCII is the common case and len() is its byte count; nats-py strips what it
+        # sends, so this counts at most a few bytes too many, never too few.
+        n += (len(k) if k.isascii() else len(k.encode())) + (len(v) if v.isascii() else len(v.encode())) + 4
+    return len(payload) + n
+
+
+class MessageTooLarge(nats.errors.MaxPayloadError):
+    """A publish was refused before it reached the socket: payload plus headers exceed the
+    server's ``max_payload``. (A subclass of nats-py's own error for the same thing, so
+    code that handles that handles this.)"""
+
+    def __init__(self, size: int, limit: int):
+        super().__init__()
+        self.size = size
+        self.limit = limit
+
+    def __str__(self) -> str:
+        return f"nats: message of {self.size} bytes (payload and headers) exceeds the server's max_payload {self.limit}"
+
+
+class _GuardedNATS(nats.NATS):
+    """nats-py's client with the size check nats-server applies: every publish of the
+    process (messages, KV writes, object store chunks, statuses, dead letters) is refused
+    here, with an exception, instead of making the server drop the whole connection."""
+
+    async def publish(self, subject: str, payload: bytes = b"", reply: str = "",
+                      headers: dict[str, str] | None = None) -> None:
+        if headers is not None:
+            size = wire_size(payload, headers)
+            if size > self._max_payload:
+                raise MessageTooLarge(size, self._max_payload)
+        await super().publish(subject, payload, reply, headers)
 
 
 class Subjects:
@@ -71,6 +118,25 @@ class Bus:
         self._closing = False
 
     # --- lifecycle -----------------------------------------------------------------
+
+    @property
+    def max_payload(self) -> int:
+        """The largest message (payload plus headers) this bus takes: the smaller of
+        ``bus.max_message_size`` (the streams' ``max_msg_size``) and the server's
+        ``max_payload`` from its INFO."""
+        limit = self.cfg.max_message_size
+        if self.nc is not None and self.nc.max_payload:
+            limit = min(limit, self.nc.max_payload)
+        return limit
+
+    def check_size(self, what: str, payload: bytes, headers: dict[str, str] | None) -> int:
+        """Raise :class:`PayloadTooLarge` (413 / SMTP 552) if ``payload`` with ``headers``
+        exceeds :attr:`max_payload`; returns its size on the wire."""
+        size = wire_size(payload, headers)
+        limit = self.max_payload
+        if size > limit:
+            raise PayloadTooLarge(f"{what} of {size} bytes (with its bus headers) exceeds the bus limit of {limit} bytes")
+        return size
 
     @property
     def connected(self) -> bool:
@@ -167,7 +233,8 @@ class Bus:
             opts["token"] = self.cfg.token
         if self.cfg.creds_file:
             opts["user_credentials"] = self.cfg.creds_file
-        self.nc = await nats.connect(**opts)
+        self.nc = _GuardedNATS()
+        await self.nc.connect(**opts)
         # Once connected, never give up reconnecting (nats-py reads this option live).
         self.nc.options["max_reconnect_attempts"] = -1
         self.js = self.nc.jetstream(timeout=seconds(self.cfg.publish_timeout), publish_async_max_pending=20000)

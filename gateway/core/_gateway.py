@@ -15,7 +15,7 @@ import nats.errors
 import nats.js.errors
 from nats.js import api
 
-from ._bus import Bus
+from ._bus import Bus, wire_size
 from ._channel import Channel, Conversation
 from ._config import ChannelConfig, Config, load_config, seconds
 from ._embedded import EmbeddedServer
@@ -25,6 +25,7 @@ from ._logging import get_logger
 from ._metrics import Metrics
 from ._pipeline import Context, Inbound, conversation_decoder
 from ._plugins import PluginManager
+from ._restore import DedupRestore
 from ._schema import DeliveryStatus, Message, ObjectRef, encode
 
 
@@ -55,6 +56,7 @@ class Gateway:
         self.bus._receipt_ttl = config.outbound.receipt_ttl
         self.publish_timeout = seconds(config.bus.publish_timeout)
         self.inbound = Inbound(self)
+        self.restore = DedupRestore(self)
         self.http = HttpServer(self)
         self.channels: dict[str, _Running] = {}
         self.outbound: Any = None
@@ -85,9 +87,13 @@ class Gateway:
 
             self.outbound = Dispatcher(self)
             self.bus.on_ready.append(self.outbound.start)
+        # Dedup records a crashed process (this one before a restart, or a peer) left
+        # unwritten are restored before channels and HTTP take traffic.
+        self.bus.on_ready.insert(0, self.restore.start)
         self.bus.start()
         try:
             await self.bus.wait_ready(seconds(self.config.bus.connect_timeout))
+            await asyncio.wait_for(self.restore.ready.wait(), seconds(self.config.bus.connect_timeout) + 30)
         except asyncio.TimeoutError:
             self.log.warning("starting without the bus: webhooks answer 503 until it is reachable", error=self.bus.error)
         if self.config.http.enabled:
@@ -149,6 +155,8 @@ class Gateway:
                 await self._stop_channel(name)
             if self.outbound is not None:
                 await self.outbound.stop()
+            # Every inbound publish has finished: the stop is clean, the marker goes.
+            await self.restore.stop()
             await self.bus.close()
         finally:
             # Whatever failed above (a bus lost for good, a stuck channel), the embedded
@@ -225,10 +233,17 @@ class Gateway:
         later with :meth:`await_ack`)."""
         js = self.bus.require()
         subject = self.bus.subjects.status(status.channel_type, status.channel)
+        headers = {"Nats-Msg-Id": f"{status.outbound_id}:{status.state}:{status.attempt}",
+                   "Content-Type": "application/json", "Gw-Schema": "delivery-status/1"}
+        data = encode(status)
+        if status.error is not None and wire_size(data, headers) > self.bus.max_payload:
+            # A provider's error text has no length limit; a status that does not fit would
+            # be refused (and, unchecked, make the server close the connection). Shorten it.
+            keep = max(0, self.bus.max_payload - (len(data) - len(status.error.message)) - 4096) // 4
+            error = msgspec.structs.replace(status.error, message=status.error.message[:keep] + " [truncated]")
+            data = encode(msgspec.structs.replace(status, error=error))
         try:
-            return await js.publish_async(subject, encode(status), headers={
-                "Nats-Msg-Id": f"{status.outbound_id}:{status.state}:{status.attempt}",
-                "Content-Type": "application/json", "Gw-Schema": "delivery-status/1"})
+            return await js.publish_async(subject, data, headers=headers)
         except (nats.errors.Error, nats.js.errors.Error) as exc:
             raise BusUnavailable(f"status not sent: {type(exc).__name__}") from exc
 
@@ -254,7 +269,11 @@ class Gateway:
                 return ObjectRef(bucket=self.bus.subjects.object_store, name=digest, size=len(data), sha256=digest)
         except nats.js.errors.ObjectNotFoundError:
             pass
-        meta = api.ObjectMeta(name=digest, description=content_type)
+        # Chunks of nats-py's default 128 KiB would exceed a server whose max_payload is
+        # smaller (the guard would refuse them): keep every chunk well inside it.
+        chunk = min(128 * 1024, max(1024, self.bus.max_payload - 4096))
+        meta = api.ObjectMeta(name=digest, description=content_type,
+                              options=api.ObjectMetaOptions(max_chunk_size=chunk))
         await store.put(digest, data, meta=meta)
         return ObjectRef(bucket=self.bus.subjects.object_store, name=digest, size=len(data), sha256=digest)
 

@@ -19,6 +19,7 @@ import nats.errors
 import nats.js.errors
 from nats.js import api
 
+from ._bus import wire_size
 from ._channel import Conversation, Receipt
 from ._config import seconds
 from ._errors import BusUnavailable, DeliveryError
@@ -327,11 +328,23 @@ class Dispatcher:
                         reason=error.message, attempts=attempts, at=datetime.now(timezone.utc), outbound=outbound,
                         payload=None if outbound else msg.data, error=error, headers=headers)
         js = gw.bus.require()
+        dl_headers = {"Nats-Msg-Id": f"dead:{dl.id}:{msg.metadata.sequence.stream}",
+                      "Content-Type": "application/json", "Gw-Schema": "dead-letter/1"}
+        data = encode(dl)
+        if wire_size(data, dl_headers) > gw.bus.max_payload:
+            # The outbound fitted on the bus, its dead letter does not (an outbound near the
+            # limit plus the envelope, or undecodable bytes that base64 makes 4/3 larger).
+            # Keep the original bytes in the object store and name them, so nothing is lost
+            # and the publish cannot be refused.
+            ref = await gw.put_blob(msg.data, content_type="application/json")
+            dl = msgspec.structs.replace(
+                dl, outbound=None, payload=None, reason=error.message[:4096],
+                error=msgspec.structs.replace(error, message=error.message[:4096]),
+                headers={**headers, "Gw-Dead-Payload": f"{ref.bucket}/{ref.name}"})
+            data = encode(dl)
         # Copy first, terminate second: a crash in between leaves a duplicate dead letter,
         # never a lost outbound.
-        await js.publish(gw.bus.subjects.dead(ctype, cname), encode(dl),
-                         headers={"Nats-Msg-Id": f"dead:{dl.id}:{msg.metadata.sequence.stream}",
-                                  "Content-Type": "application/json", "Gw-Schema": "dead-letter/1"})
+        await js.publish(gw.bus.subjects.dead(ctype, cname), data, headers=dl_headers)
         gw.metrics.dead.labels(ctype, cname).inc()
         self.log.warning("outbound dead-lettered", outbound_id=dl.id, channel=cname, error=error.message, attempt=attempts)
         if outbound is not None:

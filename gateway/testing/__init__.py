@@ -76,14 +76,15 @@ async def start_gateway(config: Config, plugins: PluginManager | None = None) ->
     return gw
 
 
-async def stream_messages(url: str, stream: str, subject: str | None = None) -> list[Any]:
-    """Every message currently in ``stream`` (optionally only ``subject``), in order."""
+async def stream_messages(url: str, stream: str, subject: str | None = None, *, after: int = 0) -> list[Any]:
+    """Every message currently in ``stream`` (optionally only ``subject``; only those with
+    a sequence above ``after``), in order."""
     nc = await nats.connect(url)
     try:
         js = nc.jetstream()
         info = await js.stream_info(stream)
         out = []
-        seq = info.state.first_seq
+        seq = max(info.state.first_seq, after + 1)
         while seq and seq <= info.state.last_seq:
             try:
                 m = await js.get_msg(stream, seq)

@@ -1,8 +1,9 @@
 """``MockChannel``: a real channel plugin (type ``mock``) for tests, demos and benchmarks.
 
 It receives through a webhook (``POST /channels/<name>/inbound`` with a small JSON body) or
-:meth:`MockChannel.inject`, and records every delivery instead of sending it anywhere.
-Failures can be scripted to exercise retries and dead letters."""
+:meth:`MockChannel.inject`, and records deliveries instead of sending them anywhere (the
+last ``keep`` in memory, every one in ``record_file`` if set). Failures can be scripted to
+exercise retries and dead letters."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import json
 import os
 from collections import deque
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Annotated, Any, ClassVar
 
 import msgspec
 from starlette.requests import Request
@@ -33,6 +34,10 @@ class MockConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     deliver_delay: Duration = "0s"
     """Pretend the provider takes this long to accept."""
     supported_parts: list[str] = msgspec.field(default_factory=lambda: ["text", "html", "image", "file", "link"])
+    keep: Annotated[int, msgspec.Meta(ge=0)] = 1000
+    """How many of the latest deliveries stay in memory (``MockChannel.deliveries``). The
+    README's demo runs this channel for as long as anyone likes: an unbounded record grew
+    by about 1.4 KB per reply (issue 9.7). ``record_file`` keeps them all on disk instead."""
 
 
 class _Inbound(msgspec.Struct, forbid_unknown_fields=True):
@@ -62,10 +67,12 @@ class MockChannel(Channel):
 
     def __init__(self, ctx: Any) -> None:
         super().__init__(ctx)
-        self.deliveries: list[tuple[Outbound, Conversation]] = []
+        cfg: MockConfig = ctx.config
+        self._kept: deque[tuple[Outbound, Conversation]] = deque(maxlen=cfg.keep)
+        self.delivered_count = 0
+        """Deliveries since start, including those no longer kept."""
         self.delivered = asyncio.Condition()
         self._failures: deque[_Failure] = deque()
-        cfg: MockConfig = ctx.config
         self.supported_parts = frozenset(cfg.supported_parts)
         self._delay = seconds(cfg.deliver_delay)
 
@@ -110,15 +117,22 @@ class MockChannel(Channel):
             finally:
                 os.close(fd)
         async with self.delivered:
-            self.deliveries.append((outbound, conversation))
+            self._kept.append((outbound, conversation))
+            self.delivered_count += 1
             self.delivered.notify_all()
-        return Receipt(provider_id=f"mock-{len(self.deliveries)}")
+        return Receipt(provider_id=f"mock-{self.delivered_count}")
+
+    @property
+    def deliveries(self) -> list[tuple[Outbound, Conversation]]:
+        """The latest deliveries (at most ``keep``), oldest first, as a new list."""
+        return list(self._kept)
 
     async def wait_for_deliveries(self, count: int, timeout: float = 10.0) -> list[tuple[Outbound, Conversation]]:
-        """Wait until at least ``count`` deliveries were recorded."""
+        """Wait until at least ``count`` deliveries were made since start; returns those
+        still kept (the last ``keep``)."""
         async with self.delivered:
-            await asyncio.wait_for(self.delivered.wait_for(lambda: len(self.deliveries) >= count), timeout)
-        return list(self.deliveries)
+            await asyncio.wait_for(self.delivered.wait_for(lambda: self.delivered_count >= count), timeout)
+        return self.deliveries
 
 
 @hookimpl

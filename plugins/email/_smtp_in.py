@@ -12,7 +12,7 @@ from typing import Any
 
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
 
-from gateway import BusUnavailable, PayloadTooLarge
+from gateway import BusUnavailable, PayloadTooLarge, RequestError
 
 from ._config import SmtpInConfig, seconds
 from ._parse import MailRejected
@@ -61,6 +61,11 @@ class _Handler:
             return f"{exc.code} 5.6.0 Message rejected: {exc.reason}"
         except PayloadTooLarge:
             return "552 5.3.4 Message too large for the gateway's bus"
+        except RequestError as exc:
+            # The gateway refused what it made of the mail (it would not decode on the bus):
+            # a permanent refusal with the reason, not a retry that can only fail again.
+            self.log.info("message rejected", reason=exc.reason)
+            return f"554 5.6.0 Message rejected: {exc.reason}"
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # noqa: BLE001 - a bug must not lose mail: the MTA retries

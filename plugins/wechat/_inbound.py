@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
@@ -50,12 +51,36 @@ def _s(fields: dict[str, str], name: str) -> str | None:
     return value or None
 
 
-def _float(fields: dict[str, str], name: str) -> float | None:
+def _float(fields: dict[str, str], name: str, bound: float | None = None) -> float | None:
+    """A finite number (within ``±bound``), or None. ``float()`` also accepts ``nan`` and
+    ``inf``, which JSON cannot carry (they would be published as ``null``)."""
     value = _s(fields, name)
     try:
-        return float(value) if value is not None else None
+        number = float(value) if value is not None else None
     except ValueError:
         return None
+    if number is None or not math.isfinite(number) or (bound is not None and abs(number) > bound):
+        return None
+    return number
+
+
+# WeChat's CreateTime is Unix seconds (32-bit). Anything outside [2000, 2100) is not a time
+# WeChat sent: a 13-digit value would be milliseconds, 20 digits overflow datetime.
+_CREATE_TIME_MIN, _CREATE_TIME_MAX = 946684800, 4102444800
+
+
+def sent_at(fields: dict[str, str]) -> datetime | None:
+    """``CreateTime`` as a UTC time, or None when it is missing or implausible. Not a
+    reason to refuse the message: WeChat answers anything but ``success`` by telling the
+    customer the account cannot serve them, and the content is what matters; the
+    gateway's own ``received_at`` is always there."""
+    created = _s(fields, "CreateTime")
+    if not created or not created.isdigit() or len(created) > 12:
+        return None
+    value = int(created)
+    if not _CREATE_TIME_MIN <= value < _CREATE_TIME_MAX:
+        return None
+    return datetime.fromtimestamp(value, timezone.utc)
 
 
 def provider_id(fields: dict[str, str]) -> str:
@@ -78,9 +103,10 @@ def normalize(fields: dict[str, str]) -> Inbound:
     if not openid:
         raise FieldError("FromUserName missing")
     msg_type = (_s(fields, "MsgType") or "").lower()
-    created = _s(fields, "CreateTime")
-    sent_at = datetime.fromtimestamp(int(created), timezone.utc) if created and created.isdigit() else None
     meta: dict[str, Any] = {"msg_type": msg_type}
+    sent = sent_at(fields)
+    if sent is None and _s(fields, "CreateTime"):
+        meta["create_time_invalid"] = True
     parts: list[Part] = []
     media: list[tuple[str, str]] = []
     media_id = _s(fields, "MediaId")
@@ -107,9 +133,12 @@ def normalize(fields: dict[str, str]) -> Inbound:
         if media_id:
             media.append((media_id, "video"))
     elif msg_type == "location":
-        lat, lng = _float(fields, "Location_X"), _float(fields, "Location_Y")
+        lat, lng = _float(fields, "Location_X", 90), _float(fields, "Location_Y", 180)
         if lat is None or lng is None:
+            # Not a position (missing, not a number, not finite, out of range): kept, as
+            # every field, in an unknown part rather than published as a wrong location.
             parts.append(UnknownPart(raw=dict(fields)))
+            meta["location_invalid"] = True
         else:
             parts.append(LocationPart(latitude=lat, longitude=lng, label=fields.get("Label") or None,
                                       scale=_float(fields, "Scale")))
@@ -128,4 +157,4 @@ def normalize(fields: dict[str, str]) -> Inbound:
     if _s(fields, "MsgId"):
         meta["msg_id"] = pid
     return Inbound(openid=openid, account=_s(fields, "ToUserName") or "", msg_type=msg_type, provider_id=pid,
-                   parts=parts, sent_at=sent_at, meta=meta, media=media)
+                   parts=parts, sent_at=sent, meta=meta, media=media)

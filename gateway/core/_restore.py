@@ -1,0 +1,248 @@
+"""Dedup records after a crash (issue 9.5).
+
+The inbound path writes a message's ``gw_dedup`` record right after JetStream's ack. A
+process killed in between leaves a message on ``GW_IN`` without a record: a provider
+retry inside ``bus.duplicate_window`` is still caught by JetStream, a later one would be
+published a second time. GW_IN is the log, so the records can be restored from it.
+
+Which part of the log? Every gateway process keeps a liveness marker in ``gw_state``
+(``core.inbound-live.<instance>``), rewritten every ``beat`` seconds and removed by a clean
+stop. A marker that stopped being rewritten belongs to a process that died: the only
+messages that can lack a record are the ones it had in flight when it died, which JetStream
+stored between its last beat minus ``publish_timeout`` and its last beat plus the time it
+takes to notice (``stale_after``). That window of GW_IN (seconds, whatever the stream's
+size) is replayed with an ordered consumer, and a record is created for every message
+with a provider id that has none (looked up first; only missing ones are written).
+
+This works with several processes on one bus, where a checkpoint per process would not
+(one process's clean stop says nothing about another's crash): any process repairs any
+dead marker, at its own start (before it serves) and on every beat (a peer that crashed
+and is never restarted is repaired by the survivors, within ``stale_after``). A marker is
+claimed by a compare-and-set write before it is repaired and removed only after, so two
+processes do not both repair it and a repairer's own crash leaves it for the next. The
+beat is a sixth of the duplicate window (at most 5 s), so a crash is repaired before
+JetStream's own window, which covers retries meanwhile, has ended.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import time
+import uuid
+from datetime import datetime, timedelta, timezone
+from typing import TYPE_CHECKING, Any
+
+import msgspec
+import nats.errors
+import nats.js.errors
+from nats.js import api
+
+from ._config import seconds
+
+if TYPE_CHECKING:
+    from ._gateway import Gateway
+
+
+class _Marker(msgspec.Struct, kw_only=True, omit_defaults=True):
+    instance: str
+    pid: int
+    host: str
+    beat_at: str | None = None
+    """Set when a repairer claimed the marker: the server time of the dead process's last
+    beat (the claim's own write has a newer time)."""
+    claimed_by: str | None = None
+
+
+class _ProviderId(msgspec.Struct):
+    """The one field of a ``Message`` the repair needs."""
+
+    provider_id: str | None = None
+
+
+_marker_decoder = msgspec.json.Decoder(_Marker)
+_pid_decoder = msgspec.json.Decoder(_ProviderId)
+_WRONG_LAST_SEQUENCE = 10071
+
+
+class DedupRestore:
+    """Liveness marker of this process, and repair of the markers of dead ones."""
+
+    def __init__(self, gw: Gateway):
+        self.gw = gw
+        self.bus = gw.bus
+        self.log = gw.log.bind(component="dedup-restore")
+        self.instance = uuid.uuid4().hex[:20]
+        window = seconds(gw.config.bus.duplicate_window)
+        self.beat = min(5.0, max(0.1, window / 6))
+        self.stale_after = 3 * self.beat
+        self.publish_timeout = gw.publish_timeout
+        self.ready = asyncio.Event()
+        """Set once the first repair at start finished (or failed and was logged)."""
+        self.last_repair: dict[str, Any] | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    @property
+    def _stream(self) -> str:
+        return f"KV_{self.bus.subjects.kv_state}"
+
+    def _subject(self, instance: str | None = None) -> str:
+        return f"$KV.{self.bus.subjects.kv_state}.core.inbound-live.{self.instance if instance is None else instance}"
+
+    # --- lifecycle -----------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Repair what dead processes left, mark this one alive, keep beating. Called when
+        the bus is ready, before channels and HTTP take traffic."""
+        try:
+            now = await self._beat_once()
+            await self.repair(now)
+        except Exception as exc:  # the beat loop retries; serving is not blocked by a bus hiccup
+            self.log.error("dedup restore at start failed; retrying in the background",
+                           error=f"{type(exc).__name__}: {exc}")
+        finally:
+            self.ready.set()
+        if self._task is None:
+            self._task = asyncio.create_task(self._loop(), name="dedup-restore")
+
+    async def stop(self) -> None:
+        """A clean stop: every publish of this process finished, so its marker goes."""
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except (asyncio.CancelledError, Exception):
+                pass
+            self._task = None
+        if self.bus.connected:
+            try:
+                await self.bus.js.purge_stream(self._stream, subject=self._subject())
+            except Exception as exc:  # a leftover marker only costs a peer a short repair
+                self.log.warning("liveness marker not removed", error=f"{type(exc).__name__}: {exc}")
+
+    async def _loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.beat)
+            if not self.bus.connected:
+                continue
+            try:
+                now = await self._beat_once()
+                await self.repair(now)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                self.log.warning("liveness beat failed", error=f"{type(exc).__name__}: {exc}")
+
+    async def _beat_once(self) -> datetime:
+        """Rewrite this process's marker; returns the server's time of that write (every
+        age below is in server time, so the processes' clocks do not matter)."""
+        js = self.bus.require()
+        value = msgspec.json.encode(_Marker(instance=self.instance, pid=os.getpid(), host=socket.gethostname()))
+        ack = await js.publish(self._subject(), value)
+        return (await js.get_msg(self._stream, seq=ack.seq)).time
+
+    # --- repair --------------------------------------------------------------------
+
+    async def repair(self, now: datetime) -> int:
+        """Repair every marker not rewritten for ``stale_after``; returns the number of
+        dedup records created."""
+        js = self.bus.require()
+        prefix = self._subject("")
+        info = await js.stream_info(self._stream, subjects_filter=prefix + "*")
+        created = 0
+        for subject in sorted((info.state.subjects or {})):
+            if subject == self._subject():
+                continue
+            try:
+                m = await js.get_msg(self._stream, subject=subject)
+            except nats.js.errors.NotFoundError:
+                continue
+            age = (now - m.time).total_seconds()
+            if age < self.stale_after:
+                continue  # alive (or dead too recently to tell: JetStream's window covers it)
+            try:
+                marker = _marker_decoder.decode(m.data or b"")
+            except msgspec.DecodeError:
+                marker = _Marker(instance=subject.rsplit(".", 1)[1], pid=0, host="?")
+            beat_at = datetime.fromisoformat(marker.beat_at) if marker.beat_at else m.time
+            claim = msgspec.structs.replace(marker, beat_at=beat_at.isoformat(), claimed_by=self.instance)
+            try:
+                await js.publish(subject, msgspec.json.encode(claim),
+                                 headers={"Nats-Expected-Last-Subject-Sequence": str(m.seq)})
+            except nats.js.errors.APIError as exc:
+                if exc.err_code == _WRONG_LAST_SEQUENCE:
+                    continue  # another process claimed it first, or it beat again
+                raise
+            t0 = time.perf_counter()
+            start = beat_at - timedelta(seconds=self.publish_timeout + 1)
+            end = beat_at + timedelta(seconds=self.stale_after + self.publish_timeout + 1)
+            scanned, restored = await self.restore_window(start, end)
+            await js.purge_stream(self._stream, subject=subject)
+            created += restored
+            self.last_repair = {"instance": marker.instance, "scanned": scanned, "restored": restored,
+                                "seconds": round(time.perf_counter() - t0, 3)}
+            self.log.warning("restored dedup records of a gateway process that stopped uncleanly",
+                             dead_instance=marker.instance, dead_pid=marker.pid, dead_host=marker.host,
+                             last_beat=beat_at.isoformat(), scanned=scanned, restored=restored,
+                             seconds=self.last_repair["seconds"])
+        return created
+
+    async def restore_window(self, start: datetime, end: datetime) -> tuple[int, int]:
+        """Create the missing dedup record of every message with a provider id that GW_IN
+        stored between ``start`` and ``end``; returns (messages scanned, records created)."""
+        js = self.bus.require()
+        s = self.bus.subjects
+        try:
+            if not (await js.stream_info(s.stream_in)).state.messages:
+                return 0, 0
+        except nats.js.errors.NotFoundError:
+            return 0, 0
+        sub = await js.subscribe(f"{s.prefix}.in.>", stream=s.stream_in, ordered_consumer=True,
+                                 config=api.ConsumerConfig(deliver_policy=api.DeliverPolicy.BY_START_TIME,
+                                                           opt_start_time=start),
+                                 pending_msgs_limit=100_000)
+        scanned = 0
+        wanted: list[tuple[str, int]] = []
+        try:
+            while True:
+                try:
+                    msg = await sub.next_msg(timeout=max(2.0, self.publish_timeout))
+                except (nats.errors.TimeoutError, asyncio.TimeoutError):
+                    break  # nothing more in the stream
+                meta = msg.metadata
+                if meta.timestamp > end:
+                    break
+                scanned += 1
+                mid = (msg.headers or {}).get("Nats-Msg-Id")
+                if mid:
+                    try:
+                        has_provider_id = _pid_decoder.decode(msg.data).provider_id is not None
+                    except msgspec.DecodeError:
+                        has_provider_id = False
+                    if has_provider_id:
+                        wanted.append((f"{msg.subject.rsplit('.', 1)[-1]}.{mid}", meta.sequence.stream))
+                if meta.num_pending == 0:
+                    break
+        finally:
+            try:
+                await sub.unsubscribe()
+            except Exception:
+                pass
+        # Look up first, write only what is missing (a create-only write would do both in
+        # one, but every refusal of an existing record is reported as a connection error).
+        kv = self.bus.kv[s.kv_dedup]
+        restored = 0
+        for i in range(0, len(wanted), 512):
+            chunk = wanted[i:i + 512]
+            found = await asyncio.gather(*(kv.get(key) for key, _ in chunk), return_exceptions=True)
+            futs = []
+            for (key, seq), r in zip(chunk, found):
+                if isinstance(r, nats.js.errors.KeyNotFoundError):
+                    futs.append(await js.publish_async(f"$KV.{s.kv_dedup}.{key}", str(seq).encode()))
+                elif isinstance(r, BaseException):
+                    raise r
+            await asyncio.gather(*futs)
+            restored += len(futs)
+        return scanned, restored
+

@@ -1,0 +1,102 @@
+"""A crash between the bus ack and the dedup record (failpoint ``inbound.after_ack``) must not
+let a provider retry after JetStream's duplicate window be published twice: the gateway
+restores the missing records from GW_IN (issue 9.5). Real processes: the gateway as a
+subprocess that kills itself at the failpoint, a real nats-server."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import time
+
+import httpx
+
+from gateway.core._schema import message_decoder
+from gateway.testing import GatewayProcess, post_inbound, start_gateway, make_config, stream_messages, wait_until
+
+WINDOW = 1.0  # [bus] duplicate_window of these tests, in seconds
+
+
+def short_window(gp: GatewayProcess, bus_url: str | None = None) -> None:
+    text = gp.config.read_text().replace("[bus]\n", f'[bus]\nduplicate_window = "{WINDOW:g}s"\n', 1)
+    if bus_url:
+        text = text.replace("[bus]\n", f'[bus]\nurl = "{bus_url}"\n', 1)
+    gp.config.write_text(text)
+
+
+async def crash_on_publish(gp: GatewayProcess, provider_id: str) -> float:
+    """POST one message to a gateway that dies right after the bus stored it; returns when."""
+    async with httpx.AsyncClient(timeout=10) as c:
+        try:
+            r = await c.post(f"http://127.0.0.1:{gp.http_port}/channels/demo/inbound",
+                             content=json.dumps({"text": "hello", "id": provider_id}).encode())
+        except httpx.HTTPError:
+            pass  # the process died before answering: the provider will retry
+        else:
+            raise AssertionError(f"expected the gateway to die, got {r.status_code}")
+    crashed_at = time.monotonic()
+    assert await asyncio.to_thread(gp.wait) == -signal.SIGKILL
+    return crashed_at
+
+
+async def wait_past_the_window(since: float) -> None:
+    # The point of the test is a retry JetStream no longer recognizes: its window must be
+    # over (the server sweeps expired ids once per window, so an id can live up to two).
+    left = since + 2 * WINDOW + 0.5 - time.monotonic()
+    if left > 0:
+        await asyncio.sleep(left)
+
+
+async def test_retry_after_a_crash_between_ack_and_dedup_record_is_recognized_after_restart(tmp_path):
+    gp = GatewayProcess(tmp_path, env={"GATEWAY_FAILPOINTS": "inbound.after_ack"})
+    short_window(gp)
+    gp.start()
+    crashed_at = await crash_on_publish(gp, "wx-crash-1")
+    del gp.env["GATEWAY_FAILPOINTS"]
+    gp.start()  # same store: the message is on GW_IN, its dedup record is not
+    try:
+        await wait_past_the_window(crashed_at)
+        retry = await post_inbound(gp.http_port, "demo", text="hello", id="wx-crash-1")
+        assert retry.status_code == 200
+        assert retry.json()["duplicate"] is True
+        stored = [message_decoder.decode(m.data) for m in await stream_messages(gp.bus_url, "GW_IN")]
+        assert [m.provider_id for m in stored] == ["wx-crash-1"]
+        assert "restored dedup records" in gp.logs()
+    finally:
+        gp.signal(signal.SIGTERM)
+        gp.wait()
+
+
+async def test_a_peer_repairs_a_crashed_process_that_is_not_restarted(tmp_path, nats_server):
+    # Two gateways share one bus; one dies at the failpoint and stays dead. The retry
+    # reaches the survivor, later than JetStream's window.
+    survivor = await start_gateway(make_config(nats_server.url, {"demo": {"type": "mock"}},
+                                               bus={"duplicate_window": f"{WINDOW:g}s"}))
+    try:
+        gp = GatewayProcess(tmp_path, env={"GATEWAY_FAILPOINTS": "inbound.after_ack"})
+        short_window(gp, nats_server.url)
+        gp.start()
+        crashed_at = await crash_on_publish(gp, "wx-crash-2")
+        await wait_until(lambda: survivor.restore.last_repair is not None, timeout=20)
+        assert survivor.restore.last_repair["restored"] == 1
+        await wait_past_the_window(crashed_at)
+        retry = await post_inbound(survivor.http.port, "demo", text="hello", id="wx-crash-2")
+        assert retry.json()["duplicate"] is True
+        assert len(await stream_messages(nats_server.url, "GW_IN")) == 1
+    finally:
+        await survivor.stop()
+
+
+async def test_a_clean_stop_leaves_nothing_to_repair(nats_server):
+    cfg = make_config(nats_server.url, {"demo": {"type": "mock"}}, bus={"duplicate_window": f"{WINDOW:g}s"})
+    first = await start_gateway(cfg)
+    assert (await post_inbound(first.http.port, "demo", text="x", id="clean-1")).status_code == 200
+    await first.stop()
+    await asyncio.sleep(3 * first.restore.stale_after)  # long enough for a leftover marker to look dead
+    second = await start_gateway(make_config(nats_server.url, {"demo": {"type": "mock"}},
+                                             bus={"duplicate_window": f"{WINDOW:g}s"}))
+    try:
+        assert second.restore.last_repair is None
+    finally:
+        await second.stop()

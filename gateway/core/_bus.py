@@ -340,8 +340,14 @@ class Bus:
 
     # --- helpers -------------------------------------------------------------------
 
-    def require(self) -> Any:
-        """The JetStream context, or :class:`BusUnavailable`."""
+    def require(self, *, during_setup: bool = False) -> Any:
+        """The JetStream context, or :class:`BusUnavailable`.
+
+        The bus counts as connected only after every ``on_ready`` callback ran (so webhooks
+        wait for the dedup restore); those callbacks themselves pass ``during_setup=True``
+        to use the connection that is already up."""
+        if during_setup and self.nc is not None and self.nc.is_connected and self.js is not None:
+            return self.js
         if not self.connected:
             raise BusUnavailable(f"bus not connected ({self.error or 'disconnected'})")
         return self.js

@@ -137,7 +137,7 @@ class DedupRestore:
     async def _beat_once(self) -> datetime:
         """Rewrite this process's marker; returns the server's time of that write (every
         age below is in server time, so the processes' clocks do not matter)."""
-        js = self.bus.require()
+        js = self.bus.require(during_setup=True)
         value = msgspec.json.encode(_Marker(instance=self.instance, pid=os.getpid(), host=socket.gethostname()))
         ack = await js.publish(self._subject(), value)
         return (await js.get_msg(self._stream, seq=ack.seq)).time
@@ -147,7 +147,7 @@ class DedupRestore:
     async def repair(self, now: datetime) -> int:
         """Repair every marker not rewritten for ``stale_after``; returns the number of
         dedup records created."""
-        js = self.bus.require()
+        js = self.bus.require(during_setup=True)
         prefix = self._subject("")
         info = await js.stream_info(self._stream, subjects_filter=prefix + "*")
         created = 0
@@ -191,7 +191,7 @@ class DedupRestore:
     async def restore_window(self, start: datetime, end: datetime) -> tuple[int, int]:
         """Create the missing dedup record of every message with a provider id that GW_IN
         stored between ``start`` and ``end``; returns (messages scanned, records created)."""
-        js = self.bus.require()
+        js = self.bus.require(during_setup=True)
         s = self.bus.subjects
         try:
             if not (await js.stream_info(s.stream_in)).state.messages:

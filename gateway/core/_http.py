@@ -8,7 +8,10 @@ with Retry-After so the provider retries; nothing of a request body is ever logg
 Slow clients cannot hold the server: a request's headers must arrive within
 ``header_timeout`` and its body within ``body_timeout`` (408, connection closed), an idle
 keep-alive connection is closed after ``keep_alive_timeout``, and connections beyond
-``max_connections`` are refused at once (503) so that file descriptors never run out."""
+``max_connections`` are refused at once (503) so that file descriptors never run out.
+
+Channels may also serve WebSockets here (``ctx.add_websocket``, see ``_websocket``); those
+count toward ``max_connections`` and are closed with 1001 before the server stops."""
 
 from __future__ import annotations
 

@@ -21,6 +21,8 @@ from .core._errors import (
 from .core._gateway import Gateway
 from .core._hookspecs import hookimpl
 from .core._plugins import PluginManager
+from .core._retry import Backoff
+from .core._websocket import Handshake, WebSocketClient, WebSocketClosed, WebSocketConnection, tokens_equal
 from .core._schema import (
     SCHEMA_VERSION,
     AudioPart,
@@ -55,6 +57,7 @@ except PackageNotFoundError:  # pragma: no cover - running from a source tree
 __all__ = [
     "SCHEMA_VERSION",
     "AudioPart",
+    "Backoff",
     "BusUnavailable",
     "Channel",
     "ChannelConfig",
@@ -97,6 +100,11 @@ __all__ = [
     "TextPart",
     "UnknownPart",
     "VideoPart",
+    "WebSocketClient",
+    "WebSocketClosed",
+    "WebSocketConnection",
+    "Handshake",
+    "tokens_equal",
     "__version__",
     "hookimpl",
     "load_config",

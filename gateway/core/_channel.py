@@ -17,6 +17,8 @@ if TYPE_CHECKING:
     from starlette.requests import Request
     from starlette.responses import Response
 
+    from ._websocket import Authorize, WebSocketHandler
+
 ChannelState = Literal["starting", "running", "degraded", "stopped", "failed"]
 
 
@@ -167,6 +169,28 @@ class ChannelContext(abc.ABC):
     @abc.abstractmethod
     def set_state(self, state: ChannelState, detail: str | None = None) -> None:
         """Report the channel's health (shown by ``/healthz``)."""
+
+    @abc.abstractmethod
+    def add_websocket(self, path: str, handler: WebSocketHandler, *, authorize: Authorize | None = None,
+                      allowed_origins: Sequence[str] | None = None, max_connections: int = 100,
+                      max_message_size: int = 1 << 20, ping_interval: float | None = 20.0,
+                      ping_timeout: float | None = 20.0, idle_timeout: float | None = 300.0,
+                      send_queue: int = 64, send_timeout: float = 5.0) -> str:
+        """Accept WebSockets at ``/channels/<name><path>`` on the shared HTTP server; returns
+        the full path. ``handler(conn)`` runs for each accepted :class:`WebSocketConnection`.
+
+        Before the upgrade, ``allowed_origins`` (exact ``Origin`` values; None accepts any)
+        and ``authorize(handshake)`` judge it: ``authorize`` returns an identity (kept as
+        ``conn.identity``) or raises :class:`RequestError` (``status=401``/``403``), which is
+        answered as that HTTP status, counted and logged without headers or query. Beyond
+        ``max_connections`` open sockets of this route the answer is 503.
+
+        An accepted socket is bounded: a message over ``max_message_size`` bytes closes it
+        with 1009; it is pinged every ``ping_interval`` seconds and cut if no pong comes within
+        ``ping_timeout``; with no message from the peer for ``idle_timeout`` it is closed
+        (1000). ``conn.send`` waits while ``send_queue`` messages are waiting to be written,
+        and after ``send_timeout`` closes the connection as a slow consumer (1008). When the
+        channel or the gateway stops, sockets are closed with 1001."""
 
 
 class Channel(abc.ABC):

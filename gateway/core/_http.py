@@ -8,7 +8,10 @@ with Retry-After so the provider retries; nothing of a request body is ever logg
 Slow clients cannot hold the server: a request's headers must arrive within
 ``header_timeout`` and its body within ``body_timeout`` (408, connection closed), an idle
 keep-alive connection is closed after ``keep_alive_timeout``, and connections beyond
-``max_connections`` are refused at once (503) so that file descriptors never run out."""
+``max_connections`` are refused at once (503) so that file descriptors never run out.
+
+Channels may also serve WebSockets here (``ctx.add_websocket``, see ``_websocket``); those
+count toward ``max_connections`` and are closed with 1001 before the server stops."""
 
 from __future__ import annotations
 
@@ -24,13 +27,14 @@ import uvicorn
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import PlainTextResponse, Response
-from starlette.routing import Route, Router
+from starlette.routing import Route, Router, WebSocketRoute
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from ._config import seconds
 from ._errors import BusUnavailable, RequestError, StartupError
 from ._logging import Throttle
+from ._websocket import Authorize, GatewayWebSocketProtocol, WebSocketHandler, WebSocketHub, WebSocketLimits, _Route
 
 if TYPE_CHECKING:
     from ._channel import Endpoint
@@ -156,6 +160,7 @@ class HttpServer:
         # One line per interval and cause (and channel), with the count of the rest: a bus
         # outage under load or a flood of slow clients must not become a flood of logs.
         self.throttle = Throttle(_LOG_INTERVAL)
+        self.websockets = WebSocketHub(gw.metrics.registry, self.throttle)
 
     # --- routes --------------------------------------------------------------------
 
@@ -167,8 +172,18 @@ class HttpServer:
         router.routes.append(Route(path, self._wrap(ctx, endpoint, max_body), methods=list(methods)))
         return f"/channels/{ctx.name}{path}"
 
+    def add_websocket(self, ctx: Context, path: str, handler: WebSocketHandler, authorize: Authorize | None,
+                      limits: WebSocketLimits) -> str:
+        if not path.startswith("/"):
+            path = "/" + path
+        route = _Route(self.websockets, ctx, path, handler, authorize, limits)
+        self.websockets.add(route)
+        self.routers.setdefault(ctx.name, Router()).routes.append(WebSocketRoute(path, route))
+        return f"/channels/{ctx.name}{path}"
+
     def remove_channel(self, name: str) -> None:
         self.routers.pop(name, None)
+        self.websockets.close_channel(name)
 
     def connection_closed(self, reason: str) -> None:
         """Count (and log, throttled) a connection the server closed on its own."""
@@ -262,11 +277,12 @@ class HttpServer:
     # --- ASGI ----------------------------------------------------------------------
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
-            if scope["type"] == "websocket":
-                await send({"type": "websocket.close", "code": 1003})
+        if scope["type"] not in ("http", "websocket"):
             return
         path: str = scope["path"]
+        if scope["type"] == "websocket" and not path.startswith("/channels/"):
+            await send({"type": "websocket.close", "code": 1003})  # answered 403 before the upgrade
+            return
         if path == "/healthz":
             await self._healthz(scope, receive, send)
             return
@@ -336,6 +352,8 @@ class HttpServer:
             self, host=self.cfg.host, port=self.cfg.port, log_config=None, access_log=False, lifespan="off",
             timeout_graceful_shutdown=15, server_header=False, date_header=False,
             http=type("Protocol", (_GuardedProtocol,), {"owner": self}),
+            # Size limit and keep-alive are set per route before accepting (see _websocket).
+            ws=GatewayWebSocketProtocol, ws_max_size=1 << 20,
             timeout_keep_alive=seconds(self.cfg.keep_alive_timeout),  # type: ignore[arg-type]  # a float works
         )
         self.server = _Server(config)
@@ -351,6 +369,8 @@ class HttpServer:
         """Stop accepting; requests in flight finish (their messages reach the bus)."""
         if self.server is None or self.task is None:
             return
+        # Sockets first, with 1001 ("going away"): uvicorn's own shutdown would send 1012.
+        await self.websockets.close_all(timeout=5)
         self.server.should_exit = True
         try:
             await asyncio.wait_for(self.task, 20)

@@ -29,6 +29,7 @@ from ._channel import (
 )
 from ._errors import BusUnavailable, PayloadTooLarge, RequestError
 from ._failpoints import failpoint
+from ._websocket import Authorize, WebSocketHandler, WebSocketLimits
 from ._schema import (
     AudioPart,
     DeliveryState,
@@ -329,6 +330,19 @@ class Context(ChannelContext):
     def add_route(self, path: str, endpoint: Endpoint, methods: Sequence[str] = ("POST",), *,
                   max_body: int | None = None) -> str:
         return self.gw.http.add_route(self, path, endpoint, methods, max_body)
+
+    def add_websocket(self, path: str, handler: WebSocketHandler, *, authorize: Authorize | None = None,
+                      allowed_origins: Sequence[str] | None = None, max_connections: int = 100,
+                      max_message_size: int = 1 << 20, ping_interval: float | None = 20.0,
+                      ping_timeout: float | None = 20.0, idle_timeout: float | None = 300.0,
+                      send_queue: int = 64, send_timeout: float = 5.0) -> str:
+        if isinstance(allowed_origins, str):  # a lone string would become a set of characters
+            raise TypeError("add_websocket: allowed_origins must be a list of origins, not a string")
+        limits = WebSocketLimits(
+            max_connections=max_connections, max_message_size=max_message_size, ping_interval=ping_interval,
+            ping_timeout=ping_timeout, idle_timeout=idle_timeout, send_queue=send_queue, send_timeout=send_timeout,
+            allowed_origins=None if allowed_origins is None else frozenset(allowed_origins))
+        return self.gw.http.add_websocket(self, path, handler, authorize, limits)
 
     async def report_status(
         self,

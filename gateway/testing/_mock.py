@@ -23,6 +23,22 @@ from ..core._config import Duration, seconds
 from ..core._errors import DeliveryError, RequestError, body_problem
 from ..core._hookspecs import hookimpl
 from ..core._schema import Outbound, Participant, TextPart, encode
+from ..core._websocket import Handshake, WebSocketConnection
+
+
+class MockWebSocket(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """``[channels.<name>.websocket]``: an echo WebSocket at ``/channels/<name>/ws``. The
+    text ``flood <count> <size>`` makes it send ``count`` messages of ``size`` bytes."""
+
+    token: str = ""
+    """When set, the handshake must carry ``Authorization: Bearer <token>`` (else 401)."""
+    allowed_origins: list[str] | None = None
+    max_connections: int = 100
+    max_message_size: int = 1 << 20
+    idle_timeout: Duration = "300s"
+    ping_interval: Duration = "20s"
+    send_queue: int = 64
+    send_timeout: Duration = "5s"
 
 
 class MockConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -38,6 +54,7 @@ class MockConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     """How many of the latest deliveries stay in memory (``MockChannel.deliveries``). The
     README's demo runs this channel for as long as anyone likes: an unbounded record grew
     by about 1.4 KB per reply (issue 9.7). ``record_file`` keeps them all on disk instead."""
+    websocket: MockWebSocket | None = None
 
 
 class _Inbound(msgspec.Struct, forbid_unknown_fields=True):
@@ -75,9 +92,33 @@ class MockChannel(Channel):
         self._failures: deque[_Failure] = deque()
         self.supported_parts = frozenset(cfg.supported_parts)
         self._delay = seconds(cfg.deliver_delay)
+        self.websocket_sessions = 0
+        """WebSocket handler runs so far (a refused handshake never gets one)."""
 
     async def start(self) -> None:
         self.ctx.add_route("/inbound", self._webhook, methods=["POST"])
+        ws: MockWebSocket | None = self.ctx.config.websocket
+        if ws is not None:
+            self.ctx.add_websocket(
+                "/ws", self._echo, authorize=self._authorize if ws.token else None,
+                allowed_origins=ws.allowed_origins, max_connections=ws.max_connections,
+                max_message_size=ws.max_message_size, idle_timeout=seconds(ws.idle_timeout),
+                ping_interval=seconds(ws.ping_interval), send_queue=ws.send_queue, send_timeout=seconds(ws.send_timeout))
+
+    def _authorize(self, handshake: Handshake) -> str:
+        if not handshake.bearer_matches(self.ctx.config.websocket.token):
+            raise RequestError("missing or wrong bearer token", status=401)
+        return handshake.headers.get("x-self-id", "")
+
+    async def _echo(self, conn: WebSocketConnection) -> None:
+        self.websocket_sessions += 1
+        async for data in conn:
+            if isinstance(data, str) and data.startswith("flood "):
+                count, size = map(int, data.split()[1:3])
+                for _ in range(count):
+                    await conn.send("x" * size)
+            else:
+                await conn.send(data)
 
     async def _webhook(self, request: Request) -> Response:
         try:

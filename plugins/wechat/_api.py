@@ -48,8 +48,9 @@ _RETRY_AFTER = {45009: 3600.0, 45011: 60.0}
 
 class APIError(DeliveryError):
     """WeChat refused a call with an ``errcode`` (its own error code, in an HTTP 200
-    answer). ``permanent``: retrying the same call cannot help. HTTP and network failures
-    are plain :class:`DeliveryError`\ s (``http_<status>``, ``timeout``, ``network``)."""
+    answer) or answered something unusable. ``permanent``: retrying the same call cannot
+    help. HTTP and network failures are plain :class:`DeliveryError` (``http_<status>``,
+    ``timeout``, ``network``)."""
 
     def __init__(self, message: str, *, permanent: bool, errcode: int | None = None, code: str | None = None,
                  retry_after: float | None = None):

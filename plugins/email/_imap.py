@@ -14,14 +14,13 @@ import random
 import re
 import ssl
 import time
-import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import aioimaplib
 import msgspec
 
-from gateway import BusUnavailable, KeyValue
+from gateway import BusUnavailable, GatewayError, KeyValue, Lease
 
 from ._config import ImapConfig, seconds
 from ._parse import MailRejected
@@ -29,7 +28,7 @@ from ._parse import MailRejected
 Ingest = Callable[[bytes, dict[str, Any]], Awaitable[str]]
 
 
-class ImapError(Exception):
+class ImapError(GatewayError):
     """The IMAP server refused something (login, select, fetch)."""
 
 
@@ -39,58 +38,6 @@ class Checkpoint(msgspec.Struct):
 
     uidvalidity: int
     last_uid: int
-
-
-class _Lease(msgspec.Struct):
-    holder: str
-    expires: float
-
-
-_cp_enc = msgspec.json.Encoder()
-_cp_dec = msgspec.json.Decoder(Checkpoint)
-_lease_dec = msgspec.json.Decoder(_Lease)
-
-
-class Lease:
-    """A lease in the KV state, taken and renewed by compare-and-set. The holder renews it
-    every third of its TTL; when the holder dies, another process takes it once it expired.
-    Expiry is wall-clock time in the value, so the processes' clocks must agree to within a
-    fraction of the TTL (NTP)."""
-
-    def __init__(self, state: KeyValue, key: str, ttl: float):
-        self.state = state
-        self.key = key
-        self.ttl = ttl
-        self.holder = uuid.uuid4().hex
-
-    async def acquire(self) -> bool:
-        """Take or renew the lease; True if we hold it now."""
-        now = time.time()
-        value = _cp_enc.encode(_Lease(holder=self.holder, expires=now + self.ttl))
-        cur = await self.state.get_revision(self.key)
-        if cur is None:
-            return await self.state.create(self.key, value)
-        raw, revision = cur
-        try:
-            lease = _lease_dec.decode(raw)
-        except msgspec.DecodeError:
-            lease = _Lease(holder="", expires=0)
-        if lease.holder != self.holder and lease.expires > now:
-            return False
-        return await self.state.update(self.key, value, revision)
-
-    async def release(self) -> None:
-        """Give the lease up (only if we still hold it) so a peer takes over at once."""
-        cur = await self.state.get_revision(self.key)
-        if cur is None:
-            return
-        raw, revision = cur
-        try:
-            lease = _lease_dec.decode(raw)
-        except msgspec.DecodeError:
-            return
-        if lease.holder == self.holder:
-            await self.state.update(self.key, _cp_enc.encode(_Lease(holder="", expires=0)), revision)
 
 
 _UIDVALIDITY = re.compile(rb"\[UIDVALIDITY (\d+)\]")
@@ -350,13 +297,7 @@ class ImapPoller:
             pass
 
     async def _load_checkpoint(self) -> Checkpoint | None:
-        raw = await self.state.get(self.cp_key)
-        if raw is None:
-            return None
-        try:
-            return _cp_dec.decode(raw)
-        except msgspec.DecodeError:
-            return None
+        return await self.state.get_record(self.cp_key, Checkpoint)
 
     async def _catch_up(self, client: aioimaplib.IMAP4, uidvalidity: int, uidnext: int | None) -> None:
         """Publish every message after the checkpoint, in UID order."""
@@ -367,14 +308,14 @@ class ImapPoller:
             if self.cfg.start == "new" and uidnext is not None:
                 start_uid = uidnext - 1
             cp = Checkpoint(uidvalidity=uidvalidity, last_uid=start_uid)
-            await self.state.put(self.cp_key, _cp_enc.encode(cp))
+            await self.state.put_record(self.cp_key, cp)
         elif cp.uidvalidity != uidvalidity:
             # The mailbox was recreated or its UIDs renumbered (RFC 3501 2.3.1.1): old UIDs
             # mean nothing now. Re-read all of it; Message-ID dedup drops what is on the bus.
             self.log.warning("imap UIDVALIDITY changed; re-scanning the mailbox", old=cp.uidvalidity, new=uidvalidity)
             cp = Checkpoint(uidvalidity=uidvalidity, last_uid=0)
             rescan = True
-            await self.state.put(self.cp_key, _cp_enc.encode(cp))
+            await self.state.put_record(self.cp_key, cp)
         resp = _check(await client.uid_search(f"UID {cp.last_uid + 1}:*", charset=None), "UID SEARCH")
         uids: list[int] = []
         for line in resp.lines[:-1]:
@@ -397,7 +338,7 @@ class ImapPoller:
                     # Unprocessable mail stays in the mailbox; it is skipped, not retried forever.
                     self.log.warning("imap message rejected", uid=uid, reason=exc.reason)
                 cp = Checkpoint(uidvalidity=uidvalidity, last_uid=uid)
-                await self.state.put(self.cp_key, _cp_enc.encode(cp))
+                await self.state.put_record(self.cp_key, cp)
                 self.published += 1
                 await self._after(client, uid)
                 await self._renew_if_due()

@@ -337,6 +337,9 @@ class HttpServer:
             timeout_graceful_shutdown=15, server_header=False, date_header=False,
             http=type("Protocol", (_GuardedProtocol,), {"owner": self}),
             timeout_keep_alive=seconds(self.cfg.keep_alive_timeout),  # type: ignore[arg-type]  # a float works
+            # uvicorn would rewrite scheme and client from X-Forwarded-* sent by any local
+            # process; webhooks read them only where configured (gateway.public_url).
+            proxy_headers=False,
         )
         self.server = _Server(config)
         self.task = asyncio.create_task(self.server.serve(sockets=self.sockets), name="http")

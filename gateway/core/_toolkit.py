@@ -324,7 +324,12 @@ def public_url(request: Request, *, base_url: str | None = None, trust_forwarded
     that is trusted to set them, ``X-Forwarded-Proto`` / ``X-Forwarded-Host``; else the
     URL the request reached us at. Forwarded headers are ignored unless trusted: anyone
     can send them."""
-    path = request.url.path + (f"?{request.url.query}" if request.url.query else "")
+    # The path and query exactly as the client sent them (a signature covers those bytes),
+    # not as routing rewrote them: a channel's router sees only its own sub-path.
+    raw = request.scope.get("raw_path")
+    path = raw.decode("latin-1") if raw else request.scope.get("root_path", "") + request.scope["path"]
+    query = request.scope.get("query_string", b"").decode("latin-1")
+    path += f"?{query}" if query else ""
     if base_url:
         return base_url.rstrip("/") + path
     scheme, host = request.url.scheme, request.headers.get("host") or request.url.netloc
@@ -385,15 +390,40 @@ class Supervised:
                 await asyncio.sleep(self.lease.ttl / 3)
                 continue
             try:
-                await self.run(self)
+                await self._run_holding()
             except asyncio.CancelledError:
                 raise
+            except _LeaseLost:
+                self.log.warning("lease lost; another process does the work", task=self.name)
             except Exception as exc:  # noqa: BLE001 - whatever failed, the task goes on
                 delay = self.backoff.next()
                 self.log.warning("background task failed; restarting", task=self.name,
                                  error=f"{type(exc).__name__}: {exc}", retry_in=round(delay, 2))
                 self.set_state("degraded", f"{self.name}: {type(exc).__name__}: {exc}")
                 await asyncio.sleep(delay)
+
+    async def _run_holding(self) -> None:
+        """``run``, with the lease renewed every third of its TTL meanwhile; when it cannot
+        be renewed, ``run`` is cancelled: a peer may hold it by now."""
+        if self.lease is None:
+            await self.run(self)
+            return
+        work = asyncio.create_task(self.run(self), name=self.name + ":run")
+        try:
+            while True:
+                done, _ = await asyncio.wait({work}, timeout=self.lease.ttl / 3)
+                if done:
+                    work.result()
+                    return
+                if not await self.hold():
+                    raise _LeaseLost()
+        finally:
+            if not work.done():
+                work.cancel()
+                try:
+                    await work
+                except (asyncio.CancelledError, Exception):  # noqa: BLE001 - replaced by what we raise
+                    pass
 
     async def stop(self) -> None:
         """Cancel the task and release the lease so a peer takes over at once."""
@@ -409,3 +439,7 @@ class Supervised:
             except Exception:  # noqa: BLE001 - it expires by itself
                 pass
             self.holding = False
+
+
+class _LeaseLost(Exception):
+    pass

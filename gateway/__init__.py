@@ -17,6 +17,7 @@ from .core._errors import (
     PluginError,
     RequestError,
     SignatureError,
+    body_problem,
 )
 from .core._gateway import Gateway
 from .core._channel import MediaPart
@@ -125,6 +126,7 @@ __all__ = [
 __all__ += [
     "Backoff",
     "DeliveryState",
+    "body_problem",
     "Lease",
     "MediaPart",
     "ProviderIndex",

@@ -15,7 +15,7 @@ import hmac
 import random
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from email.utils import parsedate_to_datetime
 from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar
 
@@ -350,7 +350,7 @@ class Supervised:
     ``set_state`` (``/healthz``): ``degraded`` with the error while it retries; ``run``
     calls :meth:`running` once it works, which also resets the backoff."""
 
-    def __init__(self, name: str, run: Callable[[Supervised], Awaitable[None]], *,
+    def __init__(self, name: str, run: Callable[[Supervised], Coroutine[Any, Any, None]], *,
                  set_state: Callable[[ChannelState, str | None], None], log: Any,
                  lease: Lease | None = None, backoff: Backoff | None = None):
         self.name = name
@@ -408,7 +408,7 @@ class Supervised:
         if self.lease is None:
             await self.run(self)
             return
-        work = asyncio.create_task(self.run(self), name=self.name + ":run")
+        work: asyncio.Task[None] = asyncio.create_task(self.run(self), name=self.name + ":run")
         try:
             while True:
                 done, _ = await asyncio.wait({work}, timeout=self.lease.ttl / 3)

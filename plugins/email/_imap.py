@@ -20,7 +20,7 @@ from typing import Any
 import aioimaplib
 import msgspec
 
-from gateway import BusUnavailable, GatewayError, KeyValue, Lease
+from gateway import BusUnavailable, ChannelState, GatewayError, KeyValue, Lease
 
 from ._config import ImapConfig, seconds
 from ._parse import MailRejected
@@ -78,7 +78,7 @@ class ImapPoller:
     """Reads one mailbox into the bus (see the module docstring)."""
 
     def __init__(self, cfg: ImapConfig, state: KeyValue, ingest: Ingest, log: Any,
-                 set_state: Callable[[str, str | None], None]):
+                 set_state: Callable[[ChannelState, str | None], None]):
         self.cfg = cfg
         self.state = state
         self.ingest = ingest

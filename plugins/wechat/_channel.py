@@ -315,7 +315,7 @@ class WeChatChannel(Channel):
         return bodies
 
     @staticmethod
-    def _media_kind(part: Any) -> str:
+    def _media_kind(part: MediaPart) -> str:
         if isinstance(part, FilePart):
             major = (part.content_type or "").split("/")[0]
             if major in _MEDIA_KINDS:
@@ -323,7 +323,7 @@ class WeChatChannel(Channel):
             raise DeliveryError(f"WeChat customer-service messages cannot carry files of type "
                                 f"{part.content_type or 'unknown'} (only images, voice and video)",
                                 permanent=True, code="unsupported_content")
-        return {ImagePart: "image", AudioPart: "voice", VideoPart: "video"}[type(part)]
+        return "image" if isinstance(part, ImagePart) else "voice" if isinstance(part, AudioPart) else "video"
 
     async def _media_id(self, part: MediaPart, kind: str) -> str:
         """The part's WeChat media id: given, or its content uploaded as temporary media

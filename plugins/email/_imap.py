@@ -1,6 +1,6 @@
-"""The IMAP mailbox reader: IDLE (or polling), reconnect with backoff, a UIDVALIDITY + UID
-checkpoint in the channel's KV state, and a lease so exactly one gateway process reads a
-mailbox.
+"""The IMAP mailbox reader: IDLE (or polling) and a UIDVALIDITY + UID checkpoint in the
+channel's KV state, run as a :class:`gateway.Supervised` task (reconnect with backoff,
+health) under a :class:`gateway.Lease` so exactly one gateway process reads a mailbox.
 
 Order of work per message: publish (the core dedups on Message-ID), then move the
 checkpoint past its UID, then the optional \\Seen / move. A crash between publish and
@@ -10,17 +10,15 @@ ever checkpointed before it is on the bus, so nothing is skipped."""
 from __future__ import annotations
 
 import asyncio
-import random
 import re
 import ssl
-import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import aioimaplib
 import msgspec
 
-from gateway import BusUnavailable, ChannelState, GatewayError, KeyValue, Lease
+from gateway import Backoff, ChannelState, GatewayError, KeyValue, Lease, Supervised
 
 from ._config import ImapConfig, seconds
 from ._parse import MailRejected
@@ -87,90 +85,58 @@ class ImapPoller:
         safe = re.sub(r"[^A-Za-z0-9_-]", "_", cfg.mailbox)[:80]
         self.cp_key = f"imap-cp-{safe}"
         self.lease = Lease(state, f"imap-lease-{safe}", seconds(cfg.lease_ttl))
-        self.task: asyncio.Task[None] | None = None
+        self.supervisor = Supervised(f"imap:{cfg.mailbox}", self._serve, set_state=set_state, log=log,
+                                     lease=self.lease, backoff=Backoff(1.0, seconds(cfg.backoff_max)))
         self.client: aioimaplib.IMAP4 | None = None
-        self.holding = False
         self.published = 0
         self._lost = asyncio.Event()
-        self._last_renew = 0.0
-        self._stopping = False
         self._exists_seen = False
         """Set when the server announced new mail (``* N EXISTS``) in any response."""
 
+    @property
+    def holding(self) -> bool:
+        """Whether this process holds the mailbox's lease."""
+        return self.supervisor.holding
+
+    @property
+    def task(self) -> asyncio.Task[None] | None:
+        """The background task (cancelling it is a crash: the lease is not released)."""
+        return self.supervisor.task
+
     def start(self) -> None:
         """Run in the background until :meth:`stop`."""
-        self.task = asyncio.create_task(self._run(), name=f"imap:{self.cfg.mailbox}")
+        self.supervisor.start()
 
     async def stop(self) -> None:
         """Stop reading, log out, and release the lease so a peer takes over at once."""
-        self._stopping = True
-        if self.task is not None:
-            self.task.cancel()
-            try:
-                await self.task
-            except (asyncio.CancelledError, Exception):
-                pass
+        await self.supervisor.stop()
         await self._disconnect()
-        if self.holding:
-            try:
-                await asyncio.wait_for(self.lease.release(), 5)
-            except Exception:  # noqa: BLE001 - it expires by itself
-                pass
-            self.holding = False
 
     # --- the loop ------------------------------------------------------------------
 
-    async def _run(self) -> None:
-        backoff = 1.0
-        while not self._stopping:
-            try:
-                if not await self._hold_lease():
-                    await asyncio.sleep(self.lease.ttl / 3)
-                    continue
-                await self._session()
-                backoff = 1.0
-            except asyncio.CancelledError:
-                raise
-            except _LeaseLost:
-                self.log.warning("imap lease lost; another process reads the mailbox")
-                await self._disconnect()
-            except BusUnavailable as exc:
-                await self._disconnect()
-                self.set_state("degraded", f"bus unavailable: {exc}")
-                await asyncio.sleep(min(backoff, seconds(self.cfg.backoff_max)))
-                backoff = min(backoff * 2, seconds(self.cfg.backoff_max))
-            except Exception as exc:  # noqa: BLE001 - network, server, protocol: reconnect
-                await self._disconnect()
-                delay = min(backoff, seconds(self.cfg.backoff_max)) * random.uniform(0.8, 1.2)
-                self.log.warning("imap connection failed; reconnecting", error=f"{type(exc).__name__}: {exc}",
-                                 retry_in=round(delay, 2))
-                self.set_state("degraded", f"imap: {type(exc).__name__}: {exc}")
-                await asyncio.sleep(delay)
-                backoff = min(backoff * 2, seconds(self.cfg.backoff_max))
-
-    async def _hold_lease(self) -> bool:
+    async def _serve(self, task: Supervised) -> None:
+        # The supervisor restarts this after any error, and cancels it when the lease is
+        # lost: a message published but not checkpointed is re-read, and dedup drops it.
         try:
-            self.holding = await self.lease.acquire()
-        except Exception as exc:  # noqa: BLE001 - KV unreachable: we cannot know, so we do not read
-            self.log.warning("imap lease check failed", error=f"{type(exc).__name__}: {exc}")
-            self.holding = False
-        return self.holding
+            await self._session(task)
+        finally:
+            await self._disconnect()
 
-    async def _session(self) -> None:
+    async def _session(self, task: Supervised) -> None:
         cfg = self.cfg
         client = await self._connect()
         uidvalidity, uidnext = await self._select(client)
-        self.set_state("running", None)
-        renew_every = self.lease.ttl / 3
+        task.running()
+        # IDLE is ended this often even without news: mail announced only in the answer
+        # to DONE is then read within this time, not at the next idle_refresh.
+        wake_every = self.lease.ttl / 3
         use_idle = cfg.idle and client.has_capability("IDLE")
-        self._last_renew = time.monotonic()
         await self._catch_up_all(client, uidvalidity, uidnext)
-        while not self._stopping:
+        while True:
             if use_idle:
-                await self._idle(client, renew_every)
+                await self._idle(client, wake_every)
             else:
-                await self._sleep_polling(renew_every)
-            await self._renew_if_due()
+                await asyncio.sleep(seconds(self.cfg.poll_interval))
             if not use_idle:
                 _check(await client.noop(), "NOOP")
             await self._catch_up_all(client, uidvalidity, None)
@@ -185,31 +151,16 @@ class ImapPoller:
             self._exists_seen = False
             await self._catch_up(client, uidvalidity, uidnext)
             uidnext = None
-            if not self._exists_seen or self._stopping:
+            if not self._exists_seen:
                 return
 
-    async def _renew_if_due(self) -> None:
-        """Renew the lease once a third of its TTL has passed (also between the messages
-        of a long catch-up, so a big backlog does not let it expire)."""
-        if time.monotonic() - self._last_renew >= self.lease.ttl / 3 * 0.9:
-            if not await self._hold_lease():
-                raise _LeaseLost()
-            self._last_renew = time.monotonic()
-
-    async def _sleep_polling(self, renew_every: float) -> None:
-        # Poll every poll_interval, but wake up in time to renew the lease.
-        deadline = time.monotonic() + seconds(self.cfg.poll_interval)
-        while time.monotonic() < deadline:
-            await asyncio.sleep(min(renew_every, max(0.0, deadline - time.monotonic())))
-            await self._renew_if_due()
-
-    async def _idle(self, client: aioimaplib.IMAP4, renew_every: float) -> None:
-        """IDLE until the server pushes a change or it is time to renew the lease."""
+    async def _idle(self, client: aioimaplib.IMAP4, wake_every: float) -> None:
+        """IDLE until the server pushes a change or ``wake_every`` passed."""
         lost = self._lost
         idle = await client.idle_start(timeout=seconds(self.cfg.idle_refresh))
         try:
             while True:
-                push_task = asyncio.ensure_future(client.wait_server_push(timeout=renew_every))
+                push_task = asyncio.ensure_future(client.wait_server_push(timeout=wake_every))
                 lost_task = asyncio.ensure_future(lost.wait())
                 try:
                     await asyncio.wait({push_task, lost_task}, return_when=asyncio.FIRST_COMPLETED)
@@ -341,7 +292,6 @@ class ImapPoller:
                 await self.state.put_record(self.cp_key, cp)
                 self.published += 1
                 await self._after(client, uid)
-                await self._renew_if_due()
 
     async def _after(self, client: aioimaplib.IMAP4, uid: int) -> None:
         cfg = self.cfg
@@ -355,7 +305,3 @@ class ImapPoller:
                 _check(await client.uid("store", str(uid), "+FLAGS.SILENT (\\Deleted)"), "UID STORE")
                 if client.has_capability("UIDPLUS"):
                     _check(await client.uid("expunge", str(uid)), "UID EXPUNGE")
-
-
-class _LeaseLost(Exception):
-    pass

@@ -78,3 +78,22 @@ def test_wechat_and_email_import_only_gateway():
             if m and m.group(1) != "gateway":
                 offenders.append(f"{path.relative_to(ROOT)}:{n}: {line.strip()}")
     assert not offenders, offenders
+
+
+def test_a_channel_that_still_sets_type_keeps_working_and_new_ones_still_read_as_type():
+    from gateway import Channel, PluginManager
+
+    class Legacy(Channel):
+        type = "legacy"
+
+    class Current(Channel):
+        channel_type = "current"
+
+    assert Legacy.channel_type == "legacy" and Current.type == "current"  # type: ignore[attr-defined]
+
+    class P:
+        @gateway.hookimpl
+        def register_channel_types(self):
+            return [Legacy, Current]
+
+    assert {"legacy", "current"} <= set(PluginManager(load_entry_points=False, extra=[P()]).channel_types)

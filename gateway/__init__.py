@@ -17,14 +17,32 @@ from .core._errors import (
     PluginError,
     RequestError,
     SignatureError,
+    body_problem,
 )
 from .core._gateway import Gateway
+from .core._channel import MediaPart
+from .core._retry import Backoff
+from .core._toolkit import (
+    Lease,
+    ProviderIndex,
+    Sent,
+    SharedValue,
+    Supervised,
+    check_timestamp,
+    parse_retry_after,
+    provider_error,
+    public_url,
+    stable_id,
+    verify_ed25519,
+    verify_hmac,
+)
 from .core._hookspecs import hookimpl
 from .core._plugins import PluginManager
 from .core._retry import Backoff
 from .core._websocket import Handshake, WebSocketClient, WebSocketClosed, WebSocketConnection, tokens_equal
 from .core._schema import (
     SCHEMA_VERSION,
+    DeliveryState,
     AudioPart,
     ChoicePart,
     DeadLetter,
@@ -110,4 +128,24 @@ __all__ = [
     "load_config",
     "parse_config",
     "seconds",
+]
+
+# The channel toolkit (gateway/core/_toolkit.py) and the types a plugin's signatures use.
+__all__ += [
+    "Backoff",
+    "DeliveryState",
+    "body_problem",
+    "Lease",
+    "MediaPart",
+    "ProviderIndex",
+    "Sent",
+    "SharedValue",
+    "Supervised",
+    "check_timestamp",
+    "parse_retry_after",
+    "provider_error",
+    "public_url",
+    "stable_id",
+    "verify_ed25519",
+    "verify_hmac",
 ]

@@ -13,7 +13,7 @@ import httpx
 import nats
 
 from gateway import Outbound, TextPart
-from gateway.core._schema import encode
+from gateway.wire import encode
 from gateway.testing import GatewayProcess, NatsServer, post_inbound, wait_until
 
 

@@ -15,7 +15,7 @@ import pytest
 from nats.js import api
 
 from gateway import Outbound, Template, TextPart
-from gateway.core._schema import encode
+from gateway.wire import encode
 from gateway.testing import post_inbound, statuses, stream_messages, wait_for_status, wait_until
 
 DOC = Path(__file__).parent.parent / "docs" / "bus-contract.md"

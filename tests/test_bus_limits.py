@@ -75,7 +75,8 @@ async def test_a_smaller_server_max_payload_is_the_limit_not_the_config(tmp_path
 
 
 async def test_undecodable_outbound_too_large_for_a_dead_letter_is_kept_in_the_object_store(gateway_factory, nats_server, bus):
-    from gateway.core._schema import ObjectRef, dead_letter_decoder
+    from gateway import ObjectRef
+    from gateway.wire import dead_letter_decoder
 
     gw = await gateway_factory({"demo": {"type": "mock"}})
     nc = gw.bus.nc
@@ -96,7 +97,7 @@ async def test_undecodable_outbound_too_large_for_a_dead_letter_is_kept_in_the_o
 
 async def test_a_provider_error_too_long_for_a_status_is_shortened_and_the_connection_stays_up(gateway_factory, nats_server, bus):
     from gateway import Outbound, TextPart
-    from gateway.core._schema import encode
+    from gateway.wire import encode
 
     gw = await gateway_factory({"demo": {"type": "mock"}})
     nc = gw.bus.nc

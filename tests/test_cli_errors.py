@@ -15,8 +15,7 @@ from pathlib import Path
 import httpx
 
 from gateway.cli import build_parser, main
-from gateway.core._embedded import LOCK_FILE
-from gateway.testing import GatewayProcess, NatsServer, free_port
+from gateway.testing import LOCK_FILE, GatewayProcess, NatsServer, free_port
 
 GATEWAY = [sys.executable, "-m", "gateway"]
 

@@ -12,7 +12,7 @@ import time
 
 import httpx
 
-from gateway.core._schema import message_decoder
+from gateway.wire import message_decoder
 from gateway.testing import GatewayProcess, post_inbound, start_gateway, make_config, stream_messages, wait_until
 
 WINDOW = 1.0  # [bus] duplicate_window of these tests, in seconds

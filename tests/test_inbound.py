@@ -13,7 +13,7 @@ import pytest
 
 from gateway.testing import post_inbound
 from gateway import Channel, ImagePart, Participant, PluginManager, hookimpl
-from gateway.core._schema import message_decoder
+from gateway.wire import message_decoder
 from gateway.testing import NatsServer, make_config, start_gateway, stream_messages
 
 
@@ -113,7 +113,7 @@ async def test_malformed_body_gets_400_with_a_short_reason(gateway_factory, nats
 
 
 async def test_bus_down_at_start_answers_503_then_recovers(tmp_path):
-    from gateway.core._embedded import free_port
+    from gateway.testing import free_port
 
     port = free_port()
     cfg = make_config(f"nats://127.0.0.1:{port}", {"demo": {"type": "mock"}}, bus={"connect_timeout": "1s"})

@@ -12,7 +12,7 @@ import pytest
 
 from gateway import LocationPart, Participant, RequestError, TextPart
 from gateway.client import Client, Undecodable
-from gateway.core._schema import dead_letter_decoder
+from gateway.wire import dead_letter_decoder
 from gateway.testing import post_inbound, stream_messages
 
 

@@ -10,7 +10,7 @@ import subprocess
 
 import httpx
 
-from gateway.core._schema import message_decoder
+from gateway.wire import message_decoder
 from gateway.testing import GatewayProcess, NatsServer, free_port, stream_messages
 
 

@@ -4,7 +4,7 @@ left running does not grow (issue 9.7)."""
 from __future__ import annotations
 
 from gateway import Outbound, TextPart
-from gateway.core._schema import encode
+from gateway.wire import encode
 from gateway.testing import post_inbound
 
 

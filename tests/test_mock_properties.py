@@ -11,7 +11,7 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from gateway.core._schema import message_decoder
+from gateway.wire import message_decoder
 from gateway.testing import GatewayProcess, stream_messages
 
 # Lone surrogates are valid JSON escapes (json.dumps writes "\ud800") but not Unicode.

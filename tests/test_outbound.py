@@ -14,7 +14,7 @@ import pytest
 from gateway.testing import post_inbound, wait_until
 from gateway import LocationPart, Outbound, TextPart
 from gateway.cli import main
-from gateway.core._schema import dead_letter_decoder, encode
+from gateway.wire import dead_letter_decoder, encode
 from gateway.testing import statuses, stream_messages, wait_for_status as wait_state
 from gateway.testing import GatewayProcess
 

@@ -22,7 +22,7 @@ from gateway import (
     UnknownPart,
 )
 from gateway.cli import main
-from gateway.core._schema import encode, message_decoder, outbound_decoder
+from gateway.wire import encode, message_decoder, outbound_decoder
 
 ROOT = Path(__file__).parent.parent
 
@@ -77,7 +77,7 @@ def test_outbound_minimal_json_from_another_language_decodes():
 def test_derived_ids_never_change_between_releases():
     # Dedup across restarts and upgrades depends on these being the same forever: a
     # change here makes every provider retry after an upgrade a new message.
-    from gateway.core._pipeline import conversation_key, message_id
+    from gateway.wire import conversation_key, message_id
 
     assert message_id("demo", "p-1") == "2xlw676q26dzc5nd7hovexk5zb"
     assert conversation_key("demo", "alice") == "demo.j5jubarhqc37lcqsupgkeysqig"

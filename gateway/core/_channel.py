@@ -7,17 +7,32 @@ from __future__ import annotations
 import abc
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime
-from typing import TYPE_CHECKING, Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, TypeVar
 
 import msgspec
 
-from ._schema import DeliveryState, ErrorInfo, Message, ObjectRef, Outbound, Participant, Part
+from ._schema import (
+    AudioPart,
+    DeliveryState,
+    ErrorInfo,
+    FilePart,
+    ImagePart,
+    Message,
+    ObjectRef,
+    Outbound,
+    Participant,
+    Part,
+    VideoPart,
+)
 
 if TYPE_CHECKING:
     from starlette.requests import Request
     from starlette.responses import Response
 
     from ._websocket import Authorize, WebSocketHandler
+
+S = TypeVar("S", bound=msgspec.Struct)
+_decoders: dict[Any, msgspec.json.Decoder[Any]] = {}
 
 ChannelState = Literal["starting", "running", "degraded", "stopped", "failed"]
 
@@ -54,6 +69,9 @@ class PublishResult(msgspec.Struct, frozen=True, kw_only=True):
     """Stream sequence of the message (of the first copy for a duplicate, when known)."""
 
 
+MediaPart = ImagePart | FilePart | AudioPart | VideoPart
+"""A part whose content is bytes (inline or in the object store)."""
+
 Endpoint = Callable[["Request"], Awaitable["Response"]]
 
 
@@ -87,6 +105,25 @@ class KeyValue(abc.ABC):
         """Compare-and-set: store ``value`` only if ``key`` is still at ``revision``; True
         if it was stored. With :meth:`create` this builds leases and single-flight locks
         shared by every gateway process."""
+
+    async def get_record(self, key: str, record_type: type[S]) -> S | None:
+        """The msgspec Struct stored at ``key`` (by :meth:`put_record`), or None when
+        absent or no longer decodable as ``record_type`` (a record written by an older
+        shape is treated as missing, not as a crash)."""
+        raw = await self.get(key)
+        if raw is None:
+            return None
+        decoder = _decoders.get(record_type)
+        if decoder is None:
+            decoder = _decoders[record_type] = msgspec.json.Decoder(record_type)
+        try:
+            return decoder.decode(raw)  # type: ignore[no-any-return]
+        except msgspec.DecodeError:
+            return None
+
+    async def put_record(self, key: str, record: msgspec.Struct, *, ttl: float | None = None) -> None:
+        """Store a msgspec Struct at ``key`` (JSON), with :meth:`put`'s ``ttl``."""
+        await self.put(key, msgspec.json.encode(record), ttl=ttl)
 
 
 class ChannelContext(abc.ABC):
@@ -192,14 +229,30 @@ class ChannelContext(abc.ABC):
         and after ``send_timeout`` closes the connection as a slow consumer (1008). When the
         channel or the gateway stops, sockets are closed with 1001."""
 
+    async def part_bytes(self, part: MediaPart) -> bytes:
+        """A media part's content: inline ``data``, or read from the object store by
+        ``ref``. Raises a permanent :class:`DeliveryError` (``unsupported_content``) for
+        a part with neither (one that has only a ``url`` or a provider's media id)."""
+        if part.data is not None:
+            return part.data
+        if part.ref is not None:
+            return await self.get_blob(part.ref)
+        from ._errors import DeliveryError
+
+        raise DeliveryError(f"{part.__struct_config__.tag} part has no data or object reference", permanent=True,
+                            code="unsupported_content")
+
 
 class Channel(abc.ABC):
-    """A channel type. Subclass it, set ``type`` and ``config_type``, and return the class
-    from the ``register_channel_types`` hook. The core creates one instance per configured
-    channel and drives it: ``start`` → traffic → ``stop``."""
+    """A channel type. Subclass it, set ``channel_type`` and ``config_type``, and return the
+    class from the ``register_channel_types`` hook. The core creates one instance per
+    configured channel and drives it: ``start`` → traffic → ``stop``."""
 
-    type: ClassVar[str]
-    """The ``type = "..."`` value in the config that selects this class."""
+    channel_type: ClassVar[str]
+    """The ``type = "..."`` value in the config that selects this class. (It was called
+    ``type``, which shadowed the builtin in every subclass body and made ``config_type``'s
+    annotation invalid to a type checker; a subclass that still sets ``type`` works, and
+    ``cls.type`` is still set for code that reads it.)"""
     config_type: ClassVar[type[msgspec.Struct] | None] = None
     """A msgspec Struct (``forbid_unknown_fields=True`` recommended) for the channel's own
     keys; None if it takes none."""
@@ -207,6 +260,14 @@ class Channel(abc.ABC):
     """Part types ``deliver`` can carry; an outbound with others fails permanently."""
     rate_limit: ClassVar[float | None] = None
     """Default outbound rate (messages per second) the provider allows; config may lower it."""
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        old = cls.__dict__.get("type")
+        if isinstance(old, str) and "channel_type" not in cls.__dict__:
+            cls.channel_type = old
+        elif "channel_type" in cls.__dict__:
+            setattr(cls, "type", cls.channel_type)  # readers of the old name
 
     def __init__(self, ctx: ChannelContext) -> None:
         self.ctx = ctx
@@ -222,4 +283,4 @@ class Channel(abc.ABC):
         provider accepted it; raise :class:`DeliveryError` (``permanent`` or not) otherwise."""
         from ._errors import DeliveryError
 
-        raise DeliveryError(f"channel type {self.type!r} cannot send", permanent=True)
+        raise DeliveryError(f"channel type {self.channel_type!r} cannot send", permanent=True)

@@ -22,7 +22,7 @@ hookimpl = pluggy.HookimplMarker("gateway")
 def register_channel_types() -> list[type[Channel]]:
     """Return the :class:`~gateway.Channel` subclasses this plugin provides.
 
-    Called once at start-up. Each class's ``type`` must be unique across all loaded
+    Called once at start-up. Each class's ``channel_type`` must be unique across all loaded
     plugins; a clash is a start-up error naming both plugins.
     """
 

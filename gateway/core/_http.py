@@ -355,6 +355,9 @@ class HttpServer:
             # Size limit and keep-alive are set per route before accepting (see _websocket).
             ws=GatewayWebSocketProtocol, ws_max_size=1 << 20,
             timeout_keep_alive=seconds(self.cfg.keep_alive_timeout),  # type: ignore[arg-type]  # a float works
+            # uvicorn would rewrite scheme and client from X-Forwarded-* sent by any local
+            # process; webhooks read them only where configured (gateway.public_url).
+            proxy_headers=False,
         )
         self.server = _Server(config)
         self.task = asyncio.create_task(self.server.serve(sockets=self.sockets), name="http")

@@ -96,9 +96,9 @@ class PluginManager:
             for cls in classes:
                 if not (isinstance(cls, type) and issubclass(cls, Channel)):
                     raise PluginError(f"plugin {name!r} registered {cls!r}, which is not a gateway.Channel subclass")
-                ctype = getattr(cls, "type", None)
+                ctype = getattr(cls, "channel_type", None)
                 if not isinstance(ctype, str) or not ctype:
-                    raise PluginError(f"plugin {name!r}: {cls.__qualname__} has no 'type' name")
+                    raise PluginError(f"plugin {name!r}: {cls.__qualname__} has no 'channel_type' name")
                 if ctype in found:
                     raise PluginError(
                         f"channel type {ctype!r} is registered twice: by plugin {found[ctype].plugin!r} "

@@ -13,15 +13,16 @@ from typing import Any
 import httpx
 import nats
 
-from ..core._config import Config, parse_config
-from ..core._embedded import EmbeddedServer, free_port
-from ..core._gateway import Gateway
-from ..core._plugins import PluginManager
-from ..core._schema import DeliveryStatus, status_decoder
+from .. import Config, DeliveryStatus, Gateway, PluginManager, parse_config
+
+# The one private import of the test kit: the nats-server runner is test infrastructure,
+# not plugin API (tests/test_public_api.py allows exactly this line).
+from ..core._embedded import LOCK_FILE, EmbeddedServer, free_port
+from ..wire import status_decoder
 from ._mock import MockChannel, MockConfig
 from ._process import GatewayProcess
 
-__all__ = ["GatewayProcess", "MockChannel", "MockConfig", "NatsServer", "post_inbound", "free_port", "make_config", "start_gateway", "statuses",
+__all__ = ["LOCK_FILE", "GatewayProcess", "MockChannel", "MockConfig", "NatsServer", "post_inbound", "free_port", "make_config", "start_gateway", "statuses",
            "stream_messages", "wait_for_status", "wait_until"]
 
 

@@ -12,18 +12,31 @@ import json
 import os
 from collections import deque
 from dataclasses import dataclass
-from typing import Annotated, Any, ClassVar
+from typing import Annotated, Any
 
 import msgspec
 from starlette.requests import Request
 from starlette.responses import Response
 
-from ..core._channel import Channel, Conversation, PublishResult, Receipt
-from ..core._config import Duration, seconds
-from ..core._errors import DeliveryError, RequestError, body_problem
-from ..core._hookspecs import hookimpl
-from ..core._schema import Outbound, Participant, TextPart, encode
-from ..core._websocket import Handshake, WebSocketConnection
+# The example channel imports what any plugin may: the public API.
+from .. import (
+    Channel,
+    Conversation,
+    DeliveryError,
+    Duration,
+    Handshake,
+    Outbound,
+    Participant,
+    PublishResult,
+    Receipt,
+    RequestError,
+    TextPart,
+    WebSocketConnection,
+    body_problem,
+    hookimpl,
+    seconds,
+)
+from ..wire import encode
 
 
 class MockWebSocket(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -78,7 +91,7 @@ class _Failure:
 class MockChannel(Channel):
     """Records deliveries; ``fail_next`` scripts failures; ``inject`` fakes a customer."""
 
-    type: ClassVar[str] = "mock"
+    channel_type = "mock"
     config_type = MockConfig
     supported_parts = frozenset({"text", "html", "image", "file", "link"})
 

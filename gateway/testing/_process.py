@@ -12,7 +12,7 @@ from pathlib import Path
 
 import httpx
 
-from ..core._embedded import free_port
+from . import free_port  # bound before this module is imported
 
 
 class GatewayProcess:

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from . import NatsServer, make_config, start_gateway
-from ..core._gateway import Gateway
+from .. import Gateway
 
 try:
     import pytest_asyncio

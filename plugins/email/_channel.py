@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import re
-from typing import Any, ClassVar
+from typing import Any
 
 import msgspec
 
@@ -16,6 +16,7 @@ from gateway import (
     ErrorInfo,
     Outbound,
     Participant,
+    ProviderIndex,
     Receipt,
 )
 
@@ -43,7 +44,7 @@ class EmailChannel(Channel):
     """Receives mail by SMTP (aiosmtpd) and IMAP (aioimaplib), answers by SMTP
     (aiosmtplib), and keeps every message of a thread in one conversation."""
 
-    type: ClassVar[str] = "email"
+    channel_type = "email"
     config_type = EmailConfig
     supported_parts = frozenset({"text", "html", "image", "file", "link"})
 
@@ -54,6 +55,8 @@ class EmailChannel(Channel):
         self.domain = (cfg.message_id_domain or cfg.address.rsplit("@", 1)[1]).lower()
         self.own_addresses = {cfg.address.lower(), *(a.lower() for a in cfg.own_addresses)}
         self.threads = ThreadStore(ctx.state, ttl=seconds(cfg.thread_ttl))
+        # Our Message-ID → the outbound it carried: bounces name the Message-ID.
+        self.sent = ProviderIndex(ctx.state, "sent", ttl=seconds(cfg.thread_ttl))
         self.limits = Limits(max_parts=cfg.max_parts, max_nesting=cfg.max_nesting, max_text=cfg.max_text,
                              fallback_charsets=tuple(cfg.fallback_charsets))
         self.smtp: SmtpListener | None = None
@@ -199,7 +202,7 @@ class EmailChannel(Channel):
         else:
             route_or_keep = route
         result = await self.ctx.publish(msg, route=route_or_keep)
-        await self.threads.remember(mail, thread, gateway_id=result.id, conversation=msg.conversation,
+        await self.threads.remember(mail, thread, gateway_id=result.id,
                                     customer=customer, ours=ours, auto=reason is not None)
         return result.id
 
@@ -230,15 +233,15 @@ class EmailChannel(Channel):
             return True
         handled = False
         for mid in ids:
-            rec = await self.threads.get(mid)
-            if rec is None or rec.o is None:
+            rec = await self.sent.get(mid)
+            if rec is None:
                 continue
             permanent = action == "failed" and not (status or "").startswith("4")
             text = f"bounced: {action}" + (f" {status}" if status else "") + (f" ({diagnostic})" if diagnostic else "")
-            await self.ctx.report_status(rec.o, "dead" if permanent else "failed", conversation=rec.c or "",
+            await self.ctx.report_status(rec.outbound_id, "dead" if permanent else "failed", conversation=rec.conversation,
                                          provider_id=mid,
                                          error=ErrorInfo(message=text[:500], permanent=permanent, code=status or "bounce"))
-            self.ctx.log.info("bounce reported", outbound_id=rec.o, state="dead" if permanent else "failed", status=status)
+            self.ctx.log.info("bounce reported", outbound_id=rec.outbound_id, state="dead" if permanent else "failed", status=status)
             handled = True
         if handled:
             await self.ctx.state.put(seen_key, b"1", ttl=seconds(self.cfg.thread_ttl))
@@ -276,10 +279,11 @@ class EmailChannel(Channel):
             parts=outbound.parts, from_addr=self.cfg.address, from_name=self.cfg.name or None,
             to_addr=to, to_name=route.get("to_name"), subject=subject, message_id=message_id,
             in_reply_to=parent_id,
-            references=references, auto=outbound.auto, get_blob=self.ctx.get_blob)
+            references=references, auto=outbound.auto, part_bytes=self.ctx.part_bytes)
         # Recorded before sending: the customer's answer may arrive before deliver returns.
-        await self.threads.put(message_id, MessageRecord(t=thread, o=outbound.id, c=conversation.key,
-                                                         r=references, s=subject, a=outbound.auto))
+        await asyncio.gather(
+            self.threads.put(message_id, MessageRecord(t=thread, r=references, s=subject, a=outbound.auto)),
+            self.sent.put(message_id, outbound.id, conversation.key))
         await self.sender.send(msg, self.cfg.address, [to])
         return Receipt(provider_id=message_id)
 

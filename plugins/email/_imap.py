@@ -1,6 +1,6 @@
-"""The IMAP mailbox reader: IDLE (or polling), reconnect with backoff, a UIDVALIDITY + UID
-checkpoint in the channel's KV state, and a lease so exactly one gateway process reads a
-mailbox.
+"""The IMAP mailbox reader: IDLE (or polling) and a UIDVALIDITY + UID checkpoint in the
+channel's KV state, run as a :class:`gateway.Supervised` task (reconnect with backoff,
+health) under a :class:`gateway.Lease` so exactly one gateway process reads a mailbox.
 
 Order of work per message: publish (the core dedups on Message-ID), then move the
 checkpoint past its UID, then the optional \\Seen / move. A crash between publish and
@@ -10,18 +10,15 @@ ever checkpointed before it is on the bus, so nothing is skipped."""
 from __future__ import annotations
 
 import asyncio
-import random
 import re
 import ssl
-import time
-import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import aioimaplib
 import msgspec
 
-from gateway import BusUnavailable, KeyValue
+from gateway import Backoff, ChannelState, GatewayError, KeyValue, Lease, Supervised
 
 from ._config import ImapConfig, seconds
 from ._parse import MailRejected
@@ -29,7 +26,7 @@ from ._parse import MailRejected
 Ingest = Callable[[bytes, dict[str, Any]], Awaitable[str]]
 
 
-class ImapError(Exception):
+class ImapError(GatewayError):
     """The IMAP server refused something (login, select, fetch)."""
 
 
@@ -39,58 +36,6 @@ class Checkpoint(msgspec.Struct):
 
     uidvalidity: int
     last_uid: int
-
-
-class _Lease(msgspec.Struct):
-    holder: str
-    expires: float
-
-
-_cp_enc = msgspec.json.Encoder()
-_cp_dec = msgspec.json.Decoder(Checkpoint)
-_lease_dec = msgspec.json.Decoder(_Lease)
-
-
-class Lease:
-    """A lease in the KV state, taken and renewed by compare-and-set. The holder renews it
-    every third of its TTL; when the holder dies, another process takes it once it expired.
-    Expiry is wall-clock time in the value, so the processes' clocks must agree to within a
-    fraction of the TTL (NTP)."""
-
-    def __init__(self, state: KeyValue, key: str, ttl: float):
-        self.state = state
-        self.key = key
-        self.ttl = ttl
-        self.holder = uuid.uuid4().hex
-
-    async def acquire(self) -> bool:
-        """Take or renew the lease; True if we hold it now."""
-        now = time.time()
-        value = _cp_enc.encode(_Lease(holder=self.holder, expires=now + self.ttl))
-        cur = await self.state.get_revision(self.key)
-        if cur is None:
-            return await self.state.create(self.key, value)
-        raw, revision = cur
-        try:
-            lease = _lease_dec.decode(raw)
-        except msgspec.DecodeError:
-            lease = _Lease(holder="", expires=0)
-        if lease.holder != self.holder and lease.expires > now:
-            return False
-        return await self.state.update(self.key, value, revision)
-
-    async def release(self) -> None:
-        """Give the lease up (only if we still hold it) so a peer takes over at once."""
-        cur = await self.state.get_revision(self.key)
-        if cur is None:
-            return
-        raw, revision = cur
-        try:
-            lease = _lease_dec.decode(raw)
-        except msgspec.DecodeError:
-            return
-        if lease.holder == self.holder:
-            await self.state.update(self.key, _cp_enc.encode(_Lease(holder="", expires=0)), revision)
 
 
 _UIDVALIDITY = re.compile(rb"\[UIDVALIDITY (\d+)\]")
@@ -131,7 +76,7 @@ class ImapPoller:
     """Reads one mailbox into the bus (see the module docstring)."""
 
     def __init__(self, cfg: ImapConfig, state: KeyValue, ingest: Ingest, log: Any,
-                 set_state: Callable[[str, str | None], None]):
+                 set_state: Callable[[ChannelState, str | None], None]):
         self.cfg = cfg
         self.state = state
         self.ingest = ingest
@@ -140,90 +85,58 @@ class ImapPoller:
         safe = re.sub(r"[^A-Za-z0-9_-]", "_", cfg.mailbox)[:80]
         self.cp_key = f"imap-cp-{safe}"
         self.lease = Lease(state, f"imap-lease-{safe}", seconds(cfg.lease_ttl))
-        self.task: asyncio.Task[None] | None = None
+        self.supervisor = Supervised(f"imap:{cfg.mailbox}", self._serve, set_state=set_state, log=log,
+                                     lease=self.lease, backoff=Backoff(1.0, seconds(cfg.backoff_max)))
         self.client: aioimaplib.IMAP4 | None = None
-        self.holding = False
         self.published = 0
         self._lost = asyncio.Event()
-        self._last_renew = 0.0
-        self._stopping = False
         self._exists_seen = False
         """Set when the server announced new mail (``* N EXISTS``) in any response."""
 
+    @property
+    def holding(self) -> bool:
+        """Whether this process holds the mailbox's lease."""
+        return self.supervisor.holding
+
+    @property
+    def task(self) -> asyncio.Task[None] | None:
+        """The background task (cancelling it is a crash: the lease is not released)."""
+        return self.supervisor.task
+
     def start(self) -> None:
         """Run in the background until :meth:`stop`."""
-        self.task = asyncio.create_task(self._run(), name=f"imap:{self.cfg.mailbox}")
+        self.supervisor.start()
 
     async def stop(self) -> None:
         """Stop reading, log out, and release the lease so a peer takes over at once."""
-        self._stopping = True
-        if self.task is not None:
-            self.task.cancel()
-            try:
-                await self.task
-            except (asyncio.CancelledError, Exception):
-                pass
+        await self.supervisor.stop()
         await self._disconnect()
-        if self.holding:
-            try:
-                await asyncio.wait_for(self.lease.release(), 5)
-            except Exception:  # noqa: BLE001 - it expires by itself
-                pass
-            self.holding = False
 
     # --- the loop ------------------------------------------------------------------
 
-    async def _run(self) -> None:
-        backoff = 1.0
-        while not self._stopping:
-            try:
-                if not await self._hold_lease():
-                    await asyncio.sleep(self.lease.ttl / 3)
-                    continue
-                await self._session()
-                backoff = 1.0
-            except asyncio.CancelledError:
-                raise
-            except _LeaseLost:
-                self.log.warning("imap lease lost; another process reads the mailbox")
-                await self._disconnect()
-            except BusUnavailable as exc:
-                await self._disconnect()
-                self.set_state("degraded", f"bus unavailable: {exc}")
-                await asyncio.sleep(min(backoff, seconds(self.cfg.backoff_max)))
-                backoff = min(backoff * 2, seconds(self.cfg.backoff_max))
-            except Exception as exc:  # noqa: BLE001 - network, server, protocol: reconnect
-                await self._disconnect()
-                delay = min(backoff, seconds(self.cfg.backoff_max)) * random.uniform(0.8, 1.2)
-                self.log.warning("imap connection failed; reconnecting", error=f"{type(exc).__name__}: {exc}",
-                                 retry_in=round(delay, 2))
-                self.set_state("degraded", f"imap: {type(exc).__name__}: {exc}")
-                await asyncio.sleep(delay)
-                backoff = min(backoff * 2, seconds(self.cfg.backoff_max))
-
-    async def _hold_lease(self) -> bool:
+    async def _serve(self, task: Supervised) -> None:
+        # The supervisor restarts this after any error, and cancels it when the lease is
+        # lost: a message published but not checkpointed is re-read, and dedup drops it.
         try:
-            self.holding = await self.lease.acquire()
-        except Exception as exc:  # noqa: BLE001 - KV unreachable: we cannot know, so we do not read
-            self.log.warning("imap lease check failed", error=f"{type(exc).__name__}: {exc}")
-            self.holding = False
-        return self.holding
+            await self._session(task)
+        finally:
+            await self._disconnect()
 
-    async def _session(self) -> None:
+    async def _session(self, task: Supervised) -> None:
         cfg = self.cfg
         client = await self._connect()
         uidvalidity, uidnext = await self._select(client)
-        self.set_state("running", None)
-        renew_every = self.lease.ttl / 3
+        task.running()
+        # IDLE is ended this often even without news: mail announced only in the answer
+        # to DONE is then read within this time, not at the next idle_refresh.
+        wake_every = self.lease.ttl / 3
         use_idle = cfg.idle and client.has_capability("IDLE")
-        self._last_renew = time.monotonic()
         await self._catch_up_all(client, uidvalidity, uidnext)
-        while not self._stopping:
+        while True:
             if use_idle:
-                await self._idle(client, renew_every)
+                await self._idle(client, wake_every)
             else:
-                await self._sleep_polling(renew_every)
-            await self._renew_if_due()
+                await asyncio.sleep(seconds(self.cfg.poll_interval))
             if not use_idle:
                 _check(await client.noop(), "NOOP")
             await self._catch_up_all(client, uidvalidity, None)
@@ -238,31 +151,16 @@ class ImapPoller:
             self._exists_seen = False
             await self._catch_up(client, uidvalidity, uidnext)
             uidnext = None
-            if not self._exists_seen or self._stopping:
+            if not self._exists_seen:
                 return
 
-    async def _renew_if_due(self) -> None:
-        """Renew the lease once a third of its TTL has passed (also between the messages
-        of a long catch-up, so a big backlog does not let it expire)."""
-        if time.monotonic() - self._last_renew >= self.lease.ttl / 3 * 0.9:
-            if not await self._hold_lease():
-                raise _LeaseLost()
-            self._last_renew = time.monotonic()
-
-    async def _sleep_polling(self, renew_every: float) -> None:
-        # Poll every poll_interval, but wake up in time to renew the lease.
-        deadline = time.monotonic() + seconds(self.cfg.poll_interval)
-        while time.monotonic() < deadline:
-            await asyncio.sleep(min(renew_every, max(0.0, deadline - time.monotonic())))
-            await self._renew_if_due()
-
-    async def _idle(self, client: aioimaplib.IMAP4, renew_every: float) -> None:
-        """IDLE until the server pushes a change or it is time to renew the lease."""
+    async def _idle(self, client: aioimaplib.IMAP4, wake_every: float) -> None:
+        """IDLE until the server pushes a change or ``wake_every`` passed."""
         lost = self._lost
         idle = await client.idle_start(timeout=seconds(self.cfg.idle_refresh))
         try:
             while True:
-                push_task = asyncio.ensure_future(client.wait_server_push(timeout=renew_every))
+                push_task = asyncio.ensure_future(client.wait_server_push(timeout=wake_every))
                 lost_task = asyncio.ensure_future(lost.wait())
                 try:
                     await asyncio.wait({push_task, lost_task}, return_when=asyncio.FIRST_COMPLETED)
@@ -350,13 +248,7 @@ class ImapPoller:
             pass
 
     async def _load_checkpoint(self) -> Checkpoint | None:
-        raw = await self.state.get(self.cp_key)
-        if raw is None:
-            return None
-        try:
-            return _cp_dec.decode(raw)
-        except msgspec.DecodeError:
-            return None
+        return await self.state.get_record(self.cp_key, Checkpoint)
 
     async def _catch_up(self, client: aioimaplib.IMAP4, uidvalidity: int, uidnext: int | None) -> None:
         """Publish every message after the checkpoint, in UID order."""
@@ -367,14 +259,14 @@ class ImapPoller:
             if self.cfg.start == "new" and uidnext is not None:
                 start_uid = uidnext - 1
             cp = Checkpoint(uidvalidity=uidvalidity, last_uid=start_uid)
-            await self.state.put(self.cp_key, _cp_enc.encode(cp))
+            await self.state.put_record(self.cp_key, cp)
         elif cp.uidvalidity != uidvalidity:
             # The mailbox was recreated or its UIDs renumbered (RFC 3501 2.3.1.1): old UIDs
             # mean nothing now. Re-read all of it; Message-ID dedup drops what is on the bus.
             self.log.warning("imap UIDVALIDITY changed; re-scanning the mailbox", old=cp.uidvalidity, new=uidvalidity)
             cp = Checkpoint(uidvalidity=uidvalidity, last_uid=0)
             rescan = True
-            await self.state.put(self.cp_key, _cp_enc.encode(cp))
+            await self.state.put_record(self.cp_key, cp)
         resp = _check(await client.uid_search(f"UID {cp.last_uid + 1}:*", charset=None), "UID SEARCH")
         uids: list[int] = []
         for line in resp.lines[:-1]:
@@ -397,10 +289,9 @@ class ImapPoller:
                     # Unprocessable mail stays in the mailbox; it is skipped, not retried forever.
                     self.log.warning("imap message rejected", uid=uid, reason=exc.reason)
                 cp = Checkpoint(uidvalidity=uidvalidity, last_uid=uid)
-                await self.state.put(self.cp_key, _cp_enc.encode(cp))
+                await self.state.put_record(self.cp_key, cp)
                 self.published += 1
                 await self._after(client, uid)
-                await self._renew_if_due()
 
     async def _after(self, client: aioimaplib.IMAP4, uid: int) -> None:
         cfg = self.cfg
@@ -414,7 +305,3 @@ class ImapPoller:
                 _check(await client.uid("store", str(uid), "+FLAGS.SILENT (\\Deleted)"), "UID STORE")
                 if client.has_capability("UIDPLUS"):
                     _check(await client.uid("expunge", str(uid)), "UID EXPUNGE")
-
-
-class _LeaseLost(Exception):
-    pass

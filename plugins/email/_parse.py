@@ -16,17 +16,17 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
-from gateway import AudioPart, FilePart, HtmlPart, ImagePart, Part, TextPart, VideoPart
+from gateway import AudioPart, FilePart, HtmlPart, ImagePart, Part, RequestError, TextPart, VideoPart
 
 from ._text import decode_bytes, decode_header_value, html_to_text, split_reply
 
 
-class MailRejected(Exception):
-    """The message cannot be processed at all; ``reason`` goes into the SMTP reply."""
+class MailRejected(RequestError):
+    """The message cannot be processed at all; ``reason`` goes into the SMTP reply with
+    SMTP ``code`` (it is the mail counterpart of an HTTP channel's rejected request)."""
 
     def __init__(self, reason: str, code: int = 554):
         super().__init__(reason)
-        self.reason = reason
         self.code = code
 
 

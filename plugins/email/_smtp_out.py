@@ -16,7 +16,7 @@ from typing import Any
 
 import aiosmtplib
 
-from gateway import DeliveryError, FilePart, HtmlPart, ImagePart, LinkPart, ObjectRef, Part, TextPart
+from gateway import DeliveryError, FilePart, HtmlPart, ImagePart, LinkPart, MediaPart, Part, TextPart
 
 from ._config import DkimConfig, SmtpOutConfig, seconds
 
@@ -51,7 +51,7 @@ async def build_message(
     in_reply_to: str | None,
     references: list[str],
     auto: bool,
-    get_blob: Callable[[ObjectRef], Awaitable[bytes]],
+    part_bytes: Callable[[MediaPart], Awaitable[bytes]],
 ) -> EmailMessage:
     """A multipart message: plain text and HTML alternatives, inline images (``cid:``) and
     attachments, with threading headers. Raises a permanent :class:`DeliveryError` for
@@ -86,13 +86,7 @@ async def build_message(
             texts.append(" ".join(x for x in (p.title, p.url) if x))
         elif isinstance(p, (ImagePart, FilePart)):
             refuse_injection("filename", p.filename)
-            if p.data is not None:
-                data = p.data
-            elif p.ref is not None:
-                data = await get_blob(p.ref)
-            else:
-                raise DeliveryError("attachment without data or ref", permanent=True, code="unsupported_content")
-            media.append((p, data))
+            media.append((p, await part_bytes(p)))
     text = "\n\n".join(texts)
     if not text and htmls:
         from ._text import html_to_text

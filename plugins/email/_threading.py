@@ -11,7 +11,6 @@ who both write "Help" never share a conversation."""
 from __future__ import annotations
 
 import asyncio
-import base64
 import hashlib
 import re
 from dataclasses import dataclass
@@ -19,7 +18,7 @@ from typing import Any
 
 import msgspec
 
-from gateway import KeyValue
+from gateway import KeyValue, stable_id
 
 from ._parse import ParsedMail
 
@@ -53,9 +52,7 @@ def reply_subject(subject: str | None) -> str:
 def own_message_id(channel: str, outbound_id: str, domain: str) -> str:
     """Our Message-ID for an outbound: deterministic, so a retry after a crash sends the
     same id and receivers see one message."""
-    digest = hashlib.sha256(f"{channel}\x00{outbound_id}".encode()).digest()
-    token = base64.b32encode(digest).decode("ascii").rstrip("=").lower()[:26]
-    return f"<gw.{token}@{domain}>"
+    return f"<gw.{stable_id(channel, outbound_id)}@{domain}>"
 
 
 def is_own_message_id(message_id: str, domain: str) -> bool:
@@ -70,20 +67,12 @@ class MessageRecord(msgspec.Struct, omit_defaults=True):
     """Native thread key of the conversation."""
     g: str | None = None
     """Gateway id of the inbound message."""
-    o: str | None = None
-    """Outbound id, for a message we sent."""
-    c: str | None = None
-    """Conversation key (for status events of bounces)."""
     r: list[str] = []
     """References of the message (to build a reply's References)."""
     s: str | None = None
     """Subject."""
     a: bool = False
     """Machine-generated."""
-
-
-_rec_enc = msgspec.json.Encoder()
-_rec_dec = msgspec.json.Decoder(MessageRecord)
 
 
 @dataclass
@@ -104,17 +93,11 @@ class ThreadStore:
 
     async def get(self, message_id: str) -> MessageRecord | None:
         """The record of ``message_id``, or None."""
-        raw = await self.state.get("mid:" + message_id)
-        if raw is None:
-            return None
-        try:
-            return _rec_dec.decode(raw)
-        except msgspec.DecodeError:
-            return None
+        return await self.state.get_record("mid:" + message_id, MessageRecord)
 
     async def put(self, message_id: str, record: MessageRecord) -> None:
         """Record ``message_id``."""
-        await self.state.put("mid:" + message_id, _rec_enc.encode(record), ttl=self.ttl)
+        await self.state.put_record("mid:" + message_id, record, ttl=self.ttl)
 
     async def message_id_of(self, gateway_id: str) -> str | None:
         """The Message-ID of an inbound message, by its gateway id."""
@@ -140,14 +123,13 @@ class ThreadStore:
                 return Thread(raw.decode(), "subject")
         return Thread("thread:" + mail.message_id, "new")
 
-    async def remember(self, mail: ParsedMail, thread: Thread, *, gateway_id: str, conversation: str,
+    async def remember(self, mail: ParsedMail, thread: Thread, *, gateway_id: str,
                        customer: str, ours: str, auto: bool) -> None:
         """Record an inbound message after it was published."""
         refs = (mail.references or mail.in_reply_to)[-20:]
         subject, _ = normalize_subject(mail.subject)
         await asyncio.gather(
-            self.put(mail.message_id, MessageRecord(t=thread.native, g=gateway_id, c=conversation, r=refs,
-                                                    s=mail.subject, a=auto)),
+            self.put(mail.message_id, MessageRecord(t=thread.native, g=gateway_id, r=refs, s=mail.subject, a=auto)),
             self.state.put("gid:" + gateway_id, mail.message_id.encode(), ttl=self.ttl),
             *([self.state.put(_subject_key(subject, customer, ours), thread.native.encode(), ttl=self.ttl)]
               if subject else []))

@@ -7,8 +7,7 @@ customer's last interaction and through template messages outside it. See
 
 from __future__ import annotations
 
-from gateway.core._channel import Channel
-from gateway.core._hookspecs import hookimpl
+from gateway import Channel, hookimpl
 
 from ._channel import WEBHOOK_PATH, StoredMedia, WeChatChannel
 from ._config import WeChatConfig

@@ -7,16 +7,12 @@ endpoints itself."""
 
 from __future__ import annotations
 
-import asyncio
 import json
-import random
-import time
 from typing import Any
 
 import httpx
-import msgspec
 
-from gateway.core._channel import KeyValue
+from gateway import DeliveryError, KeyValue, SharedValue, provider_error
 
 TOKEN_KEY = "access-token"
 _TOKEN_ERRORS = {40001, 40014, 42001}
@@ -50,18 +46,17 @@ ERRORS: dict[int, tuple[bool, str]] = {
 _RETRY_AFTER = {45009: 3600.0, 45011: 60.0}
 
 
-class APIError(Exception):
-    """A WeChat API call failed. ``permanent``: retrying the same call cannot help.
-    ``errcode`` is WeChat's code (None for network and HTTP errors)."""
+class APIError(DeliveryError):
+    """WeChat refused a call with an ``errcode`` (its own error code, in an HTTP 200
+    answer) or answered something unusable. ``permanent``: retrying the same call cannot
+    help. HTTP and network failures are plain :class:`DeliveryError` (``http_<status>``,
+    ``timeout``, ``network``)."""
 
     def __init__(self, message: str, *, permanent: bool, errcode: int | None = None, code: str | None = None,
                  retry_after: float | None = None):
-        super().__init__(message)
-        self.message = message
-        self.permanent = permanent
+        super().__init__(message, permanent=permanent, retry_after=retry_after,
+                         code=code or (str(errcode) if errcode is not None else None))
         self.errcode = errcode
-        self.code = code or (str(errcode) if errcode is not None else None)
-        self.retry_after = retry_after
 
 
 def api_error(errcode: int, errmsg: str) -> APIError:
@@ -70,16 +65,6 @@ def api_error(errcode: int, errmsg: str) -> APIError:
     permanent, reason = ERRORS.get(errcode, (True, "WeChat refused the call"))
     return APIError(f"{reason} (errcode {errcode}: {errmsg})", permanent=permanent, errcode=errcode,
                     retry_after=_RETRY_AFTER.get(errcode))
-
-
-class _TokenRecord(msgspec.Struct, kw_only=True):
-    token: str = ""
-    expires_at: float = 0.0
-    lease_until: float = 0.0
-    """While in the future, one process is fetching a new token; the others wait."""
-
-
-_token_decoder = msgspec.json.Decoder(_TokenRecord)
 
 
 class WeChatAPI:
@@ -95,57 +80,26 @@ class WeChatAPI:
         self.log = log
         self.client = httpx.AsyncClient(base_url=base_url.rstrip("/"), timeout=timeout,
                                         headers={"User-Agent": "omnichannel-gateway"})
-        self._token = ""
-        self._expires_at = 0.0
-        self._lock = asyncio.Lock()
-        self.token_fetches = 0
+        # One token per app, shared by every gateway process: one of them refreshes it.
+        self._token = SharedValue(state, TOKEN_KEY, str, self._fetch_token, margin=refresh_margin,
+                                  lease_ttl=timeout + 5, wait=2 * timeout + 5)
+
+    @property
+    def token_fetches(self) -> int:
         """How many times this process asked WeChat for a token (for tests and metrics)."""
+        return self._token.fetches
 
     async def aclose(self) -> None:
         await self.client.aclose()
 
     # --- access_token ------------------------------------------------------------
 
-    def _fresh(self, token: str, expires_at: float, stale: str | None) -> bool:
-        return bool(token) and token != stale and expires_at - self.refresh_margin > time.time()
-
     async def access_token(self, *, stale: str | None = None) -> str:
         """A valid token. ``stale`` is a token WeChat just refused: it is never returned,
         and only one process replaces it (the others wait for and reuse the new one)."""
-        if self._fresh(self._token, self._expires_at, stale):
-            return self._token
-        async with self._lock:
-            deadline = time.monotonic() + 2 * self.timeout + 5
-            while True:
-                now = time.time()
-                current = await self.state.get_revision(TOKEN_KEY)
-                rec = _token_decoder.decode(current[0]) if current else _TokenRecord()
-                if self._fresh(rec.token, rec.expires_at, stale):
-                    self._token, self._expires_at = rec.token, rec.expires_at
-                    return rec.token
-                if rec.lease_until > now:
-                    if time.monotonic() > deadline:
-                        raise APIError("access_token refresh by another gateway process did not finish",
-                                       permanent=False, code="token_refresh")
-                    await asyncio.sleep(0.05 + random.random() * 0.1)
-                    continue
-                lease = msgspec.json.encode(msgspec.structs.replace(rec, lease_until=now + self.timeout + 5))
-                won = (await self.state.update(TOKEN_KEY, lease, current[1]) if current
-                       else await self.state.create(TOKEN_KEY, lease))
-                if not won:
-                    continue  # another process took the lease first: loop and wait for its token
-                try:
-                    token, expires_in = await self._fetch_token()
-                except BaseException:
-                    await self.state.put(TOKEN_KEY, msgspec.json.encode(msgspec.structs.replace(rec, lease_until=0.0)))
-                    raise
-                rec = _TokenRecord(token=token, expires_at=time.time() + expires_in)
-                await self.state.put(TOKEN_KEY, msgspec.json.encode(rec))
-                self._token, self._expires_at = rec.token, rec.expires_at
-                return token
+        return await self._token.get(stale=stale)
 
     async def _fetch_token(self) -> tuple[str, float]:
-        self.token_fetches += 1
         data = await self._request("GET", "/cgi-bin/token",
                                    params={"grant_type": "client_credential", "appid": self.appid, "secret": self._secret})
         token = data.get("access_token")
@@ -168,17 +122,14 @@ class WeChatAPI:
             else:
                 response = await self._bounded(method, path, stream_limit, **kw)
         except httpx.TimeoutException as exc:
-            raise APIError(f"WeChat API timed out ({type(exc).__name__})", permanent=False, code="timeout") from exc
+            raise DeliveryError(f"WeChat API timed out ({type(exc).__name__})", permanent=False,
+                                code="timeout") from exc
         except httpx.TransportError as exc:
-            raise APIError(f"WeChat API unreachable ({type(exc).__name__})", permanent=False, code="network") from exc
-        if response.status_code >= 500 or response.status_code == 429:
-            retry = response.headers.get("Retry-After")
-            raise APIError(f"WeChat API answered HTTP {response.status_code}", permanent=False,
-                           code=f"http_{response.status_code}",
-                           retry_after=float(retry) if retry and retry.isdigit() else None)
-        if response.status_code >= 400:
-            raise APIError(f"WeChat API answered HTTP {response.status_code}", permanent=True,
-                           code=f"http_{response.status_code}")
+            raise DeliveryError(f"WeChat API unreachable ({type(exc).__name__})", permanent=False,
+                                code="network") from exc
+        error = provider_error(response.status_code, response.headers, provider="WeChat API")
+        if error is not None:
+            raise error
         return response
 
     async def _bounded(self, method: str, path: str, limit: int, **kw: Any) -> httpx.Response:
@@ -189,7 +140,7 @@ class WeChatAPI:
             async for chunk in response.aiter_bytes():
                 size += len(chunk)
                 if size > limit:
-                    raise APIError(f"media larger than {limit} bytes", permanent=True, code="too_large")
+                    raise DeliveryError(f"media larger than {limit} bytes", permanent=True, code="too_large")
                 chunks.append(chunk)
         # The chunks are already decoded: drop the headers that would decode them again.
         headers = [(k, v) for k, v in response.headers.items() if k.lower() not in ("content-encoding", "content-length")]

@@ -7,38 +7,48 @@ import asyncio
 import hashlib
 import time
 from datetime import datetime, timedelta, timezone
-from typing import Any, ClassVar
+from typing import Any
 
 import msgspec
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
 
-from gateway.core._channel import Channel, Conversation, Receipt
-from gateway.core._config import seconds
-from gateway.core._errors import DeliveryError, RequestError, SignatureError
-from gateway.core._schema import (
+from gateway import (
     AudioPart,
+    Channel,
+    ChannelContext,
+    Conversation,
+    DeliveryError,
     ErrorInfo,
     EventPart,
     FilePart,
     ImagePart,
     LinkPart,
+    MediaPart,
     ObjectRef,
     Outbound,
     Participant,
+    ProviderIndex,
+    Receipt,
+    RequestError,
+    SignatureError,
     TextPart,
     VideoPart,
+    check_timestamp,
+    seconds,
 )
 
 from . import _xml
 from ._api import APIError, WeChatAPI
 from ._config import WeChatConfig
-from ._crypto import MessageCrypto, check_signature, check_timestamp
+from ._crypto import MessageCrypto, check_signature
 from ._inbound import FieldError, normalize
 
 WEBHOOK_PATH = "/webhook"
 _WINDOW_ERRORS = {45015, 45047}
 _MEDIA_KINDS = {"image": "image", "audio": "voice", "video": "video"}
+# WeChat reports a template's result within seconds to minutes; a week covers its retries.
+_TEMPLATE_REPORT_TTL = 7 * 86400.0
 
 
 class StoredMedia(msgspec.Struct, kw_only=True):
@@ -55,14 +65,6 @@ class _Upload(msgspec.Struct, kw_only=True):
     expires_at: float
 
 
-class _TemplateSent(msgspec.Struct, kw_only=True):
-    outbound_id: str
-    conversation: str
-
-
-_stored_decoder = msgspec.json.Decoder(StoredMedia)
-_upload_decoder = msgspec.json.Decoder(_Upload)
-_template_decoder = msgspec.json.Decoder(_TemplateSent)
 
 
 def _success() -> Response:
@@ -75,11 +77,11 @@ class WeChatChannel(Channel):
     """A WeChat official account (公众号): ``POST/GET /channels/<name>/webhook`` in, the
     customer-service message API out, template messages outside the 48-hour window."""
 
-    type: ClassVar[str] = "wechat"
+    channel_type = "wechat"
     config_type = WeChatConfig
     supported_parts = frozenset({"text", "image", "audio", "video", "file", "link"})
 
-    def __init__(self, ctx: Any) -> None:
+    def __init__(self, ctx: ChannelContext) -> None:
         super().__init__(ctx)
         cfg: WeChatConfig = ctx.config
         self.cfg = cfg
@@ -89,6 +91,7 @@ class WeChatChannel(Channel):
         self.api: WeChatAPI | None = None
         self.path = ""
         self._tasks: set[asyncio.Task[None]] = set()
+        self.templates = ProviderIndex(ctx.state, "tmpl", ttl=_TEMPLATE_REPORT_TTL)
 
     async def start(self) -> None:
         self.api = WeChatAPI(base_url=self.cfg.api_base, appid=self.cfg.appid, secret=self.cfg.secret,
@@ -116,7 +119,7 @@ class WeChatChannel(Channel):
         q = request.query_params
         timestamp, nonce = q.get("timestamp"), q.get("nonce") or ""
         check_timestamp(timestamp, self.tolerance)
-        assert timestamp is not None
+        assert timestamp is not None  # check_timestamp refuses a missing one
         if request.method == "GET":
             # URL verification (服务器配置): the official account platform sends echostr
             # in clear and signs it like a plaintext message, whatever the mode.
@@ -176,12 +179,11 @@ class WeChatChannel(Channel):
     async def _template_finished(self, fields: dict[str, str]) -> None:
         msgid = (fields.get("MsgID") or fields.get("MsgId") or "").strip()
         status = (fields.get("Status") or "").strip()
-        raw = await self.ctx.state.get(f"tmpl-{msgid}") if msgid else None
-        if raw is None:
+        sent = await self.templates.get(msgid) if msgid else None
+        if sent is None:
             # Status is the sender's text: whether it says success is all the log may keep.
             self.ctx.log.info("template result for a template this gateway did not send", success=status == "success")
             return
-        sent = _template_decoder.decode(raw)
         if status == "success":
             await self.ctx.report_status(sent.outbound_id, "delivered", conversation=sent.conversation, provider_id=msgid)
             return
@@ -204,8 +206,8 @@ class WeChatChannel(Channel):
             data, ctype = await self.api.download_media(media_id, self.cfg.max_media_size)
             ctype = ctype.split(";")[0].strip() if ctype else None
             ref = await self.ctx.put_blob(data, content_type=ctype)
-            await self.ctx.state.put(f"media-{media_id}",
-                                     msgspec.json.encode(StoredMedia(ref=ref, content_type=ctype, message_id=message_id)))
+            await self.ctx.state.put_record(f"media-{media_id}",
+                                            StoredMedia(ref=ref, content_type=ctype, message_id=message_id))
             data_fields = {"media_id": media_id, "kind": kind, "message_id": message_id, "bucket": ref.bucket,
                            "name": ref.name, "size": str(ref.size), "sha256": ref.sha256}
             if ctype:
@@ -222,8 +224,7 @@ class WeChatChannel(Channel):
 
     async def stored_media(self, media_id: str) -> StoredMedia | None:
         """Where an inbound medium was copied, once it was."""
-        raw = await self.ctx.state.get(f"media-{media_id}")
-        return _stored_decoder.decode(raw) if raw else None
+        return await self.ctx.state.get_record(f"media-{media_id}", StoredMedia)
 
     # --- outbound ----------------------------------------------------------------
 
@@ -246,8 +247,7 @@ class WeChatChannel(Channel):
         except APIError as exc:
             if exc.errcode in _WINDOW_ERRORS and outbound.template is not None:
                 return await self._send_template(outbound, openid, f"errcode {exc.errcode}")
-            raise DeliveryError(exc.message, permanent=exc.permanent, code=exc.code,
-                                retry_after=exc.retry_after) from exc
+            raise
 
     async def _send_custom(self, outbound: Outbound, openid: str) -> Receipt:
         assert self.api is not None
@@ -315,7 +315,7 @@ class WeChatChannel(Channel):
         return bodies
 
     @staticmethod
-    def _media_kind(part: Any) -> str:
+    def _media_kind(part: MediaPart) -> str:
         if isinstance(part, FilePart):
             major = (part.content_type or "").split("/")[0]
             if major in _MEDIA_KINDS:
@@ -323,36 +323,24 @@ class WeChatChannel(Channel):
             raise DeliveryError(f"WeChat customer-service messages cannot carry files of type "
                                 f"{part.content_type or 'unknown'} (only images, voice and video)",
                                 permanent=True, code="unsupported_content")
-        return {ImagePart: "image", AudioPart: "voice", VideoPart: "video"}[type(part)]
+        return "image" if isinstance(part, ImagePart) else "voice" if isinstance(part, AudioPart) else "video"
 
-    async def _media_id(self, part: Any, kind: str) -> str:
+    async def _media_id(self, part: MediaPart, kind: str) -> str:
         """The part's WeChat media id: given, or its content uploaded as temporary media
         (once per content hash and kind until the media expires)."""
         assert self.api is not None
         if part.media_id:
             return part.media_id
-        if part.data is not None:
-            data = part.data
-        elif part.ref is not None:
-            data = await self.ctx.get_blob(part.ref)
-        else:
-            raise DeliveryError("media part has no data, object reference or media_id (WeChat cannot send by URL)",
-                                permanent=True, code="unsupported_content")
+        data = await self.ctx.part_bytes(part)  # WeChat cannot send by URL
         key = f"upload-{kind}-{hashlib.sha256(data).hexdigest()}"
-        raw = await self.ctx.state.get(key)
-        if raw:
-            cached = _upload_decoder.decode(raw)
-            if cached.expires_at > time.time():
-                return cached.media_id
+        cached = await self.ctx.state.get_record(key, _Upload)
+        if cached is not None and cached.expires_at > time.time():
+            return cached.media_id
         ctype = part.content_type or {"image": "image/jpeg", "voice": "audio/amr", "video": "video/mp4"}[kind]
         filename = part.filename or f"{kind}.{ctype.split('/')[-1]}"
-        try:
-            media_id = await self.api.upload_media(kind, data, filename, ctype)
-        except APIError as exc:
-            raise DeliveryError(f"media upload failed: {exc.message}", permanent=exc.permanent, code=exc.code,
-                                retry_after=exc.retry_after) from exc
+        media_id = await self.api.upload_media(kind, data, filename, ctype)
         ttl = seconds(self.cfg.media_cache_ttl)
-        await self.ctx.state.put(key, msgspec.json.encode(_Upload(media_id=media_id, expires_at=time.time() + ttl)))
+        await self.ctx.state.put_record(key, _Upload(media_id=media_id, expires_at=time.time() + ttl), ttl=ttl)
         return media_id
 
     async def _send_template(self, outbound: Outbound, openid: str, why: str) -> Receipt:
@@ -369,15 +357,10 @@ class WeChatChannel(Channel):
             payload["url"] = t.url
         if isinstance(wx, dict) and wx.get("template_miniprogram"):
             payload["miniprogram"] = wx["template_miniprogram"]
-        try:
-            answer = await self.api.send_template(payload)
-        except APIError as exc:
-            raise DeliveryError(f"template message failed ({why}): {exc.message}", permanent=exc.permanent,
-                                code=exc.code, retry_after=exc.retry_after) from exc
+        answer = await self.api.send_template(payload)
         msgid = str(answer.get("msgid", ""))
         if msgid:
-            await self.ctx.state.put(f"tmpl-{msgid}", msgspec.json.encode(
-                _TemplateSent(outbound_id=outbound.id, conversation=outbound.conversation)))
+            await self.templates.put(msgid, outbound.id, outbound.conversation)
         self.ctx.log.info("sent as template message", outbound_id=outbound.id, why=why)
         return Receipt(provider_id=msgid or None, meta={"via": "template", "why": why})
 
@@ -393,11 +376,7 @@ class WeChatChannel(Channel):
             payload["page"] = t.url
         if isinstance(wx, dict) and wx.get("template_miniprogram"):
             payload["miniprogram"] = wx["template_miniprogram"]
-        try:
-            await self.api.send_subscription(payload)
-        except APIError as exc:
-            raise DeliveryError(f"subscription notification failed ({why}): {exc.message}", permanent=exc.permanent,
-                                code=exc.code, retry_after=exc.retry_after) from exc
+        await self.api.send_subscription(payload)
         self.ctx.log.info("sent as subscription notification", outbound_id=outbound.id, why=why)
         # bizsend answers no message id: the outbound id stands in for it.
         return Receipt(provider_id=None, meta={"via": "subscription", "why": why})

@@ -8,7 +8,7 @@ from typing import Annotated, Literal
 
 import msgspec
 
-from gateway.core._config import Duration
+from gateway import Duration
 
 _AES_KEY = msgspec.Meta(pattern=r"^[A-Za-z0-9+/]{43}$",
                         description="the 43-character EncodingAESKey from the official account's settings")

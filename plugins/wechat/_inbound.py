@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
-from gateway.core._schema import (
+from gateway import (
     AudioPart,
     EventPart,
     ImagePart,

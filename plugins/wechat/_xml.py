@@ -8,7 +8,7 @@ from xml.etree.ElementTree import Element, ParseError
 import defusedxml
 from defusedxml.ElementTree import fromstring
 
-from gateway.core._errors import RequestError
+from gateway import RequestError
 
 
 def parse(data: bytes | str) -> dict[str, str]:

@@ -23,7 +23,7 @@ import pytest_asyncio
 from aiosmtpd.smtp import SMTP as SMTPProtocol
 
 from gateway import Message, Outbound
-from gateway.core._schema import encode, message_decoder, status_decoder
+from gateway.wire import encode, message_decoder, status_decoder
 from gateway.testing import free_port, stream_messages
 
 _DOVECOT_CONF = """\

@@ -23,7 +23,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from gateway.core._schema import message_decoder
+from gateway.wire import message_decoder
 from gateway.testing import free_port, stream_messages
 from gateway_plugins.wechat._crypto import MessageCrypto, signature
 

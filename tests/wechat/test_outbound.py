@@ -8,9 +8,9 @@ import asyncio
 import time
 from datetime import datetime, timedelta, timezone
 
-from gateway import AudioPart, FilePart, ImagePart, LinkPart, Outbound, Participant, Template, TextPart
-from gateway.core._schema import encode
-from gateway_plugins.wechat._api import APIError, WeChatAPI
+from gateway import AudioPart, DeliveryError, FilePart, ImagePart, LinkPart, Outbound, Participant, Template, TextPart
+from gateway.wire import encode
+from gateway_plugins.wechat._api import WeChatAPI
 
 from .conftest import ACCOUNT, channel_config, inbound, post, signed_query, text_message, wait_until, wait_state, xml
 
@@ -245,6 +245,9 @@ async def test_network_errors_and_5xx_are_transient(fake_wechat, tmp_path):
         def __init__(self):
             self.d = {}
 
+        async def get(self, k):
+            return self.d.get(k)
+
         async def get_revision(self, k):
             return (self.d[k], 1) if k in self.d else None
 
@@ -265,7 +268,7 @@ async def test_network_errors_and_5xx_are_transient(fake_wechat, tmp_path):
                     refresh_margin=0, log=structlog.get_logger())
     try:
         await api.access_token()
-    except APIError as exc:
+    except DeliveryError as exc:
         assert not exc.permanent and exc.code == "network"
     else:
         raise AssertionError("no error from a closed port")
@@ -275,7 +278,7 @@ async def test_network_errors_and_5xx_are_transient(fake_wechat, tmp_path):
                     refresh_margin=0, log=structlog.get_logger())
     try:
         await api.access_token()
-    except APIError as exc:
+    except DeliveryError as exc:
         assert exc.code == "http_404" and exc.permanent
     finally:
         await api.aclose()

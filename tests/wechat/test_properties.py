@@ -14,7 +14,7 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from gateway.core._schema import message_decoder
+from gateway.wire import message_decoder
 from gateway.testing import GatewayProcess, stream_messages
 
 from .conftest import ACCOUNT, AES_KEY, APPID, SECRET, TOKEN, encrypted_request, signed_query

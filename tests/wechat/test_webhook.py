@@ -11,7 +11,8 @@ import httpx
 import pytest
 
 from gateway import AudioPart, EventPart, ImagePart, LinkPart, LocationPart, SignatureError, TextPart, UnknownPart, VideoPart
-from gateway_plugins.wechat._crypto import MessageCrypto, check_timestamp, signature
+from gateway import check_timestamp
+from gateway_plugins.wechat._crypto import MessageCrypto, signature
 from gateway_plugins.wechat._xml import parse
 
 from .conftest import ACCOUNT, AES_KEY, APPID, TOKEN, channel_config, encrypted_request, inbound, post, signed_query, text_message, xml

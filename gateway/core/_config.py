@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import re
 import tomllib
+import types
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal, Mapping, Union, get_args, get_origin
@@ -266,6 +267,12 @@ _MSGSPEC_ERR = re.compile(r"^(?P<msg>.*?)(?: - at `\$(?P<at>[^`]*)`)?$", re.S)
 
 def _check(value: Any, tp: Any, path: tuple[str, ...], problems: _Problems) -> None:
     """Report every problem in ``value`` against ``tp`` (a msgspec Struct or field type)."""
+    if value is not None and get_origin(tp) in (Union, types.UnionType):
+        # An optional sub-section (``smtp: SmtpInConfig | None``) is checked key by key like
+        # a required one: msgspec alone would report the whole table, not the unknown key.
+        members = [a for a in get_args(tp) if a is not type(None)]
+        if len(members) == 1 and isinstance(members[0], type) and issubclass(members[0], msgspec.Struct):
+            tp = members[0]
     if isinstance(tp, type) and issubclass(tp, msgspec.Struct):
         if not isinstance(value, dict):
             problems.add(path, f"expected a table, got {_found_type(value)}")

@@ -94,12 +94,12 @@ class ChannelConformance(Generic[P]):
 
     async def start_provider(self) -> P:
         """Start the fake of the provider's API (a local server speaking its wire format)
-        that accepts every outbound until told otherwise; return it."""
-        raise NotImplementedError
+        that accepts every outbound until told otherwise; return it. (Or override the
+        :meth:`provider` fixture to take the fake from a fixture of your conftest.)"""
+        raise NotImplementedError("implement start_provider/stop_provider or override the provider fixture")
 
     async def stop_provider(self, provider: P) -> None:
         """Stop what :meth:`start_provider` started."""
-        raise NotImplementedError
 
     def channel_config(self, provider: P) -> dict[str, Any]:
         """A minimal valid ``[channels.<name>]`` section (with ``type``) that receives on
@@ -130,7 +130,9 @@ class ChannelConformance(Generic[P]):
 
     @_async_fixture
     async def provider(self) -> AsyncIterator[P]:
-        """The running provider fake of one check."""
+        """The running provider fake of one check: :meth:`start_provider`, and
+        :meth:`stop_provider` afterwards. Override it (a plain fixture method of your
+        subclass with the same name) to reuse a fixture of your conftest instead."""
         fake = await self.start_provider()
         try:
             yield fake

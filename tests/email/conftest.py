@@ -11,6 +11,7 @@ import socket
 import subprocess
 import tempfile
 import time
+from collections import deque
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -174,6 +175,8 @@ class SmtpSink:
         self.arrived = asyncio.Condition()
         self.reply: str | None = None
         """Scripted answer to DATA (e.g. ``"451 4.7.1 try later"``); None accepts."""
+        self.next_replies: deque[str] = deque()
+        """One-shot answers to the next DATA commands, before ``reply`` applies."""
         self.server: asyncio.base_events.Server | None = None
         self.port = 0
         self.ehlos = 0
@@ -185,6 +188,8 @@ class SmtpSink:
         return responses
 
     async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        if self.next_replies:
+            return self.next_replies.popleft()
         if self.reply is not None:
             return self.reply
         async with self.arrived:

@@ -195,6 +195,8 @@ async def test_kill_9_under_load_loses_nothing_and_every_outbound_has_accepted_a
     assert at_kill < n - 500, "the kill came after most deliveries: the test proves little"
     assert len(ids) == n  # nothing lost
     assert no_accepted == [] and no_sent == []
-    # A kill can only double what was between the provider's acceptance and its receipt:
-    # at most the deliveries in flight (the channel's concurrency, 64).
-    assert doubles <= 64
+    # A kill can only double what was between the provider's acceptance and its receipt
+    # reaching the bus. That is at most the deliveries in flight (64), but no delivery
+    # starts while a receipt has waited more than 0.5 ms to be written, so it is 0 or 1
+    # here (it was up to 45 when receipts waited for the whole loop turn).
+    assert doubles <= 5

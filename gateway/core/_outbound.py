@@ -125,6 +125,10 @@ class _Entry:
         self.charged = charged
 
 
+# How long a receipt may wait in nats-py's buffer while further deliveries start in the
+# same loop turn: what a kill -9 can double is what was delivered in this time.
+_RECEIPT_LAG = 0.0005
+
 # ``[outbound]`` keys the dispatcher cannot change while it runs: the consumer's ack_wait
 # (keep-alives are paced by it) and the receipts bucket's TTL are set up at start.
 _RESTART_KEYS = ("enabled", "ack_wait", "receipt_ttl")
@@ -158,6 +162,10 @@ class Dispatcher:
         # Outbounds this process knows the provider accepted and whose receipt is not
         # stored yet (outbound id -> receipt): never delivered again by this process.
         self.accepted: dict[str, Receipt] = {}
+        # Resolved once the receipt writes issued so far were handed to the socket (see
+        # _receipts_issued); None when there are none.
+        self._receipts_written: asyncio.Future[None] | None = None
+        self._receipts_since = 0.0
         self._stopping = asyncio.Event()
 
     def configure(self, cfg: OutboundConfig) -> list[str]:
@@ -443,6 +451,14 @@ class Dispatcher:
         bucket = self._bucket(cname, ccfg.rate_limit or channel.rate_limit)
         if bucket is not None:
             await bucket.acquire()
+        while self._receipts_written is not None and time.monotonic() - self._receipts_since > _RECEIPT_LAG:
+            # Receipts of deliveries that finished a while ago in this loop turn are still
+            # in nats-py's buffer (a provider call that blocks the loop, or a long turn):
+            # let them reach the socket before the next provider call, so that a crash
+            # doubles as few deliveries as possible. Within the lag, deliveries go ahead
+            # and their receipts share one socket write. (Several deliveries wait here;
+            # the first to go may issue a new receipt, so the others check again.)
+            await self._receipts_written
         heartbeat = asyncio.create_task(self._keepalive(msg))
         try:
             receipt = await channel.deliver(outbound, conversation)
@@ -458,8 +474,24 @@ class Dispatcher:
             stored = await self._store_receipt(outbound.id, receipt)
         except BusUnavailable:
             stored = None  # _record_sent retries it
+        else:
+            self._receipts_issued()
         failpoint("outbound.after_deliver")
         return receipt, stored
+
+    def _receipts_issued(self) -> None:
+        # nats-py writes to the socket from its flusher task, which the publish just woke
+        # (call_soon); a callback scheduled now runs after that write. Every delivery
+        # about to start waits for it: one loop turn, not a round trip.
+        if self._receipts_written is None:
+            loop = asyncio.get_running_loop()
+            self._receipts_since = time.monotonic()
+            fut = self._receipts_written = loop.create_future()
+            loop.call_soon(self._receipts_flushed, fut)
+
+    def _receipts_flushed(self, fut: asyncio.Future[None]) -> None:
+        self._receipts_written = None
+        fut.set_result(None)
 
     def _bucket(self, cname: str, rate: float | None) -> TokenBucket | None:
         if rate is None:

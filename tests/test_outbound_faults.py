@@ -80,6 +80,21 @@ async def test_channel_concurrency_bounds_deliveries_in_flight_per_channel(gatew
     assert seen == 3
 
 
+async def test_replies_queued_behind_a_slow_provider_are_not_redelivered_meanwhile(gateway_factory, nats_server, bus):
+    # Ten replies need 4 s on one place; ack_wait is 1 s. Unless the gateway keeps every
+    # message it holds (queued or parked, not only the one in delivery), the bus hands
+    # them out again and their attempt count grows without an attempt.
+    gw = await gateway_factory({"slow": {"type": "mock", "deliver_delay": "400ms", "concurrency": 1}},
+                               outbound={"ack_wait": "1s"})
+    convs = await _conversations(gw, "slow", 10)
+    await _publish_many(bus, [("gw.out.mock.slow", Outbound(id=f"q{i}", conversation=c, parts=[TextPart(text="x")]))
+                              for i, c in enumerate(convs)])
+    await gw.channels["slow"].channel.wait_for_deliveries(10, timeout=60)
+    await wait_until(lambda: _gw_out_empty(bus), timeout=30)
+    sent = [s for s in await statuses(nats_server.url) if s.state == "sent"]
+    assert sorted((s.outbound_id, s.attempt) for s in sent) == sorted((f"q{i}", 1) for i in range(10))
+
+
 async def test_reload_applies_new_backoff_and_max_attempts(gateway_factory, nats_server, bus):
     channels = {"demo": {"type": "mock"}}
     gw = await gateway_factory(channels, outbound={"backoff": ["30s"], "max_attempts": 8})

@@ -166,6 +166,7 @@ class Dispatcher:
         # _receipts_issued); None when there are none.
         self._receipts_written: asyncio.Future[None] | None = None
         self._receipts_since = 0.0
+        self._keeper: asyncio.Task[None] | None = None
         self._stopping = asyncio.Event()
 
     def configure(self, cfg: OutboundConfig) -> list[str]:
@@ -214,6 +215,8 @@ class Dispatcher:
             done, pending = await asyncio.wait(self.lane_tasks, timeout=20)
             for t in pending:
                 t.cancel()
+        if self._keeper is not None:  # only now: the lanes kept their messages until here
+            self._keeper.cancel()
         if self.accepted:
             self.log.error("stopping with receipts not stored: a redelivery may send these again",
                            outbound_ids=sorted(self.accepted)[:20], count=len(self.accepted))
@@ -223,6 +226,8 @@ class Dispatcher:
             pass
 
     async def _loop(self) -> None:
+        if self._keeper is None:
+            self._keeper = asyncio.create_task(self._keep_held(), name="outbound-keepalive")
         while not self._stopping.is_set():
             try:
                 await self.buffered.acquire()
@@ -459,15 +464,12 @@ class Dispatcher:
             # and their receipts share one socket write. (Several deliveries wait here;
             # the first to go may issue a new receipt, so the others check again.)
             await self._receipts_written
-        heartbeat = asyncio.create_task(self._keepalive(msg))
         try:
             receipt = await channel.deliver(outbound, conversation)
         except DeliveryError:
             raise
         except Exception as exc:  # a plugin bug or an unmapped library error: retryable
             raise DeliveryError(f"{type(exc).__name__}: {exc}", permanent=False, code="internal") from exc
-        finally:
-            heartbeat.cancel()
         # The provider accepted it: from here on this process never sends it again.
         self.accepted[outbound.id] = receipt
         try:
@@ -501,21 +503,26 @@ class Dispatcher:
             b = self.buckets[cname] = TokenBucket(rate)
         return b
 
-    async def _keepalive(self, msg: Any) -> None:
+    async def _keep_held(self) -> None:
+        """Tell the bus every message this process holds is still being worked on: the
+        ones in delivery or waiting for a retry, and the ones queued behind them or parked
+        (those would otherwise be redelivered after ack_wait, and their delivery count,
+        the base of the attempt count, would grow without an attempt)."""
         interval = max(0.5, self._ack_wait / 3)
         while True:
             await asyncio.sleep(interval)
-            try:
-                await msg.in_progress()
-            except Exception:
-                pass
+            for q in list(self.lanes.values()):
+                for e in list(q):
+                    try:
+                        await e.msg.in_progress()
+                    except Exception:
+                        pass
 
     async def _hold(self, msg: Any, delay: float, places: _Places) -> bool:
-        """Wait ``delay`` while keeping the message ours; False if the gateway stops.
+        """Wait ``delay`` (``_keep_held`` keeps the message ours); False if the gateway stops.
 
         The channel's place is given back while waiting: a provider outage must not stop
         the channel's other conversations."""
-        keep = asyncio.create_task(self._keepalive(msg))
         places.release()
         try:
             await asyncio.wait_for(self._stopping.wait(), delay)
@@ -523,7 +530,6 @@ class Dispatcher:
         except asyncio.TimeoutError:
             return True
         finally:
-            keep.cancel()
             await places.acquire()
 
     async def _dead(self, msg: Any, outbound: Outbound | None, ctype: str, cname: str, error: ErrorInfo, attempts: int) -> None:

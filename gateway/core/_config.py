@@ -107,6 +107,8 @@ class OutboundConfig(_Section):
     ack_wait: Duration = "60s"
     """How long one delivery attempt may take before the bus redelivers it."""
     concurrency: Annotated[int, msgspec.Meta(ge=1, le=1024)] = 64
+    """Deliveries in progress at once per channel, unless the channel sets its own; the
+    process takes up to 16 times this many messages off the bus."""
     receipt_ttl: Duration = "7d"
     """How long a provider receipt is kept to prevent a second send after a crash."""
 
@@ -132,6 +134,8 @@ class ChannelCommon(_Section):
     backoff: list[Duration] | None = None
     """Per-channel override of ``[outbound] backoff``."""
     max_attempts: Annotated[int, msgspec.Meta(ge=1)] | None = None
+    concurrency: Annotated[int, msgspec.Meta(ge=1, le=1024)] | None = None
+    """Deliveries in progress at once on this channel (default: ``[outbound] concurrency``)."""
 
 
 _COMMON_KEYS = {f.encode_name for f in msgspec.structs.fields(ChannelCommon)}
@@ -150,6 +154,7 @@ class ChannelConfig:
     max_attempts: int | None
     options: Any
     """The plugin's ``config_type`` instance (None if the type takes no keys)."""
+    concurrency: int | None = None
 
 
 @dataclass
@@ -411,7 +416,8 @@ def parse_config(
         except msgspec.ValidationError as exc:  # e.g. a __post_init__ check of the plugin
             problems.add(path, str(exc).replace("`", ""))
             continue
-        channels[name] = ChannelConfig(name, ctype, c.enabled, c.required, c.rate_limit, c.backoff, c.max_attempts, options)
+        channels[name] = ChannelConfig(name, ctype, c.enabled, c.required, c.rate_limit, c.backoff, c.max_attempts, options,
+                                       c.concurrency)
     if problems.items:
         raise ConfigError(problems.items)
     try:

@@ -185,11 +185,21 @@ class Gateway:
                 if name not in new or new[name] != old.get(name):
                     await self._stop_channel(name)
             self.config.channels = config.channels
+            later: list[str] = []
+            if self.outbound is not None:
+                # The dispatcher keeps its own copy: hand it the new section, and say what
+                # it could not apply.
+                later = self.outbound.configure(config.settings.outbound)
+            elif config.settings.outbound.enabled:
+                later = ["outbound.enabled"]
             self.config.settings.outbound = config.settings.outbound
+            if later:
+                self.log.warning("outbound settings changed that take effect at the next restart", keys=later)
             for name, cfg in new.items():
                 if name not in self.channels:
                     await self._start_channel(cfg)
-            self.log.info("configuration reloaded", channels=sorted(new))
+            self.log.info("configuration reloaded", channels=sorted(new),
+                          applied="channels, outbound.backoff, outbound.max_attempts, outbound.concurrency")
             return True
 
     async def run(self) -> None:

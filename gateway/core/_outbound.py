@@ -21,7 +21,7 @@ from nats.js import api
 
 from ._bus import wire_size
 from ._channel import Conversation, Receipt
-from ._config import seconds
+from ._config import OutboundConfig, seconds
 from ._errors import BusUnavailable, DeliveryError
 from ._failpoints import failpoint
 from ._schema import DeadLetter, DeliveryStatus, ErrorInfo, Outbound, encode, outbound_decoder
@@ -61,25 +61,128 @@ class _Permanent(Exception):
         self.code = code
 
 
+class _Places:
+    """A semaphore whose size can change while it is in use (a reload)."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.used = 0
+        self._waiters: deque[asyncio.Future[None]] = deque()
+
+    @property
+    def free(self) -> int:
+        return max(0, self.limit - self.used)
+
+    async def acquire(self) -> None:
+        if self.used < self.limit and not self._waiters:
+            self.used += 1
+            return
+        fut = asyncio.get_running_loop().create_future()
+        self._waiters.append(fut)
+        try:
+            await fut  # the releaser counted the place for us
+        except asyncio.CancelledError:
+            if fut.done() and not fut.cancelled():
+                self.release()
+            elif fut in self._waiters:
+                self._waiters.remove(fut)
+            raise
+
+    def release(self) -> None:
+        self.used -= 1
+        self._wake()
+
+    def resize(self, limit: int) -> None:
+        self.limit = limit
+        self._wake()
+
+    def _wake(self) -> None:
+        while self._waiters and self.used < self.limit:
+            fut = self._waiters.popleft()
+            if not fut.done():
+                self.used += 1
+                fut.set_result(None)
+
+
+class _ChannelLoad:
+    """One channel's share of the process: its delivery places and how many of the shared
+    buffer's places its messages hold."""
+
+    def __init__(self, concurrency: int):
+        self.places = _Places(concurrency)
+        self.buffered = 0
+
+
+class _Entry:
+    __slots__ = ("msg", "outbound", "err", "cname", "load", "charged")
+
+    def __init__(self, msg: Any, outbound: Outbound | None, err: Exception | None, cname: str, load: _ChannelLoad,
+                 charged: bool):
+        self.msg = msg
+        self.outbound = outbound
+        self.err = err
+        self.cname = cname
+        self.load = load
+        self.charged = charged
+
+
+# How long a receipt may wait in nats-py's buffer while further deliveries start in the
+# same loop turn: what a kill -9 can double is what was delivered in this time.
+_RECEIPT_LAG = 0.0005
+
+# ``[outbound]`` keys the dispatcher cannot change while it runs: the consumer's ack_wait
+# (keep-alives are paced by it) and the receipts bucket's TTL are set up at start.
+_RESTART_KEYS = ("enabled", "ack_wait", "receipt_ttl")
+
+
 class Dispatcher:
     """Takes outbound messages off ``<prefix>.out.>`` and delivers them."""
 
     def __init__(self, gw: Gateway):
         self.gw = gw
         self.cfg = gw.config.outbound
+        # The consumer and its keep-alives keep the ack_wait they started with.
+        self._ack_wait = seconds(self.cfg.ack_wait)
         self.log = gw.log.bind(component="outbound")
         self.task: asyncio.Task[None] | None = None
-        self.lanes: dict[str, deque[Any]] = {}
+        self.lanes: dict[str, deque[_Entry]] = {}
         self.lane_tasks: set[asyncio.Task[None]] = set()
         self.buckets: dict[str, TokenBucket] = {}
-        # Two limits, so that nothing waits in a circle: ``active`` bounds deliveries in
-        # progress (a message waiting for its retry gives its place back, so one provider's
-        # outage does not stall the others); ``buffered`` bounds messages taken off the bus
-        # and not finished (replies queued behind an earlier one of their conversation
-        # hold only this, never ``active``).
-        self.active = asyncio.Semaphore(self.cfg.concurrency)
-        self.buffered = asyncio.Semaphore(self.cfg.concurrency * 16)
+        # Limits, so that nothing waits in a circle and no channel waits for another:
+        # - each channel's ``places`` bound its deliveries in progress (a message waiting
+        #   for its retry gives its place back), so a slow or hanging provider holds only
+        #   its own channel's places;
+        # - ``buffered`` bounds messages taken off the bus and not finished (replies
+        #   queued behind an earlier one of their conversation hold only this). A channel
+        #   holds at most its share of it; what it is given beyond that is *parked*: kept,
+        #   in order, outside the shared buffer (``parked``, bounded by the same size), so
+        #   a saturated channel's backlog does not stop the fetch loop for the others.
+        self.channel_loads: dict[str, _ChannelLoad] = {}
+        self.buffered = _Places(self.cfg.concurrency * 16)
+        self.parked = _Places(self.cfg.concurrency * 16)
+        # Outbounds this process knows the provider accepted and whose receipt is not
+        # stored yet (outbound id -> receipt): never delivered again by this process.
+        self.accepted: dict[str, Receipt] = {}
+        # Resolved once the receipt writes issued so far were handed to the socket (see
+        # _receipts_issued); None when there are none.
+        self._receipts_written: asyncio.Future[None] | None = None
+        self._receipts_since = 0.0
+        self._keeper: asyncio.Task[None] | None = None
         self._stopping = asyncio.Event()
+
+    def configure(self, cfg: OutboundConfig) -> list[str]:
+        """Apply a reloaded ``[outbound]`` section. Returns the keys that changed but take
+        effect only at the next start."""
+        later = [f"outbound.{k}" for k in _RESTART_KEYS if getattr(cfg, k) != getattr(self.cfg, k)]
+        self.cfg = cfg
+        self.buffered.resize(cfg.concurrency * 16)
+        self.parked.resize(cfg.concurrency * 16)
+        return later
+
+    def in_flight(self, channel: str) -> int:
+        """Deliveries of ``channel`` in progress in this process."""
+        load = self.channel_loads.get(channel)
+        return load.places.used if load else 0
 
     async def start(self) -> None:
         """Subscribe and start fetching. Called again by the bus after every new connection:
@@ -97,7 +200,7 @@ class Dispatcher:
         cfg = api.ConsumerConfig(
             durable_name=s.outbound_consumer,
             ack_policy=api.AckPolicy.EXPLICIT,
-            ack_wait=seconds(self.cfg.ack_wait),
+            ack_wait=self._ack_wait,
             max_deliver=-1,
             # Messages waiting for a retry stay unacked (that keeps their conversation in
             # order), so the server must allow many more pending acks than we work on.
@@ -123,18 +226,24 @@ class Dispatcher:
             done, pending = await asyncio.wait(self.lane_tasks, timeout=20)
             for t in pending:
                 t.cancel()
+        if self._keeper is not None:  # only now: the lanes kept their messages until here
+            self._keeper.cancel()
+        if self.accepted:
+            self.log.error("stopping with receipts not stored: a redelivery may send these again",
+                           outbound_ids=sorted(self.accepted)[:20], count=len(self.accepted))
         try:
             await self.psub.unsubscribe()
         except Exception:
             pass
 
     async def _loop(self) -> None:
+        if self._keeper is None:
+            self._keeper = asyncio.create_task(self._keep_held(), name="outbound-keepalive")
         while not self._stopping.is_set():
             try:
                 await self.buffered.acquire()
                 self.buffered.release()
-                free = max(1, self.buffered._value)  # noqa: SLF001 - cheap read of free places
-                msgs = await self.psub.fetch(batch=min(free, 256), timeout=1)
+                msgs = await self.psub.fetch(batch=min(max(1, self.buffered.free), 256), timeout=1)
             except (nats.errors.TimeoutError, asyncio.TimeoutError):
                 continue
             except asyncio.CancelledError:
@@ -147,10 +256,37 @@ class Dispatcher:
                 await asyncio.sleep(1)
                 continue
             for msg in msgs:
-                await self.buffered.acquire()
-                self._enqueue(msg)
+                await self._take(msg)
 
-    def _enqueue(self, msg: Any) -> None:
+    def _load(self, cname: str) -> _ChannelLoad:
+        ccfg = self.gw.config.channels.get(cname)
+        limit = (ccfg.concurrency if ccfg and ccfg.concurrency else None) or self.cfg.concurrency
+        load = self.channel_loads.get(cname)
+        if load is None:
+            load = self.channel_loads[cname] = _ChannelLoad(limit)
+        elif load.places.limit != limit:
+            load.places.resize(limit)
+        return load
+
+    async def _take(self, msg: Any) -> None:
+        parts = msg.subject.split(".")
+        cname = parts[-1] if len(parts) >= 4 else "?"
+        load = self._load(cname)
+        # A channel's share of the buffer: enough to keep its places busy with a batch
+        # queued behind them, but never so much that one channel fills the buffer (with a
+        # single channel there is nobody to protect: all of it).
+        share = self.buffered.limit if len(self.gw.config.channels) <= 1 else \
+            max(1, min(load.places.limit * 4, self.buffered.limit // 2))
+        if load.buffered >= share and self.parked.free:
+            await self.parked.acquire()
+            charged = False
+        else:
+            await self.buffered.acquire()
+            load.buffered += 1
+            charged = True
+        self._enqueue(msg, cname, load, charged)
+
+    def _enqueue(self, msg: Any, cname: str, load: _ChannelLoad, charged: bool) -> None:
         try:
             outbound = outbound_decoder.decode(msg.data)
             lane = outbound.conversation
@@ -159,11 +295,12 @@ class Dispatcher:
             err = exc
         else:
             err = None
+        entry = _Entry(msg, outbound, err, cname, load, charged)
         q = self.lanes.get(lane)
         if q is not None:
-            q.append((msg, outbound, err))
+            q.append(entry)
             return
-        self.lanes[lane] = deque([(msg, outbound, err)])
+        self.lanes[lane] = deque([entry])
         t = asyncio.create_task(self._run_lane(lane))
         self.lane_tasks.add(t)
         t.add_done_callback(self.lane_tasks.discard)
@@ -172,24 +309,32 @@ class Dispatcher:
         q = self.lanes[lane]
         try:
             while q:
-                msg, outbound, err = q[0]
-                await self.active.acquire()
+                e = q[0]
+                await e.load.places.acquire()
                 try:
-                    await self._process(msg, outbound, err)
+                    await self._process(e.msg, e.outbound, e.err, e.load.places)
                 except asyncio.CancelledError:
                     raise
                 except Exception as exc:  # never lose the lane on a bug: leave unacked
                     self.log.error("outbound processing failed; left for redelivery", error=f"{type(exc).__name__}: {exc}")
                 finally:
-                    self.active.release()
+                    e.load.places.release()
                     q.popleft()
-                    self.buffered.release()
+                    if e.charged:
+                        e.load.buffered -= 1
+                        self.buffered.release()
+                    else:
+                        self.parked.release()
+                    if e.cname not in self.gw.config.channels and not e.load.buffered and not e.load.places.used:
+                        # Subjects of channels that are not configured come from backends:
+                        # do not keep an entry for each name they ever used.
+                        self.channel_loads.pop(e.cname, None)
         finally:
             del self.lanes[lane]
 
     # --- one message ---------------------------------------------------------------
 
-    async def _process(self, msg: Any, outbound: Outbound | None, err: Exception | None) -> None:
+    async def _process(self, msg: Any, outbound: Outbound | None, err: Exception | None, places: _Places) -> None:
         gw = self.gw
         parts = msg.subject.split(".")
         ctype, cname = (parts[-2], parts[-1]) if len(parts) >= 4 else ("?", "?")
@@ -197,27 +342,34 @@ class Dispatcher:
             await self._dead(msg, None, ctype, cname, ErrorInfo(message=f"undecodable outbound: {err}", permanent=True,
                                                                code="invalid_message"), 1)
             return
+        if outbound.id in self.accepted:
+            # A redelivery of what this process already sent and is still recording: the
+            # earlier copy stores the receipt and acks; sending it again would double it.
+            self.log.info("redelivered while its receipt is being stored; not sent again", outbound_id=outbound.id)
+            return
         attempt = msg.metadata.num_delivered
         # Pipelined: the "accepted" status, the receipt lookup and the conversation lookup
-        # go out together; the status ack is awaited before the next status.
-        accepted = (await gw.send_status(self._make_status(outbound, ctype, cname, "accepted", attempt=0))
-                    if attempt == 1 else None)
+        # go out together; the status ack is awaited before the next status. "accepted" is
+        # sent on every first processing by a process (a redelivery after a crash too); its
+        # Nats-Msg-Id ("<id>:accepted:0") lets JetStream drop the repeats within its
+        # duplicate window, and it costs no extra round trip.
+        accepted = await gw.send_status(self._make_status(outbound, ctype, cname, "accepted", attempt=0))
         receipt, conversation = await asyncio.gather(self._receipt(outbound.id), gw.get_conversation(outbound.conversation))
-        if accepted is not None:
-            await gw.await_ack(accepted)
+        await gw.await_ack(accepted)
         if receipt is not None:
             # Sent before a crash or by a duplicate publish: do not send twice.
             await self._status(outbound, ctype, cname, "sent", attempt=attempt, provider_id=receipt.provider_id)
             await msg.ack()
             return
         ccfg = gw.config.channels.get(cname)
-        backoff = [seconds(d) for d in ((ccfg.backoff if ccfg and ccfg.backoff else None) or self.cfg.backoff)]
-        max_attempts = (ccfg.max_attempts if ccfg and ccfg.max_attempts else None) or self.cfg.max_attempts
+        cfg = self.cfg  # read per message: a reload applies to the next one
+        backoff = [seconds(d) for d in ((ccfg.backoff if ccfg and ccfg.backoff else None) or cfg.backoff)]
+        max_attempts = (ccfg.max_attempts if ccfg and ccfg.max_attempts else None) or cfg.max_attempts
         local = 0
         while True:
             t0 = time.perf_counter()
             try:
-                receipt = await self._deliver_once(msg, outbound, conversation, ctype, cname)
+                receipt, stored = await self._deliver_once(msg, outbound, conversation, ctype, cname)
             except _Permanent as exc:
                 await self._dead(msg, outbound, ctype, cname, ErrorInfo(message=exc.message, permanent=True, code=exc.code), attempt)
                 return
@@ -236,25 +388,69 @@ class Dispatcher:
                 self.log.info("delivery failed, will retry", outbound_id=outbound.id, channel=cname, attempt=attempt,
                               error=exc.message, retry_in=round(delay, 2))
                 await self._status(outbound, ctype, cname, "failed", attempt=attempt, error=info, next_attempt_at=nxt)
-                if not await self._hold(msg, delay):
+                if not await self._hold(msg, delay, places):
                     return  # stopping: left unacked, redelivered later
                 attempt += 1
                 local += 1
                 continue
-            failpoint("outbound.after_deliver")
             gw.metrics.delivery_latency.labels(ctype).observe(time.perf_counter() - t0)
             gw.metrics.outbound.labels(ctype, cname).inc()
-            # Receipt first, then status, then ack: a crash in between re-emits "sent"
-            # on redelivery instead of sending twice.
-            await self._store_receipt(outbound.id, receipt)
-            failpoint("outbound.after_receipt")
-            await self._status(outbound, ctype, cname, "sent", attempt=attempt, provider_id=receipt.provider_id)
-            # A plain ack: if it is lost, the redelivery finds the receipt and sends nothing.
-            await msg.ack()
+            await self._record_sent(msg, outbound, ctype, cname, attempt, receipt, stored)
             return
 
+    async def _record_sent(self, msg: Any, outbound: Outbound, ctype: str, cname: str, attempt: int, receipt: Receipt,
+                           stored: asyncio.Future[Any] | None) -> None:
+        """Receipt, then status, then ack, for an outbound the provider accepted; retried
+        until the bus takes them (or the gateway stops). A crash in between re-emits
+        "sent" on redelivery instead of sending twice; a bus outage only delays them."""
+        delay = 0.2
+        warned = False
+        while True:
+            try:
+                if stored is None:
+                    stored = await self._store_receipt(outbound.id, receipt)
+                await self.gw.await_ack(stored)
+                break
+            except BusUnavailable as exc:
+                stored = None  # publish it again: a KV put of the same value is harmless
+                if not warned:
+                    self.log.warning("receipt not stored yet; retrying until the bus is back", outbound_id=outbound.id,
+                                     error=str(exc))
+                    warned = True
+                if not await self._retry_wait(msg, delay):
+                    return  # stopping: logged by stop() from self.accepted
+                delay = min(delay * 2, 5.0)
+        self.accepted.pop(outbound.id, None)  # from now on the receipt bucket remembers it
+        failpoint("outbound.after_receipt")
+        while True:
+            try:
+                await self._status(outbound, ctype, cname, "sent", attempt=attempt, provider_id=receipt.provider_id)
+                # A plain ack: if it is lost, the redelivery finds the receipt and sends nothing.
+                await msg.ack()
+                return
+            except (BusUnavailable, nats.errors.Error) as exc:
+                self.log.debug("sent status or ack not taken; retrying", outbound_id=outbound.id, error=str(exc))
+                if not await self._retry_wait(msg, delay):
+                    return  # the receipt is stored: a redelivery re-emits "sent"
+                delay = min(delay * 2, 5.0)
+
+    async def _retry_wait(self, msg: Any, delay: float) -> bool:
+        """Wait before retrying a bus write, keeping the message ours if the bus lets us;
+        False if the gateway stops meanwhile."""
+        try:
+            await msg.in_progress()
+        except Exception:
+            pass
+        try:
+            await asyncio.wait_for(self._stopping.wait(), delay)
+            return False
+        except asyncio.TimeoutError:
+            return True
+
     async def _deliver_once(self, msg: Any, outbound: Outbound, conversation: Conversation | None,
-                            ctype: str, cname: str) -> Receipt:
+                            ctype: str, cname: str) -> tuple[Receipt, asyncio.Future[Any] | None]:
+        """Deliver once; on success return the receipt and the future of its write, which
+        is issued before anything else so that a crash has the least time to double it."""
         gw = self.gw
         ccfg = gw.config.channels.get(cname)
         if ccfg is None or ccfg.type != ctype:
@@ -278,15 +474,44 @@ class Dispatcher:
         bucket = self._bucket(cname, ccfg.rate_limit or channel.rate_limit)
         if bucket is not None:
             await bucket.acquire()
-        heartbeat = asyncio.create_task(self._keepalive(msg))
+        while self._receipts_written is not None and time.monotonic() - self._receipts_since > _RECEIPT_LAG:
+            # Receipts of deliveries that finished a while ago in this loop turn are still
+            # in nats-py's buffer (a provider call that blocks the loop, or a long turn):
+            # let them reach the socket before the next provider call, so that a crash
+            # doubles as few deliveries as possible. Within the lag, deliveries go ahead
+            # and their receipts share one socket write. (Several deliveries wait here;
+            # the first to go may issue a new receipt, so the others check again.)
+            await self._receipts_written
         try:
-            return await channel.deliver(outbound, conversation)
+            receipt = await channel.deliver(outbound, conversation)
         except DeliveryError:
             raise
         except Exception as exc:  # a plugin bug or an unmapped library error: retryable
             raise DeliveryError(f"{type(exc).__name__}: {exc}", permanent=False, code="internal") from exc
-        finally:
-            heartbeat.cancel()
+        # The provider accepted it: from here on this process never sends it again.
+        self.accepted[outbound.id] = receipt
+        try:
+            stored = await self._store_receipt(outbound.id, receipt)
+        except BusUnavailable:
+            stored = None  # _record_sent retries it
+        else:
+            self._receipts_issued()
+        failpoint("outbound.after_deliver")
+        return receipt, stored
+
+    def _receipts_issued(self) -> None:
+        # nats-py writes to the socket from its flusher task, which the publish just woke
+        # (call_soon); a callback scheduled now runs after that write. Every delivery
+        # about to start waits for it: one loop turn, not a round trip.
+        if self._receipts_written is None:
+            loop = asyncio.get_running_loop()
+            self._receipts_since = time.monotonic()
+            fut = self._receipts_written = loop.create_future()
+            loop.call_soon(self._receipts_flushed, fut)
+
+    def _receipts_flushed(self, fut: asyncio.Future[None]) -> None:
+        self._receipts_written = None
+        fut.set_result(None)
 
     def _bucket(self, cname: str, rate: float | None) -> TokenBucket | None:
         if rate is None:
@@ -296,30 +521,34 @@ class Dispatcher:
             b = self.buckets[cname] = TokenBucket(rate)
         return b
 
-    async def _keepalive(self, msg: Any) -> None:
-        interval = max(0.5, seconds(self.cfg.ack_wait) / 3)
+    async def _keep_held(self) -> None:
+        """Tell the bus every message this process holds is still being worked on: the
+        ones in delivery or waiting for a retry, and the ones queued behind them or parked
+        (those would otherwise be redelivered after ack_wait, and their delivery count,
+        the base of the attempt count, would grow without an attempt)."""
+        interval = max(0.5, self._ack_wait / 3)
         while True:
             await asyncio.sleep(interval)
-            try:
-                await msg.in_progress()
-            except Exception:
-                pass
+            for q in list(self.lanes.values()):
+                for e in list(q):
+                    try:
+                        await e.msg.in_progress()
+                    except Exception:
+                        pass
 
-    async def _hold(self, msg: Any, delay: float) -> bool:
-        """Wait ``delay`` while keeping the message ours; False if the gateway stops.
+    async def _hold(self, msg: Any, delay: float, places: _Places) -> bool:
+        """Wait ``delay`` (``_keep_held`` keeps the message ours); False if the gateway stops.
 
-        The ``active`` place is given back while waiting: a provider outage on one
-        channel must not stall deliveries on the others."""
-        keep = asyncio.create_task(self._keepalive(msg))
-        self.active.release()
+        The channel's place is given back while waiting: a provider outage must not stop
+        the channel's other conversations."""
+        places.release()
         try:
             await asyncio.wait_for(self._stopping.wait(), delay)
             return False
         except asyncio.TimeoutError:
             return True
         finally:
-            keep.cancel()
-            await self.active.acquire()
+            await places.acquire()
 
     async def _dead(self, msg: Any, outbound: Outbound | None, ctype: str, cname: str, error: ErrorInfo, attempts: int) -> None:
         gw = self.gw
@@ -377,13 +606,13 @@ class Dispatcher:
         except msgspec.DecodeError:
             return Receipt()
 
-    async def _store_receipt(self, outbound_id: str, receipt: Receipt) -> None:
+    async def _store_receipt(self, outbound_id: str, receipt: Receipt) -> asyncio.Future[Any]:
+        """Issue the receipt's KV write; returns the future of its ack."""
         bus = self.gw.bus
         try:
-            fut = await bus.js.publish_async(f"$KV.{bus.subjects.kv_receipts}.{_receipt_key(outbound_id)}", encode(receipt))
+            return await bus.js.publish_async(f"$KV.{bus.subjects.kv_receipts}.{_receipt_key(outbound_id)}", encode(receipt))
         except (nats.errors.Error, nats.js.errors.Error) as exc:
             raise BusUnavailable(f"receipt not stored: {exc}") from exc
-        await self.gw.await_ack(fut)
 
 
 def _receipt_key(outbound_id: str) -> str:

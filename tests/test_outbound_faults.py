@@ -131,7 +131,7 @@ async def test_a_bus_outage_during_deliveries_sends_nothing_twice(gateway_factor
     # The provider takes 50 ms, so some deliveries are always between the provider's
     # acceptance and their receipt when the server dies; ack_wait is short so that
     # anything left unacked comes back within the test.
-    gw = await gateway_factory({"demo": {"type": "mock", "deliver_delay": "50ms"}},
+    gw = await gateway_factory({"demo": {"type": "mock", "deliver_delay": "50ms", "keep": 5000}},
                                outbound={"ack_wait": "2s"}, bus={"publish_timeout": "1s"})
     convs = await _conversations(gw, "demo", 200)
     n = 3000

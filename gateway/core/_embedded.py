@@ -89,7 +89,8 @@ class EmbeddedServer:
         """Lock the store, start the server and wait until *this* child listens.
         :class:`StartupError` when the store or the port is taken by someone else."""
         self.store_dir.mkdir(parents=True, exist_ok=True)
-        await self._lock_store(timeout)
+        if self._lock_fd is None:  # still ours after a child that died (a kill -9 in a test): keep it
+            await self._lock_store(timeout)
         try:
             await self._start(timeout)
         except BaseException:

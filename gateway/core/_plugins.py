@@ -113,6 +113,6 @@ class PluginManager:
         return dict(sorted(found.items()))
 
     @property
-    def hook(self):
+    def hook(self) -> pluggy.HookRelay:
         """The pluggy hook relay."""
         return self.pm.hook

@@ -278,7 +278,7 @@ class Bus:
 
     def stream_configs(self) -> list[api.StreamConfig]:
         s, c = self.subjects, self.cfg
-        common = dict(storage=api.StorageType.FILE, num_replicas=c.replicas, max_msg_size=c.max_message_size,
+        common: dict[str, Any] = dict(storage=api.StorageType.FILE, num_replicas=c.replicas, max_msg_size=c.max_message_size,
                       duplicate_window=seconds(c.duplicate_window))
         return [
             api.StreamConfig(name=s.stream_in, subjects=[f"{s.prefix}.in.>"], retention=api.RetentionPolicy.LIMITS,

@@ -256,8 +256,9 @@ class Channel(abc.ABC):
     config_type: ClassVar[type[msgspec.Struct] | None] = None
     """A msgspec Struct (``forbid_unknown_fields=True`` recommended) for the channel's own
     keys; None if it takes none."""
-    supported_parts: ClassVar[frozenset[str]] = frozenset({"text"})
-    """Part types ``deliver`` can carry; an outbound with others fails permanently."""
+    supported_parts: frozenset[str] = frozenset({"text"})
+    """Part types ``deliver`` can carry; an outbound with others fails permanently. Read
+    from the instance, so a channel may set its own from its config (the mock does)."""
     rate_limit: ClassVar[float | None] = None
     """Default outbound rate (messages per second) the provider allows; config may lower it."""
 

@@ -264,7 +264,8 @@ def _type_name(tp: Any) -> str:
 
 
 def _found_type(value: Any) -> str:
-    return {dict: "table", list: "array"}.get(type(value), type(value).__name__)
+    names: dict[type, str] = {dict: "table", list: "array"}
+    return names.get(type(value), type(value).__name__)
 
 
 _MSGSPEC_ERR = re.compile(r"^(?P<msg>.*?)(?: - at `\$(?P<at>[^`]*)`)?$", re.S)

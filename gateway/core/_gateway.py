@@ -301,7 +301,8 @@ class Gateway:
         except (nats.js.errors.KeyNotFoundError, nats.js.errors.InvalidKeyError):
             return None
         try:
-            return conversation_decoder.decode(entry.value)
+            # nats-py types Entry.value Optional; get() sets it to the message data (bytes)
+            return conversation_decoder.decode(entry.value)  # type: ignore[arg-type]
         except msgspec.DecodeError:
             return None
 

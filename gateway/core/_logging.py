@@ -12,7 +12,7 @@ import logging
 import re
 import sys
 import time
-from collections.abc import Hashable
+from collections.abc import Hashable, MutableMapping
 from typing import Any
 
 import structlog
@@ -79,7 +79,7 @@ def scrub(text: str) -> str:
     return _PHONE.sub(phone, _EMAIL.sub(REDACTED, text))
 
 
-def redact(_logger: Any, _name: str, event: dict[str, Any]) -> dict[str, Any]:
+def redact(_logger: Any, _name: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
     """structlog processor: mask values whose key names a secret or personal data, and
     e-mail addresses or phone numbers anywhere in the text that is kept."""
     for key, value in list(event.items()):
@@ -119,7 +119,9 @@ def configure_logging(format: str = "console", level: str = "info", stream: Any 
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(getattr(logging, level.upper())),
-        logger_factory=structlog.PrintLoggerFactory(stream or _CurrentStderr()),
+        # structlog annotates the file as TextIO; it only calls write() and flush(), which
+        # _CurrentStderr has.
+        logger_factory=structlog.PrintLoggerFactory(stream or _CurrentStderr()),  # type: ignore[arg-type]
         cache_logger_on_first_use=False,
     )
 

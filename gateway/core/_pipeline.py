@@ -202,7 +202,8 @@ class Inbound:
         if keep_route or keep_time:
             # Keep what the channel did not give (only then is the stored entry read).
             try:
-                old = conversation_decoder.decode((await kv.get(conv.key)).value)
+                # nats-py types Entry.value Optional; get() sets it to the message data (bytes)
+                old = conversation_decoder.decode((await kv.get(conv.key)).value)  # type: ignore[arg-type]
             except (nats.js.errors.KeyNotFoundError, msgspec.DecodeError):
                 pass
             else:

@@ -3,9 +3,12 @@ group ``gateway.plugins`` and the same ``load_setuptools_entrypoints`` call."""
 
 from __future__ import annotations
 
+import builtins
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
 from importlib import metadata
+from typing import cast
 
 import pluggy
 
@@ -23,7 +26,7 @@ class ChannelTypeInfo:
     """A loaded channel type and where it came from."""
 
     type: str
-    cls: type[Channel]
+    cls: builtins.type[Channel]  # the field above shadows the builtin in this class body
     plugin: str
     """The plugin's registered name (the entry-point name for entry-point plugins)."""
     package: str
@@ -90,7 +93,8 @@ class PluginManager:
         for impl in self.pm.hook.register_channel_types.get_hookimpls():
             name = self.pm.get_name(impl.plugin) or repr(impl.plugin)
             try:
-                classes = impl.function() or []
+                # pluggy types a hook's result as object; each item is checked below.
+                classes = cast(Iterable[object], impl.function() or [])
             except Exception as exc:
                 raise PluginError(f"plugin {name!r}: register_channel_types raised {exc!r}") from exc
             for cls in classes:
@@ -109,6 +113,6 @@ class PluginManager:
         return dict(sorted(found.items()))
 
     @property
-    def hook(self):
+    def hook(self) -> pluggy.HookRelay:
         """The pluggy hook relay."""
         return self.pm.hook

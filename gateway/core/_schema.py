@@ -30,7 +30,7 @@ class _Envelope(msgspec.Struct, frozen=True, kw_only=True):
     so consumers in any language see explicit nulls instead of guessing defaults."""
 
 
-class ObjectRef(_Wire, kw_only=True):
+class ObjectRef(_Wire, frozen=True, kw_only=True):
     """Where a binary payload lives in the JetStream Object Store."""
 
     bucket: str
@@ -39,7 +39,7 @@ class ObjectRef(_Wire, kw_only=True):
     sha256: str
 
 
-class Participant(_Wire, kw_only=True):
+class Participant(_Wire, frozen=True, kw_only=True):
     """A sender or recipient in the channel's own terms."""
 
     id: str
@@ -51,7 +51,7 @@ class Participant(_Wire, kw_only=True):
 # --- message parts (a tagged union on "type") -------------------------------------------
 
 
-class TextPart(_Wire, tag="text", tag_field="type"):
+class TextPart(_Wire, frozen=True, tag="text", tag_field="type"):
     """Plain text. For email, ``text`` is the new text of the message and ``quoted`` /
     ``signature`` hold what was trimmed off, so a backend sees both."""
 
@@ -60,13 +60,13 @@ class TextPart(_Wire, tag="text", tag_field="type"):
     signature: str | None = None
 
 
-class HtmlPart(_Wire, tag="html", tag_field="type"):
+class HtmlPart(_Wire, frozen=True, tag="html", tag_field="type"):
     """An HTML body (its plain-text rendering travels as a separate TextPart)."""
 
     html: str
 
 
-class _Media(_Wire, tag_field="type", kw_only=True):
+class _Media(_Wire, frozen=True, tag_field="type", kw_only=True):
     content_type: str | None = None
     filename: str | None = None
     size: int | None = None
@@ -82,29 +82,29 @@ class _Media(_Wire, tag_field="type", kw_only=True):
     """MIME Content-ID of an inline image (``cid:`` references in HTML)."""
 
 
-class ImagePart(_Media, tag="image", kw_only=True):
+class ImagePart(_Media, frozen=True, tag="image", kw_only=True):
     """An image."""
 
 
-class FilePart(_Media, tag="file", kw_only=True):
+class FilePart(_Media, frozen=True, tag="file", kw_only=True):
     """Any other attachment."""
 
 
-class AudioPart(_Media, tag="audio", kw_only=True):
+class AudioPart(_Media, frozen=True, tag="audio", kw_only=True):
     """Voice or audio; ``recognition`` is the provider's speech-to-text, if given."""
 
     duration: float | None = None
     recognition: str | None = None
 
 
-class VideoPart(_Media, tag="video", kw_only=True):
+class VideoPart(_Media, frozen=True, tag="video", kw_only=True):
     """A video; ``thumb`` references its thumbnail if the provider sends one."""
 
     duration: float | None = None
     thumb_media_id: str | None = None
 
 
-class LocationPart(_Wire, tag="location", tag_field="type"):
+class LocationPart(_Wire, frozen=True, tag="location", tag_field="type"):
     """A geographic position."""
 
     latitude: float
@@ -113,7 +113,7 @@ class LocationPart(_Wire, tag="location", tag_field="type"):
     scale: float | None = None
 
 
-class LinkPart(_Wire, tag="link", tag_field="type"):
+class LinkPart(_Wire, frozen=True, tag="link", tag_field="type"):
     """A shared link or article card."""
 
     url: str
@@ -121,7 +121,7 @@ class LinkPart(_Wire, tag="link", tag_field="type"):
     description: str | None = None
 
 
-class EventPart(_Wire, tag="event", tag_field="type"):
+class EventPart(_Wire, frozen=True, tag="event", tag_field="type"):
     """A channel event that is not a message (subscribe, menu click, scan ...)."""
 
     event: str
@@ -129,7 +129,7 @@ class EventPart(_Wire, tag="event", tag_field="type"):
     data: dict[str, str] = {}
 
 
-class ChoicePart(_Wire, tag="choice", tag_field="type"):
+class ChoicePart(_Wire, frozen=True, tag="choice", tag_field="type"):
     """A survey answer parsed from the customer's reply to a survey reminder."""
 
     reminder_id: str
@@ -137,7 +137,7 @@ class ChoicePart(_Wire, tag="choice", tag_field="type"):
     index: int | None = None
 
 
-class UnknownPart(_Wire, tag="unknown", tag_field="type"):
+class UnknownPart(_Wire, frozen=True, tag="unknown", tag_field="type"):
     """Content the channel plugin could not map; ``raw`` keeps the provider's fields."""
 
     raw: dict[str, Any] = {}
@@ -162,7 +162,7 @@ MediaPart = Union[ImagePart, FilePart, AudioPart, VideoPart]
 # --- envelopes -----------------------------------------------------------------------
 
 
-class Message(_Envelope, kw_only=True):
+class Message(_Envelope, frozen=True, kw_only=True):
     """An inbound message, published on ``<prefix>.in.<channel_type>.<channel>``."""
 
     schema_version: int = SCHEMA_VERSION
@@ -192,7 +192,7 @@ class Message(_Envelope, kw_only=True):
     """Channel-specific metadata; documented per plugin."""
 
 
-class Template(_Wire, kw_only=True):
+class Template(_Wire, frozen=True, kw_only=True):
     """A provider template (WeChat template/subscription message, SMS template) used where
     free text is not allowed, for example outside WeChat's 48-hour window."""
 
@@ -203,7 +203,7 @@ class Template(_Wire, kw_only=True):
     """WeChat: a template message (模板消息) or a subscription notification (订阅通知)."""
 
 
-class Outbound(_Envelope, kw_only=True):
+class Outbound(_Envelope, frozen=True, kw_only=True):
     """A reply or notice, published by a backend on ``<prefix>.out.<channel_type>.<channel>``."""
 
     schema_version: int = SCHEMA_VERSION
@@ -224,7 +224,7 @@ class Outbound(_Envelope, kw_only=True):
     meta: dict[str, Any] = {}
 
 
-class ErrorInfo(_Wire, kw_only=True):
+class ErrorInfo(_Wire, frozen=True, kw_only=True):
     """Why a delivery failed."""
 
     message: str
@@ -235,7 +235,7 @@ class ErrorInfo(_Wire, kw_only=True):
 DeliveryState = Literal["accepted", "sent", "delivered", "read", "failed", "dead"]
 
 
-class DeliveryStatus(_Envelope, kw_only=True):
+class DeliveryStatus(_Envelope, frozen=True, kw_only=True):
     """The fate of one outbound, on ``<prefix>.status.<channel_type>.<channel>``."""
 
     schema_version: int = SCHEMA_VERSION
@@ -251,7 +251,7 @@ class DeliveryStatus(_Envelope, kw_only=True):
     next_attempt_at: datetime | None = None
 
 
-class QuietHours(_Wire, kw_only=True):
+class QuietHours(_Wire, frozen=True, kw_only=True):
     """The customer's rest hours, in their time zone: nothing is sent between ``start`` and
     ``end`` (``"21:00"`` to ``"09:00"`` wraps midnight)."""
 
@@ -260,7 +260,7 @@ class QuietHours(_Wire, kw_only=True):
     tz: str = "Asia/Shanghai"
 
 
-class Reminder(_Envelope, kw_only=True):
+class Reminder(_Envelope, frozen=True, kw_only=True):
     """A scheduled callback (回访): a follow-up or survey sent at ``due_at`` through the
     conversation's channel, never inside quiet hours, published on
     ``<prefix>.sched.<id>``."""
@@ -282,7 +282,7 @@ class Reminder(_Envelope, kw_only=True):
     """Survey choices; the customer's answer comes back as a ChoicePart."""
 
 
-class DeadLetter(_Envelope, kw_only=True):
+class DeadLetter(_Envelope, frozen=True, kw_only=True):
     """What the gateway gave up on, on ``<prefix>.dead.<channel_type>.<channel>``."""
 
     schema_version: int = SCHEMA_VERSION

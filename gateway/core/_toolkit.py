@@ -326,8 +326,8 @@ def public_url(request: Request, *, base_url: str | None = None, trust_forwarded
     can send them."""
     # The path and query exactly as the client sent them (a signature covers those bytes),
     # not as routing rewrote them: a channel's router sees only its own sub-path.
-    raw = request.scope.get("raw_path")
-    path = raw.decode("latin-1") if raw else request.scope.get("root_path", "") + request.scope["path"]
+    raw: bytes | None = request.scope.get("raw_path")
+    path: str = raw.decode("latin-1") if raw else request.scope.get("root_path", "") + request.scope["path"]
     query = request.scope.get("query_string", b"").decode("latin-1")
     path += f"?{query}" if query else ""
     if base_url:

@@ -20,7 +20,7 @@ import hmac
 import inspect
 import logging
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Coroutine, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit, urlunsplit
@@ -92,8 +92,9 @@ class Handshake:
 Authorize = Callable[[Handshake], Awaitable[Any] | Any]
 """Judges a handshake: returns an identity (kept as :attr:`WebSocketConnection.identity`) or
 raises :class:`RequestError` with the status to answer (401, 403 ...)."""
-WebSocketHandler = Callable[["WebSocketConnection"], Awaitable[None]]
-"""Runs for one accepted connection; the connection closes (1000) when it returns."""
+WebSocketHandler = Callable[["WebSocketConnection"], Coroutine[Any, Any, None]]
+"""Runs for one accepted connection (an ``async def``: it runs as a task); the connection
+closes (1000) when it returns."""
 
 
 @dataclass(frozen=True)
@@ -353,7 +354,7 @@ class _Route:
             return
         handshake = Handshake(path=scope["path"], headers=Headers(scope=scope),
                               query=QueryParams(scope.get("query_string", b"")),
-                              client=tuple(scope["client"]) if scope.get("client") else None)  # type: ignore[arg-type]
+                              client=tuple(scope["client"]) if scope.get("client") else None)
         if limits.allowed_origins is not None and handshake.origin not in limits.allowed_origins:
             await self._refuse(scope, send, 403, "origin not allowed", "origin")
             return

@@ -17,7 +17,8 @@ from .. import Gateway
 try:
     import pytest_asyncio
 except ImportError:  # the [test] extra is not installed here
-    pytest_asyncio = None
+    # The usual optional import: None says it is missing (a module type has no None).
+    pytest_asyncio = None  # type: ignore[assignment]
 
 _MISSING = ("the gateway's {name} fixture needs pytest-asyncio: "
             "pip install 'omnichannel-gateway[test]' (or pytest-asyncio)")

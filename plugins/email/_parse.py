@@ -14,7 +14,7 @@ import hashlib
 import re
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, cast
 
 from gateway import AudioPart, FilePart, HtmlPart, ImagePart, Part, RequestError, TextPart, VideoPart
 
@@ -235,7 +235,7 @@ def parse_mail(raw: bytes, limits: Limits | None = None, *, envelope_from: str |
         problems.append("no From address")
         senders = [("unknown@invalid", None)]
     sender = senders[0]
-    reply_to = (_addresses(h.get("reply-to", []), fb) or [None])[0]
+    reply_to = (_addresses(h.get("reply-to", []), fb) or cast("list[tuple[str, str | None] | None]", [None]))[0]
     subject = hval("subject")
     if subject is not None:
         subject = _CONTROL.sub(" ", subject)[:998]
@@ -257,7 +257,7 @@ def parse_mail(raw: bytes, limits: Limits | None = None, *, envelope_from: str |
         reply_to=reply_to,
         to=_addresses(h.get("to", []), fb)[:100],
         cc=_addresses(h.get("cc", []), fb)[:100],
-        date=_date((h.get("date") or [None])[0]),
+        date=_date((h.get("date") or cast("list[str | None]", [None]))[0]),
         parts=parts,
         auto_reason=auto,
         bounce=bounce,
@@ -343,7 +343,8 @@ def _body(msg: email.message.Message, lim: Limits, problems: list[str]) -> tuple
         is_attachment = disposition == "attachment" or (filename is not None and disposition != "inline" and maintype != "text")
         if maintype == "text" and not is_attachment and ctype in ("text/plain", "text/html") and not filename:
             data = _payload(part, problems)
-            text, problem = decode_bytes(data, part.get_param("charset"), fb)
+            # typeshed allows an RFC 2231 tuple; policy.default's messages decode it to a str.
+            text, problem = decode_bytes(data, cast("str | None", part.get_param("charset")), fb)
             if problem:
                 problems.append(f"{ctype}: {problem}")
             (html if ctype == "text/html" else plain).append(text)
@@ -409,18 +410,21 @@ _STATUS = re.compile(r"\b([245]\.\d{1,3}\.\d{1,3})\b")
 def _bounce(report: email.message.Message, fb: tuple[str, ...]) -> Bounce | None:
     """Read an RFC 3464 report: the per-recipient Action/Status/Diagnostic-Code and the
     Message-ID of the returned message."""
-    if (report.get_param("report-type") or "").lower() != "delivery-status":
+    # typeshed allows an RFC 2231 tuple; policy.default's messages decode it to a str.
+    if (cast("str | None", report.get_param("report-type")) or "").lower() != "delivery-status":
         return None
     action, status, diag, rcpt = "failed", None, None, None
     ids: list[str] = []
-    for sub in report.get_payload() if isinstance(report.get_payload(), list) else []:
+    # The parts of a multipart payload are messages (typeshed's element type also allows str).
+    subs = cast("list[email.message.Message]", report.get_payload() if isinstance(report.get_payload(), list) else [])
+    for sub in subs:
         ctype = sub.get_content_type()
         if ctype == "message/delivery-status":
             blocks = sub.get_payload()
-            fields: list[email.message.Message] = blocks if isinstance(blocks, list) else []
+            fields = cast("list[email.message.Message]", blocks if isinstance(blocks, list) else [])
             if not fields:
-                # Some MTAs send the status as plain text under this type.
-                text = sub.get_payload(decode=True) or b""
+                # Some MTAs send the status as plain text under this type (decoded: bytes).
+                text = cast("bytes | None", sub.get_payload(decode=True)) or b""
                 fields = [email.message_from_bytes(b, policy=email.policy.default)
                           for b in re.split(rb"\r?\n\r?\n", text) if b.strip()]
             for block in fields[1:] or fields:
@@ -439,7 +443,7 @@ def _bounce(report: email.message.Message, fb: tuple[str, ...]) -> Bounce | None
             if isinstance(inner, email.message.Message):
                 ids += extract_ids(str(inner.get("message-id") or ""), 1)
         elif ctype == "text/rfc822-headers":
-            text = sub.get_payload(decode=True) or b""
+            text = cast("bytes | None", sub.get_payload(decode=True)) or b""
             m = re.search(rb"^message-id:\s*(<[^>\r\n]+>)", text, re.IGNORECASE | re.MULTILINE)
             if m:
                 ids.append(m.group(1).decode("ascii", "replace"))

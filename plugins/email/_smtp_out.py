@@ -12,7 +12,7 @@ import socket
 import ssl
 from collections.abc import Awaitable, Callable
 from email.message import EmailMessage
-from typing import Any
+from typing import Any, cast
 
 import aiosmtplib
 
@@ -76,7 +76,7 @@ async def build_message(
 
     texts: list[str] = []
     htmls: list[str] = []
-    media: list[tuple[Part, bytes]] = []
+    media: list[tuple[ImagePart | FilePart, bytes]] = []
     for p in parts:
         if isinstance(p, TextPart):
             texts.append(p.text)
@@ -98,7 +98,8 @@ async def build_message(
     if htmls:
         msg.add_alternative("\n".join(htmls), subtype="html", charset="utf-8")
         if inline:
-            html_part = msg.get_payload()[-1]
+            # add_alternative made the message multipart: its payload is a list of parts.
+            html_part = cast("list[EmailMessage]", msg.get_payload())[-1]
             for p, data in inline:
                 maintype, subtype = _ctype(p)
                 html_part.add_related(data, maintype=maintype, subtype=subtype, cid=f"<{p.content_id}>",

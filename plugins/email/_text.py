@@ -54,6 +54,7 @@ def decode_bytes(data: bytes, label: str | None, fallbacks: list[str] | tuple[st
             return data.decode("utf-8"), f"labelled {shown} but is utf-8"
         except UnicodeDecodeError:
             pass
+    name: str | None  # a codec name; the fallback loop below may find none
     for name in labelled:
         try:
             return data.decode(name), None

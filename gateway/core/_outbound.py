@@ -287,6 +287,7 @@ class Dispatcher:
         self._enqueue(msg, cname, load, charged)
 
     def _enqueue(self, msg: Any, cname: str, load: _ChannelLoad, charged: bool) -> None:
+        err: msgspec.DecodeError | msgspec.ValidationError | None
         try:
             outbound = outbound_decoder.decode(msg.data)
             lane = outbound.conversation
@@ -464,7 +465,7 @@ class Dispatcher:
         if conversation.channel != cname:
             raise _Permanent(f"conversation {outbound.conversation!r} belongs to channel {conversation.channel!r}, not {cname!r}",
                              "wrong_channel")
-        unsupported = sorted({p.__struct_config__.tag for p in outbound.parts} - set(channel.supported_parts))  # type: ignore[attr-defined]
+        unsupported = sorted({str(p.__struct_config__.tag) for p in outbound.parts} - set(channel.supported_parts))
         if unsupported:
             raise _Permanent(f"channel type {ctype!r} cannot carry part types: {', '.join(map(str, unsupported))}",
                              "unsupported_content")
@@ -602,7 +603,7 @@ class Dispatcher:
         except nats.js.errors.KeyNotFoundError:
             return None
         try:
-            return receipt_decoder.decode(entry.value)
+            return receipt_decoder.decode(entry.value)  # type: ignore[arg-type]  # nats-py types it Optional; get() always sets it
         except msgspec.DecodeError:
             return Receipt()
 

@@ -33,7 +33,7 @@ import warnings
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Generic, Literal, TypeVar
+from typing import Any, ClassVar, Generic, Literal, TypeVar, cast
 
 import msgspec
 import nats
@@ -43,11 +43,18 @@ from .. import ConfigError, Gateway, Outbound, Part, PluginManager, Subjects, Te
 from ..wire import dead_letter_decoder, encode, message_decoder
 from . import NatsServer, make_config, statuses, stream_messages, wait_for_status, wait_until
 
+_F = TypeVar("_F", bound=Callable[..., Any])
+
 try:
     import pytest_asyncio
-    _async_fixture: Any = pytest_asyncio.fixture
+    _fixture: Any = pytest_asyncio.fixture
 except ImportError:  # the fixtures then need asyncio_mode = "auto"
-    _async_fixture = pytest.fixture
+    _fixture = pytest.fixture
+
+
+def _async_fixture(fn: _F) -> _F:
+    """An async fixture (pytest-asyncio's decorator where installed), typed as what it wraps."""
+    return cast(_F, _fixture(fn))
 
 __all__ = ["ChannelConformance", "InboundAnswer", "UNKNOWN_KEY"]
 
@@ -249,7 +256,8 @@ class ChannelConformance(Generic[P]):
         assert sts[-1].error is not None and sts[-1].error.permanent
         [dl] = await stream_messages(nats_server.url, self.subjects.stream_dead)
         assert dl.subject == self.subjects.dead(self.channel_type, self.channel_name)
-        assert dead_letter_decoder.decode(dl.data).outbound.id == "conf-dead"
+        dead = dead_letter_decoder.decode(dl.data).outbound
+        assert dead is not None and dead.id == "conf-dead"
         assert self.delivered(gw, provider) == 0
 
     async def test_transient_failure_is_retried_then_sent(self, start: Any, provider: P, nats_server: NatsServer) -> None:
@@ -324,6 +332,7 @@ class ChannelConformance(Generic[P]):
         """The channel's ``config_type``, as registered by its plugin."""
         info = PluginManager().channel_types.get(self.channel_type)
         assert info is not None, f"no plugin registers channel type {self.channel_type!r}"
+        assert info.cls.config_type is not None, f"channel type {self.channel_type!r} has no config_type"
         return info.cls.config_type
 
 

@@ -15,7 +15,7 @@ import nats
 import pytest
 
 from gateway import Outbound, TextPart
-from gateway.core._schema import encode
+from gateway.wire import encode
 from gateway.testing import GatewayProcess, make_config, post_inbound, statuses, wait_for_status, wait_until
 
 

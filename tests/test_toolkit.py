@@ -39,21 +39,8 @@ from gateway import (
     verify_ed25519,
     verify_hmac,
 )
+from gateway.testing import wait_until
 from gateway.wire import message_id
-
-
-async def until(condition, timeout: float = 10.0, what: str = "condition"):
-    """Await ``condition()`` (sync or async) becoming true."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = condition()
-        if asyncio.iscoroutine(result):
-            result = await result
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what} not reached within {timeout}s")
-        await asyncio.sleep(0.05)
 
 
 @pytest.fixture
@@ -81,7 +68,7 @@ async def test_lease_is_taken_over_after_it_expires_not_before(ctx):
     assert await a.acquire()
     t0 = time.time()
     assert not await b.acquire()
-    await until(b.acquire, timeout=5, what="takeover")
+    await wait_until(b.acquire, timeout=5)
     assert time.time() - t0 >= 0.9
     assert not await a.acquire(), "the old holder lost it"
 
@@ -176,7 +163,7 @@ async def test_provider_index_finds_the_outbound_until_its_ttl(ctx):
     sent = await index.get("SM123")
     assert sent is not None and (sent.outbound_id, sent.conversation) == ("o-1", "demo.conv")
     assert await index.get("SM999") is None
-    await until(lambda: _is_none(index.get("SM123")), timeout=10, what="expiry")
+    await wait_until(lambda: _is_none(index.get("SM123")), timeout=10)
 
 
 async def _is_none(coro) -> bool:

@@ -15,7 +15,7 @@ from nats.js.kv import KeyValue as NatsKV
 
 from ._config import BusConfig, seconds
 from ._errors import BusUnavailable, PayloadTooLarge
-from ._retry import Backoff
+from ._retry import Backoff, cancel_and_wait
 
 _HEADER_LINE = len("NATS/1.0\r\n")
 _BLOCK_END = len("\r\n")
@@ -257,11 +257,7 @@ class Bus:
     async def close(self) -> None:
         self._closing = True
         if self._supervisor and not self._supervisor.done():
-            self._supervisor.cancel()
-            try:
-                await self._supervisor
-            except (asyncio.CancelledError, Exception):
-                pass
+            await cancel_and_wait(self._supervisor)
         self._ready.clear()
         nc, self.nc = self.nc, None
         if nc is not None and not nc.is_closed:

@@ -24,6 +24,7 @@ from ._channel import Conversation, Receipt
 from ._config import OutboundConfig, seconds
 from ._errors import BusUnavailable, DeliveryError
 from ._failpoints import failpoint
+from ._retry import cancel_and_wait
 from ._schema import DeadLetter, DeliveryStatus, ErrorInfo, Outbound, encode, outbound_decoder
 
 if TYPE_CHECKING:
@@ -190,11 +191,7 @@ class Dispatcher:
         Deliveries in flight carry on; their acks on the old connection fail, the messages
         are redelivered after ``ack_wait``, and their receipts prevent a second send."""
         if self.task is not None:
-            self.task.cancel()
-            try:
-                await self.task
-            except (asyncio.CancelledError, Exception):
-                pass
+            await cancel_and_wait(self.task)
         bus = self.gw.bus
         s = bus.subjects
         cfg = api.ConsumerConfig(
@@ -217,11 +214,7 @@ class Dispatcher:
         and are redelivered, to this or another process)."""
         self._stopping.set()
         if self.task is not None:
-            self.task.cancel()
-            try:
-                await self.task
-            except (asyncio.CancelledError, Exception):
-                pass
+            await cancel_and_wait(self.task)
         if self.lane_tasks:
             done, pending = await asyncio.wait(self.lane_tasks, timeout=20)
             for t in pending:

@@ -40,6 +40,7 @@ import nats.js.errors
 from nats.js import api
 
 from ._config import seconds
+from ._retry import cancel_and_wait
 
 if TYPE_CHECKING:
     from ._gateway import Gateway
@@ -109,11 +110,7 @@ class DedupRestore:
     async def stop(self) -> None:
         """A clean stop: every publish of this process finished, so its marker goes."""
         if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except (asyncio.CancelledError, Exception):
-                pass
+            await cancel_and_wait(self._task)
             self._task = None
         if self.bus.connected:
             try:

@@ -1,8 +1,23 @@
-"""Exponential backoff with jitter, for loops that reconnect for as long as the process runs."""
+"""Exponential backoff with jitter, for loops that reconnect for as long as the process runs,
+and the one way a background task is stopped."""
 
 from __future__ import annotations
 
+import asyncio
 import random
+from typing import Any
+
+
+async def cancel_and_wait(task: asyncio.Task[Any] | None) -> None:
+    """Cancel a background task and wait until it has ended. What it raised on its way out
+    is not the caller's concern: it is stopping it."""
+    if task is None:
+        return
+    task.cancel()  # a no-op for a task that has ended; awaiting it still collects its exception
+    try:
+        await task
+    except (asyncio.CancelledError, Exception):
+        pass
 
 
 class Backoff:

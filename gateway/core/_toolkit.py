@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar
 import msgspec
 
 from ._errors import DeliveryError, SignatureError
-from ._retry import Backoff
+from ._retry import Backoff, cancel_and_wait
 
 if TYPE_CHECKING:
     from starlette.requests import Request
@@ -419,20 +419,12 @@ class Supervised:
                     raise _LeaseLost()
         finally:
             if not work.done():
-                work.cancel()
-                try:
-                    await work
-                except (asyncio.CancelledError, Exception):  # noqa: BLE001 - replaced by what we raise
-                    pass
+                await cancel_and_wait(work)
 
     async def stop(self) -> None:
         """Cancel the task and release the lease so a peer takes over at once."""
         if self.task is not None:
-            self.task.cancel()
-            try:
-                await self.task
-            except (asyncio.CancelledError, Exception):  # noqa: BLE001 - stopping anyway
-                pass
+            await cancel_and_wait(self.task)
         if self.lease is not None and self.holding:
             try:
                 await asyncio.wait_for(self.lease.release(), 5)

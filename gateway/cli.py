@@ -196,6 +196,7 @@ def cmd_schema(args: argparse.Namespace) -> int:
 
 def cmd_send(args: argparse.Namespace) -> int:
     from .core._bus import Subjects
+    from .core._contract import outbound_headers
     from .core._schema import Outbound, TextPart, encode
 
     config, _ = _load(args)
@@ -213,8 +214,7 @@ def cmd_send(args: argparse.Namespace) -> int:
     async def go() -> None:
         nc = await _connect(config)
         try:
-            ack = await nc.jetstream().publish(subject, encode(outbound), headers={
-                "Nats-Msg-Id": outbound.id, "Content-Type": "application/json", "Gw-Schema": "outbound/1"})
+            ack = await nc.jetstream().publish(subject, encode(outbound), headers=outbound_headers(outbound))
         finally:
             await nc.close()
         print(f"published outbound {outbound.id} on {subject} (stream {ack.stream} seq {ack.seq}"

@@ -26,6 +26,7 @@ import nats.js.errors
 from nats.js import api
 
 from .core._bus import Subjects
+from .core._contract import dead_inbound_headers, outbound_headers
 from .core._errors import GatewayError
 from .core._schema import (
     DeadLetter,
@@ -170,9 +171,8 @@ class Client:
                         error=ErrorInfo(message=reason, permanent=True, code="undecodable_inbound"),
                         headers={**{k: v for k, v in bad.headers.items() if not k.startswith("Nats-")},
                                  "Gw-Inbound-Sequence": str(bad.sequence)})
-        await self.js.publish(self.subjects.dead(ctype, cname), encode(dl), headers={
-            "Nats-Msg-Id": f"dead-in:{self.subjects.stream_in}:{bad.sequence}", "Content-Type": "application/json",
-            "Gw-Schema": "dead-letter/1"})
+        await self.js.publish(self.subjects.dead(ctype, cname), encode(dl),
+                              headers=dead_inbound_headers(self.subjects.stream_in, bad.sequence))
 
     # --- outbound ------------------------------------------------------------------
 
@@ -209,8 +209,8 @@ class Client:
 
     async def send(self, outbound: Outbound, *, channel_type: str, channel: str) -> str:
         """Publish a prepared :class:`Outbound`."""
-        await self.js.publish(self.subjects.outbound(channel_type, channel), encode(outbound), headers={
-            "Nats-Msg-Id": outbound.id, "Content-Type": "application/json", "Gw-Schema": "outbound/1"})
+        await self.js.publish(self.subjects.outbound(channel_type, channel), encode(outbound),
+                              headers=outbound_headers(outbound))
         return outbound.id
 
     async def _route_of(self, conversation: str) -> tuple[str, str]:

@@ -1,9 +1,18 @@
 """The bus's wire format for code that reads or writes it directly (backends, tests): one
-encoder for every wire type, a decoder per type, and the ids the gateway derives. Channel
+encoder for every wire type, a decoder per type, the ids the gateway derives and the
+headers of the bus contract. Channel
 plugins do not need this module: the context encodes and decodes for them."""
 
 from __future__ import annotations
 
+from .core._contract import (
+    dead_inbound_headers,
+    dead_letter_headers,
+    message_headers,
+    outbound_headers,
+    replay_headers,
+    status_headers,
+)
 from .core._pipeline import conversation_key, message_id
 from .core._schema import (
     dead_letter_decoder,
@@ -16,11 +25,17 @@ from .core._schema import (
 
 __all__ = [
     "conversation_key",
+    "dead_inbound_headers",
     "dead_letter_decoder",
+    "dead_letter_headers",
     "encode",
     "message_decoder",
+    "message_headers",
     "message_id",
     "outbound_decoder",
+    "outbound_headers",
     "reminder_decoder",
+    "replay_headers",
     "status_decoder",
+    "status_headers",
 ]

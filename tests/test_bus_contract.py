@@ -138,3 +138,30 @@ async def test_a_backend_consumer_on_gw_out_is_refused_with_error_10100(gateway_
         await bus.jetstream().add_consumer("GW_OUT", api.ConsumerConfig(
             durable_name="backend", filter_subject="gw.out.mock.demo", ack_policy=api.AckPolicy.EXPLICIT))
     assert err.value.err_code == 10100
+
+
+def test_the_contract_headers_are_the_documented_ones():
+    # Written in one module (gateway.wire re-exports it); pinned byte for byte here because
+    # backends in other languages match on them.
+    from datetime import datetime, timezone
+
+    from gateway import DeliveryStatus, Message, Participant
+    from gateway import wire as c
+
+    o = Outbound(id="r-1", conversation="demo.k", parts=[TextPart(text="x")])
+    assert c.outbound_headers(o) == {"Nats-Msg-Id": "r-1", "Content-Type": "application/json", "Gw-Schema": "outbound/1"}
+    assert c.replay_headers(o, 7) == {"Nats-Msg-Id": "r-1:replay:7", "Content-Type": "application/json",
+                                      "Gw-Schema": "outbound/1", "Gw-Replay-Of": "7"}
+    now = datetime.now(timezone.utc)
+    st = DeliveryStatus(outbound_id="r-1", conversation="demo.k", channel_type="mock", channel="demo", state="sent", at=now,
+                        attempt=1)
+    assert c.status_headers(st) == {"Nats-Msg-Id": "r-1:sent:1", "Content-Type": "application/json",
+                                    "Gw-Schema": "delivery-status/1"}
+    assert c.dead_letter_headers("r-1", 12) == {"Nats-Msg-Id": "dead:r-1:12", "Content-Type": "application/json",
+                                                "Gw-Schema": "dead-letter/1"}
+    assert c.dead_inbound_headers("GW_IN", 3) == {"Nats-Msg-Id": "dead-in:GW_IN:3", "Content-Type": "application/json",
+                                                  "Gw-Schema": "dead-letter/1"}
+    m = Message(id="m-1", conversation="demo.k", channel_type="mock", channel="demo", sender=Participant(id="u"), received_at=now)
+    assert c.message_headers(m) == {
+        "Nats-Msg-Id": "m-1", "Content-Type": "application/json", "Gw-Schema": "message/1", "Gw-Conversation": "demo.k",
+        "ce-specversion": "1.0", "ce-id": "m-1", "ce-type": "gateway.message.v1", "ce-source": "/mock/demo"}

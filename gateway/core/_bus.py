@@ -97,6 +97,17 @@ class Subjects:
     def all(self) -> str:
         return f"{self.prefix}.>"
 
+    @staticmethod
+    def kv(bucket: str, key: str) -> str:
+        """The subject a KV put of ``key`` in ``bucket`` is published on (for pipelined
+        writes with ``publish_async`` and per-message TTLs, which nats-py's KV lacks)."""
+        return f"$KV.{bucket}.{key}"
+
+    @staticmethod
+    def kv_stream(bucket: str) -> str:
+        """The stream that holds ``bucket``."""
+        return f"KV_{bucket}"
+
 
 class Bus:
     """One NATS connection with JetStream, shared by the whole process."""

@@ -12,6 +12,7 @@ import nats.js.errors
 
 from ._bus import Subjects
 from ._config import Config
+from ._contract import replay_headers
 from ._schema import DeadLetter, dead_letter_decoder, encode
 
 
@@ -90,10 +91,7 @@ async def run(nc: Any, config: Config, args: Any) -> int:
                 continue
             _, _, ctype, cname = subject.split(".", 3)
             target = subjects.outbound(ctype, cname)
-            # A new Nats-Msg-Id: the original one may still be inside the duplicate window.
-            await js.publish(target, encode(dl.outbound), headers={
-                "Nats-Msg-Id": f"{dl.outbound.id}:replay:{seq}", "Content-Type": "application/json",
-                "Gw-Schema": "outbound/1", "Gw-Replay-Of": str(seq)})
+            await js.publish(target, encode(dl.outbound), headers=replay_headers(dl.outbound, seq))
             await js.delete_msg(subjects.stream_dead, seq)
             print(f"replayed {dl.id} on {target}")
         return 1 if failed else 0

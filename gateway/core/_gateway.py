@@ -17,6 +17,7 @@ from nats.js import api
 
 from ._bus import Bus, wire_size
 from ._channel import Channel, Conversation
+from ._contract import status_headers
 from ._config import ChannelConfig, Config, load_config, seconds
 from ._embedded import EmbeddedServer
 from ._errors import BusUnavailable, ConfigError, PluginError
@@ -243,8 +244,7 @@ class Gateway:
         later with :meth:`await_ack`)."""
         js = self.bus.require()
         subject = self.bus.subjects.status(status.channel_type, status.channel)
-        headers = {"Nats-Msg-Id": f"{status.outbound_id}:{status.state}:{status.attempt}",
-                   "Content-Type": "application/json", "Gw-Schema": "delivery-status/1"}
+        headers = status_headers(status)
         data = encode(status)
         if status.error is not None and wire_size(data, headers) > self.bus.max_payload:
             # A provider's error text has no length limit; a status that does not fit would

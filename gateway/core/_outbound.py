@@ -22,6 +22,7 @@ from nats.js import api
 from ._bus import wire_size
 from ._channel import Conversation, Receipt
 from ._config import OutboundConfig, seconds
+from ._contract import dead_letter_headers
 from ._errors import BusUnavailable, DeliveryError
 from ._failpoints import failpoint
 from ._retry import cancel_and_wait
@@ -551,8 +552,7 @@ class Dispatcher:
                         reason=error.message, attempts=attempts, at=datetime.now(timezone.utc), outbound=outbound,
                         payload=None if outbound else msg.data, error=error, headers=headers)
         js = gw.bus.require()
-        dl_headers = {"Nats-Msg-Id": f"dead:{dl.id}:{msg.metadata.sequence.stream}",
-                      "Content-Type": "application/json", "Gw-Schema": "dead-letter/1"}
+        dl_headers = dead_letter_headers(dl.id, msg.metadata.sequence.stream)
         data = encode(dl)
         if wire_size(data, dl_headers) > gw.bus.max_payload:
             # The outbound fitted on the bus, its dead letter does not (an outbound near the
@@ -604,7 +604,7 @@ class Dispatcher:
         """Issue the receipt's KV write; returns the future of its ack."""
         bus = self.gw.bus
         try:
-            return await bus.js.publish_async(f"$KV.{bus.subjects.kv_receipts}.{_receipt_key(outbound_id)}", encode(receipt))
+            return await bus.js.publish_async(bus.subjects.kv(bus.subjects.kv_receipts, _receipt_key(outbound_id)), encode(receipt))
         except (nats.errors.Error, nats.js.errors.Error) as exc:
             raise BusUnavailable(f"receipt not stored: {exc}") from exc
 

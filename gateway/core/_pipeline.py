@@ -27,6 +27,7 @@ from ._channel import (
     KeyValue,
     PublishResult,
 )
+from ._contract import message_headers
 from ._errors import BusUnavailable, PayloadTooLarge, RequestError
 from ._failpoints import failpoint
 from ._websocket import Authorize, WebSocketHandler, WebSocketLimits
@@ -160,16 +161,7 @@ class Inbound:
                 message = self.gw.enrich(message)
                 message = await self._offload(message)
                 data = _checked(message)
-                headers = {
-                    "Nats-Msg-Id": message.id,
-                    "Content-Type": "application/json",
-                    "Gw-Schema": "message/1",
-                    "Gw-Conversation": message.conversation,
-                    "ce-specversion": "1.0",
-                    "ce-id": message.id,
-                    "ce-type": "gateway.message.v1",
-                    "ce-source": f"/{message.channel_type}/{message.channel}",
-                }
+                headers = message_headers(message)
                 # What the server counts (payload and headers) against the smaller of its
                 # max_payload and ours: above it, nats-server would close the connection.
                 self.bus.check_size("message", data, headers)
@@ -182,7 +174,7 @@ class Inbound:
                 await conv_fut
                 failpoint("inbound.after_ack")
                 if key is not None:
-                    await (await js.publish_async(f"$KV.{s.kv_dedup}.{key}", str(ack.seq).encode()))
+                    await (await js.publish_async(s.kv(s.kv_dedup, key), str(ack.seq).encode()))
         except MessageTooLarge as exc:
             # The client-side guard refused a write (the check above makes this rare).
             raise PayloadTooLarge(f"a write of {exc.size} bytes exceeds the bus limit of {exc.limit} bytes") from exc
@@ -211,7 +203,7 @@ class Inbound:
                     conv.route = old.route
                 if keep_time:
                     conv.last_inbound_at = old.last_inbound_at
-        return await self.bus.js.publish_async(f"$KV.{self.bus.subjects.kv_conversations}.{conv.key}", encode(conv))
+        return await self.bus.js.publish_async(self.bus.subjects.kv(self.bus.subjects.kv_conversations, conv.key), encode(conv))
 
     async def _offload(self, message: Message) -> Message:
         limit = self.gw.config.bus.inline_limit
@@ -249,8 +241,9 @@ class _State(KeyValue):
             await self._kv().put(self._key(key), value)
             return
         # A per-message TTL (the bucket's stream allows them): nats-py's put() has none.
-        kv = self._kv()
-        await self.gw.bus.js.publish(f"$KV.{kv._name}.{self._key(key)}", value, msg_ttl=max(1.0, ttl))
+        self._kv()  # the bus must be up
+        s = self.gw.bus.subjects
+        await self.gw.bus.js.publish(s.kv(s.kv_state, self._key(key)), value, msg_ttl=max(1.0, ttl))
 
     async def delete(self, key: str) -> None:
         try:

@@ -86,10 +86,11 @@ class DedupRestore:
 
     @property
     def _stream(self) -> str:
-        return f"KV_{self.bus.subjects.kv_state}"
+        return self.bus.subjects.kv_stream(self.bus.subjects.kv_state)
 
     def _subject(self, instance: str | None = None) -> str:
-        return f"$KV.{self.bus.subjects.kv_state}.core.inbound-live.{self.instance if instance is None else instance}"
+        s = self.bus.subjects
+        return s.kv(s.kv_state, f"core.inbound-live.{self.instance if instance is None else instance}")
 
     # --- lifecycle -----------------------------------------------------------------
 
@@ -236,7 +237,7 @@ class DedupRestore:
             futs = []
             for (key, seq), r in zip(chunk, found):
                 if isinstance(r, nats.js.errors.KeyNotFoundError):
-                    futs.append(await js.publish_async(f"$KV.{s.kv_dedup}.{key}", str(seq).encode()))
+                    futs.append(await js.publish_async(s.kv(s.kv_dedup, key), str(seq).encode()))
                 elif isinstance(r, BaseException):
                     raise r
             await asyncio.gather(*futs)

@@ -13,7 +13,7 @@ from typing import Any
 import httpx
 import nats
 
-from .. import Config, DeliveryStatus, Gateway, PluginManager, parse_config
+from .. import Config, DeliveryStatus, Gateway, PluginManager, Subjects, parse_config
 
 # The one private import of the test kit: the nats-server runner is test infrastructure,
 # not plugin API (tests/test_public_api.py allows exactly this line).
@@ -115,18 +115,26 @@ async def wait_until(predicate: Any, timeout: float = 10.0, interval: float = 0.
         await asyncio.sleep(interval)
 
 
-async def statuses(url: str, outbound_id: str | None = None) -> list[DeliveryStatus]:
-    """Every status event in the status stream, optionally of one outbound, in order."""
-    out = [status_decoder.decode(m.data) for m in await stream_messages(url, "GW_STATUS")]
+def _subjects(prefix: str | Subjects) -> Subjects:
+    return prefix if isinstance(prefix, Subjects) else Subjects(prefix)
+
+
+async def statuses(url: str, outbound_id: str | None = None, *, prefix: str | Subjects = "gw") -> list[DeliveryStatus]:
+    """Every status event in the status stream of ``prefix`` (the ``[bus] prefix``, or its
+    :class:`Subjects`), optionally of one outbound, in order."""
+    stream = _subjects(prefix).stream_status
+    out = [status_decoder.decode(m.data) for m in await stream_messages(url, stream)]
     return [s for s in out if outbound_id is None or s.outbound_id == outbound_id]
 
 
-async def wait_for_status(url: str, outbound_id: str, state: str, timeout: float = 10.0) -> list[DeliveryStatus]:
+async def wait_for_status(url: str, outbound_id: str, state: str, timeout: float = 10.0, *,
+                          prefix: str | Subjects = "gw") -> list[DeliveryStatus]:
     """Wait until ``outbound_id`` has a status ``state``; return all its statuses so far."""
     found: list[DeliveryStatus] = []
+    subjects = _subjects(prefix)
 
     async def check() -> bool:
-        found[:] = await statuses(url, outbound_id)
+        found[:] = await statuses(url, outbound_id, prefix=subjects)
         return any(s.state == state for s in found)
 
     await wait_until(check, timeout)

@@ -1,0 +1,66 @@
+"""The headers of the bus contract (``docs/bus-contract.md``, "Headers"), written in one
+place: the gateway, ``gateway send``, ``gateway dlq replay`` and the client publish the
+same names and ids, and a change to the contract is a change here.
+
+Each function returns a fresh dict built from one literal (no merging, no loops): the
+inbound and delivery paths call them once per message."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ._schema import DeliveryStatus, Message, Outbound
+
+JSON = "application/json"
+SCHEMA_MESSAGE = "message/1"
+SCHEMA_OUTBOUND = "outbound/1"
+SCHEMA_STATUS = "delivery-status/1"
+SCHEMA_DEAD_LETTER = "dead-letter/1"
+
+
+def message_headers(message: Message) -> dict[str, str]:
+    """An inbound message: its id is the broker's de-duplication id; the conversation and
+    the CloudEvents binary-mode attributes let consumers filter without decoding."""
+    return {
+        "Nats-Msg-Id": message.id,
+        "Content-Type": JSON,
+        "Gw-Schema": SCHEMA_MESSAGE,
+        "Gw-Conversation": message.conversation,
+        "ce-specversion": "1.0",
+        "ce-id": message.id,
+        "ce-type": "gateway.message.v1",
+        "ce-source": f"/{message.channel_type}/{message.channel}",
+    }
+
+
+def outbound_headers(outbound: Outbound) -> dict[str, str]:
+    """An outbound as a backend publishes it: ``Nats-Msg-Id`` is its id, so a repeated
+    publish within the duplicate window is dropped by the broker."""
+    return {"Nats-Msg-Id": outbound.id, "Content-Type": JSON, "Gw-Schema": SCHEMA_OUTBOUND}
+
+
+def replay_headers(outbound: Outbound, dead_seq: int) -> dict[str, str]:
+    """An outbound republished from the dead-letter stream (``gateway dlq replay``): a new
+    ``Nats-Msg-Id``, since the original one may still be inside the duplicate window."""
+    return {"Nats-Msg-Id": f"{outbound.id}:replay:{dead_seq}", "Content-Type": JSON,
+            "Gw-Schema": SCHEMA_OUTBOUND, "Gw-Replay-Of": str(dead_seq)}
+
+
+def status_headers(status: DeliveryStatus) -> dict[str, str]:
+    """A status event: ``<outbound_id>:<state>:<attempt>`` lets the broker drop the repeat
+    of a status a restarted process emits again (``accepted`` has attempt 0)."""
+    return {"Nats-Msg-Id": f"{status.outbound_id}:{status.state}:{status.attempt}",
+            "Content-Type": JSON, "Gw-Schema": SCHEMA_STATUS}
+
+
+def dead_letter_headers(dead_letter_id: str, out_seq: int) -> dict[str, str]:
+    """A dead outbound: ``dead:<id>:<outbound stream sequence>``, so a copy published again
+    after a crash (copy first, terminate second) is dropped by the broker."""
+    return {"Nats-Msg-Id": f"dead:{dead_letter_id}:{out_seq}", "Content-Type": JSON, "Gw-Schema": SCHEMA_DEAD_LETTER}
+
+
+def dead_inbound_headers(stream_in: str, in_seq: int) -> dict[str, str]:
+    """An inbound message a client could not decode, dead-lettered by that client: named
+    by its place in the inbound stream (``dead-in:<stream>:<sequence>``)."""
+    return {"Nats-Msg-Id": f"dead-in:{stream_in}:{in_seq}", "Content-Type": JSON, "Gw-Schema": SCHEMA_DEAD_LETTER}

@@ -113,6 +113,8 @@ async def test_exhausted_attempts_are_dead_lettered(gateway_factory, nats_server
     sts = await wait_state(nats_server.url, "o-4", "dead")
     assert [(s.state, s.attempt) for s in sts] == [("accepted", 0), ("failed", 1), ("failed", 2), ("dead", 3)]
     assert sts[-1].error.message == "gave up after 3 attempts: 503 from provider"
+    assert gw.metrics.registry.get_sample_value("gateway_outbound_failed_total",
+                                                {"channel_type": "mock", "channel": "demo", "permanent": "false"}) == 3
 
 
 async def test_dlq_purge_needs_confirmation(gateway_factory, nats_server, bus, capsys):
@@ -142,6 +144,10 @@ async def test_undeliverable_outbound_fails_permanently_with_the_reason(gateway_
     sts = await wait_state(nats_server.url, outbound.id, "dead")
     assert reason in sts[-1].error.message and sts[-1].error.permanent
     assert gw.channels["demo"].channel.deliveries == []
+    # The gateway's own refusal, not a provider failure: dead-lettered, not counted as failed.
+    assert gw.metrics.registry.get_sample_value("gateway_outbound_failed_total",
+                                                {"channel_type": "mock", "channel": "demo", "permanent": "true"}) is None
+    assert gw.metrics.registry.get_sample_value("gateway_outbound_dead_total", {"channel_type": "mock", "channel": "demo"}) == 1
 
 
 async def test_outbound_for_a_channel_that_is_not_configured_is_dead_lettered(gateway_factory, nats_server, bus):

@@ -32,7 +32,7 @@ from starlette.routing import Route, Router, WebSocketRoute
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from ._config import seconds
-from ._errors import BusUnavailable, RequestError, StartupError
+from ._errors import BusUnavailable, PayloadTooLarge, RequestError, StartupError
 from ._logging import Throttle
 from ._websocket import Authorize, GatewayWebSocketProtocol, WebSocketHandler, WebSocketHub, WebSocketLimits, _Route
 
@@ -40,10 +40,6 @@ if TYPE_CHECKING:
     from ._channel import Endpoint
     from ._gateway import Gateway
     from ._pipeline import Context
-
-
-class _BodyTooLarge(Exception):
-    pass
 
 
 class _BodyTimeout(Exception):
@@ -224,11 +220,9 @@ class HttpServer:
                     return reject(request, 400, "invalid Content-Length header")
                 if int(length) > limit:
                     return reject(request, 413, too_large)
-            request = Request(request.scope, self._receive(request.receive, limit), request._send)  # noqa: SLF001
+            request = Request(request.scope, self._receive(request.receive, limit, too_large), request._send)  # noqa: SLF001
             try:
                 return await endpoint(request)
-            except _BodyTooLarge:
-                return reject(request, 413, too_large)
             except _BodyTimeout:
                 return reject(request, 408, f"body not received within [http] body_timeout ({self.cfg.body_timeout})",
                               close=True)
@@ -252,7 +246,7 @@ class HttpServer:
 
         return handler
 
-    def _receive(self, receive: Any, limit: int) -> Any:
+    def _receive(self, receive: Any, limit: int, too_large: str) -> Any:
         """``receive`` with the body limit (also without Content-Length, chunked) and one
         deadline for the whole body: a per-read timeout would let a body that trickles in a
         byte at a time live forever."""
@@ -269,7 +263,9 @@ class HttpServer:
             if msg["type"] == "http.request":
                 seen += len(msg.get("body", b""))
                 if seen > limit:
-                    raise _BodyTooLarge()
+                    # A RequestError like any other refusal: answered below with its
+                    # status (413) and reason.
+                    raise PayloadTooLarge(too_large)
             return msg
 
         return limited_receive

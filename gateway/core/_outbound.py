@@ -56,13 +56,6 @@ class TokenBucket:
                 await asyncio.sleep((1 - self.tokens) / self.rate)
 
 
-class _Permanent(Exception):
-    def __init__(self, message: str, code: str):
-        super().__init__(message)
-        self.message = message
-        self.code = code
-
-
 class _Places:
     """A semaphore whose size can change while it is in use (a reload)."""
 
@@ -365,11 +358,9 @@ class Dispatcher:
             t0 = time.perf_counter()
             try:
                 receipt, stored = await self._deliver_once(msg, outbound, conversation, ctype, cname)
-            except _Permanent as exc:
-                await self._dead(msg, outbound, ctype, cname, ErrorInfo(message=exc.message, permanent=True, code=exc.code), attempt)
-                return
             except DeliveryError as exc:
-                gw.metrics.failed.labels(ctype, cname, str(exc.permanent).lower()).inc()
+                # Counted in gateway_outbound_failed_total where the attempt failed
+                # (_deliver_once), not here: the gateway's own refusals are no attempt.
                 info = ErrorInfo(message=exc.message, permanent=exc.permanent, code=exc.code)
                 if exc.permanent or attempt >= max_attempts:
                     if not exc.permanent:
@@ -449,23 +440,24 @@ class Dispatcher:
         gw = self.gw
         ccfg = gw.config.channels.get(cname)
         if ccfg is None or ccfg.type != ctype:
-            raise _Permanent(f"no channel {cname!r} of type {ctype!r} is configured", "unknown_channel")
+            raise _refused(f"no channel {cname!r} of type {ctype!r} is configured", "unknown_channel")
         running = gw.channels.get(cname)
         if running is None or running.channel is None or running.ctx.health not in ("running", "degraded"):
-            raise DeliveryError(f"channel {cname!r} is not running", permanent=False, code="channel_down")
+            raise self._failed(ctype, cname, DeliveryError(f"channel {cname!r} is not running", permanent=False,
+                                                           code="channel_down"))
         channel = running.channel
         if conversation is None:
-            raise _Permanent(f"unknown conversation {outbound.conversation!r}", "unknown_conversation")
+            raise _refused(f"unknown conversation {outbound.conversation!r}", "unknown_conversation")
         if conversation.channel != cname:
-            raise _Permanent(f"conversation {outbound.conversation!r} belongs to channel {conversation.channel!r}, not {cname!r}",
-                             "wrong_channel")
+            raise _refused(f"conversation {outbound.conversation!r} belongs to channel {conversation.channel!r}, not {cname!r}",
+                           "wrong_channel")
         unsupported = sorted({str(p.__struct_config__.tag) for p in outbound.parts} - set(channel.supported_parts))
         if unsupported:
-            raise _Permanent(f"channel type {ctype!r} cannot carry part types: {', '.join(map(str, unsupported))}",
-                             "unsupported_content")
+            raise _refused(f"channel type {ctype!r} cannot carry part types: {', '.join(map(str, unsupported))}",
+                           "unsupported_content")
         if not outbound.parts and outbound.template is None and not outbound.meta:
             # meta alone may carry channel-specific content (a WeChat mini-program card).
-            raise _Permanent("outbound has no parts, no template and no meta", "empty")
+            raise _refused("outbound has no parts, no template and no meta", "empty")
         bucket = self._bucket(cname, ccfg.rate_limit or channel.rate_limit)
         if bucket is not None:
             await bucket.acquire()
@@ -479,10 +471,12 @@ class Dispatcher:
             await self._receipts_written
         try:
             receipt = await channel.deliver(outbound, conversation)
-        except DeliveryError:
+        except DeliveryError as exc:
+            self._failed(ctype, cname, exc)
             raise
         except Exception as exc:  # a plugin bug or an unmapped library error: retryable
-            raise DeliveryError(f"{type(exc).__name__}: {exc}", permanent=False, code="internal") from exc
+            raise self._failed(ctype, cname, DeliveryError(f"{type(exc).__name__}: {exc}", permanent=False,
+                                                           code="internal")) from exc
         # The provider accepted it: from here on this process never sends it again.
         self.accepted[outbound.id] = receipt
         try:
@@ -493,6 +487,12 @@ class Dispatcher:
             self._receipts_issued()
         failpoint("outbound.after_deliver")
         return receipt, stored
+
+    def _failed(self, ctype: str, cname: str, exc: DeliveryError) -> DeliveryError:
+        """Count a failed delivery attempt (``gateway_outbound_failed_total``) and return
+        the error to raise."""
+        self.gw.metrics.failed.labels(ctype, cname, str(exc.permanent).lower()).inc()
+        return exc
 
     def _receipts_issued(self) -> None:
         # nats-py writes to the socket from its flusher task, which the publish just woke
@@ -607,6 +607,14 @@ class Dispatcher:
             return await bus.js.publish_async(bus.subjects.kv(bus.subjects.kv_receipts, _receipt_key(outbound_id)), encode(receipt))
         except (nats.errors.Error, nats.js.errors.Error) as exc:
             raise BusUnavailable(f"receipt not stored: {exc}") from exc
+
+
+def _refused(message: str, code: str) -> DeliveryError:
+    """The gateway's own permanent refusal of an outbound (unknown channel or conversation,
+    parts the channel cannot carry, nothing to send): dead-lettered at once like a
+    provider's permanent error, but not counted as a failed delivery, since no provider
+    was asked."""
+    return DeliveryError(message, permanent=True, code=code)
 
 
 def _receipt_key(outbound_id: str) -> str:

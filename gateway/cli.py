@@ -282,14 +282,14 @@ def cmd_tail(args: argparse.Namespace) -> int:
 
 
 def cmd_dlq(args: argparse.Namespace) -> int:
-    from .core import _dlq
+    from . import _cli_dlq
 
     config, _ = _load(args)
 
     async def go() -> int:
         nc = await _connect(config)
         try:
-            return await _dlq.run(nc, config, args)
+            return await _cli_dlq.run(nc, config, args)
         finally:
             await nc.close()
 

@@ -1,23 +1,29 @@
-"""``gateway dlq list | replay | purge``: dead letters in the ``<PREFIX>_DEAD`` stream."""
+"""Dead letters in the ``<PREFIX>_DEAD`` stream, as data: list, get, replay, purge. The
+``gateway dlq`` command (``gateway/_cli_dlq.py``) prints them and asks before deleting."""
 
 from __future__ import annotations
 
-import json
-import sys
-from datetime import datetime, timezone
-from typing import Any
+from typing import Any, NamedTuple
 
 import msgspec
 import nats.js.errors
 
 from ._bus import Subjects
-from ._config import Config
 from ._contract import replay_headers
 from ._schema import DeadLetter, dead_letter_decoder, encode
 
 
-async def dead_letters(js: Any, subjects: Subjects, channel: str | None = None) -> list[tuple[int, str, DeadLetter | None]]:
-    """Every dead letter as (stream sequence, subject, decoded or None), oldest first."""
+class DeadLetterEntry(NamedTuple):
+    """One message of the dead-letter stream."""
+
+    seq: int
+    subject: str
+    dead_letter: DeadLetter | None
+    """None if it could not be decoded."""
+
+
+async def dead_letters(js: Any, subjects: Subjects, channel: str | None = None) -> list[DeadLetterEntry]:
+    """Every dead letter (of ``channel``, if given), oldest first."""
     try:
         info = await js.stream_info(subjects.stream_dead)
     except nats.js.errors.NotFoundError:
@@ -35,80 +41,33 @@ async def dead_letters(js: Any, subjects: Subjects, channel: str | None = None) 
                 dl: DeadLetter | None = dead_letter_decoder.decode(m.data)
             except (msgspec.DecodeError, msgspec.ValidationError):
                 dl = None
-            out.append((seq, m.subject, dl))
+            out.append(DeadLetterEntry(seq, m.subject, dl))
         seq += 1
     return out
 
 
-def _age(at: datetime) -> str:
-    s = int((datetime.now(timezone.utc) - at).total_seconds())
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
-        if s >= size:
-            return f"{s // size}{unit}"
-    return f"{s}s"
+async def get(js: Any, subjects: Subjects, dead_letter_id: str, channel: str | None = None) -> list[DeadLetterEntry]:
+    """The dead letters with this id (more than one if an outbound died twice)."""
+    return [e for e in await dead_letters(js, subjects, channel)
+            if e.dead_letter is not None and e.dead_letter.id == dead_letter_id]
 
 
-async def run(nc: Any, config: Config, args: Any) -> int:
-    js = nc.jetstream()
-    subjects = Subjects(config.bus.prefix)
-    items = await dead_letters(js, subjects, args.channel)
-    if args.dlq_command == "list":
-        rows = []
-        for seq, subject, dl in items:
-            row: dict[str, Any] = {"seq": seq, "subject": subject}
-            if dl is None:
-                row["error"] = "undecodable dead letter"
-            else:
-                row.update(id=dl.id, conversation=dl.outbound.conversation if dl.outbound else None, reason=dl.reason,
-                           attempts=dl.attempts, age=_age(dl.at))
-                if args.show_body:
-                    row["body"] = json.loads(encode(dl.outbound)) if dl.outbound else (dl.payload or b"").decode("utf-8", "replace")
-            rows.append(row)
-        if args.json:
-            print(json.dumps(rows, indent=2, ensure_ascii=False))
-        elif not rows:
-            print("no dead letters")
-        else:
-            for r in rows:
-                print(f"{r.get('id', '?'):<34} {r['subject'].split('.', 2)[-1]:<24} conv={r.get('conversation')} "
-                      f"attempts={r.get('attempts')} age={r.get('age')} reason={r.get('reason') or r.get('error')!r}"
-                      + (f"\n    body: {json.dumps(r['body'], ensure_ascii=False)}" if 'body' in r else ""))
-        return 0
-    if args.dlq_command == "replay":
-        if not args.all and not args.id:
-            print("give a dead letter id or --all", file=sys.stderr)
-            return 2
-        chosen = [(s, subj, dl) for s, subj, dl in items if args.all or (dl is not None and dl.id == args.id)]
-        if not chosen:
-            print(f"no dead letter {args.id!r}" if args.id else "no dead letters", file=sys.stderr)
-            return 1 if args.id else 0
-        failed = 0
-        for seq, subject, dl in chosen:
-            if dl is None or dl.outbound is None:
-                print(f"seq {seq}: cannot replay, the original could not be decoded ({dl.reason if dl else 'undecodable'})",
-                      file=sys.stderr)
-                failed += 1
-                continue
-            _, _, ctype, cname = subject.split(".", 3)
-            target = subjects.outbound(ctype, cname)
-            await js.publish(target, encode(dl.outbound), headers=replay_headers(dl.outbound, seq))
-            await js.delete_msg(subjects.stream_dead, seq)
-            print(f"replayed {dl.id} on {target}")
-        return 1 if failed else 0
-    if args.dlq_command == "purge":
-        if not items:
-            print("no dead letters")
-            return 0
-        if not args.yes:
-            if not sys.stdin.isatty():
-                print("refusing to purge without confirmation: add --yes", file=sys.stderr)
-                return 2
-            answer = input(f"delete {len(items)} dead letter(s)? [y/N] ")
-            if answer.strip().lower() not in ("y", "yes"):
-                print("nothing deleted")
-                return 1
-        for seq, _, _ in items:
-            await js.delete_msg(subjects.stream_dead, seq)
-        print(f"deleted {len(items)} dead letter(s)")
-        return 0
-    return 2
+async def replay(js: Any, subjects: Subjects, entry: DeadLetterEntry) -> str | None:
+    """Publish the dead outbound again on its outbound subject, then delete the dead
+    letter; returns that subject, or None if there is no outbound to replay (it could not
+    be decoded), in which case nothing changes."""
+    dl = entry.dead_letter
+    if dl is None or dl.outbound is None:
+        return None
+    _, _, ctype, cname = entry.subject.split(".", 3)
+    target = subjects.outbound(ctype, cname)
+    await js.publish(target, encode(dl.outbound), headers=replay_headers(dl.outbound, entry.seq))
+    await js.delete_msg(subjects.stream_dead, entry.seq)
+    return target
+
+
+async def purge(js: Any, subjects: Subjects, entries: list[DeadLetterEntry]) -> int:
+    """Delete these dead letters; returns how many."""
+    for e in entries:
+        await js.delete_msg(subjects.stream_dead, e.seq)
+    return len(entries)

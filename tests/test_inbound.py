@@ -229,6 +229,23 @@ async def test_streams_and_buckets_follow_the_configured_prefix(gateway_factory,
         await nc.close()
 
 
+async def test_the_test_kit_status_helpers_follow_the_prefix(gateway_factory, nats_server):
+    from gateway import Outbound, TextPart
+    from gateway.testing import statuses, wait_for_status
+    from gateway.wire import encode, outbound_headers
+
+    await gateway_factory({"demo": {"type": "mock"}}, bus={"prefix": "acme"})
+    o = Outbound(id="acme-1", conversation="demo.nope", parts=[TextPart(text="x")])
+    nc = await nats.connect(nats_server.url)
+    try:
+        await nc.jetstream().publish("acme.out.mock.demo", encode(o), headers=outbound_headers(o))
+    finally:
+        await nc.close()
+    sts = await wait_for_status(nats_server.url, "acme-1", "dead", prefix="acme")
+    assert [s.state for s in sts] == ["accepted", "dead"]
+    assert await statuses(nats_server.url, "acme-1", prefix="acme") == sts
+
+
 async def test_an_event_that_is_not_an_interaction_keeps_the_conversation_time(gateway_factory):
     gw = await gateway_factory({"demo": {"type": "mock"}})
     ctx = gw.channels["demo"].ctx

@@ -6,7 +6,7 @@ Integrators import everything from here; underscore modules are private.
 from importlib.metadata import PackageNotFoundError, version
 
 from .core._bus import Subjects
-from .core._channel import Channel, ChannelContext, ChannelState, Conversation, KeyValue, PublishResult, Receipt
+from .core._channel import Channel, ChannelContext, ChannelState, Conversation, KeyValue, PublishResult, Reach, Receipt
 from .core._config import ChannelConfig, Config, Duration, load_config, parse_config, seconds
 from .core._errors import (
     BusUnavailable,
@@ -109,6 +109,7 @@ __all__ = [
     "PluginManager",
     "PublishResult",
     "QuietHours",
+    "Reach",
     "Receipt",
     "Reminder",
     "RequestError",

@@ -69,6 +69,27 @@ class PublishResult(msgspec.Struct, frozen=True, kw_only=True):
     """Stream sequence of the message (of the first copy for a duplicate, when known)."""
 
 
+class Reach(msgspec.Struct, frozen=True, kw_only=True):
+    """What :meth:`Channel.reach` answers: can the channel still send into a conversation at
+    a given time, and how. Reminders and backends use it to choose a fallback early (at
+    scheduling) instead of failing at the due time."""
+
+    ok: bool
+    """Free content (text, media) can be sent at that time."""
+    code: str | None = None
+    """Why not, when ``ok`` is False: ``outside_window`` (WeChat's 48 hours, the QQ bot's
+    passive-reply window), ``opted_out`` (SMS STOP), ``no_route`` (nothing stored to
+    answer with), or a channel's own code. The same code as the permanent
+    :class:`DeliveryError` ``deliver`` would raise."""
+    detail: str | None = None
+    """A sentence for people (no personal data)."""
+    until: datetime | None = None
+    """When free sending stops being possible (the window's end), if the channel knows."""
+    template: bool = False
+    """A provider template (``Outbound.template``) can still be sent when free content
+    cannot (WeChat template messages, SMS templates)."""
+
+
 MediaPart = ImagePart | FilePart | AudioPart | VideoPart
 """A part whose content is bytes (inline or in the object store)."""
 
@@ -285,3 +306,13 @@ class Channel(abc.ABC):
         from ._errors import DeliveryError
 
         raise DeliveryError(f"channel type {self.channel_type!r} cannot send", permanent=True)
+
+    async def reach(self, conversation: Conversation, at: datetime) -> Reach:
+        """Can ``deliver`` send free content into ``conversation`` at time ``at`` (UTC,
+        possibly in the future), and if not, why and is a template still possible?
+
+        Must be cheap and must not call the provider: it reads the stored conversation
+        (``last_inbound_at``, ``route``) and the channel's own state (an opt-out list). The
+        default answers ``Reach(ok=True)``; a channel with a reply window or an opt-out
+        overrides it."""
+        return Reach(ok=True)

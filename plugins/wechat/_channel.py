@@ -29,6 +29,7 @@ from gateway import (
     Outbound,
     Participant,
     ProviderIndex,
+    Reach,
     Receipt,
     RequestError,
     SignatureError,
@@ -227,6 +228,24 @@ class WeChatChannel(Channel):
         return await self.ctx.state.get_record(f"media-{media_id}", StoredMedia)
 
     # --- outbound ----------------------------------------------------------------
+
+    async def reach(self, conversation: Conversation, at: datetime) -> Reach:
+        """Customer-service messages go until the window after the customer's last message
+        closes; template messages go to any follower with an openid."""
+        openid = conversation.route.get("openid")
+        if not isinstance(openid, str) or not openid:
+            return Reach(ok=False, code="no_openid", detail="conversation has no WeChat openid to answer")
+        last = conversation.last_inbound_at
+        if last is None:
+            return Reach(ok=False, code="outside_window", detail="the customer has never written", template=True)
+        if last.tzinfo is None:
+            last = last.replace(tzinfo=timezone.utc)
+        until = last + self.window
+        if at >= until:
+            return Reach(ok=False, code="outside_window", until=until, template=True,
+                         detail=f"WeChat's window of {format_duration(self.window.total_seconds())} "
+                                "after the customer's last message has closed")
+        return Reach(ok=True, until=until, template=True)
 
     async def deliver(self, outbound: Outbound, conversation: Conversation) -> Receipt:
         openid = conversation.route.get("openid")

@@ -408,3 +408,16 @@ async def test_media_download_refreshes_an_expired_token(gateway_factory, fake_w
     assert (await post(gw.http.port, body, signed_query())).status_code == 200
     await wait_until(lambda: channel.stored_media(media_id), timeout=10)
     assert fake_wechat.tokens_issued == 2
+
+
+async def test_reach_follows_the_48_hour_window_and_offers_templates(gateway_factory, fake_wechat, nats_server, nc):
+    gw = await gateway_factory({"wx": channel_config(fake_wechat)})
+    running = gw.channels["wx"]
+    conv_key = await customer_wrote_long_ago(gw, hours=47)
+    conv = await running.ctx.get_conversation(conv_key)
+    now = datetime.now(timezone.utc)
+    soon = await running.channel.reach(conv, now)
+    assert soon.ok and soon.template
+    assert timedelta(minutes=59) < soon.until - now <= timedelta(hours=1)
+    later = await running.channel.reach(conv, now + timedelta(hours=2))
+    assert not later.ok and later.code == "outside_window" and later.template and later.until == soon.until

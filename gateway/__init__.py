@@ -11,6 +11,7 @@ from .core._config import ChannelConfig, Config, Duration, load_config, parse_co
 from .core._errors import (
     BusUnavailable,
     ConfigError,
+    Deferred,
     DeliveryError,
     GatewayError,
     PayloadTooLarge,
@@ -21,6 +22,7 @@ from .core._errors import (
 )
 from .core._gateway import Gateway
 from .core._channel import MediaPart
+from .core._quiet import check_quiet_hours, quiet_until
 from .core._retry import Backoff
 from .core._toolkit import (
     Lease,
@@ -61,6 +63,7 @@ from .core._schema import (
     Participant,
     QuietHours,
     Reminder,
+    Survey,
     Template,
     TextPart,
     UnknownPart,
@@ -86,6 +89,7 @@ __all__ = [
     "ConfigError",
     "Conversation",
     "DeadLetter",
+    "Deferred",
     "DeliveryError",
     "DeliveryStatus",
     "Duration",
@@ -115,6 +119,7 @@ __all__ = [
     "RequestError",
     "SignatureError",
     "Subjects",
+    "Survey",
     "Template",
     "TextPart",
     "UnknownPart",
@@ -136,6 +141,8 @@ __all__ += [
     "Backoff",
     "DeliveryState",
     "body_problem",
+    "check_quiet_hours",
+    "quiet_until",
     "Lease",
     "MediaPart",
     "ProviderIndex",

@@ -310,3 +310,19 @@ async def test_a_provider_outage_on_one_channel_does_not_stall_the_others(gatewa
     await publish(bus, Outbound(id="fine", conversation=other_conv, parts=[TextPart(text="x")]), channel="other")
     await gw.channels["other"].channel.wait_for_deliveries(1, timeout=10)
     assert time.monotonic() - t0 < 5
+
+
+async def test_a_deferred_delivery_waits_until_allowed_and_is_not_counted_as_an_attempt(gateway_factory, nats_server, bus):
+    from datetime import datetime, timedelta, timezone
+    gw = await gateway_factory({"demo": {"type": "mock", "max_attempts": 1}})
+    mock = gw.channels["demo"].channel
+    until = datetime.now(timezone.utc) + timedelta(seconds=1)
+    mock.defer_next(until, code="quiet_hours", message="customer's quiet hours until 09:00")
+    conv = await conversation_of(gw)
+    await publish(bus, Outbound(id="o-defer", conversation=conv, parts=[TextPart(text="x")]))
+    sts = await wait_state(nats_server.url, "o-defer", "sent")
+    assert [(s.state, s.attempt) for s in sts] == [("accepted", 0), ("failed", 1), ("sent", 1)]
+    assert sts[1].error.code == "quiet_hours" and not sts[1].error.permanent
+    assert sts[1].next_attempt_at == until
+    assert sts[2].at >= until
+    assert len(mock.deliveries) == 1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from datetime import datetime, timezone
 
 import msgspec
 
@@ -81,6 +82,20 @@ class DeliveryError(GatewayError):
         self.permanent = permanent
         self.code = code
         self.retry_after = retry_after
+
+
+class Deferred(GatewayError):
+    """``Channel.deliver`` may not send now, but will be able to at ``until`` (UTC): the
+    customer's quiet hours (SMS), a provider's sending window. Not a failure: the core
+    keeps the outbound, reports it (a ``failed`` status with ``error.code`` = ``code``,
+    ``permanent`` false and ``next_attempt_at`` = ``until``), tries again then, and does
+    not count it against ``max_attempts``."""
+
+    def __init__(self, message: str, *, until: datetime, code: str = "deferred"):
+        super().__init__(message)
+        self.message = message
+        self.until = until if until.tzinfo is not None else until.replace(tzinfo=timezone.utc)
+        self.code = code
 
 
 _OWN_PATH = re.compile(r"\$(\.[A-Za-z_][A-Za-z0-9_]*|\[\d+\])*")

@@ -23,7 +23,7 @@ from ._bus import wire_size
 from ._channel import Conversation, Receipt
 from ._config import OutboundConfig, seconds
 from ._contract import dead_letter_headers
-from ._errors import BusUnavailable, DeliveryError
+from ._errors import BusUnavailable, Deferred, DeliveryError
 from ._failpoints import failpoint
 from ._retry import cancel_and_wait
 from ._schema import DeadLetter, DeliveryStatus, ErrorInfo, Outbound, encode, outbound_decoder
@@ -358,6 +358,18 @@ class Dispatcher:
             t0 = time.perf_counter()
             try:
                 receipt, stored = await self._deliver_once(msg, outbound, conversation, ctype, cname)
+            except Deferred as exc:
+                # Not an attempt: the channel may not send before exc.until (quiet hours).
+                # The outbound stays ours (held, kept in progress) and is tried again then.
+                delay = max(0.0, (exc.until - datetime.now(timezone.utc)).total_seconds())
+                self.log.info("delivery deferred", outbound_id=outbound.id, channel=cname, code=exc.code,
+                              retry_in=round(delay, 2))
+                await self._status(outbound, ctype, cname, "failed", attempt=attempt,
+                                   error=ErrorInfo(message=exc.message, permanent=False, code=exc.code),
+                                   next_attempt_at=exc.until)
+                if not await self._hold(msg, delay, places):
+                    return
+                continue
             except DeliveryError as exc:
                 # Counted in gateway_outbound_failed_total where the attempt failed
                 # (_deliver_once), not here: the gateway's own refusals are no attempt.
@@ -474,6 +486,8 @@ class Dispatcher:
         except DeliveryError as exc:
             self._failed(ctype, cname, exc)
             raise
+        except Deferred:
+            raise  # not a failure: _process waits until the channel may send
         except Exception as exc:  # a plugin bug or an unmapped library error: retryable
             raise self._failed(ctype, cname, DeliveryError(f"{type(exc).__name__}: {exc}", permanent=False,
                                                            code="internal")) from exc

@@ -130,11 +130,15 @@ class EventPart(_Wire, frozen=True, tag="event", tag_field="type"):
 
 
 class ChoicePart(_Wire, frozen=True, tag="choice", tag_field="type"):
-    """A survey answer parsed from the customer's reply to a survey reminder."""
+    """A survey answer: the customer picked one of an outbound's ``survey.choices``, by a
+    button (web chat) or by writing its number or words in their next message."""
 
-    reminder_id: str
+    survey: str
+    """The id of the outbound that asked (for a reminder's survey, its outbound's id)."""
     choice: str
+    """The choice as the survey listed it (``满意``)."""
     index: int | None = None
+    """Its position in ``survey.choices``, from 0."""
 
 
 class UnknownPart(_Wire, frozen=True, tag="unknown", tag_field="type"):
@@ -203,6 +207,18 @@ class Template(_Wire, frozen=True, kw_only=True):
     """WeChat: a template message (模板消息) or a subscription notification (订阅通知)."""
 
 
+class Survey(_Wire, frozen=True, kw_only=True):
+    """A question whose answer the gateway recognizes: the customer's next message in the
+    conversation within ``answer_within`` seconds that names a choice (its number, from 1,
+    in ASCII or full-width digits, or its words) comes back with a :class:`ChoicePart`;
+    channels with buttons may show the choices as buttons. The question itself is the
+    outbound's text."""
+
+    choices: list[str] = msgspec.field(default_factory=lambda: ["满意", "一般", "不满意"])
+    answer_within: float = 86400.0
+    """Seconds after sending during which a reply is matched against the choices."""
+
+
 class Outbound(_Envelope, frozen=True, kw_only=True):
     """A reply or notice, published by a backend on ``<prefix>.out.<channel_type>.<channel>``."""
 
@@ -221,6 +237,9 @@ class Outbound(_Envelope, frozen=True, kw_only=True):
     template: Template | None = None
     """Fallback where the channel refuses free text (WeChat outside 48 h)."""
     created_at: datetime | None = None
+    survey: Survey | None = None
+    """Ask the customer to choose (satisfaction survey); their answer comes back as a
+    :class:`ChoicePart` on an inbound message."""
     meta: dict[str, Any] = {}
 
 
@@ -278,8 +297,6 @@ class Reminder(_Envelope, frozen=True, kw_only=True):
     reminder is recorded as missed instead of sent."""
     cancel_on_reply: bool = True
     """Cancel when the customer writes again before it fires."""
-    choices: list[str] = []
-    """Survey choices; the customer's answer comes back as a ChoicePart."""
 
 
 class DeadLetter(_Envelope, frozen=True, kw_only=True):

@@ -12,6 +12,7 @@ import json
 import os
 from collections import deque
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Annotated, Any
 
 import msgspec
@@ -22,6 +23,7 @@ from starlette.responses import Response
 from .. import (
     Channel,
     Conversation,
+    Deferred,
     DeliveryError,
     Duration,
     Handshake,
@@ -86,6 +88,8 @@ class _Failure:
     permanent: bool
     message: str
     retry_after: float | None
+    until: datetime | None = None
+    code: str = "mock"
 
 
 class MockChannel(Channel):
@@ -155,11 +159,17 @@ class MockChannel(Channel):
         for _ in range(count):
             self._failures.append(_Failure(permanent, message, retry_after))
 
+    def defer_next(self, until: datetime, *, code: str = "quiet_hours", message: str = "scripted deferral") -> None:
+        """Make the next delivery answer :class:`Deferred` (not before ``until``)."""
+        self._failures.append(_Failure(False, message, None, until, code))
+
     async def deliver(self, outbound: Outbound, conversation: Conversation) -> Receipt:
         if self._delay:
             await asyncio.sleep(self._delay)
         if self._failures:
             f = self._failures.popleft()
+            if f.until is not None:
+                raise Deferred(f.message, until=f.until, code=f.code)
             raise DeliveryError(f.message, permanent=f.permanent, code="mock", retry_after=f.retry_after)
         cfg: MockConfig = self.ctx.config
         if cfg.record_file:

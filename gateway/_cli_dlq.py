@@ -77,7 +77,7 @@ async def _replay(js: Any, subjects: Subjects, args: Any) -> int:
         target = await _dlq.replay(js, subjects, entry)
         if target is None:
             dl = entry.dead_letter
-            print(f"seq {entry.seq}: cannot replay, the original could not be decoded ({dl.reason if dl else 'undecodable'})",
+            print(f"seq {entry.seq}: cannot replay: the original could not be decoded or is no longer in the object store ({dl.reason if dl else 'undecodable'})",
                   file=sys.stderr)
             failed += 1
             continue

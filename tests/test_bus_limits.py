@@ -112,3 +112,43 @@ async def test_a_provider_error_too_long_for_a_status_is_shortened_and_the_conne
     assert dead.error.message.endswith("[truncated]")
     assert len(await stream_messages(nats_server.url, "GW_DEAD")) == 1
     assert gw.bus.nc is nc and nc.stats["reconnects"] == 0
+
+
+async def test_an_outbound_whose_dead_letter_went_to_the_object_store_is_replayed_by_the_cli(tmp_path, capsys):
+    from gateway import Outbound, TextPart
+    from gateway.cli import main
+    from gateway.testing import NatsServer, make_config, start_gateway
+    from gateway.wire import dead_letter_decoder, encode
+
+    server = NatsServer(tmp_path / "nats")
+    server.max_payload = 65536
+    await server.start()
+    try:
+        gw = await start_gateway(make_config(server.url, {"demo": {"type": "mock"}}))
+        try:
+            assert (await post_inbound(gw.http.port, "demo", text="hello", sender="alice")).status_code == 200
+            conv = gw.channels["demo"].ctx.conversation_key("alice")
+            mock = gw.channels["demo"].channel
+            # The outbound fits on the bus; with a long provider error beside it, its dead
+            # letter does not, so the dead letter names its bytes in the object store.
+            mock.fail_next(permanent=True, message="provider says: " + "e" * 20_000)
+            big = Outbound(id="o-near-limit", conversation=conv, parts=[TextPart(text="y" * 50_000)])
+            js = gw.bus.nc.jetstream()
+            await js.publish("gw.out.mock.demo", encode(big), headers={"Nats-Msg-Id": big.id})
+            await wait_for_status(server.url, big.id, "dead", timeout=15)
+            [m] = await stream_messages(server.url, "GW_DEAD")
+            dl = dead_letter_decoder.decode(m.data)
+            assert dl.id == big.id and dl.outbound is None and "Gw-Dead-Payload" in dl.headers
+
+            cfg = tmp_path / "gateway.toml"
+            cfg.write_text(f'[bus]\nurl = "{server.url}"\n[channels.demo]\ntype = "mock"\n')
+            assert await asyncio.to_thread(main, ["-c", str(cfg), "dlq", "replay", big.id]) == 0
+            assert f"replayed {big.id}" in capsys.readouterr().out
+            [(delivered, _)] = await mock.wait_for_deliveries(1)
+            assert delivered == big
+            await wait_for_status(server.url, big.id, "sent", timeout=15)
+            assert await stream_messages(server.url, "GW_DEAD") == []
+        finally:
+            await gw.stop()
+    finally:
+        await server.stop()

@@ -10,7 +10,7 @@ import nats.js.errors
 
 from ._bus import Subjects
 from ._contract import replay_headers
-from ._schema import DeadLetter, dead_letter_decoder, encode
+from ._schema import DeadLetter, dead_letter_decoder, encode, outbound_decoder
 
 
 class DeadLetterEntry(NamedTuple):
@@ -52,16 +52,52 @@ async def get(js: Any, subjects: Subjects, dead_letter_id: str, channel: str | N
             if e.dead_letter is not None and e.dead_letter.id == dead_letter_id]
 
 
-async def replay(js: Any, subjects: Subjects, entry: DeadLetterEntry) -> str | None:
-    """Publish the dead outbound again on its outbound subject, then delete the dead
-    letter; returns that subject, or None if there is no outbound to replay (it could not
-    be decoded), in which case nothing changes."""
-    dl = entry.dead_letter
-    if dl is None or dl.outbound is None:
+PAYLOAD_HEADER = "Gw-Dead-Payload"
+"""In ``DeadLetter.headers``: ``<bucket>/<name>`` of the original bytes in the object store,
+for a dead letter that would not have fitted on the bus with them inside."""
+
+
+async def original(js: Any, dead_letter: DeadLetter) -> bytes | None:
+    """The dead outbound's original bytes: inline (``outbound`` or ``payload``), or read
+    from the object store where a dead letter too large for the bus keeps them; None when
+    they are gone (the object store keeps blobs for ``[bus] blob_max_age``)."""
+    if dead_letter.outbound is not None:
+        return encode(dead_letter.outbound)
+    if dead_letter.payload is not None:
+        return dead_letter.payload
+    where = dead_letter.headers.get(PAYLOAD_HEADER)
+    if not where or "/" not in where:
         return None
+    bucket, name = where.split("/", 1)
+    try:
+        store = await js.object_store(bucket)
+        result = await store.get(name)
+    except (nats.js.errors.NotFoundError, nats.js.errors.ObjectNotFoundError, nats.js.errors.BucketNotFoundError):
+        return None
+    data: bytes | None = result.data
+    return data
+
+
+async def replay(js: Any, subjects: Subjects, entry: DeadLetterEntry) -> str | None:
+    """Publish the dead outbound again on its outbound subject (its bytes from the dead
+    letter or, for one too large to carry them, from the object store), then delete the
+    dead letter; returns that subject, or None if there is no outbound to replay (it could
+    not be decoded, or its stored bytes are gone), in which case nothing changes."""
+    dl = entry.dead_letter
+    if dl is None:
+        return None
+    outbound = dl.outbound
+    if outbound is None:
+        data = await original(js, dl)
+        if data is None:
+            return None
+        try:
+            outbound = outbound_decoder.decode(data)
+        except (msgspec.DecodeError, msgspec.ValidationError):
+            return None
     _, _, ctype, cname = entry.subject.split(".", 3)
     target = subjects.outbound(ctype, cname)
-    await js.publish(target, encode(dl.outbound), headers=replay_headers(dl.outbound, entry.seq))
+    await js.publish(target, encode(outbound), headers=replay_headers(outbound, entry.seq))
     await js.delete_msg(subjects.stream_dead, entry.seq)
     return target
 

@@ -23,6 +23,7 @@ from ._bus import wire_size
 from ._channel import Conversation, Receipt
 from ._config import OutboundConfig, seconds
 from ._contract import dead_letter_headers
+from ._dlq import PAYLOAD_HEADER
 from ._errors import BusUnavailable, Deferred, DeliveryError
 from ._failpoints import failpoint
 from ._retry import cancel_and_wait
@@ -577,7 +578,7 @@ class Dispatcher:
             dl = msgspec.structs.replace(
                 dl, outbound=None, payload=None, reason=error.message[:4096],
                 error=msgspec.structs.replace(error, message=error.message[:4096]),
-                headers={**headers, "Gw-Dead-Payload": f"{ref.bucket}/{ref.name}"})
+                headers={**headers, PAYLOAD_HEADER: f"{ref.bucket}/{ref.name}"})
             data = encode(dl)
         # Copy first, terminate second: a crash in between leaves a duplicate dead letter,
         # never a lost outbound.

@@ -148,3 +148,39 @@ async def test_log_lines_are_json_and_carry_no_personal_data(tmp_path):
     assert all(json.loads(ln) for ln in lines)
     assert "13800138000" not in gp.logs() and "alice@example.com" not in gp.logs()
     assert any("request rejected" in ln for ln in lines)
+
+
+async def test_an_embedded_server_that_dies_is_restarted_and_nothing_accepted_is_lost(tmp_path):
+    from gateway.testing import wait_until
+
+    gp = GatewayProcess(tmp_path)
+    gp.start()
+    url = f"http://127.0.0.1:{gp.http_port}/channels/demo/inbound"
+    try:
+        async with httpx.AsyncClient(timeout=10) as client:
+            r = await client.post(url, content=json.dumps({"text": "before", "id": "before"}))
+            assert r.status_code == 200, r.text
+            children = subprocess.run(["pgrep", "-P", str(gp.proc.pid), "nats-server"], capture_output=True,
+                                      text=True).stdout.split()
+            assert len(children) == 1, children
+            subprocess.run(["kill", "-9", children[0]], check=True)
+
+            async def accepted_again() -> bool:
+                try:
+                    r = await client.post(url, content=json.dumps({"text": "after", "id": "after"}))
+                except httpx.HTTPError:
+                    return False
+                return r.status_code == 200
+
+            await wait_until(accepted_again, timeout=30)
+        ids = {message_decoder.decode(m.data).provider_id for m in await stream_messages(gp.bus_url, "GW_IN")}
+        assert ids == {"before", "after"}
+        restarted = subprocess.run(["pgrep", "-P", str(gp.proc.pid), "nats-server"], capture_output=True,
+                                   text=True).stdout.split()
+        assert len(restarted) == 1 and restarted != children
+        assert "embedded nats-server exited; restarting it" in gp.logs()
+        assert "embedded nats-server restarted" in gp.logs()
+    finally:
+        gp.signal(signal.SIGTERM)
+        assert await asyncio.to_thread(gp.wait) == 0
+    assert not embedded_server_running(gp.nats_port)

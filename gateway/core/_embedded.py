@@ -23,8 +23,10 @@ import socket
 import sys
 import sysconfig
 from pathlib import Path
+from typing import Any
 
 from ._errors import BusUnavailable, StartupError
+from ._retry import Backoff, cancel_and_wait
 
 
 def nats_server_binary() -> str:
@@ -72,6 +74,9 @@ class EmbeddedServer:
         self.proc: asyncio.subprocess.Process | None = None
         self.server_name = ""
         self._lock_fd: int | None = None
+        self._watch: asyncio.Task[None] | None = None
+        self.restarts = 0
+        """Times :meth:`supervise` restarted a server that had exited on its own."""
 
     @property
     def url(self) -> str:
@@ -209,8 +214,41 @@ class EmbeddedServer:
         if fd is not None:
             os.close(fd)  # the lock goes with the last descriptor (ours; the child has exited)
 
+    def supervise(self, log: Any) -> None:
+        """Restart the server whenever it exits without being asked to (the OOM killer, a
+        crash, an operator's kill): the gateway is useless without its bus. JetStream's file
+        store recovers what was acknowledged, and the gateway's bus connection reconnects
+        by itself. Stopped by :meth:`stop`."""
+        if self._watch is None:
+            self._watch = asyncio.create_task(self._watch_loop(log), name="embedded-nats-watch")
+
+    async def _watch_loop(self, log: Any) -> None:
+        backoff = Backoff(0.2, 10.0)
+        while True:
+            proc = self.proc
+            if proc is None:
+                return
+            offset = self.log_path.stat().st_size if self.log_path.exists() else 0
+            code = await proc.wait()
+            if self.proc is not proc:
+                return  # stopped on purpose
+            log.error("embedded nats-server exited; restarting it", code=code,
+                      reason=self._fatal_reason(offset) or None, log=str(self.log_path))
+            while True:
+                try:
+                    await self._start(timeout=15.0)
+                    break
+                except (BusUnavailable, StartupError) as exc:
+                    log.error("embedded nats-server did not restart; trying again", error=str(exc))
+                    await asyncio.sleep(backoff.next())
+            self.restarts += 1
+            backoff.reset()
+            log.info("embedded nats-server restarted", url=self.url, restarts=self.restarts)
+
     async def stop(self, timeout: float = 10.0) -> None:
         """Stop the server and release the store."""
+        watch, self._watch = self._watch, None
+        await cancel_and_wait(watch)
         try:
             await self.stop_server(timeout)
         finally:

@@ -82,6 +82,7 @@ class Gateway:
                 self.http.unbind()
                 raise
             self.log.info("embedded nats-server started", url=self.embedded.url, store=str(self.embedded.store_dir))
+            self.embedded.supervise(self.log.bind(component="bus"))
         self._started = True
         if self.config.outbound.enabled:
             from ._outbound import Dispatcher

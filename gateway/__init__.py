@@ -22,6 +22,7 @@ from .core._errors import (
 )
 from .core._gateway import Gateway
 from .core._channel import MediaPart
+from .core._logging import Throttle
 from .core._quiet import check_quiet_hours, quiet_until
 from .core._retry import Backoff
 from .core._toolkit import (
@@ -121,6 +122,7 @@ __all__ = [
     "Subjects",
     "Survey",
     "Template",
+    "Throttle",
     "TextPart",
     "UnknownPart",
     "VideoPart",

@@ -7,12 +7,12 @@ from __future__ import annotations
 import asyncio
 import hmac
 import ssl
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Hashable
 from typing import Any
 
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
 
-from gateway import BusUnavailable, PayloadTooLarge, RequestError
+from gateway import BusUnavailable, PayloadTooLarge, RequestError, Throttle
 
 from ._config import SmtpInConfig, seconds
 from ._parse import MailRejected
@@ -32,6 +32,14 @@ class _Handler:
         if not self.domains and not self.addresses:
             # Nothing configured: accept the channel's own address only, never an open relay.
             self.addresses = {default_address.lower()}
+        # A bus outage or a flood of hostile mail answers every message the same way: one
+        # log line a minute per kind says so (and how many were held back), not one each.
+        self.throttle = Throttle(60.0)
+
+    def _log(self, level: str, key: Hashable, event: str, **fields: Any) -> None:
+        held = self.throttle.allow(key)
+        if held is not None:
+            getattr(self.log, level)(event, **fields, **({"held_back": held} if held else {}))
 
     def accepts(self, address: str) -> bool:
         a = address.strip().strip("<>").lower()
@@ -54,22 +62,23 @@ class _Handler:
             mail_from = envelope.mail_from or ""
             await self.ingest(bytes(raw), mail_from, list(envelope.rcpt_tos), "smtp")
         except BusUnavailable:
-            self.log.warning("bus unavailable: SMTP message deferred (451)")
+            self._log("warning", "bus", "bus unavailable: SMTP message deferred (451)")
             return "451 4.3.0 Temporarily unable to accept the message, try again later"
         except MailRejected as exc:
-            self.log.info("message rejected", reason=exc.reason)
+            self._log("info", "rejected", "message rejected", reason=exc.reason)
             return f"{exc.code} 5.6.0 Message rejected: {exc.reason}"
         except PayloadTooLarge:
             return "552 5.3.4 Message too large for the gateway's bus"
         except RequestError as exc:
             # The gateway refused what it made of the mail (it would not decode on the bus):
             # a permanent refusal with the reason, not a retry that can only fail again.
-            self.log.info("message rejected", reason=exc.reason)
+            self._log("info", "rejected", "message rejected", reason=exc.reason)
             return f"554 5.6.0 Message rejected: {exc.reason}"
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # noqa: BLE001 - a bug must not lose mail: the MTA retries
-            self.log.error("message processing failed; deferred (451)", error=f"{type(exc).__name__}: {exc}")
+            self._log("error", ("failed", type(exc).__name__), "message processing failed; deferred (451)",
+                      error=f"{type(exc).__name__}: {exc}")
             return "451 4.3.0 Temporary processing failure, try again later"
         return "250 2.0.0 OK: queued"
 

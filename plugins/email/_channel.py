@@ -33,6 +33,7 @@ from ._threading import (
     reply_subject,
     route_record,
 )
+from ._upgrade import sent_before_upgrade
 
 # Parsing a large message takes milliseconds to seconds of CPU: above this size it runs in
 # a worker thread so the listener keeps answering other sessions meanwhile.
@@ -233,7 +234,7 @@ class EmailChannel(Channel):
             return True
         handled = False
         for mid in ids:
-            rec = await self.sent.get(mid)
+            rec = await self.sent.get(mid) or await sent_before_upgrade(self.ctx.state, mid)
             if rec is None:
                 continue
             permanent = action == "failed" and not (status or "").startswith("4")

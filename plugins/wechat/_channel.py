@@ -44,6 +44,7 @@ from ._api import APIError, WeChatAPI
 from ._config import WeChatConfig
 from ._crypto import MessageCrypto, check_signature
 from ._inbound import FieldError, normalize
+from ._upgrade import template_sent_before_upgrade
 
 WEBHOOK_PATH = "/webhook"
 _WINDOW_ERRORS = {45015, 45047}
@@ -180,7 +181,8 @@ class WeChatChannel(Channel):
     async def _template_finished(self, fields: dict[str, str]) -> None:
         msgid = (fields.get("MsgID") or fields.get("MsgId") or "").strip()
         status = (fields.get("Status") or "").strip()
-        sent = await self.templates.get(msgid) if msgid else None
+        sent = (await self.templates.get(msgid) or await template_sent_before_upgrade(self.ctx.state, msgid)
+                if msgid else None)
         if sent is None:
             # Status is the sender's text: whether it says success is all the log may keep.
             self.ctx.log.info("template result for a template this gateway did not send", success=status == "success")

@@ -5,13 +5,15 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Any, Callable
+from collections.abc import Awaitable, Callable
+from typing import Any
 
-import nats
 import nats.errors
 import nats.js.errors
-from nats.js import api
+from nats.aio.client import Client as NATS
+from nats.js import JetStreamContext, api
 from nats.js.kv import KeyValue as NatsKV
+from nats.js.object_store import ObjectStore
 
 from ._config import BusConfig, seconds
 from ._errors import BusUnavailable, PayloadTooLarge
@@ -51,7 +53,7 @@ class MessageTooLarge(nats.errors.MaxPayloadError):
         return f"nats: message of {self.size} bytes (payload and headers) exceeds the server's max_payload {self.limit}"
 
 
-class _GuardedNATS(nats.NATS):
+class _GuardedNATS(NATS):
     """nats-py's client with the size check nats-server applies: every publish of the
     process (messages, KV writes, object store chunks, statuses, dead letters) is refused
     here, with an exception, instead of making the server drop the whole connection."""
@@ -112,21 +114,39 @@ class Subjects:
 class Bus:
     """One NATS connection with JetStream, shared by the whole process."""
 
-    def __init__(self, cfg: BusConfig, url: str, *, log: Any, name: str = "gateway"):
+    def __init__(self, cfg: BusConfig, url: str, *, log: Any, name: str = "gateway", receipt_ttl: str = "7d"):
         self.cfg = cfg
         self.url = url
         self.log = log
         self.name = name
+        self.receipt_ttl = receipt_ttl
+        """TTL of the receipts bucket (``[outbound] receipt_ttl``)."""
         self.subjects = Subjects(cfg.prefix)
-        self.nc: nats.NATS | None = None
-        self.js: Any = None
+        self.nc: NATS | None = None
+        self._js: JetStreamContext | None = None
         self.kv: dict[str, NatsKV] = {}
-        self.objects: Any = None
+        self._objects: ObjectStore | None = None
         self._ready = asyncio.Event()
         self._supervisor: asyncio.Task[None] | None = None
-        self.on_ready: list[Callable[[], Any]] = []
+        self.on_ready: list[Callable[[], Awaitable[None] | None]] = []
         self.error: str | None = "not connected yet"
         self._closing = False
+
+    @property
+    def js(self) -> JetStreamContext:
+        """The JetStream context of the current connection (:class:`BusUnavailable` before
+        the first one). Unlike :meth:`require`, it does not wait for ``on_ready``."""
+        if self._js is None:
+            raise BusUnavailable(f"bus not connected ({self.error or 'disconnected'})")
+        return self._js
+
+    @property
+    def objects(self) -> ObjectStore:
+        """The object store of the current connection (:class:`BusUnavailable` before the
+        first one)."""
+        if self._objects is None:
+            raise BusUnavailable(f"bus not connected ({self.error or 'disconnected'})")
+        return self._objects
 
     # --- lifecycle -----------------------------------------------------------------
 
@@ -160,6 +180,7 @@ class Bus:
         self._supervisor = asyncio.create_task(self._supervise(), name="bus-supervisor")
 
     async def wait_ready(self, timeout: float | None = None) -> None:
+        """Wait until the bus is connected and every ``on_ready`` callback ran."""
         await asyncio.wait_for(self._ready.wait(), timeout)
 
     async def _supervise(self) -> None:
@@ -248,7 +269,7 @@ class Bus:
         await self.nc.connect(**opts)
         # Once connected, never give up reconnecting (nats-py reads this option live).
         self.nc.options["max_reconnect_attempts"] = -1
-        self.js = self.nc.jetstream(timeout=seconds(self.cfg.publish_timeout), publish_async_max_pending=20000)
+        self._js = self.nc.jetstream(timeout=seconds(self.cfg.publish_timeout), publish_async_max_pending=20000)
         # Also after a reconnect: the KV and object store handles hold the JetStream
         # context they were made with, so they are made again on the new one.
         await self.ensure_layout()
@@ -266,6 +287,7 @@ class Bus:
         self.log.info("bus reconnected")
 
     async def close(self) -> None:
+        """Stop the supervisor and close the connection (what is buffered is flushed)."""
         self._closing = True
         if self._supervisor and not self._supervisor.done():
             await cancel_and_wait(self._supervisor)
@@ -284,6 +306,7 @@ class Bus:
     # --- layout --------------------------------------------------------------------
 
     def stream_configs(self) -> list[api.StreamConfig]:
+        """The streams of the bus contract, as the ``[bus]`` section configures them."""
         s, c = self.subjects, self.cfg
         common: dict[str, Any] = dict(storage=api.StorageType.FILE, num_replicas=c.replicas, max_msg_size=c.max_message_size,
                       duplicate_window=seconds(c.duplicate_window))
@@ -318,15 +341,15 @@ class Bus:
             api.KeyValueConfig(bucket=s.kv_state, history=1, replicas=c.replicas, direct=True,
                                storage=api.StorageType.FILE, description="channel state"),
             api.KeyValueConfig(bucket=s.kv_receipts, history=1, replicas=c.replicas, direct=True,
-                               ttl=seconds(self._receipt_ttl), storage=api.StorageType.FILE,
+                               ttl=seconds(self.receipt_ttl), storage=api.StorageType.FILE,
                                description="provider receipts by outbound id"),
         ]
         for b in buckets:
             self.kv[b.bucket] = await self._ensure_kv(b)
         try:
-            self.objects = await self.js.object_store(s.object_store)
+            self._objects = await self.js.object_store(s.object_store)
         except nats.js.errors.BucketNotFoundError:
-            self.objects = await self.js.create_object_store(
+            self._objects = await self.js.create_object_store(
                 s.object_store, config=api.ObjectStoreConfig(bucket=s.object_store, replicas=c.replicas,
                                                              storage=api.StorageType.FILE, ttl=seconds(c.blob_max_age)))
         else:
@@ -337,8 +360,6 @@ class Bus:
                 info.config.max_age = seconds(c.blob_max_age)
                 await self.js.update_stream(info.config)
 
-    _receipt_ttl = "7d"
-
     async def _ensure_kv(self, cfg: api.KeyValueConfig) -> NatsKV:
         try:
             return await self.js.create_key_value(cfg)
@@ -347,20 +368,20 @@ class Bus:
 
     # --- helpers -------------------------------------------------------------------
 
-    def require(self, *, during_setup: bool = False) -> Any:
+    def require(self, *, during_setup: bool = False) -> JetStreamContext:
         """The JetStream context, or :class:`BusUnavailable`.
 
         The bus counts as connected only after every ``on_ready`` callback ran (so webhooks
         wait for the dedup restore); those callbacks themselves pass ``during_setup=True``
         to use the connection that is already up."""
-        if during_setup and self.nc is not None and self.nc.is_connected and self.js is not None:
-            return self.js
+        if during_setup and self.nc is not None and self.nc.is_connected and self._js is not None:
+            return self._js
         if not self.connected:
             raise BusUnavailable(f"bus not connected ({self.error or 'disconnected'})")
         return self.js
 
 
-async def _close_quietly(nc: nats.NATS, log: Any) -> None:
+async def _close_quietly(nc: NATS, log: Any) -> None:
     # While nats-py is between reconnect attempts its socket is already gone, and close()
     # raises (RuntimeError from the transport, when it tries to flush what is pending).
     # What was pending was never acknowledged, so its callers were told so already.

@@ -40,6 +40,12 @@ def outbound_headers(outbound: Outbound) -> dict[str, str]:
     return {"Nats-Msg-Id": outbound.id, "Content-Type": JSON, "Gw-Schema": SCHEMA_OUTBOUND}
 
 
+PAYLOAD_HEADER = "Gw-Dead-Payload"
+"""In ``DeadLetter.headers`` (the body, not NATS headers): ``<bucket>/<name>`` of the
+original bytes in the object store, for a dead letter that would not have fitted on the bus
+with them inside."""
+
+
 def replay_headers(outbound: Outbound, dead_seq: int) -> dict[str, str]:
     """An outbound republished from the dead-letter stream (``gateway dlq replay``): a new
     ``Nats-Msg-Id``, since the original one may still be inside the duplicate window."""

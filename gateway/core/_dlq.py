@@ -9,7 +9,7 @@ import msgspec
 import nats.js.errors
 
 from ._bus import Subjects
-from ._contract import replay_headers
+from ._contract import PAYLOAD_HEADER, replay_headers
 from ._schema import DeadLetter, dead_letter_decoder, encode, outbound_decoder
 
 
@@ -50,11 +50,6 @@ async def get(js: Any, subjects: Subjects, dead_letter_id: str, channel: str | N
     """The dead letters with this id (more than one if an outbound died twice)."""
     return [e for e in await dead_letters(js, subjects, channel)
             if e.dead_letter is not None and e.dead_letter.id == dead_letter_id]
-
-
-PAYLOAD_HEADER = "Gw-Dead-Payload"
-"""In ``DeadLetter.headers``: ``<bucket>/<name>`` of the original bytes in the object store,
-for a dead letter that would not have fitted on the bus with them inside."""
 
 
 async def original(js: Any, dead_letter: DeadLetter) -> bytes | None:

@@ -5,33 +5,28 @@ from __future__ import annotations
 
 import asyncio
 import gc
-import hashlib
 import signal
 from datetime import datetime, timezone
 from typing import Any
 
-import msgspec
-import nats.errors
-import nats.js.errors
-from nats.js import api
-
-from ._bus import Bus, wire_size
+from ._bus import Bus
 from ._channel import Channel, Conversation
-from ._contract import status_headers
 from ._config import ChannelConfig, Config, load_config, seconds
 from ._embedded import EmbeddedServer
-from ._errors import BusUnavailable, ConfigError, PluginError
+from ._errors import ConfigError, PluginError
 from ._http import HttpServer
 from ._logging import get_logger
 from ._metrics import Metrics
-from ._pipeline import Context, Inbound, conversation_decoder
+from ._outbound import Dispatcher
+from ._pipeline import Context, Inbound
 from ._plugins import PluginManager
 from ._restore import DedupRestore
-from ._schema import DeliveryStatus, Message, ObjectRef, encode
+from ._schema import Message, ObjectRef
+from ._services import BusServices
 
 
 class _Running:
-    def __init__(self, cfg: ChannelConfig, ctx: Context, channel: Channel | None):
+    def __init__(self, cfg: ChannelConfig, ctx: Context, channel: Channel | None) -> None:
         self.cfg = cfg
         self.ctx = ctx
         self.channel = channel
@@ -41,7 +36,7 @@ class Gateway:
     """One gateway process. ``await gw.start()`` … ``await gw.stop()``, or ``await gw.run()``
     to serve until SIGTERM/SIGINT (SIGHUP reloads ``config_path``)."""
 
-    def __init__(self, config: Config, plugins: PluginManager | None = None, *, config_path: str | None = None):
+    def __init__(self, config: Config, plugins: PluginManager | None = None, *, config_path: str | None = None) -> None:
         self.config = config
         self.config_path = config_path
         self.plugins = plugins or PluginManager()
@@ -53,14 +48,13 @@ class Gateway:
             self.embedded = EmbeddedServer(host=config.bus.embedded_host, port=config.bus.embedded_port,
                                            store_dir=config.bus.data_dir, max_payload=max(config.bus.max_message_size, 1048576))
             bus_url = self.embedded.url
-        self.bus = Bus(config.bus, bus_url, log=self.log.bind(component="bus"))
-        self.bus._receipt_ttl = config.outbound.receipt_ttl
-        self.publish_timeout = seconds(config.bus.publish_timeout)
-        self.inbound = Inbound(self)
-        self.restore = DedupRestore(self)
-        self.http = HttpServer(self)
+        self.bus = Bus(config.bus, bus_url, log=self.log.bind(component="bus"), receipt_ttl=config.outbound.receipt_ttl)
+        self.services = BusServices(self.bus)
+        self.inbound = Inbound(self.services, enrich=self.enrich, metrics=self.metrics)
+        self.restore = DedupRestore(self.bus, log=self.log)
+        self.http = HttpServer(config.http, metrics=self.metrics, log=self.log, health=self.health)
         self.channels: dict[str, _Running] = {}
-        self.outbound: Any = None
+        self.outbound: Dispatcher | None = None
         self._stopping = False
         self._started = False
         self._reload_lock = asyncio.Lock()
@@ -85,9 +79,10 @@ class Gateway:
             self.embedded.supervise(self.log.bind(component="bus"))
         self._started = True
         if self.config.outbound.enabled:
-            from ._outbound import Dispatcher
-
-            self.outbound = Dispatcher(self)
+            # The dispatcher reads the channels' sections through the getter: a reload
+            # replaces them. Its own section is handed over by reload() (configure()).
+            self.outbound = Dispatcher(self.services, self.config.outbound, channel_configs=lambda: self.config.channels,
+                                       channel=self._deliverable, metrics=self.metrics, log=self.log)
             self.bus.on_ready.append(self.outbound.start)
         # Dedup records a crashed process (this one before a restart, or a peer) left
         # unwritten are restored before channels and HTTP take traffic.
@@ -113,7 +108,8 @@ class Gateway:
     async def _start_channel(self, cfg: ChannelConfig) -> None:
         info = self.plugins.channel_types[cfg.type]
         log = get_logger(channel=cfg.name, channel_type=cfg.type)
-        ctx = Context(self, cfg.name, cfg.type, cfg.options, log)
+        ctx = Context(cfg.name, cfg.type, cfg.options, log, services=self.services, inbound=self.inbound,
+                      http=self.http, metrics=self.metrics)
         running = _Running(cfg, ctx, None)
         self.channels[cfg.name] = running
         try:
@@ -222,9 +218,11 @@ class Gateway:
                 loop.remove_signal_handler(sig)
             await self.stop()
 
-    # --- services for contexts -------------------------------------------------------
+    # --- what the parts are handed ----------------------------------------------------
 
     def enrich(self, message: Message) -> Message:
+        """``message`` after every ``enrich_message`` hook (a failing hook is logged and
+        skipped)."""
         for impl in self.plugins.hook.enrich_message.get_hookimpls():
             try:
                 out = impl.function(message=message, channel=message.channel)
@@ -236,78 +234,28 @@ class Gateway:
                 message = out
         return message
 
-    async def publish_status(self, status: DeliveryStatus) -> None:
-        """Publish a status event and wait for its JetStream ack."""
-        await self.await_ack(await self.send_status(status))
-
-    async def send_status(self, status: DeliveryStatus) -> asyncio.Future[Any]:
-        """Publish a status event; returns the future of its ack (pipelined: await it
-        later with :meth:`await_ack`)."""
-        js = self.bus.require()
-        subject = self.bus.subjects.status(status.channel_type, status.channel)
-        headers = status_headers(status)
-        data = encode(status)
-        if status.error is not None and wire_size(data, headers) > self.bus.max_payload:
-            # A provider's error text has no length limit; a status that does not fit would
-            # be refused (and, unchecked, make the server close the connection). Shorten it.
-            keep = max(0, self.bus.max_payload - (len(data) - len(status.error.message)) - 4096) // 4
-            error = msgspec.structs.replace(status.error, message=status.error.message[:keep] + " [truncated]")
-            data = encode(msgspec.structs.replace(status, error=error))
-        try:
-            return await js.publish_async(subject, data, headers=headers)
-        except (nats.errors.Error, nats.js.errors.Error) as exc:
-            raise BusUnavailable(f"status not sent: {type(exc).__name__}") from exc
-
-    async def await_ack(self, fut: asyncio.Future[Any]) -> Any:
-        """Wait for a pipelined publish's ack, within ``publish_timeout``."""
-        try:
-            async with asyncio.timeout(self.publish_timeout):
-                return await fut
-        except (TimeoutError, nats.errors.Error, nats.js.errors.Error) as exc:
-            raise BusUnavailable(f"not acknowledged: {type(exc).__name__}") from exc
+    def _deliverable(self, name: str) -> Channel | None:
+        """The channel ``name`` if it may deliver now (started, running or degraded)."""
+        running = self.channels.get(name)
+        if running is None or running.channel is None or running.ctx.health not in ("running", "degraded"):
+            return None
+        return running.channel
 
     async def put_blob(self, data: bytes, *, content_type: str | None = None) -> ObjectRef:
-        self.bus.require()
-        digest = hashlib.sha256(data).hexdigest()
-        store = self.bus.objects
-        try:
-            info = await store.get_info(digest)
-            fresh = info.mtime and (datetime.now(timezone.utc) - _parse_time(info.mtime)).total_seconds() \
-                < seconds(self.config.bus.blob_max_age) / 2
-            if info is not None and not info.deleted and fresh:
-                # Stored recently: skip the upload. An old copy is stored again so that
-                # retention counts from this new reference, not the first one.
-                return ObjectRef(bucket=self.bus.subjects.object_store, name=digest, size=len(data), sha256=digest)
-        except nats.js.errors.ObjectNotFoundError:
-            pass
-        # Chunks of nats-py's default 128 KiB would exceed a server whose max_payload is
-        # smaller (the guard would refuse them): keep every chunk well inside it.
-        chunk = min(128 * 1024, max(1024, self.bus.max_payload - 4096))
-        meta = api.ObjectMeta(name=digest, description=content_type,
-                              options=api.ObjectMetaOptions(max_chunk_size=chunk))
-        await store.put(digest, data, meta=meta)
-        return ObjectRef(bucket=self.bus.subjects.object_store, name=digest, size=len(data), sha256=digest)
+        """Store bytes in the object store (see :meth:`BusServices.put_blob`)."""
+        return await self.services.put_blob(data, content_type=content_type)
 
     async def get_blob(self, ref: ObjectRef) -> bytes:
-        self.bus.require()
-        store = self.bus.objects if ref.bucket == self.bus.subjects.object_store else await self.bus.js.object_store(ref.bucket)
-        result = await store.get(ref.name)
-        return result.data
+        """The bytes of a stored blob (see :meth:`BusServices.get_blob`)."""
+        return await self.services.get_blob(ref)
 
     async def get_conversation(self, key: str) -> Conversation | None:
-        self.bus.require()
-        kv = self.bus.kv[self.bus.subjects.kv_conversations]
-        try:
-            entry = await kv.get(key)
-        except (nats.js.errors.KeyNotFoundError, nats.js.errors.InvalidKeyError):
-            return None
-        try:
-            # nats-py types Entry.value Optional; get() sets it to the message data (bytes)
-            return conversation_decoder.decode(entry.value)  # type: ignore[arg-type]
-        except msgspec.DecodeError:
-            return None
+        """The stored conversation ``key``, or None."""
+        return await self.services.get_conversation(key)
 
     def health(self) -> dict[str, Any]:
+        """What ``/healthz`` answers: ``ok`` while the bus is connected and every required
+        channel runs."""
         channels = {
             name: {"type": r.cfg.type, "state": r.ctx.health, **({"detail": r.ctx.health_detail} if r.ctx.health_detail else {})}
             for name, r in self.channels.items()
@@ -322,10 +270,3 @@ class Gateway:
             "time": datetime.now(timezone.utc).isoformat(),
         }
 
-
-def _parse_time(value: str) -> datetime:
-    # nats-server writes RFC 3339 with nanoseconds; Python takes at most microseconds.
-    import re
-
-    value = re.sub(r"(\.\d{6})\d+", r"\1", value.replace("Z", "+00:00"))
-    return datetime.fromisoformat(value)

@@ -20,7 +20,7 @@ import contextlib
 import errno
 import json
 import socket
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 import uvicorn
@@ -31,15 +31,14 @@ from starlette.routing import Route, Router, WebSocketRoute
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from ._config import seconds
+from ._config import HttpConfig, seconds
 from ._errors import BusUnavailable, PayloadTooLarge, RequestError, StartupError
 from ._logging import Throttle
+from ._metrics import Metrics
 from ._websocket import Authorize, GatewayWebSocketProtocol, WebSocketHandler, WebSocketHub, WebSocketLimits, _Route
 
 if TYPE_CHECKING:
-    from ._channel import Endpoint
-    from ._gateway import Gateway
-    from ._pipeline import Context
+    from ._channel import ChannelContext, Endpoint
 
 
 class _BodyTimeout(Exception):
@@ -138,11 +137,14 @@ _LOG_INTERVAL = 10.0
 
 
 class HttpServer:
-    """The shared ASGI app and its uvicorn server."""
+    """The shared ASGI app and its uvicorn server. ``health`` answers ``/healthz`` (its
+    ``status`` is ``ok`` or not: 200 or 503)."""
 
-    def __init__(self, gw: Gateway):
-        self.gw = gw
-        self.cfg = gw.config.http
+    def __init__(self, cfg: HttpConfig, *, metrics: Metrics, log: Any, health: Callable[[], dict[str, Any]]):
+        self.cfg = cfg
+        self.metrics = metrics
+        self.log = log
+        self.health = health
         self.routers: dict[str, Router] = {}
         self.server: uvicorn.Server | None = None
         self.task: asyncio.Task[None] | None = None
@@ -156,11 +158,11 @@ class HttpServer:
         # One line per interval and cause (and channel), with the count of the rest: a bus
         # outage under load or a flood of slow clients must not become a flood of logs.
         self.throttle = Throttle(_LOG_INTERVAL)
-        self.websockets = WebSocketHub(gw.metrics.registry, self.throttle)
+        self.websockets = WebSocketHub(metrics.registry, self.throttle)
 
     # --- routes --------------------------------------------------------------------
 
-    def add_route(self, ctx: Context, path: str, endpoint: Endpoint, methods: Sequence[str],
+    def add_route(self, ctx: ChannelContext, path: str, endpoint: Endpoint, methods: Sequence[str],
                   max_body: int | None = None) -> str:
         if not path.startswith("/"):
             path = "/" + path
@@ -168,7 +170,7 @@ class HttpServer:
         router.routes.append(Route(path, self._wrap(ctx, endpoint, max_body), methods=list(methods)))
         return f"/channels/{ctx.name}{path}"
 
-    def add_websocket(self, ctx: Context, path: str, handler: WebSocketHandler, authorize: Authorize | None,
+    def add_websocket(self, ctx: ChannelContext, path: str, handler: WebSocketHandler, authorize: Authorize | None,
                       limits: WebSocketLimits) -> str:
         if not path.startswith("/"):
             path = "/" + path
@@ -183,7 +185,7 @@ class HttpServer:
 
     def connection_closed(self, reason: str) -> None:
         """Count (and log, throttled) a connection the server closed on its own."""
-        self.gw.metrics.http_closed.labels(reason).inc()
+        self.metrics.http_closed.labels(reason).inc()
         held = self.throttle.allow(("closed", reason))
         if held is not None:
             what = {"max_connections": f"[http] max_connections ({self.cfg.max_connections}) reached: connection refused",
@@ -191,13 +193,13 @@ class HttpServer:
                                       f"({self.cfg.header_timeout}): connection closed",
                     "evicted": f"[http] max_connections ({self.cfg.max_connections}) reached: the connection "
                                f"waiting longest for its headers was closed to make room"}[reason]
-            self.gw.log.warning(what, suppressed=held, open_connections=self._open_connections())
+            self.log.warning(what, suppressed=held, open_connections=self._open_connections())
 
     def _open_connections(self) -> int:
         return len(self.server.server_state.connections) if self.server is not None else 0
 
-    def _wrap(self, ctx: Context, endpoint: Endpoint, route_limit: int | None):
-        metrics = self.gw.metrics
+    def _wrap(self, ctx: ChannelContext, endpoint: Endpoint, route_limit: int | None):
+        metrics = self.metrics
         # The lower of the server's and the route's limit applies; the answer names it.
         if route_limit is not None and route_limit < self.cfg.max_body:
             limit, limit_name = route_limit, f"the limit of channel {ctx.name!r}"
@@ -283,7 +285,7 @@ class HttpServer:
             await self._healthz(scope, receive, send)
             return
         if path == "/metrics":
-            body = generate_latest(self.gw.metrics.registry)
+            body = generate_latest(self.metrics.registry)
             await Response(body, media_type=CONTENT_TYPE_LATEST)(scope, receive, send)
             return
         parts = path.split("/", 3)
@@ -297,7 +299,7 @@ class HttpServer:
         await router(sub, receive, send)
 
     async def _healthz(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        report = self.gw.health()
+        report = self.health()
         status = 200 if report["status"] == "ok" else 503
         body = json.dumps(report, indent=2).encode() + b"\n"
         await Response(body, status_code=status, media_type="application/json")(scope, receive, send)

@@ -11,28 +11,22 @@ import asyncio
 import random
 import time
 from collections import deque
+from collections.abc import Callable, Mapping
 from datetime import datetime, timedelta, timezone
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import msgspec
 import nats.errors
-import nats.js.errors
 from nats.js import api
 
-from ._bus import wire_size
-from ._channel import Conversation, Receipt
-from ._config import OutboundConfig, seconds
-from ._contract import dead_letter_headers
-from ._dlq import PAYLOAD_HEADER
+from ._channel import Channel, Conversation, Receipt
+from ._config import ChannelConfig, OutboundConfig, seconds
 from ._errors import BusUnavailable, Deferred, DeliveryError
 from ._failpoints import failpoint
+from ._metrics import Metrics
 from ._retry import cancel_and_wait
-from ._schema import DeadLetter, DeliveryStatus, ErrorInfo, Outbound, encode, outbound_decoder
-
-if TYPE_CHECKING:
-    from ._gateway import Gateway
-
-receipt_decoder = msgspec.json.Decoder(Receipt)
+from ._schema import DeadLetter, DeliveryStatus, ErrorInfo, Outbound, outbound_decoder
+from ._services import BusServices
 
 
 class TokenBucket:
@@ -132,14 +126,24 @@ _RESTART_KEYS = ("enabled", "ack_wait", "receipt_ttl")
 
 
 class Dispatcher:
-    """Takes outbound messages off ``<prefix>.out.>`` and delivers them."""
+    """Takes outbound messages off ``<prefix>.out.>`` and delivers them.
 
-    def __init__(self, gw: Gateway):
-        self.gw = gw
-        self.cfg = gw.config.outbound
+    ``channel_configs`` returns the configured channels (read per message, so a reload
+    applies to the next one); ``channel(name)`` the channel that may deliver now (started,
+    running or degraded), or None."""
+
+    def __init__(self, services: BusServices, cfg: OutboundConfig, *,
+                 channel_configs: Callable[[], Mapping[str, ChannelConfig]],
+                 channel: Callable[[str], Channel | None], metrics: Metrics, log: Any):
+        self.services = services
+        self.bus = services.bus
+        self.cfg = cfg
+        self.channel_configs = channel_configs
+        self.channel = channel
+        self.metrics = metrics
         # The consumer and its keep-alives keep the ack_wait they started with.
         self._ack_wait = seconds(self.cfg.ack_wait)
-        self.log = gw.log.bind(component="outbound")
+        self.log = log.bind(component="outbound")
         self.task: asyncio.Task[None] | None = None
         self.lanes: dict[str, deque[_Entry]] = {}
         self.lane_tasks: set[asyncio.Task[None]] = set()
@@ -187,7 +191,7 @@ class Dispatcher:
         are redelivered after ``ack_wait``, and their receipts prevent a second send."""
         if self.task is not None:
             await cancel_and_wait(self.task)
-        bus = self.gw.bus
+        bus = self.bus
         s = bus.subjects
         cfg = api.ConsumerConfig(
             durable_name=s.outbound_consumer,
@@ -239,7 +243,7 @@ class Dispatcher:
             except Exception as exc:
                 # While the bus is down the bus logs the outage; saying it here every
                 # second would only repeat it.
-                log = self.log.warning if self.gw.bus.connected else self.log.debug
+                log = self.log.warning if self.bus.connected else self.log.debug
                 log("fetch failed", error=f"{type(exc).__name__}: {exc}")
                 await asyncio.sleep(1)
                 continue
@@ -247,7 +251,7 @@ class Dispatcher:
                 await self._take(msg)
 
     def _load(self, cname: str) -> _ChannelLoad:
-        ccfg = self.gw.config.channels.get(cname)
+        ccfg = self.channel_configs().get(cname)
         limit = (ccfg.concurrency if ccfg and ccfg.concurrency else None) or self.cfg.concurrency
         load = self.channel_loads.get(cname)
         if load is None:
@@ -263,7 +267,7 @@ class Dispatcher:
         # A channel's share of the buffer: enough to keep its places busy with a batch
         # queued behind them, but never so much that one channel fills the buffer (with a
         # single channel there is nobody to protect: all of it).
-        share = self.buffered.limit if len(self.gw.config.channels) <= 1 else \
+        share = self.buffered.limit if len(self.channel_configs()) <= 1 else \
             max(1, min(load.places.limit * 4, self.buffered.limit // 2))
         if load.buffered >= share and self.parked.free:
             await self.parked.acquire()
@@ -314,7 +318,7 @@ class Dispatcher:
                         self.buffered.release()
                     else:
                         self.parked.release()
-                    if e.cname not in self.gw.config.channels and not e.load.buffered and not e.load.places.used:
+                    if e.cname not in self.channel_configs() and not e.load.buffered and not e.load.places.used:
                         # Subjects of channels that are not configured come from backends:
                         # do not keep an entry for each name they ever used.
                         self.channel_loads.pop(e.cname, None)
@@ -324,7 +328,7 @@ class Dispatcher:
     # --- one message ---------------------------------------------------------------
 
     async def _process(self, msg: Any, outbound: Outbound | None, err: Exception | None, places: _Places) -> None:
-        gw = self.gw
+        services = self.services
         parts = msg.subject.split(".")
         ctype, cname = (parts[-2], parts[-1]) if len(parts) >= 4 else ("?", "?")
         if outbound is None:
@@ -342,15 +346,16 @@ class Dispatcher:
         # sent on every first processing by a process (a redelivery after a crash too); its
         # Nats-Msg-Id ("<id>:accepted:0") lets JetStream drop the repeats within its
         # duplicate window, and it costs no extra round trip.
-        accepted = await gw.send_status(self._make_status(outbound, ctype, cname, "accepted", attempt=0))
-        receipt, conversation = await asyncio.gather(self._receipt(outbound.id), gw.get_conversation(outbound.conversation))
-        await gw.await_ack(accepted)
+        accepted = await services.send_status(self._make_status(outbound, ctype, cname, "accepted", attempt=0))
+        receipt, conversation = await asyncio.gather(services.get_receipt(outbound.id),
+                                                     services.get_conversation(outbound.conversation))
+        await services.await_ack(accepted)
         if receipt is not None:
             # Sent before a crash or by a duplicate publish: do not send twice.
             await self._status(outbound, ctype, cname, "sent", attempt=attempt, provider_id=receipt.provider_id)
             await msg.ack()
             return
-        ccfg = gw.config.channels.get(cname)
+        ccfg = self.channel_configs().get(cname)
         cfg = self.cfg  # read per message: a reload applies to the next one
         backoff = [seconds(d) for d in ((ccfg.backoff if ccfg and ccfg.backoff else None) or cfg.backoff)]
         max_attempts = (ccfg.max_attempts if ccfg and ccfg.max_attempts else None) or cfg.max_attempts
@@ -392,8 +397,8 @@ class Dispatcher:
                 attempt += 1
                 local += 1
                 continue
-            gw.metrics.delivery_latency.labels(ctype).observe(time.perf_counter() - t0)
-            gw.metrics.outbound.labels(ctype, cname).inc()
+            self.metrics.delivery_latency.labels(ctype).observe(time.perf_counter() - t0)
+            self.metrics.outbound.labels(ctype, cname).inc()
             await self._record_sent(msg, outbound, ctype, cname, attempt, receipt, stored)
             return
 
@@ -407,8 +412,8 @@ class Dispatcher:
         while True:
             try:
                 if stored is None:
-                    stored = await self._store_receipt(outbound.id, receipt)
-                await self.gw.await_ack(stored)
+                    stored = await self.services.send_receipt(outbound.id, receipt)
+                await self.services.await_ack(stored)
                 break
             except BusUnavailable as exc:
                 stored = None  # publish it again: a KV put of the same value is harmless
@@ -450,15 +455,13 @@ class Dispatcher:
                             ctype: str, cname: str) -> tuple[Receipt, asyncio.Future[Any] | None]:
         """Deliver once; on success return the receipt and the future of its write, which
         is issued before anything else so that a crash has the least time to double it."""
-        gw = self.gw
-        ccfg = gw.config.channels.get(cname)
+        ccfg = self.channel_configs().get(cname)
         if ccfg is None or ccfg.type != ctype:
             raise _refused(f"no channel {cname!r} of type {ctype!r} is configured", "unknown_channel")
-        running = gw.channels.get(cname)
-        if running is None or running.channel is None or running.ctx.health not in ("running", "degraded"):
+        channel = self.channel(cname)
+        if channel is None:
             raise self._failed(ctype, cname, DeliveryError(f"channel {cname!r} is not running", permanent=False,
                                                            code="channel_down"))
-        channel = running.channel
         if conversation is None:
             raise _refused(f"unknown conversation {outbound.conversation!r}", "unknown_conversation")
         if conversation.channel != cname:
@@ -495,7 +498,7 @@ class Dispatcher:
         # The provider accepted it: from here on this process never sends it again.
         self.accepted[outbound.id] = receipt
         try:
-            stored = await self._store_receipt(outbound.id, receipt)
+            stored = await self.services.send_receipt(outbound.id, receipt)
         except BusUnavailable:
             stored = None  # _record_sent retries it
         else:
@@ -506,7 +509,7 @@ class Dispatcher:
     def _failed(self, ctype: str, cname: str, exc: DeliveryError) -> DeliveryError:
         """Count a failed delivery attempt (``gateway_outbound_failed_total``) and return
         the error to raise."""
-        self.gw.metrics.failed.labels(ctype, cname, str(exc.permanent).lower()).inc()
+        self.metrics.failed.labels(ctype, cname, str(exc.permanent).lower()).inc()
         return exc
 
     def _receipts_issued(self) -> None:
@@ -561,29 +564,15 @@ class Dispatcher:
             await places.acquire()
 
     async def _dead(self, msg: Any, outbound: Outbound | None, ctype: str, cname: str, error: ErrorInfo, attempts: int) -> None:
-        gw = self.gw
         headers = {k: v for k, v in (msg.headers or {}).items() if not k.startswith("Nats-")}
         dl = DeadLetter(id=outbound.id if outbound else f"seq-{msg.metadata.sequence.stream}", subject=msg.subject,
                         reason=error.message, attempts=attempts, at=datetime.now(timezone.utc), outbound=outbound,
                         payload=None if outbound else msg.data, error=error, headers=headers)
-        js = gw.bus.require()
-        dl_headers = dead_letter_headers(dl.id, msg.metadata.sequence.stream)
-        data = encode(dl)
-        if wire_size(data, dl_headers) > gw.bus.max_payload:
-            # The outbound fitted on the bus, its dead letter does not (an outbound near the
-            # limit plus the envelope, or undecodable bytes that base64 makes 4/3 larger).
-            # Keep the original bytes in the object store and name them, so nothing is lost
-            # and the publish cannot be refused.
-            ref = await gw.put_blob(msg.data, content_type="application/json")
-            dl = msgspec.structs.replace(
-                dl, outbound=None, payload=None, reason=error.message[:4096],
-                error=msgspec.structs.replace(error, message=error.message[:4096]),
-                headers={**headers, PAYLOAD_HEADER: f"{ref.bucket}/{ref.name}"})
-            data = encode(dl)
         # Copy first, terminate second: a crash in between leaves a duplicate dead letter,
         # never a lost outbound.
-        await js.publish(gw.bus.subjects.dead(ctype, cname), data, headers=dl_headers)
-        gw.metrics.dead.labels(ctype, cname).inc()
+        await self.services.publish_dead_letter(dl, channel_type=ctype, channel=cname,
+                                                out_seq=msg.metadata.sequence.stream, raw=msg.data)
+        self.metrics.dead.labels(ctype, cname).inc()
         self.log.warning("outbound dead-lettered", outbound_id=dl.id, channel=cname, error=error.message, attempt=attempts)
         if outbound is not None:
             await self._status(outbound, ctype, cname, "dead", attempt=attempts, error=error)
@@ -592,7 +581,7 @@ class Dispatcher:
     async def _status(self, outbound: Outbound, ctype: str, cname: str, state: Any, *, attempt: int,
                       provider_id: str | None = None, error: ErrorInfo | None = None,
                       next_attempt_at: datetime | None = None) -> None:
-        await self.gw.publish_status(self._make_status(outbound, ctype, cname, state, attempt=attempt,
+        await self.services.publish_status(self._make_status(outbound, ctype, cname, state, attempt=attempt,
                                                        provider_id=provider_id, error=error,
                                                        next_attempt_at=next_attempt_at))
 
@@ -604,25 +593,6 @@ class Dispatcher:
                               channel=cname, state=state, at=datetime.now(timezone.utc), attempt=attempt,
                               provider_id=provider_id, error=error, next_attempt_at=next_attempt_at)
 
-    async def _receipt(self, outbound_id: str) -> Receipt | None:
-        kv = self.gw.bus.kv[self.gw.bus.subjects.kv_receipts]
-        try:
-            entry = await kv.get(_receipt_key(outbound_id))
-        except nats.js.errors.KeyNotFoundError:
-            return None
-        try:
-            return receipt_decoder.decode(entry.value)  # type: ignore[arg-type]  # nats-py types it Optional; get() always sets it
-        except msgspec.DecodeError:
-            return Receipt()
-
-    async def _store_receipt(self, outbound_id: str, receipt: Receipt) -> asyncio.Future[Any]:
-        """Issue the receipt's KV write; returns the future of its ack."""
-        bus = self.gw.bus
-        try:
-            return await bus.js.publish_async(bus.subjects.kv(bus.subjects.kv_receipts, _receipt_key(outbound_id)), encode(receipt))
-        except (nats.errors.Error, nats.js.errors.Error) as exc:
-            raise BusUnavailable(f"receipt not stored: {exc}") from exc
-
 
 def _refused(message: str, code: str) -> DeliveryError:
     """The gateway's own permanent refusal of an outbound (unknown channel or conversation,
@@ -630,9 +600,3 @@ def _refused(message: str, code: str) -> DeliveryError:
     provider's permanent error, but not counted as a failed delivery, since no provider
     was asked."""
     return DeliveryError(message, permanent=True, code=code)
-
-
-def _receipt_key(outbound_id: str) -> str:
-    from ._pipeline import _token
-
-    return "r-" + _token("outbound", outbound_id, n=40)

@@ -9,7 +9,7 @@ import hashlib
 import re
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
@@ -18,7 +18,7 @@ import nats.errors
 import nats.js.errors
 from nats.js import api
 
-from ._bus import MessageTooLarge
+from ._bus import Bus, MessageTooLarge
 from ._channel import (
     ChannelContext,
     ChannelState,
@@ -27,9 +27,10 @@ from ._channel import (
     KeyValue,
     PublishResult,
 )
-from ._contract import message_headers
 from ._errors import BusUnavailable, PayloadTooLarge, RequestError
 from ._failpoints import failpoint
+from ._metrics import Metrics
+from ._services import BusServices
 from ._websocket import Authorize, WebSocketHandler, WebSocketLimits
 from ._schema import (
     AudioPart,
@@ -48,11 +49,10 @@ from ._schema import (
 )
 
 if TYPE_CHECKING:
-    from ._gateway import Gateway
+    from ._http import HttpServer
 
 _MEDIA = (ImagePart, FilePart, AudioPart, VideoPart)
 _SAFE_KEY = re.compile(r"^[-_=a-zA-Z0-9]{1,200}$")
-conversation_decoder = msgspec.json.Decoder(Conversation)
 
 
 def _token(*parts: str, n: int = 26) -> str:
@@ -103,13 +103,17 @@ def _timeout_error(exc: BaseException) -> BusUnavailable:
 
 class Inbound:
     """Publishes inbound messages: exactly one bus message per provider message id, for as
-    long as ``dedup_ttl``, across processes and restarts."""
+    long as ``dedup_ttl``, across processes and restarts. ``enrich`` is applied to each
+    message before it is published (the ``enrich_message`` hooks)."""
 
-    def __init__(self, gw: Gateway):
-        self.gw = gw
-        self.bus = gw.bus
+    def __init__(self, services: BusServices, *, enrich: Callable[[Message], Message], metrics: Metrics):
+        self.services = services
+        self.bus = services.bus
+        self.enrich = enrich
+        self.metrics = metrics
         self._inflight: dict[str, asyncio.Future[PublishResult]] = {}
-        self._timeout = gw.publish_timeout
+        self._timeout = services.publish_timeout
+        self._inline_limit = services.bus.cfg.inline_limit
 
     async def publish(self, message: Message, route: dict[str, Any] | None, interaction: bool = True) -> PublishResult:
         key = f"{message.channel}.{message.id}" if message.provider_id else None
@@ -136,7 +140,7 @@ class Inbound:
         return await self._publish(message, route, None, interaction)
 
     def _count_duplicate(self, message: Message) -> None:
-        self.gw.metrics.inbound_duplicates.labels(message.channel_type, message.channel).inc()
+        self.metrics.inbound_duplicates.labels(message.channel_type, message.channel).inc()
 
     async def _publish(self, message: Message, route: dict[str, Any] | None, key: str | None,
                        interaction: bool = True) -> PublishResult:
@@ -158,18 +162,16 @@ class Inbound:
                         self._count_duplicate(message)
                         seq = int(entry.value) if entry.value and entry.value.isdigit() else None
                         return PublishResult(id=message.id, duplicate=True, sequence=seq)
-                message = self.gw.enrich(message)
+                message = self.enrich(message)
                 message = await self._offload(message)
                 data = _checked(message)
-                headers = message_headers(message)
-                # What the server counts (payload and headers) against the smaller of its
-                # max_payload and ours: above it, nats-server would close the connection.
-                self.bus.check_size("message", data, headers)
-                ack_fut = await js.publish_async(s.inbound(message.channel_type, message.channel), data, headers=headers)
+                # Refused here if too large (payload and headers): nats-server would close
+                # the connection.
+                ack_fut = await self.services.send_message(message, data)
                 conv = Conversation(key=message.conversation, channel_type=message.channel_type, channel=message.channel,
                                     route=route or {}, last_inbound_at=message.received_at if interaction else None,
                                     last_message_id=message.id)
-                conv_fut = await self._put_conversation(conv, keep_route=route is None, keep_time=not interaction)
+                conv_fut = await self.services.send_conversation(conv, keep_route=route is None, keep_time=not interaction)
                 ack: api.PubAck = await ack_fut
                 await conv_fut
                 failpoint("inbound.after_ack")
@@ -181,54 +183,37 @@ class Inbound:
         except (TimeoutError, nats.errors.Error, nats.js.errors.Error, ConnectionError) as exc:
             raise _timeout_error(exc) from exc
         elapsed = time.perf_counter() - t0
-        self.gw.metrics.publish_latency.labels(message.channel_type).observe(elapsed)
+        self.metrics.publish_latency.labels(message.channel_type).observe(elapsed)
         if ack.duplicate:
             self._count_duplicate(message)
         else:
-            self.gw.metrics.inbound.labels(message.channel_type, message.channel).inc()
+            self.metrics.inbound.labels(message.channel_type, message.channel).inc()
         return PublishResult(id=message.id, duplicate=bool(ack.duplicate), sequence=ack.seq)
 
-    async def _put_conversation(self, conv: Conversation, *, keep_route: bool, keep_time: bool) -> asyncio.Future[Any]:
-        """Send the conversation's KV write; returns the future of its ack."""
-        kv = self.bus.kv[self.bus.subjects.kv_conversations]
-        if keep_route or keep_time:
-            # Keep what the channel did not give (only then is the stored entry read).
-            try:
-                # nats-py types Entry.value Optional; get() sets it to the message data (bytes)
-                old = conversation_decoder.decode((await kv.get(conv.key)).value)  # type: ignore[arg-type]
-            except (nats.js.errors.KeyNotFoundError, msgspec.DecodeError):
-                pass
-            else:
-                if keep_route:
-                    conv.route = old.route
-                if keep_time:
-                    conv.last_inbound_at = old.last_inbound_at
-        return await self.bus.js.publish_async(self.bus.subjects.kv(self.bus.subjects.kv_conversations, conv.key), encode(conv))
-
     async def _offload(self, message: Message) -> Message:
-        limit = self.gw.config.bus.inline_limit
+        limit = self._inline_limit
         if not any(isinstance(p, _MEDIA) and p.data is not None and len(p.data) > limit for p in message.parts):
             return message
         parts: list[Part] = []
         for p in message.parts:
             if isinstance(p, _MEDIA) and p.data is not None and len(p.data) > limit:
-                ref = await self.gw.put_blob(p.data, content_type=p.content_type)
+                ref = await self.services.put_blob(p.data, content_type=p.content_type)
                 p = msgspec.structs.replace(p, data=None, ref=ref, size=len(p.data))
             parts.append(p)
         return msgspec.structs.replace(message, parts=parts)
 
 
 class _State(KeyValue):
-    def __init__(self, gw: Gateway, channel: str):
-        self.gw = gw
+    def __init__(self, bus: Bus, channel: str):
+        self.bus = bus
         self.channel = channel
 
     def _key(self, key: str) -> str:
         return f"{self.channel}.{key}" if _SAFE_KEY.match(key) else f"{self.channel}.h-{_token(key, n=40)}"
 
     def _kv(self) -> Any:
-        self.gw.bus.require()
-        return self.gw.bus.kv[self.gw.bus.subjects.kv_state]
+        self.bus.require()
+        return self.bus.kv[self.bus.subjects.kv_state]
 
     async def get(self, key: str) -> bytes | None:
         try:
@@ -242,8 +227,8 @@ class _State(KeyValue):
             return
         # A per-message TTL (the bucket's stream allows them): nats-py's put() has none.
         self._kv()  # the bus must be up
-        s = self.gw.bus.subjects
-        await self.gw.bus.js.publish(s.kv(s.kv_state, self._key(key)), value, msg_ttl=max(1.0, ttl))
+        s = self.bus.subjects
+        await self.bus.js.publish(s.kv(s.kv_state, self._key(key)), value, msg_ttl=max(1.0, ttl))
 
     async def delete(self, key: str) -> None:
         try:
@@ -278,15 +263,20 @@ class _State(KeyValue):
 
 
 class Context(ChannelContext):
-    """The core's implementation of :class:`ChannelContext`."""
+    """The core's implementation of :class:`ChannelContext`: the bus services, the inbound
+    publisher and the HTTP server, narrowed to one channel."""
 
-    def __init__(self, gw: Gateway, name: str, channel_type: str, config: Any, log: Any):
-        self.gw = gw
+    def __init__(self, name: str, channel_type: str, config: Any, log: Any, *, services: BusServices,
+                 inbound: Inbound, http: HttpServer, metrics: Metrics):
         self.name = name
         self.channel_type = channel_type
         self.config = config
         self.log = log
-        self.state = _State(gw, name)
+        self.services = services
+        self.inbound = inbound
+        self.http = http
+        self.metrics = metrics
+        self.state = _State(services.bus, name)
         self.health: ChannelState = "starting"
         self.health_detail: str | None = None
 
@@ -319,11 +309,11 @@ class Context(ChannelContext):
                       interaction: bool = True) -> PublishResult:
         if message.channel != self.name or message.channel_type != self.channel_type:
             raise ValueError(f"message belongs to channel {message.channel!r}, not {self.name!r}")
-        return await self.gw.inbound.publish(message, route, interaction)
+        return await self.inbound.publish(message, route, interaction)
 
     def add_route(self, path: str, endpoint: Endpoint, methods: Sequence[str] = ("POST",), *,
                   max_body: int | None = None) -> str:
-        return self.gw.http.add_route(self, path, endpoint, methods, max_body)
+        return self.http.add_route(self, path, endpoint, methods, max_body)
 
     def add_websocket(self, path: str, handler: WebSocketHandler, *, authorize: Authorize | None = None,
                       allowed_origins: Sequence[str] | None = None, max_connections: int = 100,
@@ -336,7 +326,7 @@ class Context(ChannelContext):
             max_connections=max_connections, max_message_size=max_message_size, ping_interval=ping_interval,
             ping_timeout=ping_timeout, idle_timeout=idle_timeout, send_queue=send_queue, send_timeout=send_timeout,
             allowed_origins=None if allowed_origins is None else frozenset(allowed_origins))
-        return self.gw.http.add_websocket(self, path, handler, authorize, limits)
+        return self.http.add_websocket(self, path, handler, authorize, limits)
 
     async def report_status(
         self,
@@ -350,18 +340,18 @@ class Context(ChannelContext):
         status = DeliveryStatus(outbound_id=outbound_id, conversation=conversation, channel_type=self.channel_type,
                                 channel=self.name, state=state, at=datetime.now(timezone.utc),
                                 provider_id=provider_id, error=error)
-        await self.gw.publish_status(status)
+        await self.services.publish_status(status)
 
     async def put_blob(self, data: bytes, *, content_type: str | None = None) -> ObjectRef:
-        return await self.gw.put_blob(data, content_type=content_type)
+        return await self.services.put_blob(data, content_type=content_type)
 
     async def get_blob(self, ref: ObjectRef) -> bytes:
-        return await self.gw.get_blob(ref)
+        return await self.services.get_blob(ref)
 
     async def get_conversation(self, key: str) -> Conversation | None:
-        return await self.gw.get_conversation(key)
+        return await self.services.get_conversation(key)
 
     def set_state(self, state: ChannelState, detail: str | None = None) -> None:
         self.health = state
         self.health_detail = detail
-        self.gw.metrics.channel_up.labels(self.channel_type, self.name).set(1 if state == "running" else 0)
+        self.metrics.channel_up.labels(self.channel_type, self.name).set(1 if state == "running" else 0)

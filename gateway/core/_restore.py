@@ -32,18 +32,16 @@ import socket
 import time
 import uuid
 from datetime import datetime, timedelta, timezone
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import msgspec
 import nats.errors
 import nats.js.errors
 from nats.js import api
 
+from ._bus import Bus
 from ._config import seconds
 from ._retry import cancel_and_wait
-
-if TYPE_CHECKING:
-    from ._gateway import Gateway
 
 
 class _Marker(msgspec.Struct, kw_only=True, omit_defaults=True):
@@ -63,6 +61,15 @@ class _ProviderId(msgspec.Struct):
 
 
 _marker_decoder = msgspec.json.Decoder(_Marker)
+
+
+def _stored_at(m: api.RawStreamMsg) -> datetime:
+    """When JetStream stored ``m`` (nats-py types it Optional; a message read from a stream
+    always has it)."""
+    if m.time is None:
+        raise ValueError(f"stream message {m.seq} has no time")
+    return m.time
+
 _pid_decoder = msgspec.json.Decoder(_ProviderId)
 _WRONG_LAST_SEQUENCE = 10071
 
@@ -70,15 +77,14 @@ _WRONG_LAST_SEQUENCE = 10071
 class DedupRestore:
     """Liveness marker of this process, and repair of the markers of dead ones."""
 
-    def __init__(self, gw: Gateway):
-        self.gw = gw
-        self.bus = gw.bus
-        self.log = gw.log.bind(component="dedup-restore")
+    def __init__(self, bus: Bus, *, log: Any):
+        self.bus = bus
+        self.log = log.bind(component="dedup-restore")
         self.instance = uuid.uuid4().hex[:20]
-        window = seconds(gw.config.bus.duplicate_window)
+        window = seconds(bus.cfg.duplicate_window)
         self.beat = min(5.0, max(0.1, window / 6))
         self.stale_after = 3 * self.beat
-        self.publish_timeout = gw.publish_timeout
+        self.publish_timeout = seconds(bus.cfg.publish_timeout)
         self.ready = asyncio.Event()
         """Set once the first repair at start finished (or failed and was logged)."""
         self.last_repair: dict[str, Any] | None = None
@@ -138,7 +144,7 @@ class DedupRestore:
         js = self.bus.require(during_setup=True)
         value = msgspec.json.encode(_Marker(instance=self.instance, pid=os.getpid(), host=socket.gethostname()))
         ack = await js.publish(self._subject(), value)
-        return (await js.get_msg(self._stream, seq=ack.seq)).time
+        return _stored_at(await js.get_msg(self._stream, seq=ack.seq))
 
     # --- repair --------------------------------------------------------------------
 
@@ -156,14 +162,15 @@ class DedupRestore:
                 m = await js.get_msg(self._stream, subject=subject)
             except nats.js.errors.NotFoundError:
                 continue
-            age = (now - m.time).total_seconds()
+            stored_at = _stored_at(m)
+            age = (now - stored_at).total_seconds()
             if age < self.stale_after:
                 continue  # alive (or dead too recently to tell: JetStream's window covers it)
             try:
                 marker = _marker_decoder.decode(m.data or b"")
             except msgspec.DecodeError:
                 marker = _Marker(instance=subject.rsplit(".", 1)[1], pid=0, host="?")
-            beat_at = datetime.fromisoformat(marker.beat_at) if marker.beat_at else m.time
+            beat_at = datetime.fromisoformat(marker.beat_at) if marker.beat_at else stored_at
             claim = msgspec.structs.replace(marker, beat_at=beat_at.isoformat(), claimed_by=self.instance)
             try:
                 await js.publish(subject, msgspec.json.encode(claim),

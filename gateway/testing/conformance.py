@@ -40,7 +40,7 @@ import nats
 import pytest
 
 from .. import ConfigError, Gateway, Outbound, Part, PluginManager, Subjects, TextPart
-from ..wire import dead_letter_decoder, encode, message_decoder
+from ..wire import dead_letter_decoder, encode, message_decoder, outbound_headers
 from . import NatsServer, make_config, statuses, stream_messages, wait_for_status, wait_until
 
 _F = TypeVar("_F", bound=Callable[..., Any])
@@ -178,14 +178,15 @@ class ChannelConformance(Generic[P]):
         return answer
 
     async def reply_to(self, gw: Gateway, provider: P, url: str, outbound_id: str) -> None:
-        """A customer writes; a backend replies to that conversation with ``outbound_id``."""
+        """A customer writes; a backend replies to that conversation with ``outbound_id``,
+        published as a backend does (the contract's headers, ``gateway.wire.outbound_headers``)."""
         await self.accepted(gw, provider, f"conv-{outbound_id}")
         conversation = (await self.published(url))[-1].conversation
         nc = await nats.connect(url)
         try:
             out = Outbound(id=outbound_id, conversation=conversation, parts=self.outbound_parts())
             await nc.jetstream().publish(self.subjects.outbound(self.channel_type, self.channel_name), encode(out),
-                                         headers={"Nats-Msg-Id": outbound_id})
+                                         headers=outbound_headers(out))
         finally:
             await nc.close()
 
@@ -247,7 +248,8 @@ class ChannelConformance(Generic[P]):
 
     async def test_permanent_refusal_is_dead_lettered(self, start: Any, provider: P, nats_server: NatsServer) -> None:
         """An outbound the provider refuses for good gets a ``dead`` status and a dead
-        letter on the channel's dead subject, and is not sent again."""
+        letter on the channel's dead subject (the outbound and the headers the backend
+        published it with), and is not sent again."""
         gw = await start()
         self.fail_next_delivery(gw, provider, permanent=True)
         await self.reply_to(gw, provider, nats_server.url, "conf-dead")
@@ -256,8 +258,9 @@ class ChannelConformance(Generic[P]):
         assert sts[-1].error is not None and sts[-1].error.permanent
         [dl] = await stream_messages(nats_server.url, self.subjects.stream_dead)
         assert dl.subject == self.subjects.dead(self.channel_type, self.channel_name)
-        dead = dead_letter_decoder.decode(dl.data).outbound
-        assert dead is not None and dead.id == "conf-dead"
+        letter = dead_letter_decoder.decode(dl.data)
+        assert letter.outbound is not None and letter.outbound.id == "conf-dead"
+        assert letter.headers.get("Gw-Schema") == "outbound/1", letter.headers
         assert self.delivered(gw, provider) == 0
 
     async def test_transient_failure_is_retried_then_sent(self, start: Any, provider: P, nats_server: NatsServer) -> None:

@@ -346,7 +346,8 @@ class Dispatcher:
         await gw.await_ack(accepted)
         if receipt is not None:
             # Sent before a crash or by a duplicate publish: do not send twice.
-            await self._status(outbound, ctype, cname, "sent", attempt=attempt, provider_id=receipt.provider_id)
+            await self._status(outbound, ctype, cname, "sent", attempt=attempt, provider_id=receipt.provider_id,
+                               meta=receipt.meta)
             await msg.ack()
             return
         ccfg = gw.config.channels.get(cname)
@@ -422,7 +423,8 @@ class Dispatcher:
         failpoint("outbound.after_receipt")
         while True:
             try:
-                await self._status(outbound, ctype, cname, "sent", attempt=attempt, provider_id=receipt.provider_id)
+                await self._status(outbound, ctype, cname, "sent", attempt=attempt, provider_id=receipt.provider_id,
+                                   meta=receipt.meta)
                 # A plain ack: if it is lost, the redelivery finds the receipt and sends nothing.
                 await msg.ack()
                 return
@@ -590,18 +592,19 @@ class Dispatcher:
 
     async def _status(self, outbound: Outbound, ctype: str, cname: str, state: Any, *, attempt: int,
                       provider_id: str | None = None, error: ErrorInfo | None = None,
-                      next_attempt_at: datetime | None = None) -> None:
+                      next_attempt_at: datetime | None = None, meta: dict[str, Any] | None = None) -> None:
         await self.gw.publish_status(self._make_status(outbound, ctype, cname, state, attempt=attempt,
                                                        provider_id=provider_id, error=error,
-                                                       next_attempt_at=next_attempt_at))
+                                                       next_attempt_at=next_attempt_at, meta=meta))
 
     @staticmethod
     def _make_status(outbound: Outbound, ctype: str, cname: str, state: Any, *, attempt: int,
                      provider_id: str | None = None, error: ErrorInfo | None = None,
-                     next_attempt_at: datetime | None = None) -> DeliveryStatus:
+                     next_attempt_at: datetime | None = None, meta: dict[str, Any] | None = None) -> DeliveryStatus:
         return DeliveryStatus(outbound_id=outbound.id, conversation=outbound.conversation, channel_type=ctype,
                               channel=cname, state=state, at=datetime.now(timezone.utc), attempt=attempt,
-                              provider_id=provider_id, error=error, next_attempt_at=next_attempt_at)
+                              provider_id=provider_id, error=error, next_attempt_at=next_attempt_at,
+                              meta=meta or {})
 
     async def _receipt(self, outbound_id: str) -> Receipt | None:
         kv = self.gw.bus.kv[self.gw.bus.subjects.kv_receipts]

@@ -44,7 +44,7 @@ from gateway import (
 )
 
 from ._config import SmsConfig
-from ._providers import Adapter, AliyunAdapter, TwilioAdapter, now
+from ._providers import Adapter, AliyunAdapter, TencentAdapter, TwilioAdapter, now
 from ._text import NumberError, keyword, mask, segment, to_e164
 
 # Provider id → outbound, for delivery reports: carriers report within hours, Aliyun and
@@ -90,7 +90,32 @@ class _SmsReport(msgspec.Struct, kw_only=True):
     out_id: str = ""
 
 
+class _TencentReply(msgspec.Struct, kw_only=True):
+    """Tencent Cloud's reply callback (短信回复): one customer message."""
+
+    mobile: str
+    nationcode: str = ""
+    text: str = ""
+    sign: str = ""
+    time: int | None = None
+    extend: str = ""
+
+
+class _TencentStatus(msgspec.Struct, kw_only=True):
+    """One record of Tencent Cloud's status callback (短信下发状态通知)."""
+
+    mobile: str
+    sid: str
+    report_status: str
+    nationcode: str = ""
+    errmsg: str = ""
+    description: str = ""
+    user_receive_time: str = ""
+
+
 _up_decoder = msgspec.json.Decoder(list[_SmsUp])
+_reply_decoder = msgspec.json.Decoder(_TencentReply | list[_TencentReply])
+_tstatus_decoder = msgspec.json.Decoder(list[_TencentStatus])
 _report_decoder = msgspec.json.Decoder(list[_SmsReport])
 
 
@@ -139,6 +164,10 @@ class SmsChannel(Channel):
             self.ctx.add_route("/aliyun/up", self._aliyun_up, max_body=mb)
             self.ctx.add_route("/aliyun/report", self._aliyun_report, max_body=mb)
             self.adapters["aliyun"] = AliyunAdapter(self.client, cfg.aliyun)
+        if cfg.tencent is not None:
+            self.ctx.add_route("/tencent/reply", self._tencent_reply, max_body=mb)
+            self.ctx.add_route("/tencent/status", self._tencent_status, max_body=mb)
+            self.adapters["tencent"] = TencentAdapter(self.client, cfg.tencent)
 
     async def stop(self) -> None:
         if self.client is not None:
@@ -235,11 +264,15 @@ class SmsChannel(Channel):
 
     # Aliyun ------------------------------------------------------------------------------
 
-    async def _aliyun_body(self, request: Request) -> bytes:
-        assert self.cfg.aliyun is not None
-        if not tokens_equal(request.query_params.get("token"), self.cfg.aliyun.push_token):
+    async def _pushed_body(self, request: Request, token: str) -> bytes:
+        # Aliyun's and Tencent's pushes carry no signature: the URL's token is the guard.
+        if not tokens_equal(request.query_params.get("token"), token):
             raise SignatureError("missing or wrong push token")
         return await request.body()
+
+    async def _aliyun_body(self, request: Request) -> bytes:
+        assert self.cfg.aliyun is not None
+        return await self._pushed_body(request, self.cfg.aliyun.push_token)
 
     async def _aliyun_up(self, request: Request) -> Response:
         body = await self._aliyun_body(request)
@@ -277,6 +310,43 @@ class SmsChannel(Channel):
             await self._report("aliyun", r.biz_id, f"{r.biz_id}:{r.phone_number}",
                                "delivered" if r.success else "failed", error)
         return _aliyun_ok()
+
+    # Tencent Cloud ----------------------------------------------------------------------
+
+    async def _tencent_reply(self, request: Request) -> Response:
+        assert self.cfg.tencent is not None
+        body = await self._pushed_body(request, self.cfg.tencent.push_token)
+        try:
+            decoded = _reply_decoder.decode(body)
+        except msgspec.DecodeError as exc:
+            raise RequestError(f"not a Tencent Cloud reply callback: {body_problem(exc)}") from None
+        replies = decoded if isinstance(decoded, list) else [decoded]
+        items = [(self._number(f"+{r.nationcode}{r.mobile}" if r.nationcode else r.mobile, f"reply {i}: mobile"), r)
+                 for i, r in enumerate(replies)]
+        for customer, r in items:
+            # The callback has no message id: what the reply is made of identifies it.
+            pid = stable_id(customer, str(r.time), r.sign, r.extend, r.text)
+            sent_at = datetime.fromtimestamp(r.time, timezone.utc) if r.time else None
+            await self._receive("tencent", pid, customer, r.sign or self.cfg.tencent.sign_name, r.text,
+                                [TextPart(text=r.text)] if r.text else [], sent_at,
+                                {"extend": r.extend} if r.extend else None)
+        return _tencent_ok()
+
+    async def _tencent_status(self, request: Request) -> Response:
+        assert self.cfg.tencent is not None
+        body = await self._pushed_body(request, self.cfg.tencent.push_token)
+        try:
+            records = _tstatus_decoder.decode(body)
+        except msgspec.DecodeError as exc:
+            raise RequestError(f"not a Tencent Cloud status callback: {body_problem(exc)}") from None
+        for r in records:
+            ok = r.report_status.upper() == "SUCCESS"
+            error = None if ok else ErrorInfo(
+                message=f"Tencent Cloud reports the message undelivered ({r.errmsg or 'no code'})", permanent=True,
+                code=f"tencent_{r.errmsg}" if r.errmsg else "tencent_undelivered")
+            await self._report("tencent", r.sid, f"{r.sid}:{r.nationcode}{r.mobile}",
+                               "delivered" if ok else "failed", error)
+        return _tencent_ok()
 
     async def _report(self, provider: str, provider_id: str, dedup: str, state: DeliveryState,
                       error: ErrorInfo | None) -> None:
@@ -343,7 +413,7 @@ class SmsChannel(Channel):
             raise DeliveryError("nothing SMS can send in this outbound", permanent=True, code="empty")
         adapter = usable[0]
         try:
-            provider_id = await adapter.send(number, text, outbound)
+            provider_id, billed = await adapter.send(number, text, outbound)
         except DeliveryError as exc:
             if not exc.permanent:
                 self._transient_failure(adapter)
@@ -356,6 +426,8 @@ class SmsChannel(Channel):
             meta.update(segments=seg.segments, encoding=seg.encoding)
         else:
             meta["template"] = outbound.template.id if outbound.template else None
+        if billed is not None:
+            meta["segments"] = billed
         self.ctx.log.info("sms sent", outbound_id=outbound.id, number=mask(number), provider=adapter.name,
                           segments=meta.get("segments"))
         return Receipt(provider_id=provider_id, meta=meta)
@@ -375,6 +447,10 @@ class SmsChannel(Channel):
 def _aliyun_ok() -> Response:
     # The documented success answer; anything else makes Aliyun push the batch again.
     return JSONResponse({"code": 0, "msg": "接收成功"})
+
+
+def _tencent_ok() -> Response:
+    return JSONResponse({"result": 0, "errmsg": "OK"})
 
 
 def _china_time(value: str) -> datetime | None:

@@ -9,7 +9,7 @@ import phonenumbers
 
 from gateway import Duration, QuietHours, check_quiet_hours
 
-Provider = Literal["twilio", "aliyun"]
+Provider = Literal["twilio", "aliyun", "tencent"]
 _SECRET = msgspec.Meta(min_length=1)
 
 
@@ -50,6 +50,22 @@ class AliyunConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     region_id: str = "cn-hangzhou"
 
 
+class TencentConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """``[channels.<name>.tencent]``: Tencent Cloud SMS (腾讯云短信, API 2021-01-11)."""
+
+    secret_id: Annotated[str, _SECRET]
+    secret_key: Annotated[str, _SECRET]
+    sdk_app_id: Annotated[str, _SECRET]
+    """The SMS application's SdkAppId (``1400...``)."""
+    sign_name: Annotated[str, _SECRET]
+    """The approved signature (短信签名) every message is sent with."""
+    push_token: Annotated[str, msgspec.Meta(min_length=16)]
+    """Tencent's callbacks are not signed: configure the callback URLs in the console with
+    ``?token=<push_token>``; a callback without it is refused (403)."""
+    endpoint: str = "https://sms.tencentcloudapi.com"
+    region: str = "ap-guangzhou"
+
+
 class SmsConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     """``[channels.<name>]`` keys of an SMS channel."""
 
@@ -63,6 +79,7 @@ class SmsConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     """How long sends go to the second provider before the first is tried again."""
     twilio: TwilioConfig | None = None
     aliyun: AliyunConfig | None = None
+    tencent: TencentConfig | None = None
     default_region: str = "CN"
     """Region (ISO 3166 alpha-2) for numbers written without a country code."""
     max_segments: Annotated[int, msgspec.Meta(ge=1, le=50)] = 5

@@ -13,13 +13,13 @@ import time
 import uuid
 from datetime import datetime, timezone
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 import httpx
 
 from gateway import DeliveryError, ImagePart, Outbound, Template, provider_error
 
-from ._config import AliyunConfig, TwilioConfig
+from ._config import AliyunConfig, TencentConfig, TwilioConfig
 from ._text import national
 
 
@@ -40,8 +40,9 @@ class Adapter(abc.ABC):
         return outbound.template is not None or (not self.templates_only and bool(text or _media_urls(outbound)))
 
     @abc.abstractmethod
-    async def send(self, to: str, text: str, outbound: Outbound) -> str:
-        """Send; return the provider's id. Raises :class:`DeliveryError`."""
+    async def send(self, to: str, text: str, outbound: Outbound) -> tuple[str, int | None]:
+        """Send; return the provider's id and the segments it says it billed (None when
+        its answer does not say). Raises :class:`DeliveryError`."""
 
     async def _call(self, method: str, url: str, **kwargs: Any) -> httpx.Response:
         try:
@@ -82,7 +83,7 @@ class TwilioAdapter(Adapter):
         self.cfg = cfg
         self.status_callback = status_callback
 
-    async def send(self, to: str, text: str, outbound: Outbound) -> str:
+    async def send(self, to: str, text: str, outbound: Outbound) -> tuple[str, int | None]:
         cfg = self.cfg
         form: dict[str, str | list[str]] = {"To": to}
         if cfg.messaging_service_sid:
@@ -113,7 +114,7 @@ class TwilioAdapter(Adapter):
         sid = body.get("sid")
         if not isinstance(sid, str) or not sid:
             raise DeliveryError("Twilio's answer has no message sid", permanent=False, code="bad_answer")
-        return sid
+        return sid, None  # Twilio's num_segments is ours (GSM-7/UCS-2 rules), counted before sending
 
 
 # --- Aliyun ------------------------------------------------------------------------------
@@ -169,7 +170,7 @@ class AliyunAdapter(Adapter):
         params["Signature"] = aliyun_signature(self.cfg.access_key_secret, "POST", params)
         return params
 
-    async def send(self, to: str, text: str, outbound: Outbound) -> str:
+    async def send(self, to: str, text: str, outbound: Outbound) -> tuple[str, int | None]:
         if outbound.template is None:
             raise DeliveryError("Aliyun sends approved templates only and the outbound has no template",
                                 permanent=True, code="template_required")
@@ -178,7 +179,7 @@ class AliyunAdapter(Adapter):
         body = _json(r)
         code = body.get("Code")
         if r.status_code == 200 and code == "OK" and body.get("BizId"):
-            return str(body["BizId"])
+            return str(body["BizId"]), None  # the count comes with the report (sms_size)
         if isinstance(code, str) and code:
             transient = code.startswith(_ALIYUN_TRANSIENT_PREFIXES) or code in _ALIYUN_TRANSIENT or \
                 r.status_code >= 500 or r.status_code == 429
@@ -186,6 +187,91 @@ class AliyunAdapter(Adapter):
                                 code=f"aliyun_{code}", retry_after=_ALIYUN_TRANSIENT.get(code))
         err = provider_error(r.status_code, r.headers, provider="Aliyun")
         raise err or DeliveryError("Aliyun's answer has no BizId", permanent=False, code="bad_answer")
+
+
+# --- Tencent Cloud -------------------------------------------------------------------------
+
+
+def tc3_authorization(secret_id: str, secret_key: str, service: str, host: str, timestamp: int, payload: bytes,
+                      content_type: str = "application/json; charset=utf-8") -> str:
+    """The ``Authorization`` header of a TencentCloud API v3 request (TC3-HMAC-SHA256,
+    signed headers ``content-type;host``, POST to ``/``)."""
+    date = datetime.fromtimestamp(timestamp, timezone.utc).strftime("%Y-%m-%d")
+    canonical = (f"POST\n/\n\ncontent-type:{content_type}\nhost:{host}\n\ncontent-type;host\n"
+                 f"{hashlib.sha256(payload).hexdigest()}")
+    scope = f"{date}/{service}/tc3_request"
+    string_to_sign = f"TC3-HMAC-SHA256\n{timestamp}\n{scope}\n{hashlib.sha256(canonical.encode()).hexdigest()}"
+    key = f"TC3{secret_key}".encode()
+    for part in (date, service, "tc3_request"):
+        key = hmac.new(key, part.encode(), hashlib.sha256).digest()
+    signature = hmac.new(key, string_to_sign.encode(), hashlib.sha256).hexdigest()
+    return f"TC3-HMAC-SHA256 Credential={secret_id}/{scope}, SignedHeaders=content-type;host, Signature={signature}"
+
+
+# Tencent's error codes worth a retry (and how long to wait, when it says).
+_TENCENT_TRANSIENT_PREFIXES = ("InternalError", "RequestLimitExceeded")
+_TENCENT_TRANSIENT = {"LimitExceeded.PhoneNumberThirtySecondLimit": 30.0,
+                      "LimitExceeded.PhoneNumberOneHourLimit": 3600.0}
+
+
+def template_params(template: Template) -> list[str]:
+    """Tencent's ``TemplateParamSet``: the values of ``Template.data`` in the order of the
+    template's ``{1}``, ``{2}`` ... (numeric keys in numeric order, others after them)."""
+    keys = sorted(template.data, key=lambda k: (0, int(k), "") if k.isdigit() else (1, 0, k))
+    return [template.data[k] for k in keys]
+
+
+class TencentAdapter(Adapter):
+    """SendSms (API 2021-01-11, JSON POST signed TC3-HMAC-SHA256): approved template id and
+    parameters, the sign name and SdkAppId from the config; numbers in E.164."""
+
+    name = "tencent"
+    templates_only = True
+
+    def __init__(self, client: httpx.AsyncClient, cfg: TencentConfig):
+        super().__init__(client)
+        self.cfg = cfg
+
+    async def send(self, to: str, text: str, outbound: Outbound) -> tuple[str, int | None]:
+        if outbound.template is None:
+            raise DeliveryError("Tencent Cloud sends approved templates only and the outbound has no template",
+                                permanent=True, code="template_required")
+        cfg = self.cfg
+        payload = json.dumps({"PhoneNumberSet": [to], "SmsSdkAppId": cfg.sdk_app_id, "SignName": cfg.sign_name,
+                              "TemplateId": outbound.template.id, "TemplateParamSet": template_params(outbound.template),
+                              "SessionContext": outbound.id}, ensure_ascii=False).encode()
+        host = urlsplit(cfg.endpoint).netloc
+        ts = int(time.time())
+        headers = {"Authorization": tc3_authorization(cfg.secret_id, cfg.secret_key, "sms", host, ts, payload),
+                   "Content-Type": "application/json; charset=utf-8", "Host": host, "X-TC-Action": "SendSms",
+                   "X-TC-Timestamp": str(ts), "X-TC-Version": "2021-01-11", "X-TC-Region": cfg.region}
+        r = await self._call("POST", cfg.endpoint.rstrip("/") + "/", content=payload, headers=headers)
+        answer = _json(r).get("Response")
+        answer = answer if isinstance(answer, dict) else {}
+        error = answer.get("Error")
+        statuses = answer.get("SendStatusSet")
+        if isinstance(error, dict) or not isinstance(statuses, list) or not statuses:
+            code = str(error.get("Code", "")) if isinstance(error, dict) else ""
+            if not code:
+                err = provider_error(r.status_code, r.headers, provider="Tencent Cloud")
+                raise err or DeliveryError("Tencent Cloud's answer has no SendStatusSet", permanent=False,
+                                           code="bad_answer")
+            raise self._refusal(code, r.status_code)
+        status = statuses[0] if isinstance(statuses[0], dict) else {}
+        code = str(status.get("Code", ""))
+        if code != "Ok":
+            raise self._refusal(code or "unknown", r.status_code)
+        serial = str(status.get("SerialNo") or "")
+        if not serial:
+            raise DeliveryError("Tencent Cloud's answer has no SerialNo", permanent=False, code="bad_answer")
+        fee = status.get("Fee")
+        return serial, fee if isinstance(fee, int) and fee > 0 else None
+
+    @staticmethod
+    def _refusal(code: str, http_status: int) -> DeliveryError:
+        transient = code.startswith(_TENCENT_TRANSIENT_PREFIXES) or code in _TENCENT_TRANSIENT or http_status >= 500
+        return DeliveryError(f"Tencent Cloud refused the message ({code})", permanent=not transient,
+                             code=f"tencent_{code}", retry_after=_TENCENT_TRANSIENT.get(code))
 
 
 def now() -> float:

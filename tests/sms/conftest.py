@@ -25,7 +25,7 @@ from twilio.request_validator import RequestValidator
 
 from gateway.testing import free_port, stream_messages
 from gateway.wire import encode, message_decoder
-from gateway_plugins.sms._providers import aliyun_signature
+from gateway_plugins.sms._providers import aliyun_signature, tc3_authorization
 
 ACCOUNT_SID = "AC" + "0123456789abcdef" * 2
 AUTH_TOKEN = "twilio-auth-token-for-tests"
@@ -37,6 +37,10 @@ AK_SECRET = "testsecret"
 SIGN_NAME = "阿里云短信测试"
 PUSH_TOKEN = "push-token-0123456789"
 CN_CUSTOMER = "+8613812345678"
+TC_ID = "AKIDtestsecretid"
+TC_KEY = "tencent-secret-key"
+TC_APP = "1400006666"
+TC_SIGN = "腾讯云"
 
 
 class FakeSms:
@@ -46,14 +50,17 @@ class FakeSms:
     def __init__(self) -> None:
         self.twilio: list[dict[str, list[str]]] = []
         self.aliyun: list[dict[str, str]] = []
-        self.script: dict[str, deque[tuple[int, Any]]] = {"twilio": deque(), "aliyun": deque()}
-        self.calls = {"twilio": 0, "aliyun": 0}
+        self.tencent: list[dict[str, Any]] = []
+        self.tencent_fee = 1
+        self.script: dict[str, deque[tuple[int, Any]]] = {"twilio": deque(), "aliyun": deque(), "tencent": deque()}
+        self.calls = {"twilio": 0, "aliyun": 0, "tencent": 0}
         self._ids = itertools.count(1)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.app = Starlette(routes=[
             Route("/twilio/2010-04-01/Accounts/{sid}/Messages.json", self.twilio_send, methods=["POST"]),
             Route("/aliyun/", self.aliyun_send, methods=["POST"]),
+            Route("/tencent/", self.tencent_send, methods=["POST"]),
         ])
 
     def fail_next(self, provider: str, status: int, code: Any = None, count: int = 1) -> None:
@@ -104,6 +111,36 @@ class FakeSms:
                              "RequestId": secrets.token_hex(8)})
 
 
+    async def tencent_send(self, request: Request) -> Response:
+        """SendSms 2021-01-11: TC3 signature checked; ``script`` entries are (0, code) for a
+        top-level Error or (1, code) for a per-number status Code."""
+        self.calls["tencent"] += 1
+        raw = await request.body()
+        h = request.headers
+        rid = secrets.token_hex(8)
+        expected = tc3_authorization(TC_ID, TC_KEY, "sms", h["host"], int(h.get("x-tc-timestamp", "0")), raw,
+                                     h.get("content-type", ""))
+        if h.get("authorization") != expected:
+            return JSONResponse({"Response": {"Error": {"Code": "AuthFailure.SignatureFailure",
+                                                        "Message": "signature mismatch"}, "RequestId": rid}})
+        if h.get("x-tc-action") != "SendSms" or h.get("x-tc-version") != "2021-01-11":
+            return JSONResponse({"Response": {"Error": {"Code": "InvalidAction", "Message": "x"}, "RequestId": rid}})
+        body = json.loads(raw)
+        number = body["PhoneNumberSet"][0]
+        if self.script["tencent"]:
+            where, code = self.script["tencent"].popleft()
+            if where == 0:
+                return JSONResponse({"Response": {"Error": {"Code": code, "Message": "scripted"}, "RequestId": rid}})
+            return JSONResponse({"Response": {"SendStatusSet": [{"SerialNo": "", "PhoneNumber": number, "Fee": 0,
+                                                                 "Code": code, "Message": "scripted"}],
+                                              "RequestId": rid}})
+        self.tencent.append(body)
+        serial = f"2433:{next(self._ids):030d}"
+        return JSONResponse({"Response": {"SendStatusSet": [{
+            "SerialNo": serial, "PhoneNumber": number, "Fee": self.tencent_fee, "SessionContext": body.get("SessionContext"),
+            "Code": "Ok", "Message": "send success", "IsoCode": "CN"}], "RequestId": rid}})
+
+
 @pytest.fixture
 async def fake_sms() -> Any:
     fake = FakeSms()
@@ -137,6 +174,15 @@ def aliyun_section(fake: FakeSms | None = None, **over: Any) -> dict[str, Any]:
             "push_token": PUSH_TOKEN, "endpoint": f"{fake.url if fake else 'http://127.0.0.1:9'}/aliyun", **over}
 
 
+def tencent_section(fake: FakeSms | None = None, **over: Any) -> dict[str, Any]:
+    return {"secret_id": TC_ID, "secret_key": TC_KEY, "sdk_app_id": TC_APP, "sign_name": TC_SIGN,
+            "push_token": PUSH_TOKEN, "endpoint": f"{fake.url if fake else 'http://127.0.0.1:9'}/tencent", **over}
+
+
+def tencent_config(fake: FakeSms | None = None, **over: Any) -> dict[str, Any]:
+    return {"type": "sms", "provider": "tencent", "tencent": tencent_section(fake), **over}
+
+
 def twilio_config(fake: FakeSms | None = None, **over: Any) -> dict[str, Any]:
     return {"type": "sms", "provider": "twilio", "public_url": PUBLIC, "default_region": "US",
             "twilio": twilio_section(fake), **over}
@@ -166,6 +212,14 @@ async def twilio_post(port: int, path: str, form: dict[str, str], *, channel: st
     sig = RequestValidator(token).compute_signature(url, form)
     async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=10) as c:
         return await c.post(route, data=form, headers={"X-Twilio-Signature": sig, **(headers or {})})
+
+
+async def push(port: int, path: str, records: Any, *, channel: str = "sms", token: str = PUSH_TOKEN) -> httpx.Response:
+    """An unsigned JSON push (Aliyun ``aliyun/up``, Tencent ``tencent/reply`` ...)."""
+    body = records if isinstance(records, bytes) else json.dumps(records, ensure_ascii=False).encode()
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=10) as c:
+        return await c.post(f"/channels/{channel}/{path}", params={"token": token}, content=body,
+                            headers={"Content-Type": "application/json"})
 
 
 async def aliyun_push(port: int, kind: str, records: list[dict[str, Any]] | bytes, *, channel: str = "sms",

@@ -231,7 +231,9 @@ class SmsChannel(Channel):
         if not sid:
             raise RequestError("missing MessageSid")
         customer = self._number(form.first("From"), "From")
-        our = self._number(form.first("To"), "To")
+        to = form.first("To").strip()
+        # Our side may be a short code (5 to 6 digits in the US), which is no E.164 number.
+        our = to if to.isdigit() and 3 <= len(to) <= 8 else self._number(to, "To")
         body = form.first("Body")
         parts: list[Part] = [TextPart(text=body)] if body else []
         count = form.first("NumMedia")
@@ -417,6 +419,13 @@ class SmsChannel(Channel):
         except DeliveryError as exc:
             if not exc.permanent:
                 self._transient_failure(adapter)
+            elif exc.code == "twilio_21610":
+                # The number sent STOP to Twilio directly (Twilio's own opt-out handling):
+                # remember it, so later outbounds fail here without a provider call.
+                await self.ctx.state.put_record(f"optout:{number}", OptOut(at=datetime.now(timezone.utc),
+                                                                           keyword="twilio_21610"))
+                raise DeliveryError("the customer opted out of SMS (Twilio error 21610)", permanent=True,
+                                    code="opted_out") from exc
             raise
         if adapter.name == self.cfg.provider:
             self._fails = 0

@@ -161,3 +161,40 @@ async def test_rate_limited_send_is_retried_then_sent(gateway_factory, fake_sms,
     assert [s.state for s in sts] == ["accepted", "failed", "sent"] and sts[1].error.code == "twilio_20429"
     await wait_until(lambda: len(fake_sms.twilio) == 1)
     assert len(await statuses(nats_server.url, "o-429")) == 3
+
+
+async def test_twilio_21610_marks_the_number_opted_out(gateway_factory, fake_sms, nats_server, nc):
+    gw = await gateway_factory({"sms": twilio_config(fake_sms)})
+    conv = await customer_writes(gw)
+    fake_sms.fail_next("twilio", 400, 21610)
+    await send(nc, Outbound(id="o-21610", conversation=conv, parts=[TextPart(text="hi")]))
+    sts = await wait_state(nats_server.url, "o-21610", "dead")
+    assert sts[-1].error.code == "opted_out"
+    assert await gw.channels["sms"].channel.opted_out(CUSTOMER) is not None
+    await send(nc, Outbound(id="o-after", conversation=conv, parts=[TextPart(text="hi")]))
+    await wait_state(nats_server.url, "o-after", "dead")
+    assert fake_sms.calls["twilio"] == 1
+
+
+async def test_a_message_to_our_short_code_is_accepted(gateway_factory, nats_server):
+    gw = await gateway_factory({"sms": twilio_config()})
+    r = await twilio_post(gw.http.port, "inbound", twilio_inbound(to="89898"))
+    assert r.status_code == 200
+    [msg] = await inbound(nats_server.url)
+    assert msg.recipient.id == "89898"
+
+
+async def test_hostile_bodies_get_4xx_and_hurt_nothing(gateway_factory, nats_server):
+    import httpx
+
+    gw = await gateway_factory({"sms": twilio_config(max_body=4096)})
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{gw.http.port}") as c:
+        r = await c.post("/channels/sms/twilio/inbound", content=b"Body=\xff\xfe", headers={"X-Twilio-Signature": "x"})
+        assert r.status_code == 400 and "UTF-8" in r.text
+        r = await c.post("/channels/sms/twilio/inbound", content=b"Body=" + b"a" * 5000,
+                         headers={"X-Twilio-Signature": "x"})
+        assert r.status_code == 413
+    # A signed message claiming a million media parts: published with what it carries.
+    r = await twilio_post(gw.http.port, "inbound", twilio_inbound(NumMedia="1000000"))
+    assert r.status_code == 200
+    assert len(await inbound(nats_server.url)) == 1

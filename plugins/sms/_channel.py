@@ -1,5 +1,5 @@
 """The SMS channel: provider webhooks in (Twilio inbound and status callbacks, Aliyun
-SmsUp / SmsReport batch pushes), sends out through the configured provider with failover,
+SmsUp / SmsReport batch pushes, Tencent Cloud reply and status callbacks), sends out through the configured provider with failover,
 opt-out, quiet hours and segment accounting."""
 
 from __future__ import annotations
@@ -131,8 +131,9 @@ class _Form(dict[str, list[str]]):
 
 
 class SmsChannel(Channel):
-    """SMS through Twilio or Aliyun: ``/channels/<name>/twilio/inbound``,
-    ``/twilio/status``, ``/aliyun/up`` and ``/aliyun/report`` in; the provider's send API out."""
+    """SMS through Twilio, Aliyun or Tencent Cloud: ``/channels/<name>/twilio/inbound``,
+    ``/twilio/status``, ``/aliyun/up``, ``/aliyun/report``, ``/tencent/reply`` and
+    ``/tencent/status`` in; the provider's send API out."""
 
     channel_type = "sms"
     config_type = SmsConfig
@@ -147,6 +148,8 @@ class SmsChannel(Channel):
         self.status_path = ""
         self._fails = 0
         self._failover_until = 0.0
+        self.opt_out_words = frozenset(keyword(k) for k in self.cfg.opt_out_keywords)
+        self.opt_in_words = frozenset(keyword(k) for k in self.cfg.opt_in_keywords)
 
     # --- life cycle --------------------------------------------------------------------
 
@@ -186,13 +189,13 @@ class SmsChannel(Channel):
         """Opt-out bookkeeping, then publish (returns after the bus ack)."""
         meta = {"provider": provider, **(meta or {})}
         word = keyword(text)
-        if word and word in {keyword(k) for k in self.cfg.opt_out_keywords}:
+        if word and word in self.opt_out_words:
             # Recorded before publishing: the law asks to stop at once, and a retry of this
             # push records it again harmlessly.
             await self.ctx.state.put_record(f"optout:{customer}", OptOut(at=datetime.now(timezone.utc), keyword=word))
             meta["opt_out"] = True
             self.ctx.log.info("number opted out", number=mask(customer), provider=provider)
-        elif word and word in {keyword(k) for k in self.cfg.opt_in_keywords}:
+        elif word and word in self.opt_in_words:
             await self.ctx.state.delete(f"optout:{customer}")
             meta["opt_in"] = True
             self.ctx.log.info("number opted in again", number=mask(customer), provider=provider)

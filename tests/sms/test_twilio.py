@@ -198,3 +198,15 @@ async def test_hostile_bodies_get_4xx_and_hurt_nothing(gateway_factory, nats_ser
     r = await twilio_post(gw.http.port, "inbound", twilio_inbound(NumMedia="1000000"))
     assert r.status_code == 200
     assert len(await inbound(nats_server.url)) == 1
+
+
+async def test_images_go_as_media_urls_and_an_image_without_url_is_refused(gateway_factory, fake_sms, nats_server, nc):
+    gw = await gateway_factory({"sms": twilio_config(fake_sms)})
+    conv = await customer_writes(gw)
+    url = "https://cdn.example.com/receipt.png"
+    await send(nc, Outbound(id="o-mms", conversation=conv, parts=[TextPart(text="receipt"), ImagePart(url=url)]))
+    await wait_state(nats_server.url, "o-mms", "sent")
+    assert fake_sms.twilio[0]["MediaUrl"] == [url]
+    await send(nc, Outbound(id="o-inline", conversation=conv, parts=[ImagePart(data=b"\x89PNG")]))
+    sts = await wait_state(nats_server.url, "o-inline", "dead")
+    assert sts[-1].error.code == "unsupported_content" and len(fake_sms.twilio) == 1

@@ -409,6 +409,11 @@ class SmsChannel(Channel):
         if seg is not None and seg.segments > self.cfg.max_segments:
             raise DeliveryError(f"text needs {seg.segments} {seg.encoding} segments, more than max_segments "
                                 f"({self.cfg.max_segments})", permanent=True, code="too_long")
+        if any(isinstance(p, ImagePart) and not p.url for p in outbound.parts):
+            # MMS media are fetched by the provider from a URL; dropping the image silently
+            # would be worse than refusing.
+            raise DeliveryError("SMS sends images by URL and an image part has none", permanent=True,
+                                code="unsupported_content")
         usable = [a for a in self._order() if a.can_send(outbound, text)]
         if not usable:
             first = self.adapters[self.cfg.provider]

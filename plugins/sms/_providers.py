@@ -85,10 +85,6 @@ class TwilioAdapter(Adapter):
 
     async def send(self, to: str, text: str, outbound: Outbound) -> tuple[str, int | None]:
         cfg = self.cfg
-        if any(isinstance(p, ImagePart) and not p.url for p in outbound.parts):
-            # Twilio fetches MMS media by URL; dropping the image silently would be worse.
-            raise DeliveryError("Twilio sends images by URL and an image part has none", permanent=True,
-                                code="unsupported_content")
         form: dict[str, str | list[str]] = {"To": to}
         if cfg.messaging_service_sid:
             form["MessagingServiceSid"] = cfg.messaging_service_sid

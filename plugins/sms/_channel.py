@@ -14,7 +14,7 @@ import httpx
 import msgspec
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from twilio.request_validator import RequestValidator
+from twilio.request_validator import RequestValidator, get_signature_algorithm
 
 from gateway import (
     Channel,
@@ -224,7 +224,14 @@ class SmsChannel(Channel):
         if not signature:
             raise SignatureError("missing X-Twilio-Signature")
         url = public_url(request, base_url=self.cfg.public_url or None, trust_forwarded=self.cfg.trust_forwarded)
-        if not RequestValidator(self.cfg.twilio.auth_token).validate(url, form, signature):
+        settings = request.headers.get("x-twilio-webhooks-signature-settings")
+        secret, algorithm = self.cfg.twilio.auth_token, None
+        if settings:
+            # A Webhooks Rule signed it with its SharedKey and the algorithm it names.
+            if not self.cfg.twilio.webhook_shared_key:
+                raise SignatureError("signed with a webhook shared key, and none is configured")
+            secret, algorithm = self.cfg.twilio.webhook_shared_key, get_signature_algorithm(settings)
+        if not RequestValidator(secret).validate(url, form, signature, algorithm):
             raise SignatureError("bad X-Twilio-Signature")
         return form
 

@@ -27,6 +27,10 @@ class TwilioConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     """A Messaging Service (``MG...``) to send through instead of ``from_number``."""
     api_base: str = "https://api.twilio.com"
     """Where Twilio's REST API is (a local fake in tests)."""
+    webhook_shared_key: str = ""
+    """The SharedKey secret of a Twilio Webhooks Rule: webhooks that carry
+    ``X-Twilio-Webhooks-Signature-Settings`` are signed with it (and the algorithm the
+    header names, HMAC-SHA1 or HMAC-SHA256) instead of the Auth Token."""
     status_callback: bool = True
     """Ask Twilio for status callbacks (delivered / undelivered / failed) at
     ``/channels/<name>/twilio/status``; needs ``public_url``."""

@@ -204,12 +204,12 @@ def twilio_inbound(sid: str = "SM" + "a" * 32, body: str = "Hello", frm: str = C
 
 async def twilio_post(port: int, path: str, form: dict[str, str], *, channel: str = "sms",
                       signed_url: str | None = None, token: str = AUTH_TOKEN,
-                      headers: dict[str, str] | None = None) -> httpx.Response:
+                      headers: dict[str, str] | None = None, algorithm: str | None = None) -> httpx.Response:
     """POST ``form`` as Twilio does, signed with twilio's own RequestValidator over
     ``signed_url`` (default: the public URL of the route)."""
     route = f"/channels/{channel}/twilio/{path}"
     url = signed_url if signed_url is not None else PUBLIC + route
-    sig = RequestValidator(token).compute_signature(url, form)
+    sig = RequestValidator(token).compute_signature(url, form, algorithm)
     async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=10) as c:
         return await c.post(route, data=form, headers={"X-Twilio-Signature": sig, **(headers or {})})
 

@@ -210,3 +210,25 @@ async def test_images_go_as_media_urls_and_an_image_without_url_is_refused(gatew
     await send(nc, Outbound(id="o-inline", conversation=conv, parts=[ImagePart(data=b"\x89PNG")]))
     sts = await wait_state(nats_server.url, "o-inline", "dead")
     assert sts[-1].error.code == "unsupported_content" and len(fake_sms.twilio) == 1
+
+
+async def test_webhooks_signed_by_a_webhooks_rule_shared_key_with_hmac_sha256_are_checked(gateway_factory, nats_server):
+    cfg = twilio_config()
+    cfg["twilio"]["webhook_shared_key"] = "shared-key-secret"
+    gw = await gateway_factory({"sms": cfg})
+    settings = {"X-Twilio-Webhooks-Signature-Settings": "key=webhooks_sharedkey_1,algorithm=HMAC_SHA256"}
+    r = await twilio_post(gw.http.port, "inbound", twilio_inbound(sid="SM" + "d" * 32), token="shared-key-secret",
+                          algorithm="HMAC_SHA256", headers=settings)
+    assert r.status_code == 200
+    # The Auth Token's signature does not pass when the header says a shared key signed.
+    r = await twilio_post(gw.http.port, "inbound", twilio_inbound(sid="SM" + "e" * 32), headers=settings)
+    assert r.status_code == 403
+    assert len(await inbound(nats_server.url)) == 1
+
+
+async def test_shared_key_webhooks_are_refused_when_no_key_is_configured(gateway_factory, nats_server):
+    gw = await gateway_factory({"sms": twilio_config()})
+    settings = {"X-Twilio-Webhooks-Signature-Settings": "key=k,algorithm=HMAC_SHA256"}
+    r = await twilio_post(gw.http.port, "inbound", twilio_inbound(), token="anything", algorithm="HMAC_SHA256",
+                          headers=settings)
+    assert r.status_code == 403 and "shared key" in r.text

@@ -352,7 +352,8 @@ class Dispatcher:
         await services.await_ack(accepted)
         if receipt is not None:
             # Sent before a crash or by a duplicate publish: do not send twice.
-            await self._status(outbound, ctype, cname, "sent", attempt=attempt, provider_id=receipt.provider_id)
+            await self._status(outbound, ctype, cname, "sent", attempt=attempt, provider_id=receipt.provider_id,
+                               meta=receipt.meta)
             await msg.ack()
             return
         ccfg = self.channel_configs().get(cname)
@@ -428,7 +429,8 @@ class Dispatcher:
         failpoint("outbound.after_receipt")
         while True:
             try:
-                await self._status(outbound, ctype, cname, "sent", attempt=attempt, provider_id=receipt.provider_id)
+                await self._status(outbound, ctype, cname, "sent", attempt=attempt, provider_id=receipt.provider_id,
+                                   meta=receipt.meta)
                 # A plain ack: if it is lost, the redelivery finds the receipt and sends nothing.
                 await msg.ack()
                 return
@@ -580,18 +582,19 @@ class Dispatcher:
 
     async def _status(self, outbound: Outbound, ctype: str, cname: str, state: Any, *, attempt: int,
                       provider_id: str | None = None, error: ErrorInfo | None = None,
-                      next_attempt_at: datetime | None = None) -> None:
+                      next_attempt_at: datetime | None = None, meta: dict[str, Any] | None = None) -> None:
         await self.services.publish_status(self._make_status(outbound, ctype, cname, state, attempt=attempt,
                                                        provider_id=provider_id, error=error,
-                                                       next_attempt_at=next_attempt_at))
+                                                       next_attempt_at=next_attempt_at, meta=meta))
 
     @staticmethod
     def _make_status(outbound: Outbound, ctype: str, cname: str, state: Any, *, attempt: int,
                      provider_id: str | None = None, error: ErrorInfo | None = None,
-                     next_attempt_at: datetime | None = None) -> DeliveryStatus:
+                     next_attempt_at: datetime | None = None, meta: dict[str, Any] | None = None) -> DeliveryStatus:
         return DeliveryStatus(outbound_id=outbound.id, conversation=outbound.conversation, channel_type=ctype,
                               channel=cname, state=state, at=datetime.now(timezone.utc), attempt=attempt,
-                              provider_id=provider_id, error=error, next_attempt_at=next_attempt_at)
+                              provider_id=provider_id, error=error, next_attempt_at=next_attempt_at,
+                              meta=meta or {})
 
 
 def _refused(message: str, code: str) -> DeliveryError:

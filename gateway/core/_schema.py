@@ -268,6 +268,10 @@ class DeliveryStatus(_Envelope, frozen=True, kw_only=True):
     provider_id: str | None = None
     error: ErrorInfo | None = None
     next_attempt_at: datetime | None = None
+    meta: dict[str, Any] = {}
+    """Channel facts about the send, on ``sent`` statuses: what the channel's ``Receipt.meta``
+    said (SMS: ``segments``, ``encoding``, ``provider``). Documented per channel; ``{}`` when
+    the channel says nothing."""
 
 
 class QuietHours(_Wire, frozen=True, kw_only=True):

@@ -421,3 +421,13 @@ async def test_reach_follows_the_48_hour_window_and_offers_templates(gateway_fac
     assert timedelta(minutes=59) < soon.until - now <= timedelta(hours=1)
     later = await running.channel.reach(conv, now + timedelta(hours=2))
     assert not later.ok and later.code == "outside_window" and later.template and later.until == soon.until
+
+
+async def test_sent_status_meta_carries_what_the_receipt_said(gateway_factory, fake_wechat, nats_server, nc):
+    # The core copies Receipt.meta into the sent status (DeliveryStatus.meta).
+    gw = await gateway_factory({"wx": channel_config(fake_wechat)})
+    conv = await customer_writes(gw)
+    await send(nc, Outbound(id="o-meta", conversation=conv, parts=[TextPart(text="one"), TextPart(text="two")]))
+    sts = await wait_state(nats_server.url, "o-meta", "sent")
+    assert sts[-1].meta == {"via": "custom", "messages": 2}
+    assert sts[0].state == "accepted" and sts[0].meta == {}

@@ -1,0 +1,114 @@
+"""The keys of a ``type = "sms"`` channel section (``docs/channels/sms.md``)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+import msgspec
+import phonenumbers
+
+from gateway import Duration, QuietHours, check_quiet_hours
+
+Provider = Literal["twilio", "aliyun", "tencent"]
+_SECRET = msgspec.Meta(min_length=1)
+
+
+class TwilioConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """``[channels.<name>.twilio]``: a Twilio account and the number (or Messaging
+    Service) that sends."""
+
+    account_sid: Annotated[str, msgspec.Meta(pattern=r"^AC[0-9a-fA-F]{32}$")]
+    """The Account SID (``AC`` + 32 hex digits)."""
+    auth_token: Annotated[str, _SECRET]
+    """The Auth Token: authenticates API calls and signs Twilio's webhooks."""
+    from_number: str = ""
+    """Our number (E.164) messages are sent from; or set ``messaging_service_sid``."""
+    messaging_service_sid: str = ""
+    """A Messaging Service (``MG...``) to send through instead of ``from_number``."""
+    api_base: str = "https://api.twilio.com"
+    """Where Twilio's REST API is (a local fake in tests)."""
+    webhook_shared_key: str = ""
+    """The SharedKey secret of a Twilio Webhooks Rule: webhooks that carry
+    ``X-Twilio-Webhooks-Signature-Settings`` are signed with it (and the algorithm the
+    header names, HMAC-SHA1 or HMAC-SHA256) instead of the Auth Token."""
+    status_callback: bool = True
+    """Ask Twilio for status callbacks (delivered / undelivered / failed) at
+    ``/channels/<name>/twilio/status``; needs ``public_url``."""
+
+    def __post_init__(self) -> None:
+        if not self.from_number and not self.messaging_service_sid:
+            raise ValueError("twilio needs from_number or messaging_service_sid")
+
+
+class AliyunConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """``[channels.<name>.aliyun]``: Alibaba Cloud SMS (阿里云短信, Dysmsapi 2017-05-25)."""
+
+    access_key_id: Annotated[str, _SECRET]
+    access_key_secret: Annotated[str, _SECRET]
+    sign_name: Annotated[str, _SECRET]
+    """The approved signature (短信签名) every message is sent with."""
+    push_token: Annotated[str, msgspec.Meta(min_length=16)]
+    """Aliyun's HTTP batch pushes are not signed: configure the push URLs in the console
+    with ``?token=<push_token>``; a push without it is refused (403)."""
+    endpoint: str = "https://dysmsapi.aliyuncs.com"
+    region_id: str = "cn-hangzhou"
+
+
+class TencentConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """``[channels.<name>.tencent]``: Tencent Cloud SMS (腾讯云短信, API 2021-01-11)."""
+
+    secret_id: Annotated[str, _SECRET]
+    secret_key: Annotated[str, _SECRET]
+    sdk_app_id: Annotated[str, _SECRET]
+    """The SMS application's SdkAppId (``1400...``)."""
+    sign_name: Annotated[str, _SECRET]
+    """The approved signature (短信签名) every message is sent with."""
+    push_token: Annotated[str, msgspec.Meta(min_length=16)]
+    """Tencent's callbacks are not signed: configure the callback URLs in the console with
+    ``?token=<push_token>``; a callback without it is refused (403)."""
+    endpoint: str = "https://sms.tencentcloudapi.com"
+    region: str = "ap-guangzhou"
+
+
+class SmsConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """``[channels.<name>]`` keys of an SMS channel."""
+
+    provider: Provider
+    """Which provider sends (its sub-section must be present)."""
+    failover: Provider | None = None
+    """A second provider (its sub-section must be present), used after ``failover_after``
+    transient failures of the first in a row."""
+    failover_after: Annotated[int, msgspec.Meta(ge=1)] = 3
+    failover_for: Duration = "5m"
+    """How long sends go to the second provider before the first is tried again."""
+    twilio: TwilioConfig | None = None
+    aliyun: AliyunConfig | None = None
+    tencent: TencentConfig | None = None
+    default_region: str = "CN"
+    """Region (ISO 3166 alpha-2) for numbers written without a country code."""
+    max_segments: Annotated[int, msgspec.Meta(ge=1, le=50)] = 5
+    """A longer text is refused permanently (``too_long``) instead of billed."""
+    opt_out_keywords: list[str] = msgspec.field(default_factory=lambda: ["STOP", "STOPALL", "UNSUBSCRIBE", "CANCEL",
+                                                                         "END", "QUIT", "TD", "退订"])
+    opt_in_keywords: list[str] = msgspec.field(default_factory=lambda: ["START", "UNSTOP", "YES"])
+    quiet_hours: QuietHours | None = None
+    """Nothing but urgent outbounds (``meta.urgent = true``) is sent inside these hours."""
+    public_url: str = ""
+    """The gateway's public base URL (``https://gw.example.com``): what Twilio signs and
+    where status callbacks are sent."""
+    trust_forwarded: bool = False
+    """Without ``public_url``, read the signed URL from ``X-Forwarded-Proto``/``-Host``."""
+    api_timeout: Duration = "10s"
+    max_body: Annotated[int, msgspec.Meta(ge=1024)] = 1 << 20
+    """Largest webhook or push body accepted (413 beyond)."""
+
+    def __post_init__(self) -> None:
+        for name in {self.provider, self.failover} - {None}:
+            if getattr(self, str(name)) is None:
+                raise ValueError(f"provider {name!r} is used but its [{name}] section is missing")
+        if self.failover == self.provider:
+            raise ValueError("failover must name another provider than provider")
+        if self.default_region.upper() not in phonenumbers.SUPPORTED_REGIONS:
+            raise ValueError("default_region must be an ISO 3166 alpha-2 region such as CN or US")
+        if self.quiet_hours is not None:
+            check_quiet_hours(self.quiet_hours)

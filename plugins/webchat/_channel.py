@@ -227,8 +227,8 @@ class WebChatChannel(Channel):
     async def _session(self, conn: WebSocketConnection) -> None:
         visitor: Visitor = conn.identity
         if visitor.error is not None:
-            await conn.send(_json({"type": "error", "code": "invalid_token", "message": visitor.error}))
-            await conn.close(INVALID_TOKEN, "invalid token")
+            # The close reason is the message: a close goes out ahead of queued frames.
+            await conn.close(INVALID_TOKEN, visitor.error[:120])
             return
         key = self.ctx.conversation_key(visitor.subject)
         self.sockets.setdefault(key, set()).add(conn)
@@ -432,7 +432,10 @@ class WebChatChannel(Channel):
                                  "Cross-Origin-Resource-Policy": "cross-origin"})
 
     async def _serve_demo(self, request: Request) -> Response:
-        return Response(self._demo, media_type="text/html; charset=utf-8", headers={
+        url = request.url
+        widget = f"{url.scheme}://{url.netloc}/channels/{self.ctx.name}/widget.js"
+        page = self._demo.replace(b"{{widget}}", _html_escape(widget).encode())
+        return Response(page, media_type="text/html; charset=utf-8", headers={
             "Content-Security-Policy": "default-src 'self'; connect-src 'self' ws: wss:; img-src 'self' blob: data:; "
                                        "style-src 'self' 'unsafe-inline'; frame-ancestors 'none'",
             "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer"})

@@ -25,7 +25,10 @@ class OfflineHours(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     tz: str = "Asia/Shanghai"
 
     def __post_init__(self) -> None:
-        check_quiet_hours(self.quiet())
+        try:
+            check_quiet_hours(self.quiet())
+        except ValueError as exc:  # name the keys as they are spelled here
+            raise ValueError(str(exc).replace("quiet hours ", "offline_hours.")) from None
 
     def quiet(self) -> QuietHours:
         """The same window as the toolkit's quiet hours (``quiet_until`` reads it)."""

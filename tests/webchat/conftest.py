@@ -36,9 +36,12 @@ class Visitor:
     async def connect(cls, port: int, query: str = "", channel: str = "web", **kwargs: Any) -> Visitor:
         ws = await websockets.asyncio.client.connect(f"ws://127.0.0.1:{port}/channels/{channel}/ws{query}",
                                                      open_timeout=5, close_timeout=2, **kwargs)
-        welcome = json.loads(await asyncio.wait_for(ws.recv(), 5))
-        if welcome["type"] == "error":
-            return cls(ws, welcome, [])
+        try:
+            welcome = json.loads(await asyncio.wait_for(ws.recv(), 5))
+        except websockets.exceptions.ConnectionClosed as exc:
+            # A refused token: closed at once, the reason says why.
+            assert exc.rcvd is not None, exc
+            return cls(ws, {"type": "closed", "code": exc.rcvd.code, "message": exc.rcvd.reason}, [])
         history = json.loads(await asyncio.wait_for(ws.recv(), 5))
         assert welcome["type"] == "welcome" and history["type"] == "history", (welcome, history)
         return cls(ws, welcome, history["messages"])

@@ -105,7 +105,7 @@
   var err = el("div", "err");
   var compose = el("div", "compose");
   var file = el("input"); file.type = "file"; file.style.display = "none";
-  var attach = el("button", "attach", "\u{1F4CE}"); attach.type = "button"; attach.setAttribute("aria-label", "Send an image");
+  var attach = el("button", "attach", "+"); attach.type = "button"; attach.setAttribute("aria-label", "Attach an image");
   var input = el("textarea"); input.placeholder = "Type a message"; input.setAttribute("aria-label", "Message");
   var send = el("button", "send", "Send"); send.type = "button";
   compose.appendChild(file); compose.appendChild(attach); compose.appendChild(input); compose.appendChild(send);

@@ -28,6 +28,7 @@ from gateway import (
     Outbound,
     Participant,
     Part,
+    Reach,
     Receipt,
     RequestError,
     SignatureError,
@@ -67,6 +68,10 @@ _MAGIC: dict[str, tuple[bytes, ...]] = {
 _RANK = {"": 0, "delivered": 1, "read": 2}
 INVALID_TOKEN = 4401
 """Close code of a socket whose token is not ours (the widget then starts afresh)."""
+TRY_LATER = 1013
+"""Close code while the bus is unavailable (RFC 6455 "try again later")."""
+FORGOTTEN = 4410
+"""Close code after the visitor erased the conversation (the widget then starts afresh)."""
 
 
 # --- frames from the widget (JSON text, tagged on "type") ---------------------------------
@@ -94,7 +99,11 @@ class _Profile(msgspec.Struct, tag="profile", tag_field="type", forbid_unknown_f
     phone: str = ""
 
 
-_frames = msgspec.json.Decoder(_Say | _Choose | _Seen | _Profile)
+class _Forget(msgspec.Struct, tag="forget", tag_field="type", forbid_unknown_fields=True):
+    pass
+
+
+_frames = msgspec.json.Decoder(_Say | _Choose | _Seen | _Profile | _Forget)
 
 
 @dataclass(frozen=True)
@@ -231,10 +240,16 @@ class WebChatChannel(Channel):
             await conn.close(INVALID_TOKEN, visitor.error[:120])
             return
         key = self.ctx.conversation_key(visitor.subject)
+        try:
+            profile = await self.ctx.state.get_record("profile." + visitor.subject, Profile)
+            entries = await self.history.read(key)
+        except BusUnavailable:
+            # Nothing can be shown or kept now: "try again later"; the widget reconnects.
+            await conn.close(TRY_LATER, "bus unavailable, retry later")
+            return
         self.sockets.setdefault(key, set()).add(conn)
         try:
             cfg = self.cfg
-            profile = await self.ctx.state.get_record("profile." + visitor.subject, Profile)
             online = self.online()
             await conn.send(_json({
                 "type": "welcome", "token": visitor.token, "title": cfg.title, "welcome": cfg.welcome,
@@ -242,7 +257,6 @@ class WebChatChannel(Channel):
                 "prechat": cfg.prechat and profile is None and not visitor.subject.startswith(USER),
                 "upload_types": cfg.upload_types, "max_upload_size": cfg.max_upload_size,
                 "max_chars": cfg.max_message_chars, "user": visitor.subject.startswith(USER)}))
-            entries = await self.history.read(key)
             await conn.send(_json({"type": "history", "messages": [_view(e) for e in entries]}))
             async for data in conn:
                 await self._frame(conn, visitor, key, data)
@@ -268,6 +282,9 @@ class WebChatChannel(Channel):
             elif isinstance(frame, _Seen):
                 await self._seen(key, frame)
                 return
+            elif isinstance(frame, _Forget):
+                await self._forget(conn, visitor, key)
+                return
             else:
                 await self._profile(conn, visitor, frame)
                 return
@@ -275,7 +292,7 @@ class WebChatChannel(Channel):
             await conn.send(_json({"type": "error", "id": cid, "code": exc.code, "message": exc.message,
                                    "retry_after": exc.retry_after}))
             return
-        except BusUnavailable:
+        except (BusUnavailable, Contention):
             await conn.send(_json({"type": "error", "id": cid, "code": "unavailable",
                                    "message": "not stored yet, retrying", "retry_after": 3}))
             return
@@ -379,6 +396,19 @@ class WebChatChannel(Channel):
                                         ttl=self.history.ttl)
         await conn.send(_json({"type": "profile_saved"}))
 
+    async def _forget(self, conn: WebSocketConnection, visitor: Visitor, key: str) -> None:
+        """The visitor erases the conversation: history and profile go, replies still on their
+        way are refused (``forgotten``) for ``history_ttl``, and the widget starts afresh as
+        a new visitor. A signed-in user's conversation belongs to the site: not here."""
+        if visitor.subject.startswith(USER):
+            raise Refused("not_allowed", "a signed-in conversation is erased by the site, not the widget")
+        await self.ctx.state.put("forgotten." + key, b"1", ttl=self.history.ttl)
+        await self.ctx.state.delete(HistoryStore.key(key))
+        await self.ctx.state.delete("profile." + visitor.subject)
+        await self._push(key, {"type": "forgotten"})
+        for other in list(self.sockets.get(key, ())):
+            await other.close(FORGOTTEN, "conversation erased")
+
     async def _push(self, key: str, frame: dict[str, Any], skip: WebSocketConnection | None = None) -> int:
         """Send ``frame`` to every open socket of the conversation in this process."""
         targets = [c for c in self.sockets.get(key, ()) if c is not skip]
@@ -408,6 +438,8 @@ class WebChatChannel(Channel):
                 if ref is None:  # inline: into the object store, the history keeps only references
                     ref = await self.ctx.put_blob(await self.ctx.part_bytes(part), content_type=part.content_type)
                 images.append(Image(ref=ref, content_type=part.content_type or "application/octet-stream"))
+        if await self.ctx.state.get("forgotten." + conversation.key) is not None:
+            raise DeliveryError("the visitor erased this conversation", permanent=True, code="forgotten")
         now = _now()
         survey = outbound.survey
         entry = Entry(id=outbound.id, by="agent", at=now, text="\n\n".join(texts), images=images,
@@ -419,6 +451,13 @@ class WebChatChannel(Channel):
             raise DeliveryError(f"history not stored: {exc}", permanent=False, code="history_unavailable") from exc
         online = await self._push(conversation.key, {"type": "message", "message": _view(entry)})
         return Receipt(provider_id=outbound.id, meta={"open_widgets": online})
+
+    async def reach(self, conversation: Conversation, at: datetime) -> Reach:
+        """Always reachable (a reply waits in the history until the visitor comes back),
+        unless the visitor erased the conversation."""
+        if await self.ctx.state.get("forgotten." + conversation.key) is not None:
+            return Reach(ok=False, code="forgotten", detail="the visitor erased this conversation")
+        return Reach(ok=True)
 
     async def read_history(self, conversation: str) -> list[Entry]:
         """A conversation's kept entries, oldest first (what a returning visitor is shown)."""

@@ -50,6 +50,7 @@
     ".head .title{flex:1;font-weight:600;font-size:15px;overflow:hidden;text-overflow:ellipsis;white-space:nowrap}",
     ".dot{width:9px;height:9px;border-radius:50%;background:#9ca3af}.dot.on{background:#3fb950}",
     ".close{border:0;background:transparent;color:#fff;font-size:20px;cursor:pointer;line-height:1}",
+    ".forget{font-size:12px;opacity:.85}",
     ".notice{display:none;padding:8px 14px;background:#fff8c5;font-size:13px;white-space:pre-wrap}.notice.show{display:block}",
     ".list{flex:1;overflow-y:auto;padding:12px;display:flex;flex-direction:column;gap:8px;background:#f6f8fa}",
     ".msg{max-width:82%;padding:8px 11px;border-radius:12px;font-size:14px;line-height:1.4;white-space:pre-wrap;word-wrap:break-word;overflow-wrap:anywhere}",
@@ -91,7 +92,11 @@
   var closeBtn = el("button", "close", "\u00d7");
   closeBtn.type = "button";
   closeBtn.setAttribute("aria-label", "Close chat");
-  head.appendChild(dot); head.appendChild(title); head.appendChild(closeBtn);
+  var forget = el("button", "close forget", "\u2715\u2009all");
+  forget.type = "button";
+  forget.title = "Delete this conversation";
+  forget.setAttribute("aria-label", "Delete this conversation");
+  head.appendChild(dot); head.appendChild(title); head.appendChild(forget); head.appendChild(closeBtn);
   var notice = el("div", "notice");
   var list = el("div", "list");
   list.setAttribute("role", "log");
@@ -120,6 +125,10 @@
     save("open", "1"); reportSeen(); scrollDown(); input.focus();
   }
   function close() { isOpen = false; panel.className = "panel"; launcher.style.display = ""; save("open", null); }
+  forget.addEventListener("click", function () {
+    if (userId) { showError("Ask the site to delete a signed-in conversation."); return; }
+    if (window.confirm("Delete this conversation? It cannot be undone.")) { wsSend({type: "forget"}); }
+  });
   launcher.addEventListener("click", open);
   closeBtn.addEventListener("click", close);
 
@@ -218,9 +227,11 @@
     ws.onclose = function (ev) {
       connected = false; ws = null; dot.className = "dot";
       outbox.forEach(function (m) { m.waiting = false; });
-      if (ev.code === 4401) {
+      if (ev.code === 4401 || ev.code === 4410) {          // not our token, or the conversation was erased
         if (userId) { showError("Your sign-in could not be verified; reload the page."); stopped = true; return; }
-        token = null; save("token", null);                 // a token that is not ours: start afresh
+        token = null; save("token", null); save("profile", null);
+        outbox = []; agentStates = {}; reported = {delivered: {}, read: {}};
+        attempt = 0; connect(); return;                     // start afresh as a new visitor, at once
       }
       if (!stopped) { retry(); }
     };
@@ -239,6 +250,7 @@
       attempt = 0; connected = true; dot.className = f.online ? "dot on" : "dot";
       if (f.token) { token = f.token; if (!userId) { save("token", f.token); } }
       title.textContent = f.title || "Chat";
+      forget.style.display = f.user ? "none" : "";
       notice.textContent = f.notice || "";
       notice.className = f.notice ? "notice show" : "notice";
       limits = {types: f.upload_types || [], size: f.max_upload_size || 0, chars: f.max_chars || 4000};

@@ -32,6 +32,7 @@ from gateway import (
     Receipt,
     RequestError,
     SignatureError,
+    Supervised,
     TextPart,
     WebSocketClosed,
     WebSocketConnection,
@@ -149,6 +150,11 @@ class WebChatChannel(Channel):
         self.visitor_limit = RateLimiter(cfg.messages_per_minute, max(1, cfg.messages_per_minute // 4))
         self.address_limit = RateLimiter(cfg.connections_per_minute, max(1, cfg.connections_per_minute // 3))
         self._secret: bytes | None = cfg.secret.encode() if cfg.secret else None
+        # What the open widgets of a conversation were sent, for the catch-up of replies
+        # another gateway process delivered: entry ids, and the history's last revision.
+        self._known: dict[str, set[str]] = {}
+        self._revisions: dict[str, int] = {}
+        self._sync: Supervised | None = None
         self._widget = _static("widget.js")
         self._demo = _static("demo.html").replace(b"{{title}}", _html_escape(cfg.title).encode())
 
@@ -163,6 +169,31 @@ class WebChatChannel(Channel):
         ctx.add_websocket("/ws", self._session, authorize=self._authorize, max_connections=cfg.max_connections,
                           max_message_size=cfg.max_message_chars * 6 + 1024, idle_timeout=seconds(cfg.idle_timeout),
                           send_queue=256)
+        if seconds(cfg.sync_interval) > 0:
+            self._sync = Supervised(f"webchat-sync {ctx.name}", self._sync_loop, set_state=ctx.set_state, log=ctx.log)
+            self._sync.start()
+
+    async def stop(self) -> None:
+        if self._sync is not None:
+            await self._sync.stop()
+            self._sync = None
+
+    async def _sync_loop(self, task: Supervised) -> None:
+        """Push replies that reached a conversation's history through another gateway
+        process to this process's open widgets of that conversation."""
+        interval = seconds(self.cfg.sync_interval)
+        task.running()
+        while True:
+            await asyncio.sleep(interval)
+            for key in list(self.sockets):
+                got = await self.ctx.state.get_revision(HistoryStore.key(key))
+                if got is None or self._revisions.get(key) == got[1]:
+                    continue
+                self._revisions[key] = got[1]
+                known = self._known.setdefault(key, set())
+                for entry in self.history.decode(got[0]):
+                    if entry.id not in known:
+                        await self._push(key, {"type": "message", "message": _view(entry)})
 
     # --- identity ------------------------------------------------------------------------
 
@@ -248,6 +279,7 @@ class WebChatChannel(Channel):
             await conn.close(TRY_LATER, "bus unavailable, retry later")
             return
         self.sockets.setdefault(key, set()).add(conn)
+        self._known.setdefault(key, set()).update(e.id for e in entries)
         try:
             cfg = self.cfg
             online = self.online()
@@ -266,6 +298,8 @@ class WebChatChannel(Channel):
                 group.discard(conn)
                 if not group:
                     del self.sockets[key]
+                    self._known.pop(key, None)
+                    self._revisions.pop(key, None)
 
     async def _frame(self, conn: WebSocketConnection, visitor: Visitor, key: str, data: str | bytes) -> None:
         try:
@@ -405,13 +439,14 @@ class WebChatChannel(Channel):
         await self.ctx.state.put("forgotten." + key, b"1", ttl=self.history.ttl)
         await self.ctx.state.delete(HistoryStore.key(key))
         await self.ctx.state.delete("profile." + visitor.subject)
-        await self._push(key, {"type": "forgotten"})
-        for other in list(self.sockets.get(key, ())):
+        for other in list(self.sockets.get(key, ())):  # this one too; the close code says why
             await other.close(FORGOTTEN, "conversation erased")
 
     async def _push(self, key: str, frame: dict[str, Any], skip: WebSocketConnection | None = None) -> int:
         """Send ``frame`` to every open socket of the conversation in this process."""
         targets = [c for c in self.sockets.get(key, ()) if c is not skip]
+        if frame["type"] == "message" and key in self.sockets:
+            self._known.setdefault(key, set()).add(frame["message"]["id"])
         data = _json(frame)
 
         async def one(c: WebSocketConnection) -> None:

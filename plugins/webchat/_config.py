@@ -82,6 +82,10 @@ class WebChatConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     only: anyone can send that header)."""
     max_connections: _Positive = 1000
     """Open widget sockets at most (per gateway process)."""
+    sync_interval: Duration = "2s"
+    """How often a gateway process looks for replies another process delivered to the
+    conversations of its open widgets (one state read per such conversation); ``"0s"``: a
+    single gateway process, no need."""
     idle_timeout: Duration = "10m"
     """A widget socket with no message for this long is closed (the widget reconnects when
     the visitor comes back)."""

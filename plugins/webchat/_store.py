@@ -112,7 +112,8 @@ class HistoryStore:
     def key(conversation: str) -> str:
         return "hist." + conversation
 
-    def _decode(self, raw: bytes | None) -> list[Entry]:
+    def decode(self, raw: bytes | None) -> list[Entry]:
+        """The entries of a stored record ([] for none or one of an older shape)."""
         if not raw:
             return []
         try:
@@ -122,7 +123,7 @@ class HistoryStore:
 
     async def read(self, conversation: str) -> list[Entry]:
         """The entries, oldest first ([] when none or expired)."""
-        return self._decode(await self.state.get(self.key(conversation)))
+        return self.decode(await self.state.get(self.key(conversation)))
 
     async def change(self, conversation: str, edit: Callable[[list[Entry]], bool]) -> list[Entry]:
         """Apply ``edit`` (which changes the list in place and says whether it did) and store
@@ -130,7 +131,7 @@ class HistoryStore:
         key = self.key(conversation)
         for _ in range(20):
             current = await self.state.get_revision(key)
-            entries = self._decode(current[0] if current else None)
+            entries = self.decode(current[0] if current else None)
             if not edit(entries):
                 return entries
             del entries[:-self.size]

@@ -6,9 +6,11 @@ history, where a widget reads it."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from typing import Any
 
 import pytest
+import websockets.exceptions
 
 from gateway import Gateway
 from gateway.testing.conformance import ChannelConformance, InboundAnswer
@@ -64,7 +66,10 @@ class TestWebChatConformance(ChannelConformance[Widgets]):
         if answer["type"] == "ack" and provider.forget_next:
             provider.forget_next = False
             await visitor.send({"type": "forget"})
-            await visitor.next("forgotten")
+            with contextlib.suppress(websockets.exceptions.ConnectionClosed):
+                while True:  # until the gateway closes the socket (4410: erased)
+                    await visitor.next()
+            return InboundAnswer("accepted", str(answer))
         if answer["type"] == "ack":
             task = asyncio.create_task(provider.listen(visitor))
             provider.tasks.add(task)

@@ -10,7 +10,7 @@ import httpx
 import pytest
 import websockets.exceptions
 
-from gateway import ChoicePart, ConfigError, ImagePart, Survey
+from gateway import ChoicePart, ConfigError, ImagePart, Outbound, Survey, TextPart
 from gateway.testing import make_config, statuses, wait_for_status, wait_until
 
 from .conftest import SECRET, USER_SECRET, Visitor, inbound, refused, reply, webchat
@@ -286,3 +286,44 @@ async def test_a_socket_left_open_does_not_hold_up_a_stop(gateway_factory):
     with pytest.raises(websockets.exceptions.ConnectionClosed) as closed:
         await v.next(timeout=5)
     assert closed.value.rcvd is not None and closed.value.rcvd.code == 1001
+
+
+async def test_a_visitor_who_erases_the_conversation_loses_its_history_and_later_replies_are_dead_letters(
+        gateway_factory, nats_server):
+    gw = await gateway_factory({"web": webchat()})
+    channel = gw.channels["web"].channel
+    tab1 = await Visitor.connect(gw.http.port)
+    tab2 = await Visitor.connect(gw.http.port, f"?token={tab1.token}")
+    await tab1.send({"type": "profile", "name": "Gus", "email": "gus@example.com"})
+    await tab1.next("profile_saved")
+    await tab1.say("please forget me", "c-1")
+    [msg] = await inbound(nats_server.url)
+    conversation = await gw.channels["web"].ctx.get_conversation(msg.conversation)
+    assert (await channel.reach(conversation, msg.received_at)).ok
+    await tab1.send({"type": "forget"})
+    for tab in (tab1, tab2):
+        with pytest.raises(websockets.exceptions.ConnectionClosed) as closed:
+            while True:
+                await tab.next(timeout=5)
+        assert closed.value.rcvd is not None and closed.value.rcvd.code == 4410
+    assert await channel.read_history(msg.conversation) == []
+    assert await gw.channels["web"].ctx.state.get("profile." + msg.sender.id) is None
+    reach = await channel.reach(conversation, msg.received_at)
+    assert not reach.ok and reach.code == "forgotten"
+    await reply(nats_server.url, msg.conversation, "r-late", "too late")
+    sts = await wait_for_status(nats_server.url, "r-late", "dead")
+    assert sts[-1].error.code == "forgotten" and sts[-1].error.permanent
+
+
+async def test_a_reply_delivered_by_another_gateway_process_reaches_the_open_widget(gateway_factory, nats_server):
+    one = await gateway_factory({"web": webchat(sync_interval="200ms")})
+    two = await gateway_factory({"web": webchat(sync_interval="200ms")})
+    v = await Visitor.connect(two.http.port)
+    await v.say("hello", "c-1")
+    [msg] = await inbound(nats_server.url)
+    conversation = await one.channels["web"].ctx.get_conversation(msg.conversation)
+    # Process one delivers (its outbound consumer took the reply); the widget is on two.
+    await one.channels["web"].channel.deliver(Outbound(id="r-other", conversation=msg.conversation,
+                                                       parts=[TextPart(text="from process one")]), conversation)
+    shown = (await v.next("message"))["message"]
+    assert (shown["id"], shown["text"]) == ("r-other", "from process one")

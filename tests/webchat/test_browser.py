@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 import pytest
 from playwright.sync_api import Browser, BrowserContext, Page, expect, sync_playwright
 
-from gateway import ChoicePart, Survey, TextPart
+from gateway import ChoicePart, ImagePart, Survey, TextPart
 from gateway.testing import GatewayProcess, statuses
 
 from .conftest import inbound, reply
@@ -205,3 +205,44 @@ def test_survey_choices_are_buttons_on_a_phone_screen_and_the_answer_is_a_choice
         assert composer is not None and composer["y"] + composer["height"] <= 667
     finally:
         phone.close()
+
+
+def test_an_image_chosen_in_the_widget_is_uploaded_published_and_shown(
+        gateway: GatewayProcess, context: BrowserContext, tmp_path: Path) -> None:
+    picture = tmp_path / "receipt.png"
+    # A real 1x1 PNG, so the browser can draw it.
+    picture.write_bytes(bytes.fromhex(
+        "89504e470d0a1a0a0000000d4948445200000001000000010806000000"
+        "1f15c4890000000d49444154789c63f8cfc0f01f0005000201a5a1ae5b0000000049454e44ae426082"))
+    page = context.new_page()
+    start_chat(page, gateway, "Hal")
+    page.locator("#gw-webchat input[type=file]").set_input_files(str(picture))
+    shown = page.locator("#gw-webchat .msg.visitor img")
+    expect(shown).to_have_count(1)
+    page.wait_for_function("() => { const i = document.querySelector('#gw-webchat').shadowRoot"
+                           ".querySelector('.msg.visitor img'); return i && i.complete && i.naturalWidth === 1 }")
+
+    def probe() -> Any:
+        return next((m for m in on_bus(inbound(gateway.bus_url)) if m.sender.name == "Hal"), None)
+
+    [part] = eventually(probe).parts
+    assert isinstance(part, ImagePart) and part.content_type == "image/png" and part.ref is not None
+
+
+def test_a_message_written_while_the_gateway_restarts_is_sent_once_when_it_is_back(
+        gateway: GatewayProcess, context: BrowserContext) -> None:
+    page = context.new_page()
+    start_chat(page, gateway, "Ida")
+    write(page, "Before the restart")
+    gateway.signal(signal.SIGTERM)
+    assert gateway.wait() == 0
+    expect(page.locator("#gw-webchat .dot.on")).to_have_count(0)  # the widget noticed
+    page.get_by_placeholder("Type a message").fill("Written while you were away")
+    page.get_by_role("button", name="Send", exact=True).click()
+    pending = page.locator(".msg.visitor", has_text="Written while you were away").locator(".meta")
+    expect(pending).to_have_text("sending…")
+    gateway.start()  # same ports, same bus data
+    expect(pending).to_have_text("sent", timeout=20000)  # reconnected with backoff, sent again
+    published(gateway, "Written while you were away")
+    assert sum(m.sender.name == "Ida" for m in on_bus(inbound(gateway.bus_url))) == 2
+    expect(page.locator(".msg.visitor", has_text="Before the restart")).to_be_visible()  # history survived

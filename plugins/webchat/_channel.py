@@ -49,6 +49,7 @@ from ._store import (
     Image,
     Profile,
     RateLimiter,
+    TooLarge,
     append,
     check_token,
     check_user,
@@ -484,6 +485,8 @@ class WebChatChannel(Channel):
             await self.history.change(conversation.key, append(entry))
         except (BusUnavailable, Contention) as exc:
             raise DeliveryError(f"history not stored: {exc}", permanent=False, code="history_unavailable") from exc
+        except TooLarge as exc:
+            raise DeliveryError(str(exc), permanent=True, code="too_large") from exc
         online = await self._push(conversation.key, {"type": "message", "message": _view(entry)})
         return Receipt(provider_id=outbound.id, meta={"open_widgets": online})
 
@@ -568,8 +571,8 @@ class WebChatChannel(Channel):
             raise RequestError("no such image in this conversation", status=404)
         image = entry.images[n]
         data = await self.ctx.get_blob(image.ref)
-        media = image.content_type if image.content_type in self.cfg.upload_types or image.content_type in (
-            "image/png", "image/jpeg", "image/gif", "image/webp") else "application/octet-stream"
+        # Only raster types are shown inline; anything else (an agent's SVG ...) is a download.
+        media = image.content_type if image.content_type in _MAGIC else "application/octet-stream"
         return Response(data, media_type=media, headers={
             **cors, "X-Content-Type-Options": "nosniff", "Cache-Control": "private, max-age=3600",
             "Content-Disposition": "inline" if media.startswith("image/") else "attachment"})

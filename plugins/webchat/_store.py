@@ -99,6 +99,15 @@ class Contention(Exception):
     """Other writers kept changing a history record: try again later."""
 
 
+class TooLarge(Exception):
+    """One entry alone is larger than a history record may be."""
+
+
+MAX_RECORD = 256 * 1024
+"""Bytes a history record may take (NATS refuses messages over its max_payload, 1 MiB by
+default); the oldest entries go first when the newest would not fit."""
+
+
 class HistoryStore:
     """Bounded per-conversation histories as KV records with a retention TTL, updated by
     compare-and-set so several gateway processes (a visitor's message on one, a reply
@@ -136,6 +145,12 @@ class HistoryStore:
                 return entries
             del entries[:-self.size]
             raw = msgspec.json.encode(History(entries=entries))
+            while len(raw) > MAX_RECORD:
+                if len(entries) == 1:
+                    raise TooLarge(f"one message of {len(raw)} bytes is over the history's {MAX_RECORD}")
+                # Drop enough of the oldest at once: each re-encoding costs the whole record.
+                del entries[:max(1, len(entries) * (len(raw) - MAX_RECORD) // len(raw))]
+                raw = msgspec.json.encode(History(entries=entries))
             stored = (await self.state.create(key, raw, ttl=self.ttl) if current is None
                       else await self.state.update(key, raw, current[1], ttl=self.ttl))
             if stored:

@@ -327,3 +327,14 @@ async def test_a_reply_delivered_by_another_gateway_process_reaches_the_open_wid
                                                        parts=[TextPart(text="from process one")]), conversation)
     shown = (await v.next("message"))["message"]
     assert (shown["id"], shown["text"]) == ("r-other", "from process one")
+
+
+async def test_a_history_record_stays_under_its_byte_limit_by_dropping_the_oldest(gateway_factory, nats_server):
+    gw = await gateway_factory({"web": webchat(max_message_chars=20000, messages_per_minute=600)})
+    v = await Visitor.connect(gw.http.port)
+    for i in range(20):  # 20 x 20000 three-byte characters: far over one record
+        assert (await v.say(f"{i:02d}" + "字" * 19998, f"c-{i}"))["type"] == "ack"
+    kept = (await Visitor.connect(gw.http.port, f"?token={v.token}")).history
+    assert 0 < len(kept) < 20 and kept[-1]["text"].startswith("19")
+    assert [e["text"][:2] for e in kept] == [f"{i:02d}" for i in range(20 - len(kept), 20)]
+    assert len(await inbound(nats_server.url)) == 20

@@ -7,17 +7,20 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import http.server
 import signal
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
+import httpx
 import pytest
 from playwright.sync_api import Browser, BrowserContext, Page, expect, sync_playwright
 
 from gateway import ChoicePart, ImagePart, Survey, TextPart
-from gateway.testing import GatewayProcess, statuses
+from gateway.testing import GatewayProcess, free_port, statuses
 
 from .conftest import inbound, reply
 
@@ -27,6 +30,10 @@ ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--
         "--disable-component-update", "--disable-sync"]
 ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
 T = TypeVar("T")
+PNG_1X1 = bytes.fromhex("89504e470d0a1a0a0000000d4948445200000001000000010806000000"
+                        "1f15c4890000000d49444154789c63f8cfc0f01f0005000201a5a1ae5b0000000049454e44ae426082")
+DRAWN = ("() => { const i = document.querySelector('#gw-webchat').shadowRoot.querySelector('.msg.visitor img');"
+         " return i && i.complete && i.naturalWidth === 1 }")
 
 
 def on_bus(coro: Any) -> Any:
@@ -46,10 +53,54 @@ def eventually(probe: Callable[[], T | None], timeout: float = 10) -> T:
         time.sleep(0.1)
 
 
+class Site:
+    """Another website (another origin: another port) whose page embeds the widget with the
+    snippet of docs/channels/webchat.md."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.page = b""
+        site = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802 - the http.server API
+                self.send_response(200)
+                self.send_header("Content-Type", "text/html; charset=utf-8")
+                self.send_header("Content-Length", str(len(site.page)))
+                self.end_headers()
+                self.wfile.write(site.page)
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def embed(self, gateway: GatewayProcess) -> None:
+        self.page = (f'<!doctype html><html><body><h1>A shop</h1><script src="http://127.0.0.1:{gateway.http_port}'
+                     f'/channels/web/widget.js" async data-open="true"></script></body></html>').encode()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
 @pytest.fixture(scope="module")
-def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProcess]:
-    proc = GatewayProcess(tmp_path_factory.mktemp("webchat"), channels='[channels.web]\ntype = "webchat"\n')
+def shop() -> Iterator[Site]:
+    site = Site()
+    yield site
+    site.close()
+
+
+@pytest.fixture(scope="module")
+def gateway(tmp_path_factory: pytest.TempPathFactory, shop: Site) -> Iterator[GatewayProcess]:
+    # Every test's browser comes from 127.0.0.1: the per-address handshake limit is raised.
+    proc = GatewayProcess(tmp_path_factory.mktemp("webchat"), channels=(
+        f'[channels.web]\ntype = "webchat"\nallowed_origins = ["{shop.url}"]\nconnections_per_minute = 600\n'))
     proc.start()
+    shop.embed(proc)
     yield proc
     proc.signal(signal.SIGTERM)
     assert proc.wait() == 0, proc.logs()
@@ -98,6 +149,14 @@ def published(gateway: GatewayProcess, text: str) -> Any:
         return next((m for m in on_bus(inbound(gateway.bus_url))
                      if m.parts and isinstance(m.parts[0], TextPart) and m.parts[0].text == text), None)
     return eventually(probe)
+
+
+def refused_for_origin(gateway: GatewayProcess) -> float:
+    """``gateway_websocket_refused_total`` of the channel for 403 (origin not allowed)."""
+    text = httpx.get(f"http://127.0.0.1:{gateway.http_port}/metrics").text
+    line = next((ln for ln in text.splitlines() if ln.startswith("gateway_websocket_refused_total{")
+                 and 'channel="web"' in ln and 'reason="403"' in ln), None)
+    return float(line.rsplit(" ", 1)[1]) if line else 0.0
 
 
 def states(gateway: GatewayProcess, outbound_id: str) -> list[str]:
@@ -210,23 +269,48 @@ def test_survey_choices_are_buttons_on_a_phone_screen_and_the_answer_is_a_choice
 def test_an_image_chosen_in_the_widget_is_uploaded_published_and_shown(
         gateway: GatewayProcess, context: BrowserContext, tmp_path: Path) -> None:
     picture = tmp_path / "receipt.png"
-    # A real 1x1 PNG, so the browser can draw it.
-    picture.write_bytes(bytes.fromhex(
-        "89504e470d0a1a0a0000000d4948445200000001000000010806000000"
-        "1f15c4890000000d49444154789c63f8cfc0f01f0005000201a5a1ae5b0000000049454e44ae426082"))
+    picture.write_bytes(PNG_1X1)
     page = context.new_page()
     start_chat(page, gateway, "Hal")
     page.locator("#gw-webchat input[type=file]").set_input_files(str(picture))
     shown = page.locator("#gw-webchat .msg.visitor img")
     expect(shown).to_have_count(1)
-    page.wait_for_function("() => { const i = document.querySelector('#gw-webchat').shadowRoot"
-                           ".querySelector('.msg.visitor img'); return i && i.complete && i.naturalWidth === 1 }")
+    page.wait_for_function(DRAWN)
 
     def probe() -> Any:
         return next((m for m in on_bus(inbound(gateway.bus_url)) if m.sender.name == "Hal"), None)
 
     [part] = eventually(probe).parts
     assert isinstance(part, ImagePart) and part.content_type == "image/png" and part.ref is not None
+
+
+def test_a_listed_site_embeds_the_widget_with_one_tag_and_uploads_cross_origin(
+        gateway: GatewayProcess, shop: Site, context: BrowserContext, tmp_path: Path) -> None:
+    page = context.new_page()
+    page.goto(shop.url)
+    page.get_by_placeholder("Your name").fill("Jo")
+    page.get_by_role("button", name="Start chat").click()
+    write(page, "Written on the shop's page")
+    assert published(gateway, "Written on the shop's page").sender.name == "Jo"
+    # The upload (a CORS preflight: Authorization header) and the image fetch cross origins.
+    picture = tmp_path / "p.png"
+    picture.write_bytes(PNG_1X1)
+    page.locator("#gw-webchat input[type=file]").set_input_files(str(picture))
+    page.wait_for_function(DRAWN)
+
+
+def test_a_site_that_is_not_listed_cannot_open_the_widget(
+        gateway: GatewayProcess, context: BrowserContext) -> None:
+    other = Site()  # another origin, not in allowed_origins
+    try:
+        other.embed(gateway)
+        before = refused_for_origin(gateway)
+        page = context.new_page()
+        page.goto(other.url)
+        eventually(lambda: refused_for_origin(gateway) > before)  # the handshake was refused: 403
+        expect(page.locator("#gw-webchat .dot.on")).to_have_count(0)
+    finally:
+        other.close()
 
 
 def test_a_message_written_while_the_gateway_restarts_is_sent_once_when_it_is_back(

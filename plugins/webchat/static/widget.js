@@ -92,7 +92,7 @@
   var closeBtn = el("button", "close", "\u00d7");
   closeBtn.type = "button";
   closeBtn.setAttribute("aria-label", "Close chat");
-  var forget = el("button", "close forget", "\u2715\u2009all");
+  var forget = el("button", "close forget", "Delete");
   forget.type = "button";
   forget.title = "Delete this conversation";
   forget.setAttribute("aria-label", "Delete this conversation");

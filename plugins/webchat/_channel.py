@@ -318,9 +318,11 @@ class WebChatChannel(Channel):
                 await self._seen(key, frame)
                 return
             elif isinstance(frame, _Forget):
+                self._limit(visitor)
                 await self._forget(conn, visitor, key)
                 return
             else:
+                self._limit(visitor)  # each profile is a write
                 await self._profile(conn, visitor, frame)
                 return
         except Refused as exc:

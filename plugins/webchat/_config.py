@@ -73,10 +73,11 @@ class WebChatConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     """Image types a visitor may upload; the bytes must match the type (checked by their
     signature, not only the header). Empty: no uploads."""
     messages_per_minute: _Positive = 20
-    """Messages (text, choices, uploads) one visitor may send per minute, with bursts of a
-    quarter of that; more are refused with ``rate_limited`` and a wait."""
-    connections_per_minute: _Positive = 30
-    """WebSocket handshakes one address (IP) may open per minute (more: 429)."""
+    """Messages (text, choices, uploads, profile changes) one visitor may send per minute,
+    in bursts of a quarter of that; more are refused with ``rate_limited`` and a wait."""
+    connections_per_minute: _Positive = 120
+    """WebSocket handshakes one address (IP) may open per minute, in bursts of a third of
+    that (more: 429). Visitors behind one office NAT share an address: keep it generous."""
     trust_forwarded: bool = False
     """Take the visitor's address from ``X-Forwarded-For`` (behind your own reverse proxy
     only: anyone can send that header)."""

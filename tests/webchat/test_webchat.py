@@ -338,3 +338,21 @@ async def test_a_history_record_stays_under_its_byte_limit_by_dropping_the_oldes
     assert 0 < len(kept) < 20 and kept[-1]["text"].startswith("19")
     assert [e["text"][:2] for e in kept] == [f"{i:02d}" for i in range(20 - len(kept), 20)]
     assert len(await inbound(nats_server.url)) == 20
+
+
+async def test_the_address_limit_reads_x_forwarded_for_only_when_trusted(gateway_factory):
+    trusting = await gateway_factory({"web": webchat(connections_per_minute=3, trust_forwarded=True)})
+    await Visitor.connect(trusting.http.port, additional_headers={"X-Forwarded-For": "198.51.100.7"})
+    await Visitor.connect(trusting.http.port, additional_headers={"X-Forwarded-For": "198.51.100.8, 10.0.0.1"})
+    assert await refused(trusting.http.port, additional_headers={"X-Forwarded-For": "198.51.100.7"}) == 429
+
+    plain = await gateway_factory({"web": webchat(connections_per_minute=3)})
+    await Visitor.connect(plain.http.port, additional_headers={"X-Forwarded-For": "198.51.100.7"})
+    # Anyone can write that header: without trust_forwarded the socket's address counts.
+    assert await refused(plain.http.port, additional_headers={"X-Forwarded-For": "198.51.100.9"}) == 429
+
+
+def test_an_unknown_key_in_offline_hours_is_a_config_error_naming_it():
+    with pytest.raises(ConfigError) as info:
+        make_config("nats://127.0.0.1:4222", {"web": webchat(offline_hours={"start": "18:00", "ende": "09:00"})})
+    assert "offline_hours.ende" in str(info.value)

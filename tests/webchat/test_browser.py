@@ -261,6 +261,8 @@ def test_survey_choices_are_buttons_on_a_phone_screen_and_the_answer_is_a_choice
         assert box is not None and box["width"] == 375 and box["height"] == 667
         composer = page.get_by_placeholder("Type a message").bounding_box()
         assert composer is not None and composer["y"] + composer["height"] <= 667
+        ARTIFACTS.mkdir(exist_ok=True)
+        page.screenshot(path=ARTIFACTS / "webchat-phone.png")
     finally:
         phone.close()
 

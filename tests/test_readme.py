@@ -11,6 +11,7 @@ not run (it runs this suite)."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
 import shlex
@@ -18,7 +19,9 @@ import signal
 import sys
 from pathlib import Path
 
+import httpx
 import pytest
+import websockets.asyncio.client
 
 from gateway.testing import free_port, wait_until
 
@@ -72,7 +75,7 @@ class Folder:
 
     def localize(self, text: str) -> str:
         return text.replace("localhost:8080", f"localhost:{self.http_port}").replace(
-            "127.0.0.1:4222", f"127.0.0.1:{self.nats_port}")
+            "127.0.0.1:8080", f"127.0.0.1:{self.http_port}").replace("127.0.0.1:4222", f"127.0.0.1:{self.nats_port}")
 
     async def start(self, command: str, activate: bool = True) -> asyncio.subprocess.Process:
         script = (". .venv/bin/activate && " if activate else "") + self.localize(command)
@@ -206,6 +209,27 @@ async def test_readme_run_tour_and_backend_work_as_written(folder):
     metrics = (await folder.run(command("curl -s localhost:8080/metrics | grep ^gateway_"))).splitlines()
     assert metrics and all(ln.startswith("gateway_") for ln in metrics)
     assert sorted(done) == sorted(commands), "a tour command was not run"
+
+    # 6. the web chat demo page: served, and a visitor's message and the reply go as the
+    # comments say (the visitor speaks the widget's WebSocket protocol, as widget.js does)
+    demo = re.search(r"# 6\. .*open (http://\S+/channels/(\w+)/demo)", tour)
+    assert demo, "tour step 6 names no demo page"
+    url, name = folder.localize(demo.group(1)), demo.group(2)
+    async with httpx.AsyncClient() as http:
+        page = await http.get(url)
+    assert page.status_code == 200 and 'src="widget.js"' in page.text, page.text[:300]
+    assert f"gw.in.webchat.{name}" in tour and f"gateway send --channel {name}" in tour
+    async with websockets.asyncio.client.connect(url.replace("http://", "ws://").replace("/demo", "/ws")) as ws:
+        assert json.loads(await ws.recv())["type"] == "welcome"
+        assert json.loads(await ws.recv())["type"] == "history"
+        await ws.send(json.dumps({"type": "message", "id": "tour-1", "text": "Hello from the website"}))
+        web_at = await tail.wait_for(f"gw.in.webchat.{name}  message", "'Hello from the website'")
+        web_conv = re.search(r"conv=(\S+)", tail.lines[web_at]).group(1)
+        await folder.run(f"gateway send --channel {name} --conversation {web_conv} --text 'Hi, how can we help?'")
+        async with asyncio.timeout(30):
+            while (frame := json.loads(await ws.recv()))["type"] != "message" or frame["message"]["by"] != "agent":
+                pass
+        assert frame["message"]["text"] == "Hi, how can we help?"
 
     # --- Write a backend: the snippet as pasted, saved as backend.py -----------------
     (folder.path / "backend.py").write_text(folder.localize(_block("backend")))

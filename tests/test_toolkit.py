@@ -147,6 +147,21 @@ async def test_typed_record_round_trips_and_garbage_reads_as_missing(ctx):
     assert await ctx.state.get_record("cp", Checkpoint) is None
 
 
+async def test_compare_and_set_with_a_ttl_keeps_the_check_and_the_retention(ctx):
+    assert await ctx.state.create("ring", b"1", ttl=1)
+    assert not await ctx.state.create("ring", b"again", ttl=1)
+    value, rev = await ctx.state.get_revision("ring")
+    assert await ctx.state.update("ring", b"2", rev, ttl=1)
+    assert not await ctx.state.update("ring", b"stale", rev, ttl=1)  # the revision moved on
+    assert await ctx.state.get("ring") == b"2"
+
+    async def expired() -> bool:
+        return await ctx.state.get("ring") is None
+
+    await wait_until(expired, 5, 0.2)
+    assert await ctx.state.create("ring", b"3", ttl=60)  # created again after it expired
+
+
 async def test_part_bytes_reads_inline_data_and_the_object_store(ctx):
     ref = await ctx.put_blob(b"stored" * 1000, content_type="image/png")
     assert await ctx.part_bytes(ImagePart(data=b"inline")) == b"inline"

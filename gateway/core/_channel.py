@@ -114,18 +114,20 @@ class KeyValue(abc.ABC):
         """Forget ``key`` (no error if absent)."""
 
     @abc.abstractmethod
-    async def create(self, key: str, value: bytes) -> bool:
-        """Store ``value`` only if ``key`` does not exist; True if it was stored."""
+    async def create(self, key: str, value: bytes, *, ttl: float | None = None) -> bool:
+        """Store ``value`` only if ``key`` does not exist; True if it was stored. ``ttl`` as
+        in :meth:`put`."""
 
     @abc.abstractmethod
     async def get_revision(self, key: str) -> tuple[bytes, int] | None:
         """The value and its revision (for :meth:`update`), or None."""
 
     @abc.abstractmethod
-    async def update(self, key: str, value: bytes, revision: int) -> bool:
+    async def update(self, key: str, value: bytes, revision: int, *, ttl: float | None = None) -> bool:
         """Compare-and-set: store ``value`` only if ``key`` is still at ``revision``; True
         if it was stored. With :meth:`create` this builds leases and single-flight locks
-        shared by every gateway process."""
+        shared by every gateway process. ``ttl`` as in :meth:`put` (a record several
+        processes append to, like a bounded history, keeps its retention)."""
 
     async def get_record(self, key: str, record_type: type[S]) -> S | None:
         """The msgspec Struct stored at ``key`` (by :meth:`put_record`), or None when

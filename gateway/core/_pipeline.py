@@ -236,9 +236,9 @@ class _State(KeyValue):
         except nats.js.errors.KeyNotFoundError:
             pass
 
-    async def create(self, key: str, value: bytes) -> bool:
+    async def create(self, key: str, value: bytes, *, ttl: float | None = None) -> bool:
         try:
-            await self._kv().create(self._key(key), value)
+            await self._kv().create(self._key(key), value, msg_ttl=None if ttl is None else max(1.0, ttl))
             return True
         except (nats.js.errors.KeyWrongLastSequenceError, nats.js.errors.APIError) as exc:
             if isinstance(exc, nats.js.errors.KeyWrongLastSequenceError) or getattr(exc, "err_code", None) == 10071:
@@ -252,9 +252,16 @@ class _State(KeyValue):
             return None
         return entry.value or b"", entry.revision
 
-    async def update(self, key: str, value: bytes, revision: int) -> bool:
+    async def update(self, key: str, value: bytes, revision: int, *, ttl: float | None = None) -> bool:
         try:
-            await self._kv().update(self._key(key), value, last=revision)
+            if ttl is None:
+                await self._kv().update(self._key(key), value, last=revision)
+            else:
+                # nats-py's update() takes no TTL: the same compare-and-set, by hand.
+                self._kv()  # the bus must be up
+                s = self.bus.subjects
+                await self.bus.js.publish(s.kv(s.kv_state, self._key(key)), value, msg_ttl=max(1.0, ttl),
+                                             headers={"Nats-Expected-Last-Subject-Sequence": str(revision)})
             return True
         except (nats.js.errors.KeyWrongLastSequenceError, nats.js.errors.APIError) as exc:
             if isinstance(exc, nats.js.errors.KeyWrongLastSequenceError) or getattr(exc, "err_code", None) == 10071:

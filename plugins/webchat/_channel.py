@@ -1,0 +1,610 @@
+"""The web chat channel: the widget script, a demo page, a WebSocket per visitor, image
+uploads, and replies kept in a bounded history so a visitor who was away sees them."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import secrets
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+from importlib import resources
+from typing import Any, Literal
+
+import msgspec
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from gateway import (
+    BusUnavailable,
+    Channel,
+    ChannelContext,
+    ChoicePart,
+    Conversation,
+    DeliveryError,
+    Handshake,
+    ImagePart,
+    LinkPart,
+    Outbound,
+    Participant,
+    Part,
+    Reach,
+    Receipt,
+    RequestError,
+    SignatureError,
+    Supervised,
+    TextPart,
+    WebSocketClosed,
+    WebSocketConnection,
+    quiet_until,
+    seconds,
+)
+
+from ._config import WebChatConfig
+from ._store import (
+    USER,
+    Contention,
+    Entry,
+    HistoryStore,
+    Image,
+    Profile,
+    RateLimiter,
+    TooLarge,
+    append,
+    check_token,
+    check_user,
+    issue_token,
+    new_visitor,
+)
+
+_CID = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
+_EMAIL = re.compile(r"^[^@\s]{1,64}@[^@\s]{1,190}\.[^@\s]{2,}$")
+_PHONE = re.compile(r"^\+?[0-9 ()-]{5,24}$")
+# The first bytes of each image type we accept: a file is what it says it is.
+_MAGIC: dict[str, tuple[bytes, ...]] = {
+    "image/png": (b"\x89PNG\r\n\x1a\n",),
+    "image/jpeg": (b"\xff\xd8\xff",),
+    "image/gif": (b"GIF87a", b"GIF89a"),
+    "image/webp": (b"RIFF",),
+}
+_RANK = {"": 0, "delivered": 1, "read": 2}
+INVALID_TOKEN = 4401
+"""Close code of a socket whose token is not ours (the widget then starts afresh)."""
+TRY_LATER = 1013
+"""Close code while the bus is unavailable (RFC 6455 "try again later")."""
+FORGOTTEN = 4410
+"""Close code after the visitor erased the conversation (the widget then starts afresh)."""
+
+
+# --- frames from the widget (JSON text, tagged on "type") ---------------------------------
+
+
+class _Say(msgspec.Struct, tag="message", tag_field="type", forbid_unknown_fields=True):
+    id: str
+    text: str
+
+
+class _Choose(msgspec.Struct, tag="choice", tag_field="type", forbid_unknown_fields=True):
+    id: str
+    survey: str
+    index: int
+
+
+class _Seen(msgspec.Struct, tag="seen", tag_field="type", forbid_unknown_fields=True):
+    ids: list[str]
+    state: Literal["delivered", "read"]
+
+
+class _Profile(msgspec.Struct, tag="profile", tag_field="type", forbid_unknown_fields=True):
+    name: str
+    email: str = ""
+    phone: str = ""
+
+
+class _Forget(msgspec.Struct, tag="forget", tag_field="type", forbid_unknown_fields=True):
+    pass
+
+
+_frames = msgspec.json.Decoder(_Say | _Choose | _Seen | _Profile | _Forget)
+
+
+@dataclass(frozen=True)
+class Visitor:
+    """Who a socket belongs to, decided at the handshake."""
+
+    subject: str = ""
+    """``v-<random>`` (anonymous) or ``u-<user id>`` (signed by the site)."""
+    token: str | None = None
+    """A token to hand to the widget (new visitor, or a signed-in user)."""
+    address: str = ""
+    error: str | None = None
+    """Why the token or user signature was refused (told in-band, then closed)."""
+
+
+class Refused(Exception):
+    """A widget frame we answer with an error frame (the socket stays open)."""
+
+    def __init__(self, code: str, message: str, *, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.code, self.message, self.retry_after = code, message, retry_after
+
+
+def _static(name: str) -> bytes:
+    return resources.files(__package__).joinpath("static", name).read_bytes()
+
+
+class WebChatChannel(Channel):
+    """A chat widget on the desk's own website: ``/channels/<name>/widget.js`` to embed,
+    ``/demo`` to try, ``/ws`` for the widget's socket, ``/upload`` for images."""
+
+    channel_type = "webchat"
+    config_type = WebChatConfig
+    supported_parts = frozenset({"text", "image", "link"})
+
+    def __init__(self, ctx: ChannelContext) -> None:
+        super().__init__(ctx)
+        cfg: WebChatConfig = ctx.config
+        self.cfg = cfg
+        self.history = HistoryStore(ctx.state, cfg.history_size, seconds(cfg.history_ttl))
+        self.sockets: dict[str, set[WebSocketConnection]] = {}
+        """Open widget sockets of this process, by conversation key."""
+        self.visitor_limit = RateLimiter(cfg.messages_per_minute, max(1, cfg.messages_per_minute // 4))
+        self.address_limit = RateLimiter(cfg.connections_per_minute, max(1, cfg.connections_per_minute // 3))
+        self._secret: bytes | None = cfg.secret.encode() if cfg.secret else None
+        # What the open widgets of a conversation were sent, for the catch-up of replies
+        # another gateway process delivered: entry ids, and the history's last revision.
+        self._known: dict[str, set[str]] = {}
+        self._revisions: dict[str, int] = {}
+        self._sync: Supervised | None = None
+        self._widget = _static("widget.js")
+        self._demo = _static("demo.html").replace(b"{{title}}", _html_escape(cfg.title).encode())
+
+    async def start(self) -> None:
+        ctx, cfg = self.ctx, self.cfg
+        ctx.add_route("/widget.js", self._serve_widget, methods=["GET"])
+        if cfg.demo:
+            ctx.add_route("/demo", self._serve_demo, methods=["GET"])
+        ctx.add_route("/upload", self._upload, methods=["POST", "OPTIONS"], max_body=cfg.max_upload_size)
+        ctx.add_route("/media/{entry}/{n:int}", self._media, methods=["GET", "OPTIONS"])
+        # A text frame holds at most max_message_chars characters of 4 UTF-8 bytes, quoted.
+        ctx.add_websocket("/ws", self._session, authorize=self._authorize, max_connections=cfg.max_connections,
+                          max_message_size=cfg.max_message_chars * 6 + 1024, idle_timeout=seconds(cfg.idle_timeout),
+                          send_queue=256)
+        if seconds(cfg.sync_interval) > 0:
+            self._sync = Supervised(f"webchat-sync {ctx.name}", self._sync_loop, set_state=ctx.set_state, log=ctx.log)
+            self._sync.start()
+
+    async def stop(self) -> None:
+        if self._sync is not None:
+            await self._sync.stop()
+            self._sync = None
+
+    async def _sync_loop(self, task: Supervised) -> None:
+        """Push replies that reached a conversation's history through another gateway
+        process to this process's open widgets of that conversation."""
+        interval = seconds(self.cfg.sync_interval)
+        task.running()
+        while True:
+            await asyncio.sleep(interval)
+            for key in list(self.sockets):
+                got = await self.ctx.state.get_revision(HistoryStore.key(key))
+                if got is None or self._revisions.get(key) == got[1]:
+                    continue
+                self._revisions[key] = got[1]
+                known = self._known.setdefault(key, set())
+                for entry in self.history.decode(got[0]):
+                    if entry.id not in known:
+                        await self._push(key, {"type": "message", "message": _view(entry)})
+
+    # --- identity ------------------------------------------------------------------------
+
+    async def secret(self) -> bytes:
+        """The token key: configured, or generated once and shared through the channel's state."""
+        if self._secret is None:
+            raw = await self.ctx.state.get("secret")
+            if raw is None:
+                await self.ctx.state.create("secret", secrets.token_hex(32).encode())
+                raw = await self.ctx.state.get("secret")
+            if not raw:
+                raise BusUnavailable("the channel secret could not be read")
+            self._secret = raw
+        return self._secret
+
+    def _origin_allowed(self, origin: str | None, host: str | None) -> bool:
+        """No Origin (not a browser), the gateway's own origin (the demo page), or listed."""
+        if origin is None:
+            return True
+        if host and origin in (f"http://{host}", f"https://{host}"):
+            return True
+        return origin in self.cfg.allowed_origins
+
+    def _address(self, headers: Any, client: Any) -> str:
+        if self.cfg.trust_forwarded:
+            forwarded = headers.get("x-forwarded-for", "").split(",")[0].strip()
+            if forwarded:
+                return forwarded
+        return str(client[0]) if client else "unknown"
+
+    async def _authorize(self, handshake: Handshake) -> Visitor:
+        if not self._origin_allowed(handshake.origin, handshake.headers.get("host")):
+            raise RequestError("origin not allowed", status=403)
+        address = self._address(handshake.headers, handshake.client)
+        wait = self.address_limit.take("ws:" + address)
+        if wait:
+            raise RequestError(f"too many connections from this address, retry in {wait:.0f}s", status=429)
+        try:
+            secret = await self.secret()
+        except BusUnavailable:
+            raise RequestError("bus unavailable, retry later", status=503) from None
+        q = handshake.query
+        try:
+            if q.get("user") is not None:
+                subject = check_user(self.cfg.user_secret, q["user"], q.get("signature"))
+                return Visitor(subject=subject, token=issue_token(secret, subject), address=address)
+            if q.get("token"):
+                return Visitor(subject=check_token(secret, q["token"]), address=address)
+        except SignatureError as exc:
+            # In-band: a browser's WebSocket cannot read a refused handshake's status.
+            return Visitor(address=address, error=exc.reason)
+        subject = new_visitor()
+        return Visitor(subject=subject, token=issue_token(secret, subject), address=address)
+
+    async def _bearer(self, request: Request) -> str:
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer":
+            raise RequestError("missing visitor token (Authorization: Bearer)", status=401)
+        try:
+            return check_token(await self.secret(), token.strip())
+        except SignatureError:
+            raise RequestError("invalid visitor token", status=401) from None
+
+    # --- the socket ----------------------------------------------------------------------
+
+    def online(self) -> bool:
+        """Is the desk staffed now (outside ``offline_hours``)?"""
+        hours = self.cfg.offline_hours
+        return hours is None or quiet_until(hours.quiet(), datetime.now(timezone.utc)) is None
+
+    async def _session(self, conn: WebSocketConnection) -> None:
+        visitor: Visitor = conn.identity
+        if visitor.error is not None:
+            # The close reason is the message: a close goes out ahead of queued frames.
+            await conn.close(INVALID_TOKEN, visitor.error[:120])
+            return
+        key = self.ctx.conversation_key(visitor.subject)
+        try:
+            profile = await self.ctx.state.get_record("profile." + visitor.subject, Profile)
+            entries = await self.history.read(key)
+        except BusUnavailable:
+            # Nothing can be shown or kept now: "try again later"; the widget reconnects.
+            await conn.close(TRY_LATER, "bus unavailable, retry later")
+            return
+        self.sockets.setdefault(key, set()).add(conn)
+        self._known.setdefault(key, set()).update(e.id for e in entries)
+        try:
+            cfg = self.cfg
+            online = self.online()
+            await conn.send(_json({
+                "type": "welcome", "token": visitor.token, "title": cfg.title, "welcome": cfg.welcome,
+                "online": online, "notice": "" if online else cfg.offline_notice,
+                "prechat": cfg.prechat and profile is None and not visitor.subject.startswith(USER),
+                "upload_types": cfg.upload_types, "max_upload_size": cfg.max_upload_size,
+                "max_chars": cfg.max_message_chars, "user": visitor.subject.startswith(USER)}))
+            await conn.send(_json({"type": "history", "messages": [_view(e) for e in entries]}))
+            async for data in conn:
+                await self._frame(conn, visitor, key, data)
+        finally:
+            group = self.sockets.get(key)
+            if group is not None:
+                group.discard(conn)
+                if not group:
+                    del self.sockets[key]
+                    self._known.pop(key, None)
+                    self._revisions.pop(key, None)
+
+    async def _frame(self, conn: WebSocketConnection, visitor: Visitor, key: str, data: str | bytes) -> None:
+        try:
+            frame = _frames.decode(data)
+        except msgspec.DecodeError:
+            await conn.send(_json({"type": "error", "code": "bad_frame", "message": "not a widget message"}))
+            return
+        cid = getattr(frame, "id", None)
+        try:
+            if isinstance(frame, _Say):
+                entry = await self._say(visitor, key, frame)
+            elif isinstance(frame, _Choose):
+                entry = await self._choose(visitor, key, frame)
+            elif isinstance(frame, _Seen):
+                await self._seen(key, frame)
+                return
+            elif isinstance(frame, _Forget):
+                self._limit(visitor)
+                await self._forget(conn, visitor, key)
+                return
+            else:
+                self._limit(visitor)  # each profile is a write
+                await self._profile(conn, visitor, frame)
+                return
+        except Refused as exc:
+            await conn.send(_json({"type": "error", "id": cid, "code": exc.code, "message": exc.message,
+                                   "retry_after": exc.retry_after}))
+            return
+        except (BusUnavailable, Contention):
+            await conn.send(_json({"type": "error", "id": cid, "code": "unavailable",
+                                   "message": "not stored yet, retrying", "retry_after": 3}))
+            return
+        view = _view(entry)
+        await conn.send(_json({"type": "ack", "id": cid, "message": view}))
+        await self._push(key, {"type": "message", "message": view}, skip=conn)
+
+    def _limit(self, visitor: Visitor) -> None:
+        wait = self.visitor_limit.take(visitor.subject)
+        if wait:
+            raise Refused("rate_limited", "too many messages, please wait", retry_after=round(wait, 1))
+
+    async def _say(self, visitor: Visitor, key: str, frame: _Say) -> Entry:
+        if not _CID.match(frame.id):
+            raise Refused("bad_frame", "message id must be 1-64 letters, digits or _.:-")
+        text = frame.text.strip()
+        if not text:
+            raise Refused("empty", "empty message")
+        if len(text) > self.cfg.max_message_chars:
+            raise Refused("too_long", f"message longer than {self.cfg.max_message_chars} characters")
+        self._limit(visitor)
+        return await self._publish(visitor, key, frame.id, [TextPart(text=text)], Entry(
+            id="", by="visitor", at=_now(), text=text, cid=frame.id))
+
+    async def _choose(self, visitor: Visitor, key: str, frame: _Choose) -> Entry:
+        if not _CID.match(frame.id):
+            raise Refused("bad_frame", "message id must be 1-64 letters, digits or _.:-")
+        entries = await self.history.read(key)
+        survey = next((e for e in entries if e.id == frame.survey and e.by == "agent" and e.choices), None)
+        if survey is None or not 0 <= frame.index < len(survey.choices):
+            raise Refused("no_survey", "no such survey or choice in this conversation")
+        if survey.answered is not None:
+            raise Refused("answered", "this survey was answered already")
+        if survey.answer_until is not None and _now() > survey.answer_until:
+            raise Refused("expired", "this survey is closed")
+        self._limit(visitor)
+        choice = survey.choices[frame.index]
+        entry = await self._publish(
+            visitor, key, "choice:" + frame.survey,
+            [TextPart(text=choice), ChoicePart(survey=frame.survey, choice=choice, index=frame.index)],
+            Entry(id="", by="visitor", at=_now(), text=choice, cid=frame.id))
+
+        def mark(items: list[Entry]) -> bool:
+            for e in items:
+                if e.id == frame.survey and e.answered is None:
+                    e.answered = frame.index
+                    return True
+            return False
+
+        await self.history.change(key, mark)
+        await self._push(key, {"type": "answered", "survey": frame.survey, "index": frame.index})
+        return entry
+
+    async def _publish(self, visitor: Visitor, key: str, cid: str, parts: list[Part], entry: Entry) -> Entry:
+        """Publish a visitor's message (once per ``cid``: retries are duplicates), then keep it
+        in the history (also on a retry, in case the first try stopped in between)."""
+        profile = await self.ctx.state.get_record("profile." + visitor.subject, Profile)
+        meta: dict[str, Any] = {"visitor": "user" if visitor.subject.startswith(USER) else "anonymous"}
+        if profile is not None:
+            meta.update({k: v for k, v in (("email", profile.email), ("phone", profile.phone)) if v})
+        message = self.ctx.message(conversation=visitor.subject,
+                                   sender=Participant(id=visitor.subject, name=profile.name if profile else None),
+                                   parts=parts, provider_id=f"{visitor.subject}:{cid}", meta=meta)
+        await self.ctx.publish(message, route={"subject": visitor.subject})
+        entry.id = message.id
+        try:
+            await self.history.change(key, append(entry))
+        except (BusUnavailable, Contention) as exc:
+            # On the bus already: only the widget's copy is missing; its retry adds it.
+            self.ctx.log.warning("visitor message published but not kept in history", error=str(exc))
+        return entry
+
+    async def _seen(self, key: str, frame: _Seen) -> None:
+        """The widget showed (``delivered``) or the visitor saw (``read``) agent messages:
+        each state is reported once per message, only for messages of this conversation."""
+        wanted = set(frame.ids[:200])
+        rank = _RANK[frame.state]
+        changed: list[str] = []
+
+        def mark(entries: list[Entry]) -> bool:
+            changed.clear()
+            for e in entries:
+                if e.by == "agent" and e.id in wanted and _RANK[e.state] < rank:
+                    e.state = frame.state
+                    changed.append(e.id)
+            return bool(changed)
+
+        await self.history.change(key, mark)
+        for outbound_id in changed:
+            await self.ctx.report_status(outbound_id, frame.state, conversation=key)
+
+    async def _profile(self, conn: WebSocketConnection, visitor: Visitor, frame: _Profile) -> None:
+        name, email, phone = frame.name.strip(), frame.email.strip(), frame.phone.strip()
+        problem = ("a name of 1 to 80 characters is needed" if not 0 < len(name) <= 80 else
+                   "that email address does not look right" if email and not _EMAIL.match(email) else
+                   "that phone number does not look right" if phone and not _PHONE.match(phone) else None)
+        if problem:
+            await conn.send(_json({"type": "error", "code": "bad_profile", "message": problem}))
+            return
+        await self.ctx.state.put_record("profile." + visitor.subject, Profile(name=name, email=email, phone=phone),
+                                        ttl=self.history.ttl)
+        await conn.send(_json({"type": "profile_saved"}))
+
+    async def _forget(self, conn: WebSocketConnection, visitor: Visitor, key: str) -> None:
+        """The visitor erases the conversation: history and profile go, replies still on their
+        way are refused (``forgotten``) for ``history_ttl``, and the widget starts afresh as
+        a new visitor. A signed-in user's conversation belongs to the site: not here."""
+        if visitor.subject.startswith(USER):
+            raise Refused("not_allowed", "a signed-in conversation is erased by the site, not the widget")
+        await self.ctx.state.put("forgotten." + key, b"1", ttl=self.history.ttl)
+        await self.ctx.state.delete(HistoryStore.key(key))
+        await self.ctx.state.delete("profile." + visitor.subject)
+        for other in list(self.sockets.get(key, ())):  # this one too; the close code says why
+            await other.close(FORGOTTEN, "conversation erased")
+
+    async def _push(self, key: str, frame: dict[str, Any], skip: WebSocketConnection | None = None) -> int:
+        """Send ``frame`` to every open socket of the conversation in this process."""
+        targets = [c for c in self.sockets.get(key, ()) if c is not skip]
+        if frame["type"] == "message" and key in self.sockets:
+            self._known.setdefault(key, set()).add(frame["message"]["id"])
+        data = _json(frame)
+
+        async def one(c: WebSocketConnection) -> None:
+            try:
+                await c.send(data)
+            except WebSocketClosed:
+                pass
+
+        await asyncio.gather(*(one(c) for c in targets))
+        return len(targets)
+
+    # --- outbound ----------------------------------------------------------------------
+
+    async def deliver(self, outbound: Outbound, conversation: Conversation) -> Receipt:
+        texts: list[str] = []
+        images: list[Image] = []
+        for part in outbound.parts:
+            if isinstance(part, TextPart):
+                texts.append(part.text)
+            elif isinstance(part, LinkPart):
+                texts.append(f"{part.title}: {part.url}" if part.title else part.url)
+            elif isinstance(part, ImagePart):
+                ref = part.ref
+                if ref is None:  # inline: into the object store, the history keeps only references
+                    ref = await self.ctx.put_blob(await self.ctx.part_bytes(part), content_type=part.content_type)
+                images.append(Image(ref=ref, content_type=part.content_type or "application/octet-stream"))
+        if await self.ctx.state.get("forgotten." + conversation.key) is not None:
+            raise DeliveryError("the visitor erased this conversation", permanent=True, code="forgotten")
+        now = _now()
+        survey = outbound.survey
+        entry = Entry(id=outbound.id, by="agent", at=now, text="\n\n".join(texts), images=images,
+                      choices=list(survey.choices) if survey else [],
+                      answer_until=now + timedelta(seconds=survey.answer_within) if survey else None)
+        try:
+            await self.history.change(conversation.key, append(entry))
+        except (BusUnavailable, Contention) as exc:
+            raise DeliveryError(f"history not stored: {exc}", permanent=False, code="history_unavailable") from exc
+        except TooLarge as exc:
+            raise DeliveryError(str(exc), permanent=True, code="too_large") from exc
+        online = await self._push(conversation.key, {"type": "message", "message": _view(entry)})
+        return Receipt(provider_id=outbound.id, meta={"open_widgets": online})
+
+    async def reach(self, conversation: Conversation, at: datetime) -> Reach:
+        """Always reachable (a reply waits in the history until the visitor comes back),
+        unless the visitor erased the conversation."""
+        if await self.ctx.state.get("forgotten." + conversation.key) is not None:
+            return Reach(ok=False, code="forgotten", detail="the visitor erased this conversation")
+        return Reach(ok=True)
+
+    async def read_history(self, conversation: str) -> list[Entry]:
+        """A conversation's kept entries, oldest first (what a returning visitor is shown)."""
+        return await self.history.read(conversation)
+
+    # --- HTTP: script, demo, uploads, media ---------------------------------------------
+
+    async def _serve_widget(self, request: Request) -> Response:
+        return Response(self._widget, media_type="application/javascript; charset=utf-8",
+                        headers={"Cache-Control": "public, max-age=300", "X-Content-Type-Options": "nosniff",
+                                 "Cross-Origin-Resource-Policy": "cross-origin"})
+
+    async def _serve_demo(self, request: Request) -> Response:
+        url = request.url
+        widget = f"{url.scheme}://{url.netloc}/channels/{self.ctx.name}/widget.js"
+        page = self._demo.replace(b"{{widget}}", _html_escape(widget).encode())
+        return Response(page, media_type="text/html; charset=utf-8", headers={
+            "Content-Security-Policy": "default-src 'self'; connect-src 'self' ws: wss:; img-src 'self' blob: data:; "
+                                       "style-src 'self' 'unsafe-inline'; frame-ancestors 'none'",
+            "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer"})
+
+    def _cors(self, request: Request) -> dict[str, str]:
+        origin = request.headers.get("origin")
+        if not self._origin_allowed(origin, request.headers.get("host")):
+            raise RequestError("origin not allowed", status=403)
+        if origin is None:
+            return {}
+        return {"Access-Control-Allow-Origin": origin, "Vary": "Origin",
+                "Access-Control-Allow-Headers": "authorization, content-type",
+                "Access-Control-Allow-Methods": "GET, POST", "Access-Control-Max-Age": "600"}
+
+    async def _upload(self, request: Request) -> Response:
+        """``POST /upload?id=<widget id>`` with the image as the body, the visitor's token as
+        ``Authorization: Bearer``: stored in the object store, published as an image part."""
+        cors = self._cors(request)
+        if request.method == "OPTIONS":
+            return Response(status_code=204, headers=cors)
+        subject = await self._bearer(request)
+        cid = request.query_params.get("id", "")
+        if not _CID.match(cid):
+            raise RequestError("query parameter id must be 1-64 letters, digits or _.:-")
+        content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if content_type not in self.cfg.upload_types:
+            raise RequestError("this image type is not accepted", status=415)
+        visitor = Visitor(subject=subject, address=self._address(request.headers, request.client))
+        wait = self.visitor_limit.take(subject)
+        if wait:
+            raise RequestError(f"too many messages, retry in {wait:.0f}s", status=429)
+        body = await request.body()
+        if not body.startswith(_MAGIC.get(content_type, (b"",))):
+            raise RequestError("the file is not the image type it claims", status=415)
+        if content_type == "image/webp" and body[8:12] != b"WEBP":
+            raise RequestError("the file is not the image type it claims", status=415)
+        ref = await self.ctx.put_blob(body, content_type=content_type)
+        key = self.ctx.conversation_key(subject)
+        entry = await self._publish(
+            visitor, key, "img:" + cid, [ImagePart(ref=ref, content_type=content_type, size=len(body))],
+            Entry(id="", by="visitor", at=_now(), cid=cid, images=[Image(ref=ref, content_type=content_type)]))
+        view = _view(entry)
+        await self._push(key, {"type": "message", "message": view})
+        return JSONResponse({"message": view}, headers=cors)
+
+    async def _media(self, request: Request) -> Response:
+        """``GET /media/<entry id>/<n>``: an image of the visitor's own conversation."""
+        cors = self._cors(request)
+        if request.method == "OPTIONS":
+            return Response(status_code=204, headers=cors)
+        subject = await self._bearer(request)
+        entry_id, n = request.path_params["entry"], request.path_params["n"]
+        entries = await self.history.read(self.ctx.conversation_key(subject))
+        entry = next((e for e in entries if e.id == entry_id), None)
+        if entry is None or not 0 <= n < len(entry.images):
+            raise RequestError("no such image in this conversation", status=404)
+        image = entry.images[n]
+        data = await self.ctx.get_blob(image.ref)
+        # Only raster types are shown inline; anything else (an agent's SVG ...) is a download.
+        media = image.content_type if image.content_type in _MAGIC else "application/octet-stream"
+        return Response(data, media_type=media, headers={
+            **cors, "X-Content-Type-Options": "nosniff", "Cache-Control": "private, max-age=3600",
+            "Content-Disposition": "inline" if media.startswith("image/") else "attachment"})
+
+
+def _now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def _view(e: Entry) -> dict[str, Any]:
+    """An entry as the widget sees it: no object-store references."""
+    view: dict[str, Any] = {"id": e.id, "by": e.by, "at": e.at.isoformat(), "text": e.text}
+    if e.cid:
+        view["cid"] = e.cid
+    if e.images:
+        view["images"] = len(e.images)
+    if e.choices:
+        view["choices"] = e.choices
+        view["answered"] = e.answered
+    if e.state:
+        view["state"] = e.state
+    return view
+
+
+_encoder = msgspec.json.Encoder()
+
+
+def _json(frame: dict[str, Any]) -> str:
+    return _encoder.encode(frame).decode()
+
+
+def _html_escape(text: str) -> str:
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;").replace('"', "&quot;")

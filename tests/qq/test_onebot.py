@@ -320,3 +320,21 @@ async def test_event_while_bus_is_down_is_published_once_it_is_back(gateway_fact
     assert [m.provider_id for m in msgs] == [f"{SELF_ID}:77"]
     assert await statuses(nats_server.url) == []
     await bot.close()
+
+
+async def test_hostile_socket_messages_are_counted_and_hurt_nothing(gateway_factory: Any, nats_server: Any) -> None:
+    gw, bot = await _start(gateway_factory)
+    await bot.ws.send("not json {")
+    await bot.ws.send("[1, 2]")
+    await bot.send({"post_type": "message", "message_type": "group", "message": "no ids"})
+    await bot.send(group_message(42, message_id=8))  # message neither string nor segments
+    await bot.send({"echo": "gw-unknown", "status": "ok", "retcode": 0, "data": None})  # an answer nobody awaits
+    await bot.send(private_message("still fine", message_id=9))
+    [msg] = await published(nats_server.url, 1)
+    assert msg.provider_id == f"{SELF_ID}:9"
+
+    async def counted() -> bool:
+        return await metric(gw.http.port, "gateway_channel_events_total", event="onebot_malformed") == 4
+
+    await wait_until(counted)
+    await bot.close()

@@ -27,15 +27,24 @@ class GroupRule(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 
 class OneBotConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     """``[channels.<name>.onebot]``: a OneBot v11 implementation (NapCat, Lagrange.OneBot,
-    LLOneBot ...) logged in to a QQ account connects to the gateway by reverse WebSocket."""
+    LLOneBot ...) logged in to a QQ account."""
 
-    transport: Literal["reverse_ws"] = "reverse_ws"
-    """How the implementation reaches us. Only ``reverse_ws`` (the implementation connects
-    to ``/channels/<name>/onebot``) is built so far."""
+    transport: Literal["reverse_ws", "forward_ws", "http"] = "reverse_ws"
+    """``reverse_ws``: the implementation connects to ``/channels/<name>/onebot``;
+    ``forward_ws``: the gateway connects to the implementation's WebSocket server at
+    ``url``; ``http``: events are POSTed to ``/channels/<name>/onebot`` (signed with
+    ``secret``) and replies go to the implementation's HTTP API at ``url``."""
+    url: str = ""
+    """``forward_ws``: the implementation's WebSocket server (``ws://host:port/``);
+    ``http``: its HTTP API (``http://host:port``)."""
     access_token: str = ""
     """The implementation's ``access_token``: required as ``Authorization: Bearer <token>``
-    (or ``?access_token=``) on the handshake. Empty accepts any client: use only on a
-    loopback-only listener."""
+    (or ``?access_token=``) on a reverse handshake, sent by the gateway on a forward socket
+    and HTTP API calls. Empty on ``reverse_ws`` accepts any client: only on a loopback-only
+    listener."""
+    secret: str = ""
+    """``http``: the implementation's ``secret``; every POSTed event must carry
+    ``X-Signature: sha1=<HMAC-SHA1 of the body>`` (required with ``http``)."""
     self_ids: list[str] = []
     """QQ numbers of bot accounts allowed to connect (``X-Self-ID``); empty allows any."""
     api_timeout: Duration = "10s"
@@ -64,6 +73,13 @@ class OneBotConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     base64 media can be large)."""
     max_connections: Annotated[int, msgspec.Meta(ge=1)] = 16
     """Most sockets open at once (one per bot account is normal)."""
+
+
+    def __post_init__(self) -> None:
+        if self.transport == "http" and (not self.secret or not self.url.startswith(("http://", "https://"))):
+            raise ValueError("transport http needs secret (signs events) and url (the HTTP API, http(s)://)")
+        if self.transport == "forward_ws" and not self.url.startswith(("ws://", "wss://")):
+            raise ValueError("transport forward_ws needs url (the implementation's ws:// or wss:// server)")
 
 
 class OfficialConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):

@@ -11,7 +11,15 @@ import json
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any
+from collections.abc import AsyncIterable
+from typing import Any, Protocol
+
+import httpx
+import websockets
+from starlette.requests import Request
+from starlette.responses import Response
+from websockets.asyncio.client import ClientConnection
+from websockets.protocol import State
 
 import msgspec
 
@@ -20,6 +28,8 @@ from gateway import (
     BusUnavailable,
     ChannelContext,
     Conversation,
+    SignatureError,
+    WebSocketClient,
     DeliveryError,
     EventPart,
     FilePart,
@@ -34,8 +44,10 @@ from gateway import (
     VideoPart,
     WebSocketClosed,
     WebSocketConnection,
+    provider_error,
     seconds,
     tokens_equal,
+    verify_hmac,
 )
 
 from ._config import GroupRule, OneBotConfig
@@ -61,12 +73,63 @@ class _Quoted(msgspec.Struct, kw_only=True):
     user_id: str
 
 
+class _Link(Protocol):
+    """One socket to the implementation, whichever side opened it."""
+
+    @property
+    def closed(self) -> bool: ...
+
+    async def send(self, data: str) -> None: ...
+
+    async def close(self, code: int, reason: str) -> None: ...
+
+
+class _ServerLink:
+    """A reverse WebSocket (the toolkit's :class:`WebSocketConnection`) as a :class:`_Link`."""
+
+    def __init__(self, conn: WebSocketConnection) -> None:
+        self.conn = conn
+
+    @property
+    def closed(self) -> bool:
+        return self.conn.closed
+
+    async def send(self, data: str) -> None:
+        await self.conn.send(data)
+
+    async def close(self, code: int, reason: str) -> None:
+        await self.conn.close(code, reason)
+
+
+class _ClientLink:
+    """A forward WebSocket (websockets ``ClientConnection``) as a :class:`_Link`."""
+
+    def __init__(self, ws: ClientConnection) -> None:
+        self.ws = ws
+
+    @property
+    def closed(self) -> bool:
+        return self.ws.state is not State.OPEN
+
+    async def send(self, data: str) -> None:
+        try:
+            await self.ws.send(data)
+        except websockets.ConnectionClosed:
+            raise WebSocketClosed(self.ws.close_code, "") from None
+
+    async def close(self, code: int, reason: str) -> None:
+        await self.ws.close(code, reason)
+
+
 @dataclass
 class _Bot:
-    """One connected bot account."""
+    """One bot account: its socket (None over HTTP), API calls waiting for their answer,
+    the events waiting to be published, its heartbeats."""
 
     self_id: str
-    conn: WebSocketConnection
+    link: _Link | None
+    ready: asyncio.Event = field(default_factory=asyncio.Event)
+    """Set once ``self_id`` is known (at once, except on a forward socket)."""
     pending: dict[str, asyncio.Future[dict[str, Any]]] = field(default_factory=dict)
     queue: asyncio.Queue[dict[str, Any] | None] = field(default_factory=lambda: asyncio.Queue(_MAX_QUEUE))
     connected_at: float = field(default_factory=time.monotonic)
@@ -131,21 +194,36 @@ class OneBot:
         self._pace: dict[str, float] = {}
         self._pace_locks: dict[str, asyncio.Lock] = {}
         self._watchdog: asyncio.Task[None] | None = None
-        self.health_detail: str | None = None
+        self.client: WebSocketClient | None = None
+        self.http: httpx.AsyncClient | None = None
 
     async def start(self) -> None:
-        self.ctx.add_websocket(WS_PATH, self.session, authorize=self.authorize,
-                               max_connections=self.cfg.max_connections,
-                               max_message_size=self.cfg.max_message_size, idle_timeout=None)
+        transport = self.cfg.transport
+        if transport == "reverse_ws":
+            self.ctx.add_websocket(WS_PATH, self.session, authorize=self.authorize,
+                                   max_connections=self.cfg.max_connections,
+                                   max_message_size=self.cfg.max_message_size, idle_timeout=None)
+        elif transport == "forward_ws":
+            headers = {"Authorization": f"Bearer {self.cfg.access_token}"} if self.cfg.access_token else {}
+            self.client = WebSocketClient(self.ctx, self.cfg.url, self.forward_session, headers=headers,
+                                          max_message_size=self.cfg.max_message_size, report_health=False)
+            self.client.start()
+        else:
+            self.http = httpx.AsyncClient(timeout=self.api_timeout, headers={"User-Agent": "omnichannel-gateway"})
+            self.ctx.add_route(WS_PATH, self.http_event, methods=["POST"], max_body=self.cfg.max_message_size)
         self._watchdog = asyncio.create_task(self._watch(), name=f"qq-onebot-watchdog:{self.ctx.name}")
 
     async def stop(self) -> None:
+        if self.client is not None:
+            await self.client.stop()
         if self._watchdog is not None:
             self._watchdog.cancel()
             try:
                 await self._watchdog
             except asyncio.CancelledError:
                 pass
+        if self.http is not None:
+            await self.http.aclose()
 
     # --- handshake and session ---------------------------------------------------
 
@@ -167,26 +245,68 @@ class OneBot:
         return self_id
 
     async def session(self, conn: WebSocketConnection) -> None:
-        self_id: str = conn.identity
-        bot = _Bot(self_id, conn)
-        old = self.bots.get(self_id)
-        self.bots[self_id] = bot
-        if old is not None:
-            # The implementation reconnected before we saw the old socket drop.
-            await old.conn.close(1000, "replaced by a new connection")
-        self.ctx.log.info("OneBot connected", bot=mask(self_id))
-        self._health()
-        worker = asyncio.create_task(self._work(bot), name=f"qq-onebot-events:{mask(self_id)}")
+        """A reverse WebSocket: the implementation connected with its ``X-Self-ID``."""
+        bot = _Bot(conn.identity, _ServerLink(conn))
+        bot.ready.set()
+        await self._serve(bot, conn)
+
+    async def forward_session(self, ws: ClientConnection) -> None:
+        """A forward WebSocket the gateway opened: the account is asked for its number
+        (``get_login_info``) before its events are published."""
+        bot = _Bot("", _ClientLink(ws))
+        identify = asyncio.create_task(self._identify(bot))
         try:
-            async for data in conn:
-                await self._received(bot, data)
+            await self._serve(bot, ws)
+        finally:
+            identify.cancel()
+
+    async def _identify(self, bot: _Bot) -> None:
+        try:
+            data = await self._call_bot(bot, "get_login_info", {})
+        except DeliveryError as exc:
+            self.ctx.log.warning("OneBot get_login_info failed", error=str(exc))
+            assert bot.link is not None
+            await bot.link.close(1011, "get_login_info failed")
+            return
+        self_id = _s(data.get("user_id")) if isinstance(data, dict) else ""
+        if not self_id.isdigit() or (self.cfg.self_ids and self_id not in self.cfg.self_ids):
+            self.ctx.log.warning("OneBot account not allowed or unknown", bot=mask(self_id))
+            assert bot.link is not None
+            await bot.link.close(1008, "account not allowed")
+            return
+        bot.self_id = self_id
+        self._register(bot)
+        bot.ready.set()
+
+    def _register(self, bot: _Bot) -> _Bot | None:
+        old = self.bots.get(bot.self_id)
+        self.bots[bot.self_id] = bot
+        self.ctx.log.info("OneBot connected", bot=mask(bot.self_id), transport=self.cfg.transport)
+        self._health()
+        return old
+
+    async def _serve(self, bot: _Bot, messages: AsyncIterable[str | bytes]) -> None:
+        """Read one socket until it closes: answers to our calls resolve their futures,
+        meta events feed health, other events go to the bot's worker, in order."""
+        if bot.ready.is_set():
+            old = self._register(bot)
+            if old is not None and old.link is not None:
+                # The implementation reconnected before we saw the old socket drop.
+                await old.link.close(1000, "replaced by a new connection")
+        worker = asyncio.create_task(self._work(bot), name=f"qq-onebot-events:{self.ctx.name}")
+        try:
+            try:
+                async for data in messages:
+                    await self._received(bot, data)
+            except websockets.ConnectionClosed:
+                pass
         finally:
             for fut in bot.pending.values():
                 if not fut.done():
                     fut.set_exception(DeliveryError("OneBot connection closed before the answer", permanent=False,
                                                     code="disconnected"))
-            if self.bots.get(self_id) is bot:
-                del self.bots[self_id]
+            if bot.self_id and self.bots.get(bot.self_id) is bot:
+                del self.bots[bot.self_id]
             # Events already received are still published (the worker drains the queue).
             await bot.queue.put(None)
             try:
@@ -194,8 +314,35 @@ class OneBot:
             except asyncio.CancelledError:
                 worker.cancel()
                 raise
-            self.ctx.log.info("OneBot disconnected", bot=mask(self_id), code=conn.close_code)
+            self.ctx.log.info("OneBot disconnected", bot=mask(bot.self_id))
             self._health()
+
+    async def http_event(self, request: Request) -> Response:
+        """OneBot HTTP POST: one event per request, signed ``X-Signature: sha1=<hex>``
+        (HMAC-SHA1 of the body with ``secret``). Answered 204 (no quick operation) once
+        the event is on the bus; 503 while the bus is down."""
+        body = await request.body()
+        verify_hmac(self.cfg.secret, body, request.headers.get("x-signature"), digest="sha1", prefix="sha1=")
+        try:
+            event = json.loads(body)
+        except ValueError:
+            raise RequestError("body is not JSON") from None
+        if not isinstance(event, dict) or not isinstance(event.get("post_type"), str):
+            raise RequestError("body is not a OneBot event")
+        self_id = request.headers.get("x-self-id", "").strip() or _s(event.get("self_id"))
+        if not self_id.isdigit():
+            raise RequestError("missing or malformed X-Self-ID")
+        if self.cfg.self_ids and self_id not in self.cfg.self_ids:
+            raise SignatureError("X-Self-ID is not an allowed bot account")
+        bot = self.bots.get(self_id)
+        if bot is None:
+            bot = self.bots[self_id] = _Bot(self_id, None)
+            bot.ready.set()
+        if event["post_type"] == "meta_event":
+            self._meta(bot, event)
+        else:
+            await self._event(self_id, event)
+        return Response(status_code=204)
 
     async def _received(self, bot: _Bot, data: str | bytes) -> None:
         try:
@@ -226,8 +373,6 @@ class OneBot:
             if isinstance(interval, (int, float)) and interval > 0:
                 bot.interval = interval / 1000.0
             status = event.get("status")
-            if isinstance(status, dict) and (status.get("online") is False or status.get("good") is False):
-                self.health_detail = f"bot {mask(bot.self_id)} reports it is not online"
             self._health()
 
     # --- health ------------------------------------------------------------------
@@ -242,10 +387,12 @@ class OneBot:
         now = time.monotonic()
         problems = []
         for bot in self.bots.values():
+            if bot.link is None and bot.last_heartbeat is None:
+                continue  # HTTP POST: judged by heartbeats only once it sends them
             since = bot.last_heartbeat if bot.last_heartbeat is not None else bot.connected_at
             if now - since > self._timeout(bot):
                 problems.append(f"no heartbeat from bot {mask(bot.self_id)} for {round(now - since)}s")
-        if not self.bots:
+        if not self.bots and self.cfg.transport != "http":
             problems.append("no OneBot implementation connected")
         if problems:
             self.ctx.set_state("degraded", "; ".join(problems))
@@ -263,13 +410,14 @@ class OneBot:
         """Publish the bot's events in order; while the bus is down, wait and retry (the
         implementation never resends an event, so giving up would lose it)."""
         delay = 0.2
+        await bot.ready.wait()
         while True:
             event = await bot.queue.get()
             if event is None:
                 return
             while True:
                 try:
-                    await self._event(bot, event)
+                    await self._event(bot.self_id, event)
                     delay = 0.2
                     break
                 except BusUnavailable:
@@ -295,17 +443,16 @@ class OneBot:
             return any(text.startswith(k) for k in rule.keywords if k)
         return False
 
-    async def _event(self, bot: _Bot, event: dict[str, Any]) -> None:
+    async def _event(self, self_id: str, event: dict[str, Any]) -> None:
         post_type = event.get("post_type")
         if post_type == "message":
-            await self._message(bot, event)
+            await self._message(self_id, event)
         elif post_type in ("notice", "request"):
-            await self._notice(bot, event)
+            await self._notice(self_id, event)
         else:
             self.ctx.count("onebot_unknown_post_type")
 
-    async def _message(self, bot: _Bot, event: dict[str, Any]) -> None:
-        self_id = bot.self_id
+    async def _message(self, self_id: str, event: dict[str, Any]) -> None:
         message_type = _s(event.get("message_type"))
         message_id, user_id, group_id = _s(event.get("message_id")), _s(event.get("user_id")), _s(event.get("group_id"))
         if not message_id or not user_id or message_type not in ("group", "private") or (
@@ -365,10 +512,9 @@ class OneBot:
             await self.ctx.state.put_record(f"ob-msg:{message.id}", _Quoted(message_id=message_id, user_id=user_id),
                                             ttl=_QUOTE_TTL)
 
-    async def _notice(self, bot: _Bot, event: dict[str, Any]) -> None:
+    async def _notice(self, self_id: str, event: dict[str, Any]) -> None:
         """Notices (member joined or left, a recall, a group file upload ...) and requests
         are published as ``event`` parts; they do not count as the customer writing."""
-        self_id = bot.self_id
         kind = _s(event.get("notice_type") or event.get("request_type"))
         if not kind:
             self.ctx.count("onebot_malformed")
@@ -403,15 +549,22 @@ class OneBot:
     # --- API calls ---------------------------------------------------------------
 
     async def call(self, self_id: str, action: str, params: dict[str, Any]) -> Any:
-        """Call ``action`` on the bot's socket and wait for the answer with the same echo."""
+        """Call ``action`` for the bot: on its socket, answered with the same ``echo``, or
+        by the HTTP API."""
+        if self.cfg.transport == "http":
+            return await self._call_http(action, params)
         bot = self.bots.get(self_id)
-        if bot is None or bot.conn.closed:
+        if bot is None or bot.link is None or bot.link.closed:
             raise DeliveryError(f"bot {mask(self_id)} is not connected", permanent=False, code="not_connected")
+        return await self._call_bot(bot, action, params)
+
+    async def _call_bot(self, bot: _Bot, action: str, params: dict[str, Any]) -> Any:
+        assert bot.link is not None
         echo = f"gw-{next(self._echo)}"
         fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         bot.pending[echo] = fut
         try:
-            await bot.conn.send(json.dumps({"action": action, "params": params, "echo": echo}, ensure_ascii=False))
+            await bot.link.send(json.dumps({"action": action, "params": params, "echo": echo}, ensure_ascii=False))
             async with asyncio.timeout(self.api_timeout):
                 answer = await fut
         except WebSocketClosed:
@@ -421,6 +574,38 @@ class OneBot:
                                 code="timeout") from None
         finally:
             bot.pending.pop(echo, None)
+        return check_answer(answer)
+
+    async def _call_http(self, action: str, params: dict[str, Any]) -> Any:
+        """The OneBot HTTP API: ``POST <url>/<action>`` with the params as JSON. 401/403
+        (token), 404 (no such action), 400/406 (request) are permanent; 5xx transient."""
+        assert self.http is not None
+        headers = {"Authorization": f"Bearer {self.cfg.access_token}"} if self.cfg.access_token else {}
+        try:
+            r = await self.http.post(f"{self.cfg.url.rstrip('/')}/{action}", json=params, headers=headers)
+        except httpx.TimeoutException:
+            raise DeliveryError(f"OneBot did not answer {action} within {self.api_timeout:g}s", permanent=False,
+                                code="timeout") from None
+        except httpx.HTTPError as exc:
+            raise DeliveryError(f"OneBot HTTP API unreachable ({type(exc).__name__})", permanent=False,
+                                code="not_connected") from None
+        if r.status_code != 200:
+            code = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "unknown_action",
+                    406: "bad_request"}.get(r.status_code)
+            if code is not None:
+                raise OneBotError(f"OneBot HTTP API answered {r.status_code}", permanent=True,
+                                  retcode=1000 + r.status_code, code=code)
+            err = provider_error(r.status_code, r.headers, provider="OneBot HTTP API")
+            raise err if err is not None else DeliveryError(f"OneBot HTTP API answered {r.status_code}",
+                                                            permanent=False, code=f"http_{r.status_code}")
+        try:
+            answer = r.json()
+        except ValueError:
+            raise DeliveryError("OneBot HTTP API answered something that is not JSON", permanent=False,
+                                code="bad_response") from None
+        if not isinstance(answer, dict):
+            raise DeliveryError("OneBot HTTP API answered something that is not an object", permanent=False,
+                                code="bad_response")
         return check_answer(answer)
 
     # --- outbound ----------------------------------------------------------------

@@ -393,7 +393,8 @@ class OneBot:
             if now - since > self._timeout(bot):
                 problems.append(f"no heartbeat from bot {mask(bot.self_id)} for {round(now - since)}s")
         if not self.bots and self.cfg.transport != "http":
-            problems.append("no OneBot implementation connected")
+            why = self.client.last_error if self.client is not None else None
+            problems.append("no OneBot implementation connected" + (f" (last error: {why})" if why else ""))
         if problems:
             self.ctx.set_state("degraded", "; ".join(problems))
         else:

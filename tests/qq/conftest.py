@@ -7,6 +7,7 @@ real key derived from the bot secret."""
 from __future__ import annotations
 
 import asyncio
+import hmac
 import itertools
 import json
 import secrets
@@ -87,6 +88,8 @@ class FakeOneBot:
                     continue
                 if self.script.get(action):
                     status, retcode, data = self.script[action].popleft()
+                elif action == "get_login_info":
+                    status, retcode, data = "ok", 0, {"user_id": int(self.self_id), "nickname": "客服"}
                 else:
                     status, retcode, data = "ok", 0, {"message_id": next(self._ids)}
                 await self.ws.send(json.dumps({"status": status, "retcode": retcode, "data": data,
@@ -104,6 +107,111 @@ class FakeOneBot:
 
     def sends(self) -> list[dict[str, Any]]:
         return [c for c in self.calls if c["action"] in ("send_group_msg", "send_private_msg", "send_msg")]
+
+
+class FakeOneBotServer(FakeOneBot):
+    """The implementation's own WebSocket server (OneBot forward WebSocket, path ``/``),
+    on 127.0.0.1: the gateway connects to it. ``accepted`` counts connections it took."""
+
+    def __init__(self, self_id: str = SELF_ID, token: str = ACCESS_TOKEN):
+        super().__init__("", self_id, token)
+        self.port = free_port()
+        self.url = f"ws://127.0.0.1:{self.port}/"
+        self.accepted = 0
+        self.connected = asyncio.Event()
+        self.server: Any = None
+
+    async def start(self) -> None:
+        async def check(connection: Any, request: Any) -> Any:
+            if request.headers.get("Authorization") != f"Bearer {self.token}":
+                return connection.respond(401, "token\n")
+            return None
+
+        async def handler(ws: Any) -> None:
+            self.ws = ws
+            self.accepted += 1
+            self.connected.set()
+            await self._read()
+
+        self.server = await websockets.serve(handler, "127.0.0.1", self.port, process_request=check)
+
+    async def drop(self) -> None:
+        """Cut the current connection, as a restarting implementation does."""
+        self.connected.clear()
+        await self.ws.close(1001, "restarting")
+
+    async def stop(self) -> None:
+        self.server.close()
+        await self.server.wait_closed()
+
+
+class FakeOneBotHTTP:
+    """The implementation's HTTP API (``POST /<action>``, Bearer token) on 127.0.0.1, and
+    its HTTP POST of events to the gateway, signed with ``secret``."""
+
+    def __init__(self, secret: str = "onebot-post-secret", token: str = ACCESS_TOKEN, self_id: str = SELF_ID):
+        self.secret = secret
+        self.token = token
+        self.self_id = self_id
+        self.calls: list[dict[str, Any]] = []
+        self.script: deque[tuple[int, dict[str, Any]]] = deque()
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self._ids = itertools.count(7000)
+        self.app = Starlette(routes=[Route("/{action}", self.api, methods=["POST"])])
+
+    def fail_next(self, http_status: int, body: dict[str, Any] | None = None) -> None:
+        self.script.append((http_status, body or {}))
+
+    async def api(self, request: Request) -> Response:
+        auth = request.headers.get("authorization")
+        if auth is None:
+            return Response(status_code=401)
+        if auth != f"Bearer {self.token}":
+            return Response(status_code=403)
+        if self.script:
+            status, body = self.script.popleft()
+            return JSONResponse(body, status_code=status)
+        params = json.loads(await request.body())
+        self.calls.append({"action": request.path_params["action"], "params": params})
+        return JSONResponse({"status": "ok", "retcode": 0, "data": {"message_id": next(self._ids)}})
+
+    async def post_event(self, gateway_port: int, event: dict[str, Any], *, secret: str | None = None,
+                         channel: str = "qq", signed: bool = True) -> httpx.Response:
+        body = json.dumps(event, ensure_ascii=False).encode()
+        headers = {"Content-Type": "application/json", "X-Self-ID": self.self_id}
+        if signed:
+            mac = hmac.new((secret or self.secret).encode(), body, "sha1").hexdigest()
+            headers["X-Signature"] = f"sha1={mac}"
+        async with httpx.AsyncClient(timeout=10) as c:
+            return await c.post(f"http://127.0.0.1:{gateway_port}/channels/{channel}/onebot", content=body,
+                                headers=headers)
+
+
+@pytest.fixture
+async def onebot_http() -> Any:
+    """The fake OneBot HTTP API, listening on a free port for this test."""
+    fake = FakeOneBotHTTP()
+    server = uvicorn.Server(uvicorn.Config(fake.app, host="127.0.0.1", port=fake.port, log_config=None,
+                                           access_log=False, lifespan="off"))
+    server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
+    task = asyncio.create_task(server.serve())
+    while not server.started:
+        if task.done():
+            task.result()
+        await asyncio.sleep(0.01)
+    yield fake
+    server.should_exit = True
+    await task
+
+
+@pytest.fixture
+async def onebot_server() -> Any:
+    """A fake implementation's forward WebSocket server on a free port."""
+    fake = FakeOneBotServer()
+    await fake.start()
+    yield fake
+    await fake.stop()
 
 
 def group_message(message: Any, message_id: int = 1001, group_id: int = 123456789, user_id: int = 10001,

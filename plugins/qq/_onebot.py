@@ -238,10 +238,10 @@ class OneBot:
             raise RequestError("missing or malformed X-Self-ID", status=400)
         if self.cfg.self_ids and self_id not in self.cfg.self_ids:
             raise RequestError("X-Self-ID is not an allowed bot account", status=403)
-        if handshake.headers.get("x-client-role", "Universal").lower() == "api":
-            # An API-only client carries no events; one Universal socket per account is
-            # what this channel uses for both.
-            raise RequestError("only X-Client-Role Universal (or Event) is served", status=400)
+        if handshake.headers.get("x-client-role", "Universal").lower() != "universal":
+            # Separate API and Event sockets of one account would replace each other here:
+            # the channel needs events and API calls on one Universal socket.
+            raise RequestError("only X-Client-Role Universal is served", status=400)
         return self_id
 
     async def session(self, conn: WebSocketConnection) -> None:

@@ -69,6 +69,16 @@ async def test_access_token_in_the_query_is_accepted(gateway_factory: Any, nats_
     await bot.close()
 
 
+@pytest.mark.parametrize("role", ["API", "Event"])
+async def test_split_api_or_event_socket_is_refused(gateway_factory: Any, role: str) -> None:
+    gw = await gateway_factory({"qq": onebot_config()})
+    bot = FakeOneBot(ws_url(gw.http.port))
+    headers = {**bot.headers(), "X-Client-Role": role}
+    with pytest.raises(websockets.InvalidStatus) as info:
+        await websockets.connect(bot.url, additional_headers=headers)
+    assert info.value.response.status_code == 400
+
+
 async def test_self_id_outside_the_allowed_accounts_is_refused(gateway_factory: Any) -> None:
     gw = await gateway_factory({"qq": onebot_config(self_ids=["1"])})
     with pytest.raises(websockets.InvalidStatus) as info:

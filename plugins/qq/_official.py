@@ -49,6 +49,7 @@ _REF_TTL = 2 * 86400.0
 _RETRY_ONCE = {11242, 11252, 11263, 11281, 304082, 304083}
 _TOKEN_CODES = {11241, 11243}
 _RATE_CODES = {22009, 20028}
+_FILE_TYPES = {ImagePart: 1, VideoPart: 2, AudioPart: 3}
 
 
 def signing_key(secret: str) -> Ed25519PrivateKey:
@@ -275,21 +276,73 @@ class Official:
         if time.time() >= ref.received_at + window:
             raise DeliveryError(f"the platform accepts replies only for {_minutes(window)} after the customer's "
                                 "message", permanent=True, code="outside_window")
-        content = "\n".join(p.text for p in outbound.parts if isinstance(p, TextPart))
-        others = [p.__struct_config__.tag for p in outbound.parts if not isinstance(p, TextPart)]
-        if others or not content:
-            raise DeliveryError("the QQ bot transport sends text only", permanent=True, code="unsupported_content")
-        seq = await self._seq(outbound.id, ref, limit)
-        payload: dict[str, Any] = {"content": content, "msg_type": 0, "msg_seq": seq}
-        if ref.msg_id:
-            payload["msg_id"] = ref.msg_id
-        else:
-            payload["event_id"] = ref.event_id
-        path = f"/v2/groups/{ref.target}/messages" if ref.kind == "group" else f"/v2/users/{ref.target}/messages"
-        answer = await self._call("POST", path, payload)
-        got = answer.get("id") if isinstance(answer, dict) else None
+        messages = self._messages(outbound)
+        base = f"/v2/groups/{ref.target}" if ref.kind == "group" else f"/v2/users/{ref.target}"
+        progress_key = f"qb-progress:{outbound.id}"
+        raw = await self.ctx.state.get(progress_key)
+        done = int(raw) if raw and raw.isdigit() else 0
+        await self._check_count(outbound.id, ref, limit, len(messages))
+        got = None
+        for i, (content, media) in enumerate(messages[done:], start=done):
+            # One passive reply per text or medium, each with its own msg_seq; after a
+            # transient failure the retry resumes after the replies the platform took.
+            seq = await self._seq(f"{outbound.id}:{i}", ref, limit)
+            payload: dict[str, Any] = {"content": content, "msg_type": 0, "msg_seq": seq}
+            if media is not None:
+                upload = await self._call("POST", f"{base}/files", {"file_type": _FILE_TYPES[type(media)],
+                                                                      "url": media.url, "srv_send_msg": False})
+                file_info = upload.get("file_info") if isinstance(upload, dict) else None
+                if not isinstance(file_info, str) or not file_info:
+                    raise DeliveryError("the platform answered an upload without file_info", permanent=False,
+                                        code="bad_response")
+                payload.update(msg_type=7, media={"file_info": file_info})
+            if ref.msg_id:
+                payload["msg_id"] = ref.msg_id
+            else:
+                payload["event_id"] = ref.event_id
+            answer = await self._call("POST", f"{base}/messages", payload)
+            got = answer.get("id") if isinstance(answer, dict) else None
+            if i + 1 < len(messages):
+                await self.ctx.state.put(progress_key, str(i + 1).encode(), ttl=_REF_TTL)
+        if len(messages) > 1:
+            await self.ctx.state.delete(progress_key)
         return Receipt(provider_id=got if isinstance(got, str) and got else None,
-                       meta={"transport": "official", "msg_seq": seq})
+                       meta={"transport": "official", "replies": len(messages)})
+
+    @staticmethod
+    def _messages(outbound: Outbound) -> list[tuple[str, ImagePart | VideoPart | AudioPart | None]]:
+        """(content, medium) per reply: the text parts joined into one, then one reply per
+        image, video or voice (sent by URL: the platform fetches it; ``file_data`` is not
+        supported by the platform, and files are not open to bots yet)."""
+        text = "\n".join(p.text for p in outbound.parts if isinstance(p, TextPart))
+        out: list[tuple[str, ImagePart | VideoPart | AudioPart | None]] = [(text, None)] if text else []
+        for part in outbound.parts:
+            if isinstance(part, TextPart):
+                continue
+            if isinstance(part, (ImagePart, VideoPart, AudioPart)):
+                if not part.url or not part.url.startswith(("http://", "https://")):
+                    raise DeliveryError("the QQ bot platform sends media only by http(s) URL", permanent=True,
+                                        code="unsupported_content")
+                # msg_type 7 needs some content; the platform's documentation suggests a space.
+                out.append((" ", part))
+            else:
+                raise DeliveryError(f"the QQ bot platform cannot send a {part.__struct_config__.tag} part",
+                                    permanent=True, code="unsupported_content")
+        if not out:
+            raise DeliveryError("nothing the QQ bot platform can send in this outbound", permanent=True,
+                                code="empty")
+        return out
+
+    async def _check_count(self, outbound_id: str, ref: _Ref, limit: int, n: int) -> None:
+        """Fail before anything is sent when the replies this outbound still needs exceed
+        what is left of the message's reply limit."""
+        missing = 0
+        for i in range(n):
+            if await self.ctx.state.get(f"qb-seq:{outbound_id}:{i}") is None:
+                missing += 1
+        if missing and await self._used(ref) + missing > limit:
+            raise DeliveryError(f"the customer's message has had its {limit} replies (this outbound needs "
+                                f"{missing} more)", permanent=True, code="outside_window")
 
     async def _seq(self, outbound_id: str, ref: _Ref, limit: int) -> int:
         """This outbound's ``msg_seq``: taken once per outbound (a retry reuses it, so the

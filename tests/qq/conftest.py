@@ -318,17 +318,28 @@ class FakeQQBot:
         self.valid: set[str] = set()
         self.tokens_issued = 0
         self.messages: list[dict[str, Any]] = []
-        self.script: deque[tuple[int, int]] = deque()
+        self.script: dict[str, deque[tuple[int, int]]] = {"messages": deque(), "files": deque()}
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.app = Starlette(routes=[
             Route("/app/getAppAccessToken", self.token, methods=["POST"]),
             Route("/v2/groups/{target}/messages", self.send, methods=["POST"]),
             Route("/v2/users/{target}/messages", self.send, methods=["POST"]),
+            Route("/v2/groups/{target}/files", self.upload, methods=["POST"]),
+            Route("/v2/users/{target}/files", self.upload, methods=["POST"]),
         ])
+        self.uploads: list[dict[str, Any]] = []
+        self.file_infos: set[str] = set()
 
-    def fail_next(self, code: int, http_status: int = 200) -> None:
-        self.script.append((code, http_status))
+    def fail_next(self, code: int, http_status: int = 200, endpoint: str = "messages") -> None:
+        """The next call of ``endpoint`` (``messages`` or ``files``) answers ``code``."""
+        self.script[endpoint].append((code, http_status))
+
+    def _scripted(self, endpoint: str) -> Response | None:
+        if self.script[endpoint]:
+            code, status = self.script[endpoint].popleft()
+            return JSONResponse({"code": code, "message": "scripted", "trace_id": "t"}, status_code=status)
+        return None
 
     def expire_tokens(self) -> None:
         self.valid.clear()
@@ -342,16 +353,37 @@ class FakeQQBot:
         self.valid.add(token)
         return JSONResponse({"access_token": token, "expires_in": "7200"})
 
-    async def send(self, request: Request) -> Response:
+    async def upload(self, request: Request) -> Response:
+        if (refused := self._auth(request)) is not None:
+            return refused
+        if (scripted := self._scripted("files")) is not None:
+            return scripted
+        body = json.loads(await request.body())
+        if body.get("file_type") not in (1, 2, 3) or not str(body.get("url", "")).startswith("http"):
+            return JSONResponse({"code": 40034001, "message": "bad file_type or url"})
+        if body.get("srv_send_msg") is not False:
+            return JSONResponse({"code": 40034002, "message": "this fake only stores media"})
+        info = f"FILEINFO_{len(self.uploads)}_{secrets.token_hex(4)}"
+        self.file_infos.add(info)
+        self.uploads.append({"path": request.url.path, "body": body})
+        return JSONResponse({"file_uuid": secrets.token_hex(8), "file_info": info, "ttl": 3600})
+
+    def _auth(self, request: Request) -> Response | None:
         auth = request.headers.get("authorization", "")
         if not auth.startswith("QQBot ") or auth[6:] not in self.valid:
             return JSONResponse({"code": 11243, "message": "token not pass"}, status_code=401)
         if request.headers.get("x-union-appid") != self.app_id:
             return JSONResponse({"code": 11251, "message": "wrong appid"})
-        if self.script:
-            code, status = self.script.popleft()
-            return JSONResponse({"code": code, "message": "scripted", "trace_id": "t"}, status_code=status)
+        return None
+
+    async def send(self, request: Request) -> Response:
+        if (refused := self._auth(request)) is not None:
+            return refused
+        if (scripted := self._scripted("messages")) is not None:
+            return scripted
         body = json.loads(await request.body())
+        if body.get("msg_type") == 7 and (body.get("media") or {}).get("file_info") not in self.file_infos:
+            return JSONResponse({"code": 50035, "message": "invalid media"})
         seen = {(m["body"].get("msg_id"), m["body"].get("msg_seq")) for m in self.messages}
         if (body.get("msg_id"), body.get("msg_seq")) in seen:
             return JSONResponse({"code": 40054005, "message": "msg_seq duplicated"})

@@ -14,7 +14,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
-from gateway import AudioPart, EventPart, FilePart, ImagePart, Outbound, TextPart
+from gateway import AudioPart, EventPart, FilePart, ImagePart, Outbound, TextPart, VideoPart
 from gateway.testing import wait_for_status, wait_until
 from gateway.wire import encode
 from gateway_plugins.qq._official import classify, public_key, validation_answer
@@ -296,3 +296,67 @@ def test_classify_maps_http_and_body_codes() -> None:
 
 def test_public_key_is_what_cryptography_derives_from_the_repeated_seed() -> None:
     assert public_key(SECRET) == bot_key().public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+
+
+async def _reply_parts(url: str, outbound_id: str, conversation: str, parts: list[Any]) -> None:
+    nc = await nats.connect(url)
+    try:
+        out = Outbound(id=outbound_id, conversation=conversation, parts=parts)
+        await nc.jetstream().publish("gw.out.qq.qq", encode(out), headers={"Nats-Msg-Id": outbound_id})
+    finally:
+        await nc.close()
+
+
+async def test_image_reply_is_uploaded_by_url_and_sent_as_media(gateway_factory: Any, nats_server: Any,
+                                                                fake_qqbot: FakeQQBot) -> None:
+    gw = await gateway_factory({"qq": official_config(fake_qqbot)})
+    await callback(gw.http.port, group_at(msg_id="M-img"))
+    [msg] = await published(nats_server.url, 1)
+    await _reply_parts(nats_server.url, "img", msg.conversation,
+                       [TextPart(text="发票如下"), ImagePart(url="https://example.com/invoice.png")])
+    await wait_for_status(nats_server.url, "img", "sent")
+    assert fake_qqbot.uploads == [{"path": "/v2/groups/C9F778FE6ADF9D1D1DBE395BF744A33A/files",
+                                   "body": {"file_type": 1, "url": "https://example.com/invoice.png",
+                                            "srv_send_msg": False}}]
+    text, media = (m["body"] for m in fake_qqbot.messages)
+    assert (text["msg_type"], text["msg_seq"], text["content"]) == (0, 1, "发票如下")
+    assert (media["msg_type"], media["msg_seq"], media["msg_id"]) == (7, 2, "M-img")
+    assert media["media"]["file_info"] in fake_qqbot.file_infos
+
+
+async def test_failed_second_reply_resumes_without_resending_the_first(gateway_factory: Any, nats_server: Any,
+                                                                      fake_qqbot: FakeQQBot) -> None:
+    gw = await gateway_factory({"qq": official_config(fake_qqbot)})
+    await callback(gw.http.port, c2c(msg_id="C-resume"))
+    [msg] = await published(nats_server.url, 1)
+    fake_qqbot.fail_next(304082, endpoint="files")  # "media fetch failed, retry"
+    await _reply_parts(nats_server.url, "resume", msg.conversation,
+                       [TextPart(text="图"), VideoPart(url="https://example.com/v.mp4")])
+    sts = await wait_for_status(nats_server.url, "resume", "sent")
+    assert [s.state for s in sts] == ["accepted", "failed", "sent"]
+    assert [(m["body"]["content"], m["body"]["msg_seq"]) for m in fake_qqbot.messages] == [("图", 1), (" ", 2)]
+
+
+async def test_media_without_url_or_file_part_fails_permanently(gateway_factory: Any, nats_server: Any,
+                                                               fake_qqbot: FakeQQBot) -> None:
+    gw = await gateway_factory({"qq": official_config(fake_qqbot)})
+    await callback(gw.http.port, c2c(msg_id="C-nourl"))
+    [msg] = await published(nats_server.url, 1)
+    await _reply_parts(nats_server.url, "nourl", msg.conversation, [ImagePart(data=b"\x89PNG")])
+    await _reply_parts(nats_server.url, "file", msg.conversation, [FilePart(url="https://example.com/a.pdf")])
+    for oid in ("nourl", "file"):
+        sts = await wait_for_status(nats_server.url, oid, "dead")
+        assert sts[-1].error is not None and sts[-1].error.code == "unsupported_content"
+    assert fake_qqbot.messages == [] and fake_qqbot.uploads == []
+
+
+async def test_outbound_needing_more_replies_than_are_left_sends_nothing(gateway_factory: Any, nats_server: Any,
+                                                                         fake_qqbot: FakeQQBot) -> None:
+    gw = await gateway_factory({"qq": official_config(fake_qqbot, group_reply_limit=2)})
+    await callback(gw.http.port, group_at(msg_id="M-three"))
+    [msg] = await published(nats_server.url, 1)
+    await _reply_parts(nats_server.url, "three", msg.conversation,
+                       [TextPart(text="a"), ImagePart(url="https://e/1.png"), ImagePart(url="https://e/2.png")])
+    sts = await wait_for_status(nats_server.url, "three", "dead")
+    assert sts[-1].error is not None and sts[-1].error.code == "outside_window"
+    assert fake_qqbot.messages == [] and fake_qqbot.uploads == []

@@ -706,7 +706,11 @@ class _Pace:
         await self.lock.acquire()
         wait = self.ob._pace.get(self.group, 0.0) - time.monotonic()
         if wait > 0:
-            await asyncio.sleep(wait)
+            try:
+                await asyncio.sleep(wait)
+            except BaseException:
+                self.lock.release()  # __aexit__ does not run when entering fails
+                raise
 
     async def __aexit__(self, *exc: object) -> None:
         self.ob._pace[self.group] = time.monotonic() + self.ob.interval

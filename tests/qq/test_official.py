@@ -109,19 +109,19 @@ async def test_signed_validation_is_answered_with_a_signature_by_the_bot_key(gat
     bot_key().public_key().verify(bytes.fromhex(r.json()["signature"]), (ts + "tok123").encode())
 
 
-@pytest.mark.parametrize("tamper", ["body", "timestamp", "stale", "garbage"])
-async def test_tampered_or_stale_callback_is_refused(gateway_factory: Any, nats_server: Any, tamper: str) -> None:
+async def test_tampered_or_stale_callback_is_refused(gateway_factory: Any, nats_server: Any) -> None:
     gw = await gateway_factory({"qq": official_config()})
-    body = group_at()
-    headers = signed_headers(body, timestamp=str(int(time.time()) - 3600) if tamper == "stale" else None)
-    if tamper == "body":
-        body = body.replace(b"\\u4f60", b"\\u6211") if b"\\u4f60" in body else body.replace("你".encode(), "我".encode())
-    elif tamper == "timestamp":
-        headers["X-Signature-Timestamp"] = str(int(headers["X-Signature-Timestamp"]) + 1)
-    elif tamper == "garbage":
-        headers["X-Signature-Ed25519"] = "zz" * 64
-    r = await callback(gw.http.port, body, headers)
-    assert r.status_code == 403
+    for tamper in ("body", "timestamp", "stale", "garbage"):
+        body = group_at()
+        headers = signed_headers(body, timestamp=str(int(time.time()) - 3600) if tamper == "stale" else None)
+        if tamper == "body":
+            body = body.replace("你".encode(), "我".encode())
+        elif tamper == "timestamp":
+            headers["X-Signature-Timestamp"] = str(int(headers["X-Signature-Timestamp"]) + 1)
+        elif tamper == "garbage":
+            headers["X-Signature-Ed25519"] = "zz" * 64
+        r = await callback(gw.http.port, body, headers)
+        assert r.status_code == 403, tamper
     assert await inbound(nats_server.url) == []
 
 

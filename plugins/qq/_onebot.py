@@ -307,7 +307,9 @@ class OneBot:
                                                     code="disconnected"))
             if bot.self_id and self.bots.get(bot.self_id) is bot:
                 del self.bots[bot.self_id]
-            # Events already received are still published (the worker drains the queue).
+            # Events already received are still published (the worker drains the queue);
+            # those of a forward socket whose account was never identified are dropped.
+            bot.ready.set()
             await bot.queue.put(None)
             try:
                 await asyncio.shield(worker)
@@ -416,6 +418,9 @@ class OneBot:
             event = await bot.queue.get()
             if event is None:
                 return
+            if not bot.self_id:
+                self.ctx.count("onebot_unidentified")
+                continue
             while True:
                 try:
                     await self._event(bot.self_id, event)

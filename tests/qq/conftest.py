@@ -120,6 +120,8 @@ class FakeOneBotServer(FakeOneBot):
         self.accepted = 0
         self.connected = asyncio.Event()
         self.server: Any = None
+        self.on_connect: list[dict[str, Any]] = []
+        """Events sent as soon as a connection is taken (before any API answer)."""
 
     async def start(self) -> None:
         async def check(connection: Any, request: Any) -> Any:
@@ -130,6 +132,8 @@ class FakeOneBotServer(FakeOneBot):
         async def handler(ws: Any) -> None:
             self.ws = ws
             self.accepted += 1
+            for event in self.on_connect:
+                await ws.send(json.dumps(event, ensure_ascii=False))
             self.connected.set()
             await self._read()
 

@@ -17,6 +17,7 @@ from .conftest import (
     FakeOneBotServer,
     group_message,
     inbound,
+    metric,
     onebot_config,
     private_message,
     published,
@@ -147,3 +148,18 @@ def test_transport_without_what_it_needs_is_a_config_error(section: dict[str, An
     with pytest.raises(ConfigError) as info:
         make_config("nats://127.0.0.1:4222", {"qq": {"type": "qq", "onebot": section}})
     assert missing in str(info.value)
+
+
+async def test_forward_socket_of_an_account_not_allowed_is_dropped_and_retried(
+        gateway_factory: Any, nats_server: Any, onebot_server: FakeOneBotServer) -> None:
+    gw = await gateway_factory({"qq": onebot_config(transport="forward_ws", url=onebot_server.url,
+                                                    self_ids=["1"])})
+    onebot_server.on_connect.append(private_message("不该发布", message_id=3))
+    await wait_until(lambda: onebot_server.accepted >= 2, timeout=10)  # closed, then connected again
+
+    async def dropped() -> bool:
+        return await metric(gw.http.port, "gateway_channel_events_total", event="onebot_unidentified") >= 1
+
+    await wait_until(dropped)
+    assert await inbound(nats_server.url) == []
+    assert "no OneBot implementation connected" in gw.health()["channels"]["qq"]["detail"]

@@ -202,7 +202,11 @@ class Official:
                 sent_at = datetime.fromisoformat(d["timestamp"])
             except ValueError:
                 sent_at = None
+        # The platform counts the reply window from its message: a push that reached us
+        # late (its retry after our 503) must not lengthen it.
         received = time.time()
+        if sent_at is not None and sent_at.tzinfo is not None:
+            received = min(received, sent_at.timestamp())
         native = f"{kind}:{target}"
         meta: dict[str, Any] = {"transport": "official", "event": event_type, "msg_id": msg_id}
         if kind == "group":

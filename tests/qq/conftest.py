@@ -13,6 +13,7 @@ import json
 import secrets
 import time
 from collections import deque
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import httpx
@@ -289,10 +290,15 @@ def signed_headers(body: bytes, secret: str = SECRET, timestamp: str | None = No
             "User-Agent": "QQBot-Callback", "Content-Type": "application/json"}
 
 
+def rfc3339_now() -> str:
+    """Now as the platform writes ``timestamp`` (RFC 3339, Beijing time)."""
+    return datetime.now(timezone(timedelta(hours=8))).isoformat(timespec="seconds")
+
+
 def group_at(msg_id: str = "ROBOT1.0_group_1", content: str = " 你好", group: str = "C9F778FE6ADF9D1D1DBE395BF744A33A",
              member: str = "E4F4AEA33253A2797FB897C50B81D7ED", event_id: str | None = None, **extra: Any) -> bytes:
     d = {"author": {"member_openid": member}, "content": content, "group_openid": group, "id": msg_id,
-         "timestamp": "2023-11-06T13:37:18+08:00", **extra}
+         "timestamp": rfc3339_now(), **extra}
     return json.dumps({"op": 0, "id": event_id or f"GROUP_AT_MESSAGE_CREATE:{secrets.token_hex(8)}", "d": d,
                        "t": "GROUP_AT_MESSAGE_CREATE"}, ensure_ascii=False).encode()
 
@@ -300,7 +306,7 @@ def group_at(msg_id: str = "ROBOT1.0_group_1", content: str = " 你好", group: 
 def c2c(msg_id: str = "ROBOT1.0_c2c_1", content: str = "123", user: str = "E4F4AEA33253A2797FB897C50B81D7ED",
         **extra: Any) -> bytes:
     d = {"author": {"user_openid": user}, "content": content, "id": msg_id,
-         "timestamp": "2023-11-06T13:37:18+08:00", **extra}
+         "timestamp": rfc3339_now(), **extra}
     return json.dumps({"op": 0, "id": f"C2C_MESSAGE_CREATE:{secrets.token_hex(8)}", "d": d,
                        "t": "C2C_MESSAGE_CREATE"}, ensure_ascii=False).encode()
 

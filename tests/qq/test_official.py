@@ -137,7 +137,7 @@ async def test_signed_garbage_body_is_a_400_naming_no_value(gateway_factory: Any
 
 async def test_group_at_message_is_published_and_acked_with_op_12(gateway_factory: Any, nats_server: Any) -> None:
     gw = await gateway_factory({"qq": official_config()})
-    r = await callback(gw.http.port, group_at(content=" 我要退款"))
+    r = await callback(gw.http.port, group_at(content=" 我要退款", timestamp="2023-11-06T13:37:18+08:00"))
     assert r.status_code == 200 and r.json() == {"op": 12, "d": 0}
     [msg] = await inbound(nats_server.url)
     assert msg.parts == [TextPart(text="我要退款")]
@@ -233,6 +233,19 @@ async def test_reply_limit_used_up_fails_before_calling_the_api(gateway_factory:
     sts = await wait_for_status(nats_server.url, "too-many", "dead")
     assert sts[-1].error is not None and sts[-1].error.code == "outside_window"
     assert len(fake_qqbot.messages) == 2
+
+
+async def test_window_counts_from_the_platforms_message_time(gateway_factory: Any, nats_server: Any,
+                                                             fake_qqbot: FakeQQBot) -> None:
+    # A push that reaches us an hour late (the platform's retry) opens no window.
+    gw = await gateway_factory({"qq": official_config(fake_qqbot)})
+    late = (datetime.now(timezone.utc) - timedelta(minutes=61)).isoformat()
+    await callback(gw.http.port, c2c(msg_id="C-old", timestamp=late))
+    [msg] = await published(nats_server.url, 1)
+    conv = await gw.get_conversation(msg.conversation)
+    assert conv is not None
+    reach = await gw.channels["qq"].channel.reach(conv, datetime.now(timezone.utc))
+    assert not reach.ok and reach.code == "outside_window"
 
 
 async def test_reply_after_the_window_fails_permanently_before_calling_the_api(

@@ -373,3 +373,13 @@ async def test_outbound_needing_more_replies_than_are_left_sends_nothing(gateway
     sts = await wait_for_status(nats_server.url, "three", "dead")
     assert sts[-1].error is not None and sts[-1].error.code == "outside_window"
     assert fake_qqbot.messages == [] and fake_qqbot.uploads == []
+
+
+async def test_message_without_its_ids_is_a_400_naming_no_value(gateway_factory: Any, nats_server: Any) -> None:
+    gw = await gateway_factory({"qq": official_config()})
+    body = json.dumps({"op": 0, "id": "e1", "t": "GROUP_AT_MESSAGE_CREATE",
+                       "d": {"id": "M-x", "author": "private-openid-value", "content": "hi"}}).encode()
+    r = await callback(gw.http.port, body)
+    assert r.status_code == 400 and "private-openid-value" not in r.text
+    assert "GROUP_AT_MESSAGE_CREATE" in r.text
+    assert await inbound(nats_server.url) == []

@@ -112,6 +112,10 @@ class OfficialConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     """How many replies one private message may get."""
     max_body: Annotated[int, msgspec.Meta(ge=1024)] = 1024 * 1024
     """Largest callback body accepted; larger ones get 413."""
+    proactive_per_month: Annotated[int, msgspec.Meta(ge=0)] = 0
+    """Proactive messages (no message to answer) per user or group per calendar month,
+    sent when the reply window is closed. The platform published 4 and stopped offering
+    them on 2025-04-21: 0 (none) unless your bot still has them."""
 
 
 class QQConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):

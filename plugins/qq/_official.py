@@ -50,6 +50,14 @@ _RETRY_ONCE = {11242, 11252, 11263, 11281, 304082, 304083}
 _TOKEN_CODES = {11241, 11243}
 _RATE_CODES = {22009, 20028}
 _FILE_TYPES = {ImagePart: 1, VideoPart: 2, AudioPart: 3}
+_BEIJING = timezone(timedelta(hours=8))
+# Counters and slots of proactive messages must outlive their month.
+_MONTH_TTL = 40 * 86400.0
+
+
+def _reply_key(ref: _Ref) -> str:
+    """The counter of replies to one message (or event)."""
+    return f"qb-count:{ref.msg_id or ref.event_id}"
 
 
 def signing_key(secret: str) -> Ed25519PrivateKey:
@@ -254,8 +262,13 @@ class Official:
         return _Ref(kind=kind, target=target, msg_id=route.get("msg_id"), event_id=route.get("event_id"),
                     received_at=float(received))
 
-    async def _used(self, ref: _Ref) -> int:
-        raw = await self.ctx.state.get(f"qb-count:{ref.msg_id or ref.event_id}")
+    def _month_key(self, ref: _Ref, at: float) -> str:
+        # The platform counts proactive messages per calendar month (Beijing time).
+        month = datetime.fromtimestamp(at, _BEIJING).strftime("%Y-%m")
+        return f"qb-month:{ref.kind}:{ref.target}:{month}"
+
+    async def _int(self, key: str) -> int:
+        raw = await self.ctx.state.get(key)
         return int(raw) if raw and raw.isdigit() else 0
 
     async def reach(self, conversation: Conversation, at: datetime) -> Reach:
@@ -265,33 +278,33 @@ class Official:
         window, limit = self.windows.get(ref.kind, self.windows["c2c"])
         until = datetime.fromtimestamp(ref.received_at + window, timezone.utc)
         if at >= until:
-            return Reach(ok=False, code="outside_window", until=until,
-                         detail=f"the platform accepts replies for {_minutes(window)} after the customer's message")
-        if await self._used(ref) >= limit:
-            return Reach(ok=False, code="outside_window", until=until,
-                         detail=f"the customer's message has had its {limit} replies")
-        return Reach(ok=True, until=until)
+            why = f"the platform accepts replies for {_minutes(window)} after the customer's message"
+        elif await self._used(_reply_key(ref), limit) >= limit:
+            why = f"the customer's message has had its {limit} replies"
+        else:
+            return Reach(ok=True, until=until)
+        quota = self.cfg.proactive_per_month
+        if quota and await self._used(self._month_key(ref, at.timestamp()), quota) < quota:
+            return Reach(ok=True, detail=f"{why}; a proactive message (of {quota} a month) can still go")
+        return Reach(ok=False, code="outside_window", until=until, detail=why)
 
     async def deliver(self, outbound: Outbound, conversation: Conversation) -> Receipt:
         ref = await self._ref(outbound, conversation.route)
         if ref is None:
             raise DeliveryError("conversation has no QQ bot message to reply to", permanent=True, code="no_route")
-        window, limit = self.windows.get(ref.kind, self.windows["c2c"])
-        if time.time() >= ref.received_at + window:
-            raise DeliveryError(f"the platform accepts replies only for {_minutes(window)} after the customer's "
-                                "message", permanent=True, code="outside_window")
         messages = self._messages(outbound)
+        mode, counter, limit = await self._plan(outbound.id, ref, len(messages))
         base = f"/v2/groups/{ref.target}" if ref.kind == "group" else f"/v2/users/{ref.target}"
         progress_key = f"qb-progress:{outbound.id}"
-        raw = await self.ctx.state.get(progress_key)
-        done = int(raw) if raw and raw.isdigit() else 0
-        await self._check_count(outbound.id, ref, limit, len(messages))
+        done = await self._int(progress_key)
         got = None
         for i, (content, media) in enumerate(messages[done:], start=done):
-            # One passive reply per text or medium, each with its own msg_seq; after a
-            # transient failure the retry resumes after the replies the platform took.
-            seq = await self._seq(f"{outbound.id}:{i}", ref, limit)
-            payload: dict[str, Any] = {"content": content, "msg_type": 0, "msg_seq": seq}
+            # One message per text or medium, each counted and (passive) with its own
+            # msg_seq; after a transient failure the retry resumes after those the
+            # platform took.
+            n = await self._take(f"qb-slot:{mode}:{outbound.id}:{i}", counter, limit,
+                                 ttl=_MONTH_TTL if mode == "proactive" else _REF_TTL)
+            payload: dict[str, Any] = {"content": content, "msg_type": 0}
             if media is not None:
                 upload = await self._call("POST", f"{base}/files", {"file_type": _FILE_TYPES[type(media)],
                                                                       "url": media.url, "srv_send_msg": False})
@@ -300,10 +313,12 @@ class Official:
                     raise DeliveryError("the platform answered an upload without file_info", permanent=False,
                                         code="bad_response")
                 payload.update(msg_type=7, media={"file_info": file_info})
-            if ref.msg_id:
-                payload["msg_id"] = ref.msg_id
-            else:
-                payload["event_id"] = ref.event_id
+            if mode == "passive":
+                payload["msg_seq"] = n
+                if ref.msg_id:
+                    payload["msg_id"] = ref.msg_id
+                else:
+                    payload["event_id"] = ref.event_id
             answer = await self._call("POST", f"{base}/messages", payload)
             got = answer.get("id") if isinstance(answer, dict) else None
             if i + 1 < len(messages):
@@ -311,7 +326,7 @@ class Official:
         if len(messages) > 1:
             await self.ctx.state.delete(progress_key)
         return Receipt(provider_id=got if isinstance(got, str) and got else None,
-                       meta={"transport": "official", "replies": len(messages)})
+                       meta={"transport": "official", "mode": mode, "messages": len(messages)})
 
     @staticmethod
     def _messages(outbound: Outbound) -> list[tuple[str, ImagePart | VideoPart | AudioPart | None]]:
@@ -337,39 +352,60 @@ class Official:
                                 code="empty")
         return out
 
-    async def _check_count(self, outbound_id: str, ref: _Ref, limit: int, n: int) -> None:
-        """Fail before anything is sent when the replies this outbound still needs exceed
-        what is left of the message's reply limit."""
+    async def _plan(self, outbound_id: str, ref: _Ref, n: int) -> tuple[str, str, int]:
+        """(mode, counter key, limit): a passive reply while the message's window is open
+        and it has replies left for all ``n`` messages, else a proactive message where
+        configured and this month's quota covers them, else ``outside_window`` — before
+        anything is sent."""
+        window, limit = self.windows.get(ref.kind, self.windows["c2c"])
+        now = time.time()
+        if now >= ref.received_at + window:
+            why = f"the platform accepts replies only for {_minutes(window)} after the customer's message"
+        else:
+            missing = await self._missing("passive", outbound_id, n)
+            if not missing or await self._used(_reply_key(ref), limit) + missing <= limit:
+                return "passive", _reply_key(ref), limit
+            why = f"the customer's message has had its {limit} replies (this outbound needs {missing} more)"
+        quota = self.cfg.proactive_per_month
+        if quota:
+            key = self._month_key(ref, now)
+            missing = await self._missing("proactive", outbound_id, n)
+            if not missing or await self._used(key, quota) + missing <= quota:
+                return "proactive", key, quota
+            why += f", and this month's {quota} proactive messages are used"
+        raise DeliveryError(why, permanent=True, code="outside_window")
+
+    async def _missing(self, mode: str, outbound_id: str, n: int) -> int:
+        """How many of the outbound's ``n`` messages have not been counted yet."""
         missing = 0
         for i in range(n):
-            if await self.ctx.state.get(f"qb-seq:{outbound_id}:{i}") is None:
+            if await self.ctx.state.get(f"qb-slot:{mode}:{outbound_id}:{i}") is None:
                 missing += 1
-        if missing and await self._used(ref) + missing > limit:
-            raise DeliveryError(f"the customer's message has had its {limit} replies (this outbound needs "
-                                f"{missing} more)", permanent=True, code="outside_window")
+        return missing
 
-    async def _seq(self, outbound_id: str, ref: _Ref, limit: int) -> int:
-        """This outbound's ``msg_seq``: taken once per outbound (a retry reuses it, so the
-        platform drops a second copy), counted against the message's reply limit."""
-        key = f"qb-seq:{outbound_id}"
-        raw = await self.ctx.state.get(key)
+    async def _take(self, slot: str, counter: str, limit: int, *, ttl: float) -> int:
+        """Count one message against ``counter`` and remember its number under ``slot``:
+        a retry reuses the number (as ``msg_seq`` the platform refuses a second copy).
+        Numbers are keys ``<counter>:<n>`` created only if absent (so processes never take
+        the same one), then given a TTL (a bare ``create`` has none)."""
+        raw = await self.ctx.state.get(slot)
         if raw and raw.isdigit():
             return int(raw)
-        count_key = f"qb-count:{ref.msg_id or ref.event_id}"
-        while True:
-            current = await self.ctx.state.get_revision(count_key)
-            used = int(current[0]) if current and current[0].isdigit() else 0
-            if used >= limit:
-                raise DeliveryError(f"the customer's message has had its {limit} replies", permanent=True,
-                                    code="outside_window")
-            new = str(used + 1).encode()
-            if current is None:
-                if await self.ctx.state.create(count_key, new):
-                    break
-            elif await self.ctx.state.update(count_key, new, current[1]):
-                break
-        await self.ctx.state.put(key, new, ttl=_REF_TTL)
-        return used + 1
+        for n in range(1, limit + 1):
+            key = f"{counter}:{n}"
+            if await self.ctx.state.create(key, b"1"):
+                await self.ctx.state.put(key, b"1", ttl=ttl)
+                await self.ctx.state.put(slot, str(n).encode(), ttl=ttl)
+                return n
+        raise DeliveryError(f"the limit of {limit} messages is used", permanent=True, code="outside_window")
+
+    async def _used(self, counter: str, limit: int) -> int:
+        """How many numbers of ``counter`` are taken."""
+        used = 0
+        for n in range(1, limit + 1):
+            if await self.ctx.state.get(f"{counter}:{n}") is not None:
+                used += 1
+        return used
 
     # --- OpenAPI -----------------------------------------------------------------
 

@@ -395,7 +395,7 @@ class FakeQQBot:
         if body.get("msg_type") == 7 and (body.get("media") or {}).get("file_info") not in self.file_infos:
             return JSONResponse({"code": 50035, "message": "invalid media"})
         seen = {(m["body"].get("msg_id"), m["body"].get("msg_seq")) for m in self.messages}
-        if (body.get("msg_id"), body.get("msg_seq")) in seen:
+        if body.get("msg_id") and (body.get("msg_id"), body.get("msg_seq")) in seen:
             return JSONResponse({"code": 40054005, "message": "msg_seq duplicated"})
         self.messages.append({"path": request.url.path, "body": body})
         return JSONResponse({"id": f"SENT_{len(self.messages)}", "timestamp": int(time.time())})

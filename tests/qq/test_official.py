@@ -383,3 +383,29 @@ async def test_message_without_its_ids_is_a_400_naming_no_value(gateway_factory:
     assert r.status_code == 400 and "private-openid-value" not in r.text
     assert "GROUP_AT_MESSAGE_CREATE" in r.text
     assert await inbound(nats_server.url) == []
+
+
+async def test_proactive_messages_go_after_the_window_up_to_the_monthly_quota(
+        gateway_factory: Any, nats_server: Any, fake_qqbot: FakeQQBot) -> None:
+    gw = await gateway_factory({"qq": official_config(fake_qqbot, c2c_reply_window="1s", proactive_per_month=2)})
+    await callback(gw.http.port, c2c(msg_id="C-pro"))
+    [msg] = await published(nats_server.url, 1)
+    conv = await gw.get_conversation(msg.conversation)
+    assert conv is not None
+    channel = gw.channels["qq"].channel
+
+    async def window_closed() -> bool:
+        reach = await channel.reach(conv, datetime.now(timezone.utc))
+        return reach.ok and "proactive" in (reach.detail or "")
+
+    await wait_until(window_closed, timeout=5)
+    for i in range(2):
+        await _reply(nats_server.url, f"pro-{i}", msg.conversation)
+        await wait_for_status(nats_server.url, f"pro-{i}", "sent")
+    assert [("msg_id" in m["body"], "msg_seq" in m["body"]) for m in fake_qqbot.messages] == [(False, False)] * 2
+    reach = await channel.reach(conv, datetime.now(timezone.utc))
+    assert not reach.ok and reach.code == "outside_window"
+    await _reply(nats_server.url, "pro-over", msg.conversation)
+    sts = await wait_for_status(nats_server.url, "pro-over", "dead")
+    assert sts[-1].error is not None and "proactive" in sts[-1].error.message
+    assert len(fake_qqbot.messages) == 2

@@ -18,7 +18,6 @@ from typing import Any
 
 import httpx
 import pytest
-import uvicorn
 import websockets
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from starlette.applications import Starlette
@@ -26,7 +25,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from gateway.testing import free_port, stream_messages, wait_until
+from gateway.testing import free_port, serve_asgi, stream_messages, wait_until
 from gateway.wire import message_decoder
 
 SELF_ID = "3889000001"
@@ -197,17 +196,8 @@ class FakeOneBotHTTP:
 async def onebot_http() -> Any:
     """The fake OneBot HTTP API, listening on a free port for this test."""
     fake = FakeOneBotHTTP()
-    server = uvicorn.Server(uvicorn.Config(fake.app, host="127.0.0.1", port=fake.port, log_config=None,
-                                           access_log=False, lifespan="off"))
-    server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
-    task = asyncio.create_task(server.serve())
-    while not server.started:
-        if task.done():
-            task.result()
-        await asyncio.sleep(0.01)
-    yield fake
-    server.should_exit = True
-    await task
+    async with serve_asgi(fake.app, fake.port):
+        yield fake
 
 
 @pytest.fixture
@@ -405,17 +395,8 @@ class FakeQQBot:
 async def fake_qqbot() -> Any:
     """The fake QQ bot OpenAPI, listening on a free port for this test."""
     fake = FakeQQBot()
-    server = uvicorn.Server(uvicorn.Config(fake.app, host="127.0.0.1", port=fake.port, log_config=None,
-                                           access_log=False, lifespan="off"))
-    server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
-    task = asyncio.create_task(server.serve())
-    while not server.started:
-        if task.done():
-            task.result()
-        await asyncio.sleep(0.01)
-    yield fake
-    server.should_exit = True
-    await task
+    async with serve_asgi(fake.app, fake.port):
+        yield fake
 
 
 def official_config(fake: FakeQQBot | None = None, **overrides: Any) -> dict[str, Any]:

@@ -37,3 +37,18 @@ def test_unknown_filter_value_is_refused() -> None:
     with pytest.raises(ConfigError) as info:
         make_config(URL, {"qq": onebot_config(filter="everything")})
     assert "qq.onebot.filter" in str(info.value)
+
+
+def test_the_documentations_example_is_a_valid_config() -> None:
+    import re
+    import tomllib
+    from pathlib import Path
+
+    from gateway import PluginManager, parse_config
+
+    doc = (Path(__file__).parents[2] / "docs" / "channels" / "qq.md").read_text(encoding="utf-8")
+    [example] = re.findall(r"```toml\n(.*?)```", doc, re.S)
+    data = {"bus": {"url": URL}, **tomllib.loads(example)}
+    config = parse_config(data, PluginManager().channel_types, source="qq.md",
+                          env={"ONEBOT_TOKEN": "t", "QQBOT_SECRET": "s"})
+    assert set(config.channels) == {"qq-customers", "qq-bot"}

@@ -250,7 +250,8 @@ async def test_window_counts_from_the_platforms_message_time(gateway_factory: An
 
 async def test_reply_after_the_window_fails_permanently_before_calling_the_api(
         gateway_factory: Any, nats_server: Any, fake_qqbot: FakeQQBot) -> None:
-    gw = await gateway_factory({"qq": official_config(fake_qqbot, c2c_reply_window="1s")})
+    # The platform's timestamp has whole seconds: the window may start up to 1 s before now.
+    gw = await gateway_factory({"qq": official_config(fake_qqbot, c2c_reply_window="3s")})
     await callback(gw.http.port, c2c(msg_id="C-late"))
     [msg] = await published(nats_server.url, 1)
     conv = await gw.get_conversation(msg.conversation)
@@ -258,9 +259,9 @@ async def test_reply_after_the_window_fails_permanently_before_calling_the_api(
     channel = gw.channels["qq"].channel
     now = datetime.now(timezone.utc)
     assert (await channel.reach(conv, now)).ok
-    late = await channel.reach(conv, now + timedelta(seconds=2))
+    late = await channel.reach(conv, now + timedelta(seconds=4))
     assert not late.ok and late.code == "outside_window" and late.until is not None and late.until <= now + \
-        timedelta(seconds=1)
+        timedelta(seconds=3)
 
     async def closed() -> bool:
         return not (await channel.reach(conv, datetime.now(timezone.utc))).ok

@@ -312,7 +312,8 @@ async def test_sends_into_one_group_are_paced(gateway_factory: Any, nats_server:
         await wait_for_status(nats_server.url, f"r-pace-{i}", "sent")
     times = [t for c, t in zip(bot.calls, bot.call_times) if c["action"] == "send_group_msg"]
     assert len(times) == 3
-    assert min(b - a for a, b in zip(times, times[1:])) >= 0.38
+    # 0.4 s apart when sent; unpaced they would arrive milliseconds apart.
+    assert min(b - a for a, b in zip(times, times[1:])) >= 0.3
     await bot.close()
 
 

@@ -340,3 +340,13 @@ async def test_supervised_tasks_under_one_lease_run_one_at_a_time_and_hand_over_
     await a.stop()
     await asyncio.wait_for(started["b"].wait(), 5)
     await b.stop()
+
+
+async def test_context_count_adds_to_the_channel_events_metric(ctx):
+    ctx.count("group_filtered")
+    ctx.count("group_filtered", 2)
+    ctx.count("onebot_replayed")
+    registry = ctx.metrics.registry
+    labels = {"channel_type": "mock", "channel": "demo"}
+    assert registry.get_sample_value("gateway_channel_events_total", {**labels, "event": "group_filtered"}) == 3
+    assert registry.get_sample_value("gateway_channel_events_total", {**labels, "event": "onebot_replayed"}) == 1

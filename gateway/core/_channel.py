@@ -252,6 +252,12 @@ class ChannelContext(abc.ABC):
         and after ``send_timeout`` closes the connection as a slow consumer (1008). When the
         channel or the gateway stops, sockets are closed with 1001."""
 
+    def count(self, event: str, amount: int = 1) -> None:
+        """Count something the channel noticed and dropped or did on its own (a group
+        message a filter dropped, a replayed event): Prometheus
+        ``gateway_channel_events_total{channel_type,channel,event}``. ``event`` is a
+        short fixed name, never a value a sender wrote. The default does nothing."""
+
     async def part_bytes(self, part: MediaPart) -> bytes:
         """A media part's content: inline ``data``, or read from the object store by
         ``ref``. Raises a permanent :class:`DeliveryError` (``unsupported_content``) for

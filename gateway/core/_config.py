@@ -296,6 +296,14 @@ def _check(value: Any, tp: Any, path: tuple[str, ...], problems: _Problems) -> N
                 continue
             _check(value[name], f.type, path + (name,), problems)
         return
+    if get_origin(tp) is dict and isinstance(value, dict):
+        # A table of sub-sections (``groups: dict[str, GroupRule]``): msgspec names no dict
+        # key in its error path, so each entry is checked under its own key.
+        key_type, item_type = get_args(tp)
+        if key_type is str and isinstance(item_type, type) and issubclass(item_type, msgspec.Struct):
+            for key, item in value.items():
+                _check(item, item_type, path + (str(key),), problems)
+            return
     try:
         msgspec.convert(value, tp)
     except msgspec.ValidationError as exc:

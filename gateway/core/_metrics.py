@@ -16,6 +16,7 @@ class Metrics:
         self.inbound_rejected = Counter("gateway_inbound_rejected_total", "Inbound requests rejected (bad signature, malformed, too large, bus down)", labels + ["reason"], registry=self.registry)
         self.outbound = Counter("gateway_outbound_total", "Outbound messages accepted by the provider", labels, registry=self.registry)
         self.failed = Counter("gateway_outbound_failed_total", "Outbound delivery attempts that failed", labels + ["permanent"], registry=self.registry)
+        self.channel_events = Counter("gateway_channel_events_total", "Events a channel counts itself (ChannelContext.count): messages a filter dropped, ...", labels + ["event"], registry=self.registry)
         self.dead = Counter("gateway_outbound_dead_total", "Outbound messages dead-lettered", labels, registry=self.registry)
         self.publish_latency = Histogram(
             "gateway_publish_seconds", "Inbound publish latency until the JetStream ack", ["channel_type"],

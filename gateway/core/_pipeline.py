@@ -358,6 +358,9 @@ class Context(ChannelContext):
     async def get_conversation(self, key: str) -> Conversation | None:
         return await self.services.get_conversation(key)
 
+    def count(self, event: str, amount: int = 1) -> None:
+        self.metrics.channel_events.labels(self.channel_type, self.name, event).inc(amount)
+
     def set_state(self, state: ChannelState, detail: str | None = None) -> None:
         self.health = state
         self.health_detail = detail

@@ -5,8 +5,10 @@ automatically (pytest11 entry point) wherever the gateway is installed."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import tempfile
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +25,7 @@ from ._mock import MockChannel, MockConfig
 from ._process import GatewayProcess
 
 __all__ = ["LOCK_FILE", "GatewayProcess", "MockChannel", "MockConfig", "NatsServer", "post_inbound", "free_port", "make_config", "start_gateway", "statuses",
-           "stream_messages", "wait_for_status", "wait_until"]
+           "stream_messages", "wait_for_status", "wait_until", "serve_asgi"]
 
 
 class NatsServer(EmbeddedServer):
@@ -146,3 +148,23 @@ async def post_inbound(port: int, channel: str, **body: Any) -> httpx.Response:
     gateway's HTTP port, as a provider would."""
     async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=10) as c:
         return await c.post(f"/channels/{channel}/inbound", content=json.dumps(body))
+
+
+@contextlib.asynccontextmanager
+async def serve_asgi(app: Any, port: int) -> AsyncIterator[None]:
+    """Serve an ASGI app (a provider's fake API) with uvicorn on 127.0.0.1:``port`` for the
+    duration of the ``async with``; returns once it listens, stops it on exit."""
+    import uvicorn
+
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, access_log=False,
+                                           lifespan="off"))
+    task = asyncio.create_task(server.serve())
+    try:
+        while not server.started:
+            if task.done():
+                task.result()
+            await asyncio.sleep(0.01)
+        yield
+    finally:
+        server.should_exit = True
+        await task

@@ -17,14 +17,13 @@ from typing import Any
 import httpx
 import nats
 import pytest
-import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from gateway.wire import message_decoder
-from gateway.testing import free_port, stream_messages
+from gateway.testing import free_port, serve_asgi, stream_messages
 from gateway_plugins.wechat._crypto import MessageCrypto, signature
 
 APPID = "wx2c2769f8efd9abc2"
@@ -216,17 +215,8 @@ class FakeWeChat:
 async def fake_wechat() -> Any:
     """The fake WeChat API, listening on a free port for this test."""
     fake = FakeWeChat()
-    server = uvicorn.Server(uvicorn.Config(fake.app, host="127.0.0.1", port=fake.port, log_config=None,
-                                           access_log=False, lifespan="off"))
-    server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
-    task = asyncio.create_task(server.serve())
-    while not server.started:
-        if task.done():
-            task.result()
-        await asyncio.sleep(0.01)
-    yield fake
-    server.should_exit = True
-    await task
+    async with serve_asgi(fake.app, fake.port):
+        yield fake
 
 
 @pytest.fixture

@@ -4,6 +4,8 @@ uploads, and replies kept in a bounded history so a visitor who was away sees th
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import hmac
 import re
 import secrets
 from dataclasses import dataclass
@@ -13,7 +15,7 @@ from typing import Any, Literal
 
 import msgspec
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, PlainTextResponse, Response
 
 from gateway import (
     BusUnavailable,
@@ -150,7 +152,13 @@ class WebChatChannel(Channel):
         """Open widget sockets of this process, by conversation key."""
         self.visitor_limit = RateLimiter(cfg.messages_per_minute, max(1, cfg.messages_per_minute // 4))
         self.address_limit = RateLimiter(cfg.connections_per_minute, max(1, cfg.connections_per_minute // 3))
-        self._secret: bytes | None = cfg.secret.encode() if cfg.secret else None
+        self.address_messages = RateLimiter(cfg.messages_per_address_minute, max(1, cfg.messages_per_address_minute // 4))
+        # Every frame, even one that changes nothing ("seen", a choice of no survey), may read
+        # the conversation's record on the bus: a socket cannot send them as fast as it likes.
+        self.frame_limit = RateLimiter(max(240, 2 * cfg.messages_per_minute), max(60, cfg.messages_per_minute // 2))
+        self.open_by_address: dict[str, int] = {}
+        """Open widget sockets of this process, by address."""
+        self._secret: bytes | None = None
         # What the open widgets of a conversation were sent, for the catch-up of replies
         # another gateway process delivered: entry ids, and the history's last revision.
         self._known: dict[str, set[str]] = {}
@@ -199,15 +207,17 @@ class WebChatChannel(Channel):
     # --- identity ------------------------------------------------------------------------
 
     async def secret(self) -> bytes:
-        """The token key: configured, or generated once and shared through the channel's state."""
+        """The token key: from the configured secret, or one generated once and shared
+        through the channel's state; bound to this channel's name, so a token of another
+        channel with the same ``secret`` is not accepted here."""
         if self._secret is None:
-            raw = await self.ctx.state.get("secret")
+            raw = self.cfg.secret.encode() if self.cfg.secret else await self.ctx.state.get("secret")
             if raw is None:
                 await self.ctx.state.create("secret", secrets.token_hex(32).encode())
                 raw = await self.ctx.state.get("secret")
             if not raw:
                 raise BusUnavailable("the channel secret could not be read")
-            self._secret = raw
+            self._secret = hmac.new(raw, b"webchat-channel:" + self.ctx.name.encode(), hashlib.sha256).digest()
         return self._secret
 
     def _origin_allowed(self, origin: str | None, host: str | None) -> bool:
@@ -220,7 +230,8 @@ class WebChatChannel(Channel):
 
     def _address(self, headers: Any, client: Any) -> str:
         if self.cfg.trust_forwarded:
-            forwarded = headers.get("x-forwarded-for", "").split(",")[0].strip()
+            # The last entry is the one our own proxy added; the rest the client wrote.
+            forwarded = headers.get("x-forwarded-for", "").split(",")[-1].strip()
             if forwarded:
                 return forwarded
         return str(client[0]) if client else "unknown"
@@ -229,6 +240,9 @@ class WebChatChannel(Channel):
         if not self._origin_allowed(handshake.origin, handshake.headers.get("host")):
             raise RequestError("origin not allowed", status=403)
         address = self._address(handshake.headers, handshake.client)
+        if self.open_by_address.get(address, 0) >= self.cfg.sockets_per_address:
+            raise RequestError(f"too many open sockets from this address (sockets_per_address "
+                               f"{self.cfg.sockets_per_address})", status=429)
         wait = self.address_limit.take("ws:" + address)
         if wait:
             raise RequestError(f"too many connections from this address, retry in {wait:.0f}s", status=429)
@@ -267,6 +281,16 @@ class WebChatChannel(Channel):
 
     async def _session(self, conn: WebSocketConnection) -> None:
         visitor: Visitor = conn.identity
+        address = visitor.address
+        self.open_by_address[address] = self.open_by_address.get(address, 0) + 1
+        try:
+            await self._visit(conn, visitor)
+        finally:
+            left = self.open_by_address.pop(address) - 1
+            if left:
+                self.open_by_address[address] = left
+
+    async def _visit(self, conn: WebSocketConnection, visitor: Visitor) -> None:
         if visitor.error is not None:
             # The close reason is the message: a close goes out ahead of queued frames.
             await conn.close(INVALID_TOKEN, visitor.error[:120])
@@ -304,11 +328,18 @@ class WebChatChannel(Channel):
 
     async def _frame(self, conn: WebSocketConnection, visitor: Visitor, key: str, data: str | bytes) -> None:
         try:
-            frame = _frames.decode(data)
+            frame: Any = _frames.decode(data)
         except msgspec.DecodeError:
+            frame = None
+        cid = getattr(frame, "id", None)
+        wait = self.frame_limit.take(visitor.subject)
+        if wait:
+            await conn.send(_json({"type": "error", "id": cid, "code": "rate_limited",
+                                   "message": "too many messages, please wait", "retry_after": round(wait, 1)}))
+            return
+        if frame is None:
             await conn.send(_json({"type": "error", "code": "bad_frame", "message": "not a widget message"}))
             return
-        cid = getattr(frame, "id", None)
         try:
             if isinstance(frame, _Say):
                 entry = await self._say(visitor, key, frame)
@@ -338,7 +369,7 @@ class WebChatChannel(Channel):
         await self._push(key, {"type": "message", "message": view}, skip=conn)
 
     def _limit(self, visitor: Visitor) -> None:
-        wait = self.visitor_limit.take(visitor.subject)
+        wait = self.visitor_limit.take(visitor.subject) or self.address_messages.take(visitor.address)
         if wait:
             raise Refused("rate_limited", "too many messages, please wait", retry_after=round(wait, 1))
 
@@ -529,12 +560,27 @@ class WebChatChannel(Channel):
                 "Access-Control-Allow-Headers": "authorization, content-type",
                 "Access-Control-Allow-Methods": "GET, POST", "Access-Control-Max-Age": "600"}
 
+    async def _refusable(self, request: Request, cors: dict[str, str], answer: Any) -> Response:
+        """``answer``'s response; a refusal carries the CORS headers too, so the widget on
+        the embedding site can read why (a browser hides an answer without them)."""
+        try:
+            response: Response = await answer(request, cors)
+            return response
+        except RequestError as exc:
+            if not cors:
+                raise
+            self.ctx.log.info("request rejected", path=request.url.path, status=exc.status, reason=exc.reason)
+            return PlainTextResponse(exc.reason + "\n", status_code=exc.status, headers=cors)
+
     async def _upload(self, request: Request) -> Response:
         """``POST /upload?id=<widget id>`` with the image as the body, the visitor's token as
         ``Authorization: Bearer``: stored in the object store, published as an image part."""
         cors = self._cors(request)
         if request.method == "OPTIONS":
             return Response(status_code=204, headers=cors)
+        return await self._refusable(request, cors, self._take_upload)
+
+    async def _take_upload(self, request: Request, cors: dict[str, str]) -> Response:
         subject = await self._bearer(request)
         cid = request.query_params.get("id", "")
         if not _CID.match(cid):
@@ -543,7 +589,7 @@ class WebChatChannel(Channel):
         if content_type not in self.cfg.upload_types:
             raise RequestError("this image type is not accepted", status=415)
         visitor = Visitor(subject=subject, address=self._address(request.headers, request.client))
-        wait = self.visitor_limit.take(subject)
+        wait = self.visitor_limit.take(subject) or self.address_messages.take(visitor.address)
         if wait:
             raise RequestError(f"too many messages, retry in {wait:.0f}s", status=429)
         body = await request.body()
@@ -565,6 +611,9 @@ class WebChatChannel(Channel):
         cors = self._cors(request)
         if request.method == "OPTIONS":
             return Response(status_code=204, headers=cors)
+        return await self._refusable(request, cors, self._serve_media)
+
+    async def _serve_media(self, request: Request, cors: dict[str, str]) -> Response:
         subject = await self._bearer(request)
         entry_id, n = request.path_params["entry"], request.path_params["n"]
         entries = await self.history.read(self.ctx.conversation_key(subject))

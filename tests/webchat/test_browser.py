@@ -331,3 +331,24 @@ def test_a_message_written_while_the_gateway_restarts_is_sent_once_when_it_is_ba
     published(gateway, "Written while you were away")
     assert sum(m.sender.name == "Ida" for m in on_bus(inbound(gateway.bus_url))) == 2
     expect(page.locator(".msg.visitor", has_text="Before the restart")).to_be_visible()  # history survived
+
+
+def test_a_message_left_sending_when_the_tab_closed_is_sent_once_when_the_visitor_comes_back(
+        gateway: GatewayProcess, context: BrowserContext) -> None:
+    page = context.new_page()
+    start_chat(page, gateway, "Kim")
+    write(page, "First")
+    gateway.signal(signal.SIGTERM)
+    assert gateway.wait() == 0
+    expect(page.locator("#gw-webchat .dot.on")).to_have_count(0)
+    page.get_by_placeholder("Type a message").fill("Typed before closing the tab")
+    page.get_by_role("button", name="Send", exact=True).click()
+    expect(page.locator(".msg.visitor", has_text="Typed before closing the tab").locator(".meta")).to_have_text(
+        "sending…")
+    page.close()  # the visitor gives up and leaves
+    gateway.start()
+    back = context.new_page()  # same browser, same localStorage: the same visitor comes back
+    back.goto(demo(gateway))
+    expect(back.locator(".msg.visitor", has_text="Typed before closing the tab").locator(".meta")).to_have_text("sent")
+    published(gateway, "Typed before closing the tab")
+    assert sum(m.sender.name == "Kim" for m in on_bus(inbound(gateway.bus_url))) == 2

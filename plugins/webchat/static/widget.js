@@ -27,7 +27,17 @@
   // --- state ------------------------------------------------------------------------
   var token = userId ? null : load("token");
   var ws = null, attempt = 0, timer = null, connected = false, stopped = false;
-  var outbox = [];                  // visitor messages not yet acknowledged: {id, text}
+  // Visitor messages not yet acknowledged, {id, frame}: kept in localStorage too, so one
+  // left "sending" when the tab closed is sent (once: same id) when the visitor comes back.
+  var OUTBOX = userId ? "outbox:u:" + userId : "outbox";
+  var outbox = (function () {
+    try {
+      var kept = JSON.parse(load(OUTBOX) || "[]");
+      return kept.filter(function (m) { return m && typeof m.id === "string" && m.frame && m.frame.id === m.id; })
+        .map(function (m) { return {id: m.id, frame: m.frame}; });
+    } catch (e) { return []; }
+  })();
+  function keep() { save(OUTBOX, outbox.length ? JSON.stringify(outbox.map(function (m) { return {id: m.id, frame: m.frame}; })) : null); }
   var byId = {}, byCid = {};        // rendered entries
   var reported = {delivered: {}, read: {}};
   var agentStates = {};             // outbound id -> "" | delivered | read
@@ -178,11 +188,15 @@
         b.className = "picked";
         var cid = newId();
         outbox.push({id: cid, frame: {type: "choice", id: cid, survey: m.id, index: i}});
-        flush();
+        keep(); flush();
       });
       box.appendChild(b);
     });
     return box;
+  }
+
+  function showPending() {
+    outbox.forEach(function (m) { if (m.frame.type === "message") { bubble({cid: m.id, by: "visitor", text: m.frame.text, pending: true}); } });
   }
 
   function rank(s) { return s === "read" ? 2 : s === "delivered" ? 1 : 0; }
@@ -230,7 +244,7 @@
       if (ev.code === 4401 || ev.code === 4410) {          // not our token, or the conversation was erased
         if (userId) { showError("Your sign-in could not be verified; reload the page."); stopped = true; return; }
         token = null; save("token", null); save("profile", null);
-        outbox = []; agentStates = {}; reported = {delivered: {}, read: {}};
+        outbox = []; keep(); agentStates = {}; reported = {delivered: {}, read: {}};
         attempt = 0; connect(); return;                     // start afresh as a new visitor, at once
       }
       if (!stopped) { retry(); }
@@ -267,13 +281,12 @@
       var welcome = list.getAttribute("data-welcome");
       if (welcome) { list.appendChild(el("div", "msg agent", welcome)); }
       f.messages.forEach(bubble);
-      outbox.forEach(function (m) { if (m.frame.type === "message") { bubble({cid: m.id, by: "visitor", text: m.frame.text, pending: true}); } });
-      flush(); reportSeen();
+      showPending(); flush(); reportSeen();
     } else if (f.type === "message") {
       bubble(f.message); reportSeen();
     } else if (f.type === "ack") {
       outbox = outbox.filter(function (m) { return m.id !== f.id; });
-      bubble(f.message);
+      keep(); bubble(f.message);
     } else if (f.type === "answered") {
       var node = byId[f.survey];
       if (node) { Array.prototype.forEach.call(node.querySelectorAll(".choices button"), function (b, i) {
@@ -288,6 +301,7 @@
         if (f.code === "rate_limited") { showError(f.message); }
       } else if (pending) {
         outbox = outbox.filter(function (m) { return m !== pending; });
+        keep();
         var n = byCid[pending.id];
         if (n) { n.lastChild.textContent = "not sent: " + f.message; }
       } else {
@@ -303,6 +317,7 @@
     if (text.length > limits.chars) { showError("Message too long."); return; }
     var cid = newId();
     outbox.push({id: cid, frame: {type: "message", id: cid, text: text}});
+    keep();
     bubble({cid: cid, by: "visitor", text: text, pending: true});
     input.value = "";
     showError("");
@@ -339,6 +354,7 @@
 
   function mount() {
     document.body.appendChild(host);
+    showPending();
     if (startOpen || load("open")) { open(); }
     connect();
   }

@@ -76,11 +76,13 @@ async def test_a_refused_cross_origin_upload_is_readable_by_the_embedding_site(g
 
 async def test_an_origin_is_matched_as_browsers_write_it_whatever_the_config_spelling(gateway_factory):
     # Browsers send the host in lower case and no default port.
-    gw = await gateway_factory({"web": webchat(allowed_origins=["https://Shop.Example.com:443", "http://A.example:80"])})
+    spelled = ["https://Shop.Example.com:443", "http://A.example:80"]
+    gw = await gateway_factory({"web": webchat(allowed_origins=spelled)})
     for origin in ("https://shop.example.com", "http://a.example"):
         ok = await Visitor.connect(gw.http.port, origin=origin)
         assert ok.welcome["type"] == "welcome", origin
-    for origin in ("null", "https://shop.example.com:8443", "http://shop.example.com", "https://shop.example.com.evil.net"):
+    for origin in ("null", "https://shop.example.com:8443", "http://shop.example.com",
+                   "https://shop.example.com.evil.net", "https://shop.example.com/"):
         assert await refused(gw.http.port, origin=origin) == 403, origin
 
 

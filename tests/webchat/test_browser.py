@@ -61,6 +61,7 @@ class Site:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.page = b""
+        self.headers: dict[str, str] = {}
         site = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -68,6 +69,8 @@ class Site:
                 self.send_response(200)
                 self.send_header("Content-Type", "text/html; charset=utf-8")
                 self.send_header("Content-Length", str(len(site.page)))
+                for name, value in site.headers.items():
+                    self.send_header(name, value)
                 self.end_headers()
                 self.wfile.write(site.page)
 
@@ -352,3 +355,21 @@ def test_a_message_left_sending_when_the_tab_closed_is_sent_once_when_the_visito
     expect(back.locator(".msg.visitor", has_text="Typed before closing the tab").locator(".meta")).to_have_text("sent")
     published(gateway, "Typed before closing the tab")
     assert sum(m.sender.name == "Kim" for m in on_bus(inbound(gateway.bus_url))) == 2
+
+
+def test_a_site_with_a_strict_content_security_policy_shows_the_widget_styled(
+        gateway: GatewayProcess, shop: Site, context: BrowserContext) -> None:
+    # What such a site must allow for the widget (docs/channels/webchat.md), and no
+    # 'unsafe-inline' styles: the widget's own styles must apply all the same.
+    gw = f"127.0.0.1:{gateway.http_port}"
+    shop.headers["Content-Security-Policy"] = (
+        f"default-src 'self'; script-src http://{gw}; connect-src http://{gw} ws://{gw}; img-src blob:")
+    try:
+        page = context.new_page()
+        page.goto(shop.url)
+        expect(page.get_by_placeholder("Your name")).to_be_visible()
+        panel = page.evaluate("() => getComputedStyle(document.querySelector('#gw-webchat').shadowRoot"
+                              ".querySelector('.panel')).position")
+        assert panel == "fixed"
+    finally:
+        shop.headers.clear()

@@ -257,19 +257,27 @@ class WebChatChannel(Channel):
                 subject = check_user(self.cfg.user_secret, q["user"], q.get("signature"))
                 return Visitor(subject=subject, token=issue_token(secret, subject), address=address)
             if q.get("token"):
-                return Visitor(subject=check_token(secret, q["token"]), address=address)
+                return Visitor(subject=self._subject(secret, q["token"]), address=address)
         except SignatureError as exc:
             # In-band: a browser's WebSocket cannot read a refused handshake's status.
             return Visitor(address=address, error=exc.reason)
         subject = new_visitor()
         return Visitor(subject=subject, token=issue_token(secret, subject), address=address)
 
+    def _subject(self, secret: bytes, token: str | None) -> str:
+        """The subject of one of our tokens; a signed-in user's only while ``user_secret``
+        is set (switching it off signs those users out)."""
+        subject = check_token(secret, token)
+        if subject.startswith(USER) and not self.cfg.user_secret:
+            raise SignatureError("signed user ids are not enabled on this channel (user_secret)")
+        return subject
+
     async def _bearer(self, request: Request) -> str:
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
         if scheme.lower() != "bearer":
             raise RequestError("missing visitor token (Authorization: Bearer)", status=401)
         try:
-            return check_token(await self.secret(), token.strip())
+            return self._subject(await self.secret(), token.strip())
         except SignatureError:
             raise RequestError("invalid visitor token", status=401) from None
 

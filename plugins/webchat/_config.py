@@ -45,7 +45,8 @@ class WebChatConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     user_secret: str = ""
     """Shared with your site's server, which signs the id of a logged-in user with it
     (hex HMAC-SHA256 of the user id) so the customer keeps one conversation across devices.
-    Empty: signed user ids are refused (anonymous visitors only)."""
+    Empty: signed user ids, and the tokens given to them before, are refused (anonymous
+    visitors only)."""
     allowed_origins: list[Annotated[str, _ORIGIN]] = []
     """Sites that may embed the widget (exact origins): the WebSocket ``Origin`` check and
     CORS of uploads and media. The gateway's own origin (the demo page) is always allowed."""

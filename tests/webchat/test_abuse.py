@@ -4,13 +4,16 @@ tokens of another channel) is bounded, and a refusal is readable by the embeddin
 
 from __future__ import annotations
 
+import hashlib
+import hmac
+
 import httpx
 import pytest
 
 from gateway import ConfigError
 from gateway.testing import make_config
 
-from .conftest import Visitor, refused, webchat
+from .conftest import USER_SECRET, Visitor, refused, webchat
 
 PNG = b"\x89PNG\r\n\x1a\n" + b"\x00" * 64
 
@@ -102,3 +105,16 @@ def test_an_upload_type_whose_bytes_cannot_be_checked_is_a_config_error():
         make_config("nats://127.0.0.1:4222", {"web": webchat(upload_types=["image/png", "image/svg+xml"])})
     assert "upload_types" in str(info.value) and "image/svg+xml" in str(info.value)
 
+
+
+async def test_a_signed_in_users_token_stops_working_when_signed_users_are_switched_off(gateway_factory):
+    sig = hmac.new(USER_SECRET.encode(), b"customer-42", hashlib.sha256).hexdigest()
+    with_users = await gateway_factory({"web": webchat(user_secret=USER_SECRET)})
+    token = (await Visitor.connect(with_users.http.port, f"?user=customer-42&signature={sig}")).token
+    without = await gateway_factory({"web": webchat()})  # the site removed user_secret
+    attempt = await Visitor.connect(without.http.port, f"?token={token}")
+    assert attempt.welcome["type"] == "closed" and attempt.welcome["code"] == 4401
+    async with httpx.AsyncClient(base_url=base(without)) as c:
+        r = await c.post("/upload?id=i-1", content=PNG,
+                         headers={"Authorization": f"Bearer {token}", "Content-Type": "image/png"})
+    assert r.status_code == 401

@@ -95,8 +95,9 @@ class WebChatConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     conversations of its open widgets (one state read per such conversation); ``"0s"``: a
     single gateway process, no need."""
     idle_timeout: Duration = "10m"
-    """A widget socket with no message for this long is closed (the widget reconnects when
-    the visitor comes back)."""
+    """A widget socket with no message for this long is closed. The widget reconnects at
+    once if its chat box is open on a visible page, else when the visitor opens it or comes
+    back to the page."""
 
     def __post_init__(self) -> None:
         # Browsers write an origin with the host in lower case and without a default port.

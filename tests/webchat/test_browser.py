@@ -373,3 +373,32 @@ def test_a_site_with_a_strict_content_security_policy_shows_the_widget_styled(
         assert panel == "fixed"
     finally:
         shop.headers.clear()
+
+
+def websocket_metric(port: int, name: str, reason: str | None = None) -> float:
+    text = httpx.get(f"http://127.0.0.1:{port}/metrics").text
+    line = next((ln for ln in text.splitlines() if ln.startswith(f"gateway_websocket_{name}{{")
+                 and 'channel="web"' in ln and (reason is None or f'reason="{reason}"' in ln)), None)
+    return float(line.rsplit(" ", 1)[1]) if line else 0.0
+
+
+def test_a_page_whose_chat_box_is_closed_gives_its_idle_socket_back_until_the_box_is_opened(
+        tmp_path: Path, context: BrowserContext) -> None:
+    # Every page of the site runs the widget: a reader who never opens the chat must not
+    # hold one of max_connections for as long as the tab stays open.
+    proc = GatewayProcess(tmp_path, channels='[channels.web]\ntype = "webchat"\nidle_timeout = "1s"\nprechat = false\n')
+    proc.start()
+    try:
+        page = context.new_page()
+        page.goto(demo(proc))
+        expect(page.locator("#gw-webchat .dot.on")).to_have_count(1)
+        page.get_by_role("button", name="Close chat").click()
+        eventually(lambda: websocket_metric(proc.http_port, "closed_total", "idle_timeout") >= 1)
+        time.sleep(2)  # an absence: a reconnect (0.5 s at most) would be idle again within this
+        assert websocket_metric(proc.http_port, "closed_total", "idle_timeout") == 1
+        assert websocket_metric(proc.http_port, "connections") == 0
+        page.get_by_role("button", name="Open chat").click()  # the visitor is back: live again
+        expect(page.locator("#gw-webchat .dot.on")).to_have_count(1)
+    finally:
+        proc.signal(signal.SIGTERM)
+        proc.wait()

@@ -27,6 +27,7 @@
   // --- state ------------------------------------------------------------------------
   var token = userId ? null : load("token");
   var ws = null, attempt = 0, timer = null, connected = false, stopped = false;
+  var asleep = false;               // closed for idleness while nobody looked: wake() reconnects
   // Visitor messages not yet acknowledged, {id, frame}: kept in localStorage too, so one
   // left "sending" when the tab closed is sent (once: same id) when the visitor comes back.
   var OUTBOX = userId ? "outbox:u:" + userId : "outbox";
@@ -135,8 +136,10 @@
 
   function showError(text) { err.textContent = text || ""; err.className = text ? "err show" : "err"; }
   function scrollDown() { list.scrollTop = list.scrollHeight; }
+  function watching() { return isOpen && document.visibilityState === "visible"; }
+  function wake() { if (asleep && watching()) { asleep = false; attempt = 0; connect(); } }
   function open() {
-    isOpen = true; panel.className = "panel open"; launcher.style.display = "none";
+    isOpen = true; wake(); panel.className = "panel open"; launcher.style.display = "none";
     save("open", "1"); reportSeen(); scrollDown(); input.focus();
   }
   function close() { isOpen = false; panel.className = "panel"; launcher.style.display = ""; save("open", null); }
@@ -220,7 +223,7 @@
       wsSend({type: "seen", state: state, ids: ids});
     });
   }
-  document.addEventListener("visibilitychange", reportSeen);
+  document.addEventListener("visibilitychange", function () { wake(); reportSeen(); });
 
   // --- the socket --------------------------------------------------------------------
   function wsSend(frame) {
@@ -252,6 +255,9 @@
         outbox = []; keep(); agentStates = {}; reported = {delivered: {}, read: {}};
         attempt = 0; connect(); return;                     // start afresh as a new visitor, at once
       }
+      // The gateway closes an idle socket (1000): reconnect at once only while the chat box
+      // is open on a visible page; otherwise when the visitor opens it or comes back to it.
+      if (ev.code === 1000 && !watching() && !outbox.length) { asleep = true; return; }
       if (!stopped) { retry(); }
     };
   }

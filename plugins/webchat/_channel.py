@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
+import ipaddress
 import re
 import secrets
 from dataclasses import dataclass
@@ -230,12 +231,21 @@ class WebChatChannel(Channel):
         return origin in self.cfg.allowed_origins
 
     def _address(self, headers: Any, client: Any) -> str:
+        """Who counts as one address for the limits: the client's IPv4 address, or the /64
+        network of its IPv6 address (whoever has one address of a /64 has them all)."""
+        address = str(client[0]) if client else "unknown"
         if self.cfg.trust_forwarded:
             # The last entry is the one our own proxy added; the rest the client wrote.
-            forwarded = headers.get("x-forwarded-for", "").split(",")[-1].strip()
-            if forwarded:
-                return forwarded
-        return str(client[0]) if client else "unknown"
+            address = headers.get("x-forwarded-for", "").split(",")[-1].strip() or address
+        try:
+            ip = ipaddress.ip_address(address)
+        except ValueError:
+            return address
+        if isinstance(ip, ipaddress.IPv6Address):
+            if ip.ipv4_mapped is not None:
+                return str(ip.ipv4_mapped)
+            return str(ipaddress.ip_network(f"{ip}/64", strict=False))
+        return str(ip)
 
     async def _authorize(self, handshake: Handshake) -> Visitor:
         if not self._origin_allowed(handshake.origin, handshake.headers.get("host")):

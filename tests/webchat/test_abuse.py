@@ -118,3 +118,12 @@ async def test_a_signed_in_users_token_stops_working_when_signed_users_are_switc
         r = await c.post("/upload?id=i-1", content=PNG,
                          headers={"Authorization": f"Bearer {token}", "Content-Type": "image/png"})
     assert r.status_code == 401
+
+
+async def test_the_addresses_of_one_ipv6_network_count_as_one_address(gateway_factory):
+    # Whoever has one IPv6 address has its whole /64: per-address limits count the /64.
+    gw = await gateway_factory({"web": webchat(connections_per_minute=3, trust_forwarded=True)})  # bursts of 1
+    await Visitor.connect(gw.http.port, additional_headers={"X-Forwarded-For": "2001:db8:1:2::1"})
+    assert await refused(gw.http.port, additional_headers={"X-Forwarded-For": "2001:db8:1:2:ffff::9"}) == 429
+    other = await Visitor.connect(gw.http.port, additional_headers={"X-Forwarded-For": "2001:db8:1:3::1"})
+    assert other.welcome["type"] == "welcome"

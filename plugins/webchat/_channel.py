@@ -122,6 +122,8 @@ class Visitor:
     address: str = ""
     error: str | None = None
     """Why the token or user signature was refused (told in-band, then closed)."""
+    close_code: int = 4401
+    """The close code that tells why: 4401 not our token, 4410 its conversation was erased."""
 
 
 class Refused(Exception):
@@ -267,7 +269,10 @@ class WebChatChannel(Channel):
                 subject = check_user(self.cfg.user_secret, q["user"], q.get("signature"))
                 return Visitor(subject=subject, token=issue_token(secret, subject), address=address)
             if q.get("token"):
-                return Visitor(subject=self._subject(secret, q["token"]), address=address)
+                subject = self._subject(secret, q["token"])
+                if await self._erased(subject):
+                    return Visitor(address=address, error="conversation erased", close_code=FORGOTTEN)
+                return Visitor(subject=subject, address=address)
         except SignatureError as exc:
             # In-band: a browser's WebSocket cannot read a refused handshake's status.
             return Visitor(address=address, error=exc.reason)
@@ -312,7 +317,7 @@ class WebChatChannel(Channel):
     async def _visit(self, conn: WebSocketConnection, visitor: Visitor) -> None:
         if visitor.error is not None:
             # The close reason is the message: a close goes out ahead of queued frames.
-            await conn.close(INVALID_TOKEN, visitor.error[:120])
+            await conn.close(visitor.close_code, visitor.error[:120])
             return
         key = self.ctx.conversation_key(visitor.subject)
         try:
@@ -433,9 +438,16 @@ class WebChatChannel(Channel):
         await self._push(key, {"type": "answered", "survey": frame.survey, "index": frame.index})
         return entry
 
+    async def _erased(self, subject: str) -> bool:
+        """Did the visitor erase this conversation (within ``history_ttl``)? Its token, still
+        held by another tab or process, then opens nothing: replies to it are dead letters."""
+        return await self.ctx.state.get("forgotten." + self.ctx.conversation_key(subject)) is not None
+
     async def _publish(self, visitor: Visitor, key: str, cid: str, parts: list[Part], entry: Entry) -> Entry:
         """Publish a visitor's message (once per ``cid``: retries are duplicates), then keep it
         in the history (also on a retry, in case the first try stopped in between)."""
+        if await self._erased(visitor.subject):
+            raise Refused("forgotten", "this conversation was erased")
         profile = await self.ctx.state.get_record("profile." + visitor.subject, Profile)
         meta: dict[str, Any] = {"visitor": "user" if visitor.subject.startswith(USER) else "anonymous"}
         if profile is not None:
@@ -619,6 +631,8 @@ class WebChatChannel(Channel):
             raise RequestError("the file is not the image type it claims", status=415)
         if content_type == "image/webp" and body[8:12] != b"WEBP":
             raise RequestError("the file is not the image type it claims", status=415)
+        if await self._erased(subject):
+            raise RequestError("this conversation was erased", status=410)
         ref = await self.ctx.put_blob(body, content_type=content_type)
         key = self.ctx.conversation_key(subject)
         entry = await self._publish(

@@ -9,11 +9,12 @@ import hmac
 
 import httpx
 import pytest
+import websockets.exceptions
 
 from gateway import ConfigError
 from gateway.testing import make_config
 
-from .conftest import USER_SECRET, Visitor, refused, webchat
+from .conftest import USER_SECRET, Visitor, inbound, refused, webchat
 
 PNG = b"\x89PNG\r\n\x1a\n" + b"\x00" * 64
 
@@ -127,3 +128,19 @@ async def test_the_addresses_of_one_ipv6_network_count_as_one_address(gateway_fa
     assert await refused(gw.http.port, additional_headers={"X-Forwarded-For": "2001:db8:1:2:ffff::9"}) == 429
     other = await Visitor.connect(gw.http.port, additional_headers={"X-Forwarded-For": "2001:db8:1:3::1"})
     assert other.welcome["type"] == "welcome"
+
+
+async def test_the_token_of_an_erased_conversation_opens_nothing_any_more(gateway_factory, nats_server):
+    # Another tab or gateway process may still hold the old token: writing on in a
+    # conversation whose replies are dead-lettered would leave the visitor unanswered.
+    one, two = await gateway_factory({"web": webchat()}), await gateway_factory({"web": webchat()})
+    v = await Visitor.connect(one.http.port)
+    elsewhere = await Visitor.connect(two.http.port, f"?token={v.token}")  # a tab on another process
+    await v.say("forget me", "c-1")
+    await v.send({"type": "forget"})
+    with pytest.raises(websockets.exceptions.ConnectionClosed):
+        await v.next("closed", timeout=5)
+    again = await Visitor.connect(two.http.port, f"?token={v.token}")
+    assert again.welcome["type"] == "closed" and again.welcome["code"] == 4410
+    assert (await elsewhere.say("still there?", "c-2"))["code"] == "forgotten"
+    assert [m.parts[0].text for m in await inbound(nats_server.url)] == ["forget me"]

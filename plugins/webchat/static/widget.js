@@ -251,15 +251,19 @@
       outbox.forEach(function (m) { m.waiting = false; });
       if (ev.code === 4401 || ev.code === 4410) {          // not our token, or the conversation was erased
         if (userId) { showError("Your sign-in could not be verified; reload the page."); stopped = true; return; }
-        token = null; save("token", null); save("profile", null);
-        outbox = []; keep(); agentStates = {}; reported = {delivered: {}, read: {}};
-        attempt = 0; connect(); return;                     // start afresh as a new visitor, at once
+        afresh(); return;                                   // start afresh as a new visitor, at once
       }
       // The gateway closes an idle socket (1000): reconnect at once only while the chat box
       // is open on a visible page; otherwise when the visitor opens it or comes back to it.
       if (ev.code === 1000 && !watching() && !outbox.length) { asleep = true; return; }
       if (!stopped) { retry(); }
     };
+  }
+
+  function afresh(carry) {
+    token = null; save("token", null); save("profile", null);
+    outbox = (carry || []).map(function (m) { return {id: m.id, frame: m.frame}; }); keep(); agentStates = {}; reported = {delivered: {}, read: {}};
+    attempt = 0; connect();
   }
 
   function retry() {
@@ -305,6 +309,10 @@
     } else if (f.type === "profile_saved") {
       save("profile", "1"); pre.className = "pre"; compose.className = "compose"; input.focus();
     } else if (f.type === "error") {
+      if (f.code === "forgotten") {     // erased in another tab or process: send it again as a new visitor
+        var old = ws; if (old) { old.onclose = null; old.close(); }
+        ws = null; connected = false; afresh(outbox); return;
+      }
       var pending = outbox.filter(function (m) { return m.id === f.id; })[0];
       if (pending && f.retry_after) {                      // not stored yet: the same id again later
         pending.waiting = true;

@@ -122,7 +122,7 @@ class Visitor:
     address: str = ""
     error: str | None = None
     """Why the token or user signature was refused (told in-band, then closed)."""
-    close_code: int = 4401
+    close_code: int = INVALID_TOKEN
     """The close code that tells why: 4401 not our token, 4410 its conversation was erased."""
 
 
@@ -270,7 +270,11 @@ class WebChatChannel(Channel):
                 return Visitor(subject=subject, token=issue_token(secret, subject), address=address)
             if q.get("token"):
                 subject = self._subject(secret, q["token"])
-                if await self._erased(subject):
+                try:
+                    erased = await self._erased(subject)
+                except BusUnavailable:
+                    raise RequestError("bus unavailable, retry later", status=503) from None
+                if erased:
                     return Visitor(address=address, error="conversation erased", close_code=FORGOTTEN)
                 return Visitor(subject=subject, address=address)
         except SignatureError as exc:
@@ -635,9 +639,12 @@ class WebChatChannel(Channel):
             raise RequestError("this conversation was erased", status=410)
         ref = await self.ctx.put_blob(body, content_type=content_type)
         key = self.ctx.conversation_key(subject)
-        entry = await self._publish(
-            visitor, key, "img:" + cid, [ImagePart(ref=ref, content_type=content_type, size=len(body))],
-            Entry(id="", by="visitor", at=_now(), cid=cid, images=[Image(ref=ref, content_type=content_type)]))
+        try:
+            entry = await self._publish(
+                visitor, key, "img:" + cid, [ImagePart(ref=ref, content_type=content_type, size=len(body))],
+                Entry(id="", by="visitor", at=_now(), cid=cid, images=[Image(ref=ref, content_type=content_type)]))
+        except Refused as exc:  # erased meanwhile
+            raise RequestError(exc.message, status=410) from None
         view = _view(entry)
         await self._push(key, {"type": "message", "message": view})
         return JSONResponse({"message": view}, headers=cors)

@@ -165,7 +165,7 @@ class WebChatChannel(Channel):
         self._secret: bytes | None = None
         # What the open widgets of a conversation were sent, for the catch-up of replies
         # another gateway process delivered: entry ids, and the history's last revision.
-        self._known: dict[str, set[str]] = {}
+        self._known: dict[str, dict[str, None]] = {}
         self._revisions: dict[str, int] = {}
         self._sync: Supervised | None = None
         self._widget = _static("widget.js")
@@ -203,7 +203,7 @@ class WebChatChannel(Channel):
                 if got is None or self._revisions.get(key) == got[1]:
                     continue
                 self._revisions[key] = got[1]
-                known = self._known.setdefault(key, set())
+                known = self._known.get(key, {})
                 for entry in self.history.decode(got[0]):
                     if entry.id not in known:
                         await self._push(key, {"type": "message", "message": _view(entry)})
@@ -332,7 +332,8 @@ class WebChatChannel(Channel):
             await conn.close(TRY_LATER, "bus unavailable, retry later")
             return
         self.sockets.setdefault(key, set()).add(conn)
-        self._known.setdefault(key, set()).update(e.id for e in entries)
+        for e in entries:
+            self._remember(key, e.id)
         try:
             cfg = self.cfg
             online = self.online()
@@ -514,11 +515,20 @@ class WebChatChannel(Channel):
         for other in list(self.sockets.get(key, ())):  # this one too; the close code says why
             await other.close(FORGOTTEN, "conversation erased")
 
+    def _remember(self, key: str, entry_id: str) -> None:
+        """Note what the open widgets of ``key`` were sent: the newest ids only, twice the
+        history's size (an older id is no longer in the history the catch-up reads)."""
+        known = self._known.setdefault(key, {})
+        known.pop(entry_id, None)
+        known[entry_id] = None
+        if len(known) > 2 * self.cfg.history_size:
+            del known[next(iter(known))]
+
     async def _push(self, key: str, frame: dict[str, Any], skip: WebSocketConnection | None = None) -> int:
         """Send ``frame`` to every open socket of the conversation in this process."""
         targets = [c for c in self.sockets.get(key, ()) if c is not skip]
         if frame["type"] == "message" and key in self.sockets:
-            self._known.setdefault(key, set()).add(frame["message"]["id"])
+            self._remember(key, frame["message"]["id"])
         data = _json(frame)
 
         async def one(c: WebSocketConnection) -> None:

@@ -144,3 +144,15 @@ async def test_the_token_of_an_erased_conversation_opens_nothing_any_more(gatewa
     assert again.welcome["type"] == "closed" and again.welcome["code"] == 4410
     assert (await elsewhere.say("still there?", "c-2"))["code"] == "forgotten"
     assert [m.parts[0].text for m in await inbound(nats_server.url)] == ["forget me"]
+
+
+async def test_a_long_lived_socket_does_not_make_the_process_remember_more_than_its_history(
+        gateway_factory, nats_server):
+    # What the open widgets were sent (for the catch-up between processes) is bounded by
+    # the history it is compared with, however long a socket stays open.
+    gw = await gateway_factory({"web": webchat(history_size=3, messages_per_minute=600)})
+    v = await Visitor.connect(gw.http.port)
+    for i in range(12):
+        assert (await v.say(f"m{i}", f"c-{i}"))["type"] == "ack"
+    [key] = {m.conversation for m in await inbound(nats_server.url)}
+    assert len(gw.channels["web"].channel._known[key]) <= 2 * 3

@@ -4,6 +4,9 @@ uploads, and replies kept in a bounded history so a visitor who was away sees th
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import hmac
+import ipaddress
 import re
 import secrets
 from dataclasses import dataclass
@@ -13,7 +16,7 @@ from typing import Any, Literal
 
 import msgspec
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, PlainTextResponse, Response
 
 from gateway import (
     BusUnavailable,
@@ -119,6 +122,8 @@ class Visitor:
     address: str = ""
     error: str | None = None
     """Why the token or user signature was refused (told in-band, then closed)."""
+    close_code: int = INVALID_TOKEN
+    """The close code that tells why: 4401 not our token, 4410 its conversation was erased."""
 
 
 class Refused(Exception):
@@ -150,10 +155,17 @@ class WebChatChannel(Channel):
         """Open widget sockets of this process, by conversation key."""
         self.visitor_limit = RateLimiter(cfg.messages_per_minute, max(1, cfg.messages_per_minute // 4))
         self.address_limit = RateLimiter(cfg.connections_per_minute, max(1, cfg.connections_per_minute // 3))
-        self._secret: bytes | None = cfg.secret.encode() if cfg.secret else None
+        per_address = cfg.messages_per_address_minute
+        self.address_messages = RateLimiter(per_address, max(1, per_address // 4))
+        # Every frame, even one that changes nothing ("seen", a choice of no survey), may read
+        # the conversation's record on the bus: a socket cannot send them as fast as it likes.
+        self.frame_limit = RateLimiter(max(240, 2 * cfg.messages_per_minute), max(60, cfg.messages_per_minute // 2))
+        self.open_by_address: dict[str, int] = {}
+        """Open widget sockets of this process, by address."""
+        self._secret: bytes | None = None
         # What the open widgets of a conversation were sent, for the catch-up of replies
         # another gateway process delivered: entry ids, and the history's last revision.
-        self._known: dict[str, set[str]] = {}
+        self._known: dict[str, dict[str, None]] = {}
         self._revisions: dict[str, int] = {}
         self._sync: Supervised | None = None
         self._widget = _static("widget.js")
@@ -191,7 +203,7 @@ class WebChatChannel(Channel):
                 if got is None or self._revisions.get(key) == got[1]:
                     continue
                 self._revisions[key] = got[1]
-                known = self._known.setdefault(key, set())
+                known = self._known.get(key, {})
                 for entry in self.history.decode(got[0]):
                     if entry.id not in known:
                         await self._push(key, {"type": "message", "message": _view(entry)})
@@ -199,15 +211,17 @@ class WebChatChannel(Channel):
     # --- identity ------------------------------------------------------------------------
 
     async def secret(self) -> bytes:
-        """The token key: configured, or generated once and shared through the channel's state."""
+        """The token key: from the configured secret, or one generated once and shared
+        through the channel's state; bound to this channel's name, so a token of another
+        channel with the same ``secret`` is not accepted here."""
         if self._secret is None:
-            raw = await self.ctx.state.get("secret")
+            raw = self.cfg.secret.encode() if self.cfg.secret else await self.ctx.state.get("secret")
             if raw is None:
                 await self.ctx.state.create("secret", secrets.token_hex(32).encode())
                 raw = await self.ctx.state.get("secret")
             if not raw:
                 raise BusUnavailable("the channel secret could not be read")
-            self._secret = raw
+            self._secret = hmac.new(raw, b"webchat-channel:" + self.ctx.name.encode(), hashlib.sha256).digest()
         return self._secret
 
     def _origin_allowed(self, origin: str | None, host: str | None) -> bool:
@@ -219,16 +233,29 @@ class WebChatChannel(Channel):
         return origin in self.cfg.allowed_origins
 
     def _address(self, headers: Any, client: Any) -> str:
+        """Who counts as one address for the limits: the client's IPv4 address, or the /64
+        network of its IPv6 address (whoever has one address of a /64 has them all)."""
+        address = str(client[0]) if client else "unknown"
         if self.cfg.trust_forwarded:
-            forwarded = headers.get("x-forwarded-for", "").split(",")[0].strip()
-            if forwarded:
-                return forwarded
-        return str(client[0]) if client else "unknown"
+            # The last entry is the one our own proxy added; the rest the client wrote.
+            address = headers.get("x-forwarded-for", "").split(",")[-1].strip() or address
+        try:
+            ip = ipaddress.ip_address(address)
+        except ValueError:
+            return address
+        if isinstance(ip, ipaddress.IPv6Address):
+            if ip.ipv4_mapped is not None:
+                return str(ip.ipv4_mapped)
+            return str(ipaddress.ip_network(f"{ip}/64", strict=False))
+        return str(ip)
 
     async def _authorize(self, handshake: Handshake) -> Visitor:
         if not self._origin_allowed(handshake.origin, handshake.headers.get("host")):
             raise RequestError("origin not allowed", status=403)
         address = self._address(handshake.headers, handshake.client)
+        if self.open_by_address.get(address, 0) >= self.cfg.sockets_per_address:
+            raise RequestError(f"too many open sockets from this address (sockets_per_address "
+                               f"{self.cfg.sockets_per_address})", status=429)
         wait = self.address_limit.take("ws:" + address)
         if wait:
             raise RequestError(f"too many connections from this address, retry in {wait:.0f}s", status=429)
@@ -242,19 +269,34 @@ class WebChatChannel(Channel):
                 subject = check_user(self.cfg.user_secret, q["user"], q.get("signature"))
                 return Visitor(subject=subject, token=issue_token(secret, subject), address=address)
             if q.get("token"):
-                return Visitor(subject=check_token(secret, q["token"]), address=address)
+                subject = self._subject(secret, q["token"])
+                try:
+                    erased = await self._erased(subject)
+                except BusUnavailable:
+                    raise RequestError("bus unavailable, retry later", status=503) from None
+                if erased:
+                    return Visitor(address=address, error="conversation erased", close_code=FORGOTTEN)
+                return Visitor(subject=subject, address=address)
         except SignatureError as exc:
             # In-band: a browser's WebSocket cannot read a refused handshake's status.
             return Visitor(address=address, error=exc.reason)
         subject = new_visitor()
         return Visitor(subject=subject, token=issue_token(secret, subject), address=address)
 
+    def _subject(self, secret: bytes, token: str | None) -> str:
+        """The subject of one of our tokens; a signed-in user's only while ``user_secret``
+        is set (switching it off signs those users out)."""
+        subject = check_token(secret, token)
+        if subject.startswith(USER) and not self.cfg.user_secret:
+            raise SignatureError("signed user ids are not enabled on this channel (user_secret)")
+        return subject
+
     async def _bearer(self, request: Request) -> str:
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
         if scheme.lower() != "bearer":
             raise RequestError("missing visitor token (Authorization: Bearer)", status=401)
         try:
-            return check_token(await self.secret(), token.strip())
+            return self._subject(await self.secret(), token.strip())
         except SignatureError:
             raise RequestError("invalid visitor token", status=401) from None
 
@@ -267,9 +309,19 @@ class WebChatChannel(Channel):
 
     async def _session(self, conn: WebSocketConnection) -> None:
         visitor: Visitor = conn.identity
+        address = visitor.address
+        self.open_by_address[address] = self.open_by_address.get(address, 0) + 1
+        try:
+            await self._visit(conn, visitor)
+        finally:
+            left = self.open_by_address.pop(address) - 1
+            if left:
+                self.open_by_address[address] = left
+
+    async def _visit(self, conn: WebSocketConnection, visitor: Visitor) -> None:
         if visitor.error is not None:
             # The close reason is the message: a close goes out ahead of queued frames.
-            await conn.close(INVALID_TOKEN, visitor.error[:120])
+            await conn.close(visitor.close_code, visitor.error[:120])
             return
         key = self.ctx.conversation_key(visitor.subject)
         try:
@@ -280,7 +332,8 @@ class WebChatChannel(Channel):
             await conn.close(TRY_LATER, "bus unavailable, retry later")
             return
         self.sockets.setdefault(key, set()).add(conn)
-        self._known.setdefault(key, set()).update(e.id for e in entries)
+        for e in entries:
+            self._remember(key, e.id)
         try:
             cfg = self.cfg
             online = self.online()
@@ -304,11 +357,18 @@ class WebChatChannel(Channel):
 
     async def _frame(self, conn: WebSocketConnection, visitor: Visitor, key: str, data: str | bytes) -> None:
         try:
-            frame = _frames.decode(data)
+            frame: Any = _frames.decode(data)
         except msgspec.DecodeError:
+            frame = None
+        cid = getattr(frame, "id", None)
+        wait = self.frame_limit.take(visitor.subject)
+        if wait:
+            await conn.send(_json({"type": "error", "id": cid, "code": "rate_limited",
+                                   "message": "too many messages, please wait", "retry_after": round(wait, 1)}))
+            return
+        if frame is None:
             await conn.send(_json({"type": "error", "code": "bad_frame", "message": "not a widget message"}))
             return
-        cid = getattr(frame, "id", None)
         try:
             if isinstance(frame, _Say):
                 entry = await self._say(visitor, key, frame)
@@ -338,7 +398,7 @@ class WebChatChannel(Channel):
         await self._push(key, {"type": "message", "message": view}, skip=conn)
 
     def _limit(self, visitor: Visitor) -> None:
-        wait = self.visitor_limit.take(visitor.subject)
+        wait = self.visitor_limit.take(visitor.subject) or self.address_messages.take(visitor.address)
         if wait:
             raise Refused("rate_limited", "too many messages, please wait", retry_after=round(wait, 1))
 
@@ -383,9 +443,16 @@ class WebChatChannel(Channel):
         await self._push(key, {"type": "answered", "survey": frame.survey, "index": frame.index})
         return entry
 
+    async def _erased(self, subject: str) -> bool:
+        """Did the visitor erase this conversation (within ``history_ttl``)? Its token, still
+        held by another tab or process, then opens nothing: replies to it are dead letters."""
+        return await self.ctx.state.get("forgotten." + self.ctx.conversation_key(subject)) is not None
+
     async def _publish(self, visitor: Visitor, key: str, cid: str, parts: list[Part], entry: Entry) -> Entry:
         """Publish a visitor's message (once per ``cid``: retries are duplicates), then keep it
         in the history (also on a retry, in case the first try stopped in between)."""
+        if await self._erased(visitor.subject):
+            raise Refused("forgotten", "this conversation was erased")
         profile = await self.ctx.state.get_record("profile." + visitor.subject, Profile)
         meta: dict[str, Any] = {"visitor": "user" if visitor.subject.startswith(USER) else "anonymous"}
         if profile is not None:
@@ -424,8 +491,11 @@ class WebChatChannel(Channel):
     async def _profile(self, conn: WebSocketConnection, visitor: Visitor, frame: _Profile) -> None:
         name, email, phone = frame.name.strip(), frame.email.strip(), frame.phone.strip()
         problem = ("a name of 1 to 80 characters is needed" if not 0 < len(name) <= 80 else
-                   "that email address does not look right" if email and not _EMAIL.match(email) else
-                   "that phone number does not look right" if phone and not _PHONE.match(phone) else None)
+                   # Lengths first: the pattern backtracks on a long enough string (40 ms at 24 KB).
+                   "that email address does not look right"
+                   if email and (len(email) > 254 or not _EMAIL.match(email)) else
+                   "that phone number does not look right"
+                   if phone and (len(phone) > 24 or not _PHONE.match(phone)) else None)
         if problem:
             await conn.send(_json({"type": "error", "code": "bad_profile", "message": problem}))
             return
@@ -445,11 +515,20 @@ class WebChatChannel(Channel):
         for other in list(self.sockets.get(key, ())):  # this one too; the close code says why
             await other.close(FORGOTTEN, "conversation erased")
 
+    def _remember(self, key: str, entry_id: str) -> None:
+        """Note what the open widgets of ``key`` were sent: the newest ids only, twice the
+        history's size (an older id is no longer in the history the catch-up reads)."""
+        known = self._known.setdefault(key, {})
+        known.pop(entry_id, None)
+        known[entry_id] = None
+        if len(known) > 2 * self.cfg.history_size:
+            del known[next(iter(known))]
+
     async def _push(self, key: str, frame: dict[str, Any], skip: WebSocketConnection | None = None) -> int:
         """Send ``frame`` to every open socket of the conversation in this process."""
         targets = [c for c in self.sockets.get(key, ()) if c is not skip]
         if frame["type"] == "message" and key in self.sockets:
-            self._known.setdefault(key, set()).add(frame["message"]["id"])
+            self._remember(key, frame["message"]["id"])
         data = _json(frame)
 
         async def one(c: WebSocketConnection) -> None:
@@ -529,12 +608,27 @@ class WebChatChannel(Channel):
                 "Access-Control-Allow-Headers": "authorization, content-type",
                 "Access-Control-Allow-Methods": "GET, POST", "Access-Control-Max-Age": "600"}
 
+    async def _refusable(self, request: Request, cors: dict[str, str], answer: Any) -> Response:
+        """``answer``'s response; a refusal carries the CORS headers too, so the widget on
+        the embedding site can read why (a browser hides an answer without them)."""
+        try:
+            response: Response = await answer(request, cors)
+            return response
+        except RequestError as exc:
+            if not cors:
+                raise
+            self.ctx.log.info("request rejected", path=request.url.path, status=exc.status, reason=exc.reason)
+            return PlainTextResponse(exc.reason + "\n", status_code=exc.status, headers=cors)
+
     async def _upload(self, request: Request) -> Response:
         """``POST /upload?id=<widget id>`` with the image as the body, the visitor's token as
         ``Authorization: Bearer``: stored in the object store, published as an image part."""
         cors = self._cors(request)
         if request.method == "OPTIONS":
             return Response(status_code=204, headers=cors)
+        return await self._refusable(request, cors, self._take_upload)
+
+    async def _take_upload(self, request: Request, cors: dict[str, str]) -> Response:
         subject = await self._bearer(request)
         cid = request.query_params.get("id", "")
         if not _CID.match(cid):
@@ -543,7 +637,7 @@ class WebChatChannel(Channel):
         if content_type not in self.cfg.upload_types:
             raise RequestError("this image type is not accepted", status=415)
         visitor = Visitor(subject=subject, address=self._address(request.headers, request.client))
-        wait = self.visitor_limit.take(subject)
+        wait = self.visitor_limit.take(subject) or self.address_messages.take(visitor.address)
         if wait:
             raise RequestError(f"too many messages, retry in {wait:.0f}s", status=429)
         body = await request.body()
@@ -551,11 +645,16 @@ class WebChatChannel(Channel):
             raise RequestError("the file is not the image type it claims", status=415)
         if content_type == "image/webp" and body[8:12] != b"WEBP":
             raise RequestError("the file is not the image type it claims", status=415)
+        if await self._erased(subject):
+            raise RequestError("this conversation was erased", status=410)
         ref = await self.ctx.put_blob(body, content_type=content_type)
         key = self.ctx.conversation_key(subject)
-        entry = await self._publish(
-            visitor, key, "img:" + cid, [ImagePart(ref=ref, content_type=content_type, size=len(body))],
-            Entry(id="", by="visitor", at=_now(), cid=cid, images=[Image(ref=ref, content_type=content_type)]))
+        try:
+            entry = await self._publish(
+                visitor, key, "img:" + cid, [ImagePart(ref=ref, content_type=content_type, size=len(body))],
+                Entry(id="", by="visitor", at=_now(), cid=cid, images=[Image(ref=ref, content_type=content_type)]))
+        except Refused as exc:  # erased meanwhile
+            raise RequestError(exc.message, status=410) from None
         view = _view(entry)
         await self._push(key, {"type": "message", "message": view})
         return JSONResponse({"message": view}, headers=cors)
@@ -565,6 +664,9 @@ class WebChatChannel(Channel):
         cors = self._cors(request)
         if request.method == "OPTIONS":
             return Response(status_code=204, headers=cors)
+        return await self._refusable(request, cors, self._serve_media)
+
+    async def _serve_media(self, request: Request, cors: dict[str, str]) -> Response:
         subject = await self._bearer(request)
         entry_id, n = request.path_params["entry"], request.path_params["n"]
         entries = await self.history.read(self.ctx.conversation_key(subject))

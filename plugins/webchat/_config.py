@@ -45,7 +45,8 @@ class WebChatConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     user_secret: str = ""
     """Shared with your site's server, which signs the id of a logged-in user with it
     (hex HMAC-SHA256 of the user id) so the customer keeps one conversation across devices.
-    Empty: signed user ids are refused (anonymous visitors only)."""
+    Empty: signed user ids, and the tokens given to them before, are refused (anonymous
+    visitors only)."""
     allowed_origins: list[Annotated[str, _ORIGIN]] = []
     """Sites that may embed the widget (exact origins): the WebSocket ``Origin`` check and
     CORS of uploads and media. The gateway's own origin (the demo page) is always allowed."""
@@ -75,12 +76,18 @@ class WebChatConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     messages_per_minute: _Positive = 20
     """Messages (text, choices, uploads, profile changes) one visitor may send per minute,
     in bursts of a quarter of that; more are refused with ``rate_limited`` and a wait."""
+    messages_per_address_minute: _Positive = 200
+    """The same, for all visitors of one address (IP) together, in bursts of a quarter of
+    that: a new visitor costs only a handshake, so this is what bounds one machine."""
     connections_per_minute: _Positive = 120
     """WebSocket handshakes one address (IP) may open per minute, in bursts of a third of
     that (more: 429). Visitors behind one office NAT share an address: keep it generous."""
+    sockets_per_address: _Positive = 50
+    """Open widget sockets of one address at most (per gateway process; more: 429), so one
+    machine cannot take all of ``max_connections``."""
     trust_forwarded: bool = False
-    """Take the visitor's address from ``X-Forwarded-For`` (behind your own reverse proxy
-    only: anyone can send that header)."""
+    """Take the visitor's address from ``X-Forwarded-For``: its last entry, the address your
+    own reverse proxy saw (behind such a proxy only: anyone can send that header)."""
     max_connections: _Positive = 1000
     """Open widget sockets at most (per gateway process)."""
     sync_interval: Duration = "2s"
@@ -88,5 +95,22 @@ class WebChatConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     conversations of its open widgets (one state read per such conversation); ``"0s"``: a
     single gateway process, no need."""
     idle_timeout: Duration = "10m"
-    """A widget socket with no message for this long is closed (the widget reconnects when
-    the visitor comes back)."""
+    """A widget socket with no message for this long is closed. The widget reconnects at
+    once if its chat box is open on a visible page, else when the visitor opens it or comes
+    back to the page."""
+
+    def __post_init__(self) -> None:
+        # Browsers write an origin with the host in lower case and without a default port.
+        self.allowed_origins = [_origin(o) for o in self.allowed_origins]
+        unchecked = [t for t in self.upload_types if t not in DEFAULT_UPLOAD_TYPES]
+        if unchecked:
+            raise ValueError(f"upload_types: {', '.join(unchecked)} cannot be checked against the file's bytes; "
+                             f"accepted: {', '.join(DEFAULT_UPLOAD_TYPES)}")
+
+
+def _origin(origin: str) -> str:
+    scheme, _, host = origin.lower().partition("://")
+    name, colon, port = host.rpartition(":")
+    if colon and port == {"http": "80", "https": "443"}[scheme]:
+        host = name
+    return f"{scheme}://{host}"

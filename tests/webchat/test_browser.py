@@ -61,6 +61,7 @@ class Site:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.page = b""
+        self.headers: dict[str, str] = {}
         site = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -68,6 +69,8 @@ class Site:
                 self.send_response(200)
                 self.send_header("Content-Type", "text/html; charset=utf-8")
                 self.send_header("Content-Length", str(len(site.page)))
+                for name, value in site.headers.items():
+                    self.send_header(name, value)
                 self.end_headers()
                 self.wfile.write(site.page)
 
@@ -331,3 +334,71 @@ def test_a_message_written_while_the_gateway_restarts_is_sent_once_when_it_is_ba
     published(gateway, "Written while you were away")
     assert sum(m.sender.name == "Ida" for m in on_bus(inbound(gateway.bus_url))) == 2
     expect(page.locator(".msg.visitor", has_text="Before the restart")).to_be_visible()  # history survived
+
+
+def test_a_message_left_sending_when_the_tab_closed_is_sent_once_when_the_visitor_comes_back(
+        gateway: GatewayProcess, context: BrowserContext) -> None:
+    page = context.new_page()
+    start_chat(page, gateway, "Kim")
+    write(page, "First")
+    gateway.signal(signal.SIGTERM)
+    assert gateway.wait() == 0
+    expect(page.locator("#gw-webchat .dot.on")).to_have_count(0)
+    page.get_by_placeholder("Type a message").fill("Typed before closing the tab")
+    page.get_by_role("button", name="Send", exact=True).click()
+    expect(page.locator(".msg.visitor", has_text="Typed before closing the tab").locator(".meta")).to_have_text(
+        "sending…")
+    page.close()  # the visitor gives up and leaves
+    gateway.start()
+    back = context.new_page()  # same browser, same localStorage: the same visitor comes back
+    back.goto(demo(gateway))
+    expect(back.locator(".msg.visitor", has_text="Typed before closing the tab").locator(".meta")).to_have_text("sent")
+    published(gateway, "Typed before closing the tab")
+    assert sum(m.sender.name == "Kim" for m in on_bus(inbound(gateway.bus_url))) == 2
+
+
+def test_a_site_with_a_strict_content_security_policy_shows_the_widget_styled(
+        gateway: GatewayProcess, shop: Site, context: BrowserContext) -> None:
+    # What such a site must allow for the widget (docs/channels/webchat.md), and no
+    # 'unsafe-inline' styles: the widget's own styles must apply all the same.
+    gw = f"127.0.0.1:{gateway.http_port}"
+    shop.headers["Content-Security-Policy"] = (
+        f"default-src 'self'; script-src http://{gw}; connect-src http://{gw} ws://{gw}; img-src blob:")
+    try:
+        page = context.new_page()
+        page.goto(shop.url)
+        expect(page.get_by_placeholder("Your name")).to_be_visible()
+        panel = page.evaluate("() => getComputedStyle(document.querySelector('#gw-webchat').shadowRoot"
+                              ".querySelector('.panel')).position")
+        assert panel == "fixed"
+    finally:
+        shop.headers.clear()
+
+
+def websocket_metric(port: int, name: str, reason: str | None = None) -> float:
+    text = httpx.get(f"http://127.0.0.1:{port}/metrics").text
+    line = next((ln for ln in text.splitlines() if ln.startswith(f"gateway_websocket_{name}{{")
+                 and 'channel="web"' in ln and (reason is None or f'reason="{reason}"' in ln)), None)
+    return float(line.rsplit(" ", 1)[1]) if line else 0.0
+
+
+def test_a_page_whose_chat_box_is_closed_gives_its_idle_socket_back_until_the_box_is_opened(
+        tmp_path: Path, context: BrowserContext) -> None:
+    # Every page of the site runs the widget: a reader who never opens the chat must not
+    # hold one of max_connections for as long as the tab stays open.
+    proc = GatewayProcess(tmp_path, channels='[channels.web]\ntype = "webchat"\nidle_timeout = "1s"\nprechat = false\n')
+    proc.start()
+    try:
+        page = context.new_page()
+        page.goto(demo(proc))
+        expect(page.locator("#gw-webchat .dot.on")).to_have_count(1)
+        page.get_by_role("button", name="Close chat").click()
+        eventually(lambda: websocket_metric(proc.http_port, "closed_total", "idle_timeout") >= 1)
+        time.sleep(2)  # an absence: a reconnect (0.5 s at most) would be idle again within this
+        assert websocket_metric(proc.http_port, "closed_total", "idle_timeout") == 1
+        assert websocket_metric(proc.http_port, "connections") == 0
+        page.get_by_role("button", name="Open chat").click()  # the visitor is back: live again
+        expect(page.locator("#gw-webchat .dot.on")).to_have_count(1)
+    finally:
+        proc.signal(signal.SIGTERM)
+        proc.wait()

@@ -27,7 +27,18 @@
   // --- state ------------------------------------------------------------------------
   var token = userId ? null : load("token");
   var ws = null, attempt = 0, timer = null, connected = false, stopped = false;
-  var outbox = [];                  // visitor messages not yet acknowledged: {id, text}
+  var asleep = false;               // closed for idleness while nobody looked: wake() reconnects
+  // Visitor messages not yet acknowledged, {id, frame}: kept in localStorage too, so one
+  // left "sending" when the tab closed is sent (once: same id) when the visitor comes back.
+  var OUTBOX = userId ? "outbox:u:" + userId : "outbox";
+  var outbox = (function () {
+    try {
+      var kept = JSON.parse(load(OUTBOX) || "[]");
+      return kept.filter(function (m) { return m && typeof m.id === "string" && m.frame && m.frame.id === m.id; })
+        .map(function (m) { return {id: m.id, frame: m.frame}; });
+    } catch (e) { return []; }
+  })();
+  function keep() { save(OUTBOX, outbox.length ? JSON.stringify(outbox.map(function (m) { return {id: m.id, frame: m.frame}; })) : null); }
   var byId = {}, byCid = {};        // rendered entries
   var reported = {delivered: {}, read: {}};
   var agentStates = {};             // outbound id -> "" | delivered | read
@@ -80,7 +91,10 @@
     return e;
   }
 
-  var style = el("style"); style.textContent = css;
+  // A constructed style sheet is not an inline style: it applies on a site whose
+  // Content-Security-Policy has no 'unsafe-inline' for styles. Older browsers: a <style>.
+  var sheet = null;
+  try { sheet = new CSSStyleSheet(); sheet.replaceSync(css); } catch (e) { sheet = null; }
   var launcher = el("button", "launcher", "Chat");
   launcher.type = "button";
   launcher.setAttribute("aria-label", "Open chat");
@@ -116,12 +130,16 @@
   compose.appendChild(file); compose.appendChild(attach); compose.appendChild(input); compose.appendChild(send);
   panel.appendChild(head); panel.appendChild(notice); panel.appendChild(list); panel.appendChild(pre);
   panel.appendChild(err); panel.appendChild(compose);
-  root.appendChild(style); root.appendChild(launcher); root.appendChild(panel);
+  if (sheet && root !== host && "adoptedStyleSheets" in root) { root.adoptedStyleSheets = [sheet]; }
+  else { var style = el("style"); style.textContent = css; root.appendChild(style); }
+  root.appendChild(launcher); root.appendChild(panel);
 
   function showError(text) { err.textContent = text || ""; err.className = text ? "err show" : "err"; }
   function scrollDown() { list.scrollTop = list.scrollHeight; }
+  function watching() { return isOpen && document.visibilityState === "visible"; }
+  function wake() { if (asleep && watching()) { asleep = false; attempt = 0; connect(); } }
   function open() {
-    isOpen = true; panel.className = "panel open"; launcher.style.display = "none";
+    isOpen = true; wake(); panel.className = "panel open"; launcher.style.display = "none";
     save("open", "1"); reportSeen(); scrollDown(); input.focus();
   }
   function close() { isOpen = false; panel.className = "panel"; launcher.style.display = ""; save("open", null); }
@@ -178,11 +196,15 @@
         b.className = "picked";
         var cid = newId();
         outbox.push({id: cid, frame: {type: "choice", id: cid, survey: m.id, index: i}});
-        flush();
+        keep(); flush();
       });
       box.appendChild(b);
     });
     return box;
+  }
+
+  function showPending() {
+    outbox.forEach(function (m) { if (m.frame.type === "message") { bubble({cid: m.id, by: "visitor", text: m.frame.text, pending: true}); } });
   }
 
   function rank(s) { return s === "read" ? 2 : s === "delivered" ? 1 : 0; }
@@ -201,7 +223,7 @@
       wsSend({type: "seen", state: state, ids: ids});
     });
   }
-  document.addEventListener("visibilitychange", reportSeen);
+  document.addEventListener("visibilitychange", function () { wake(); reportSeen(); });
 
   // --- the socket --------------------------------------------------------------------
   function wsSend(frame) {
@@ -229,12 +251,19 @@
       outbox.forEach(function (m) { m.waiting = false; });
       if (ev.code === 4401 || ev.code === 4410) {          // not our token, or the conversation was erased
         if (userId) { showError("Your sign-in could not be verified; reload the page."); stopped = true; return; }
-        token = null; save("token", null); save("profile", null);
-        outbox = []; agentStates = {}; reported = {delivered: {}, read: {}};
-        attempt = 0; connect(); return;                     // start afresh as a new visitor, at once
+        afresh(); return;                                   // start afresh as a new visitor, at once
       }
+      // The gateway closes an idle socket (1000): reconnect at once only while the chat box
+      // is open on a visible page; otherwise when the visitor opens it or comes back to it.
+      if (ev.code === 1000 && !watching() && !outbox.length) { asleep = true; return; }
       if (!stopped) { retry(); }
     };
+  }
+
+  function afresh(carry) {
+    token = null; save("token", null); save("profile", null);
+    outbox = (carry || []).map(function (m) { return {id: m.id, frame: m.frame}; }); keep(); agentStates = {}; reported = {delivered: {}, read: {}};
+    attempt = 0; connect();
   }
 
   function retry() {
@@ -267,13 +296,12 @@
       var welcome = list.getAttribute("data-welcome");
       if (welcome) { list.appendChild(el("div", "msg agent", welcome)); }
       f.messages.forEach(bubble);
-      outbox.forEach(function (m) { if (m.frame.type === "message") { bubble({cid: m.id, by: "visitor", text: m.frame.text, pending: true}); } });
-      flush(); reportSeen();
+      showPending(); flush(); reportSeen();
     } else if (f.type === "message") {
       bubble(f.message); reportSeen();
     } else if (f.type === "ack") {
       outbox = outbox.filter(function (m) { return m.id !== f.id; });
-      bubble(f.message);
+      keep(); bubble(f.message);
     } else if (f.type === "answered") {
       var node = byId[f.survey];
       if (node) { Array.prototype.forEach.call(node.querySelectorAll(".choices button"), function (b, i) {
@@ -281,6 +309,10 @@
     } else if (f.type === "profile_saved") {
       save("profile", "1"); pre.className = "pre"; compose.className = "compose"; input.focus();
     } else if (f.type === "error") {
+      if (f.code === "forgotten") {     // erased in another tab or process: send it again as a new visitor
+        var old = ws; if (old) { old.onclose = null; old.close(); }
+        ws = null; connected = false; afresh(outbox); return;
+      }
       var pending = outbox.filter(function (m) { return m.id === f.id; })[0];
       if (pending && f.retry_after) {                      // not stored yet: the same id again later
         pending.waiting = true;
@@ -288,6 +320,7 @@
         if (f.code === "rate_limited") { showError(f.message); }
       } else if (pending) {
         outbox = outbox.filter(function (m) { return m !== pending; });
+        keep();
         var n = byCid[pending.id];
         if (n) { n.lastChild.textContent = "not sent: " + f.message; }
       } else {
@@ -303,6 +336,7 @@
     if (text.length > limits.chars) { showError("Message too long."); return; }
     var cid = newId();
     outbox.push({id: cid, frame: {type: "message", id: cid, text: text}});
+    keep();
     bubble({cid: cid, by: "visitor", text: text, pending: true});
     input.value = "";
     showError("");
@@ -339,6 +373,7 @@
 
   function mount() {
     document.body.appendChild(host);
+    showPending();
     if (startOpen || load("open")) { open(); }
     connect();
   }

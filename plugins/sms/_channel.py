@@ -247,16 +247,16 @@ class SmsChannel(Channel):
         body = form.first("Body")
         parts: list[Part] = [TextPart(text=body)] if body else []
         count = form.first("NumMedia")
-        for i in range(min(int(count) if count.isdigit() else 0, 10)):
+        for i in range(min(_count(count) or 0, 10)):
             url, ctype = form.first(f"MediaUrl{i}"), form.first(f"MediaContentType{i}") or None
             if url:
                 # Twilio serves media to the account only (HTTP Basic): the URL is kept, the
                 # bytes are not copied.
                 parts.append(ImagePart(url=url, content_type=ctype) if (ctype or "").startswith("image/")
                              else FilePart(url=url, content_type=ctype))
-        segments = form.first("NumSegments")
+        segments = _count(form.first("NumSegments"))
         await self._receive("twilio", sid, customer, our, body, parts,
-                            meta={"segments": int(segments)} if segments.isdigit() else None)
+                            meta={"segments": segments} if segments is not None else None)
         return Response(_TWIML_EMPTY, media_type="text/xml")
 
     async def _twilio_status(self, request: Request) -> Response:
@@ -338,7 +338,7 @@ class SmsChannel(Channel):
         for customer, r in items:
             # The callback has no message id: what the reply is made of identifies it.
             pid = stable_id(customer, str(r.time), r.sign, r.extend, r.text)
-            sent_at = datetime.fromtimestamp(r.time, timezone.utc) if r.time else None
+            sent_at = _unix_time(r.time)
             await self._receive("tencent", pid, customer, r.sign or self.cfg.tencent.sign_name, r.text,
                                 [TextPart(text=r.text)] if r.text else [], sent_at,
                                 {"extend": r.extend} if r.extend else None)
@@ -475,6 +475,22 @@ def _aliyun_ok() -> Response:
 
 def _tencent_ok() -> Response:
     return JSONResponse({"result": 0, "errmsg": "OK"})
+
+
+def _count(value: str) -> int | None:
+    """A count Twilio sends (``NumMedia``, ``NumSegments``): ASCII digits, else None
+    (``"²".isdigit()`` is true, and ``int("²")`` raises)."""
+    return int(value) if value.isascii() and value.isdigit() else None
+
+
+def _unix_time(value: int | None) -> datetime | None:
+    """Seconds since the epoch as an aware datetime; None when absent or out of range."""
+    if not value:
+        return None
+    try:
+        return datetime.fromtimestamp(value, timezone.utc)
+    except (ValueError, OverflowError, OSError):
+        return None
 
 
 def _china_time(value: str) -> datetime | None:

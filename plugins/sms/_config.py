@@ -108,7 +108,12 @@ class SmsConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
                 raise ValueError(f"provider {name!r} is used but its [{name}] section is missing")
         if self.failover == self.provider:
             raise ValueError("failover must name another provider than provider")
-        if self.default_region.upper() not in phonenumbers.SUPPORTED_REGIONS:
+        # phonenumbers reads regions in upper case only: "us" would refuse every national number.
+        self.default_region = self.default_region.upper()
+        if self.default_region not in phonenumbers.SUPPORTED_REGIONS:
             raise ValueError("default_region must be an ISO 3166 alpha-2 region such as CN or US")
+        if self.public_url and not self.public_url.startswith(("https://", "http://")):
+            # Twilio signs the full URL it called: without a scheme no signature could match.
+            raise ValueError("public_url must be the full base URL with its scheme, such as https://gw.example.com")
         if self.quiet_hours is not None:
             check_quiet_hours(self.quiet_hours)

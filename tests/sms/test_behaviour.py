@@ -183,6 +183,9 @@ async def test_phone_numbers_are_masked_in_logs(gateway_factory, fake_sms, nats_
     ({"type": "sms", "provider": "twilio", "twilio": {"account_sid": "nope", "auth_token": "t", "from_number": "+1"}},
      "account_sid"),
     ({"type": "sms", "provider": "aliyun", "aliyun": {**aliyun_section(), "push_token": "short"}}, "push_token"),
+    # Without a scheme Twilio's signatures could never match: every webhook would be a 403.
+    ({"type": "sms", "provider": "twilio", "public_url": "gw.example.com", "twilio": {
+        "account_sid": "AC" + "0" * 32, "auth_token": "t", "from_number": "+1"}}, "public_url"),
 ])
 def test_config_mistakes_are_config_errors_naming_the_problem(section, problem):
     with pytest.raises(ConfigError) as exc:

@@ -40,8 +40,7 @@ class OneBotConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     access_token: str = ""
     """The implementation's ``access_token``: required as ``Authorization: Bearer <token>``
     (or ``?access_token=``) on a reverse handshake, sent by the gateway on a forward socket
-    and HTTP API calls. Empty on ``reverse_ws`` accepts any client: only on a loopback-only
-    listener."""
+    and HTTP API calls. Empty on ``reverse_ws`` accepts loopback clients only."""
     secret: str = ""
     """``http``: the implementation's ``secret``; every POSTed event must carry
     ``X-Signature: sha1=<HMAC-SHA1 of the body>`` (required with ``http``)."""

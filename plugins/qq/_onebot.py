@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import ipaddress
 import itertools
 import json
 import time
@@ -150,6 +151,19 @@ def _num(value: str) -> int | str:
     return int(value) if value.lstrip("-").isdigit() else value
 
 
+def _loopback(client: tuple[str, int] | None) -> bool:
+    """Whether the peer is this host (127.0.0.0/8, ::1, or an IPv4-mapped loopback)."""
+    if client is None:
+        return False
+    try:
+        address = ipaddress.ip_address(client[0])
+    except ValueError:
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return address.is_loopback
+
+
 def mask(qq: str) -> str:
     """A QQ number for logs and health details: only its last four digits."""
     return "…" + qq[-4:] if len(qq) > 4 else "…"
@@ -233,6 +247,10 @@ class OneBot:
             token = handshake.bearer_token() or handshake.query.get("access_token")
             if not tokens_equal(token, self.cfg.access_token):
                 raise RequestError("missing or wrong access token", status=401)
+        elif not _loopback(handshake.client):
+            # Without a token anyone could claim any account, inject messages and, by
+            # replacing the real socket, receive the replies meant for customers.
+            raise RequestError("no access_token is configured: only loopback clients are accepted", status=401)
         self_id = handshake.headers.get("x-self-id", "").strip()
         if not self_id.isdigit():
             raise RequestError("missing or malformed X-Self-ID", status=400)

@@ -346,3 +346,28 @@ async def test_hostile_socket_messages_are_counted_and_hurt_nothing(gateway_fact
 
     await wait_until(counted)
     await bot.close()
+
+
+async def test_without_an_access_token_only_loopback_clients_are_accepted(gateway_factory: Any,
+                                                                          nats_server: Any) -> None:
+    # The documented promise of an empty access_token: a loopback-only listener. A client
+    # from elsewhere could otherwise claim any account, inject messages and, replacing the
+    # real socket, receive the replies meant for customers.
+    from starlette.datastructures import Headers, QueryParams
+
+    from gateway import Handshake, RequestError
+
+    gw = await gateway_factory({"qq": onebot_config(access_token="")})
+    headers = Headers({"x-self-id": SELF_ID, "x-client-role": "Universal"})
+    onebot = gw.channels["qq"].channel.onebot
+    for address in ["192.0.2.7", "::ffff:192.0.2.7", "2001:db8::7"]:
+        with pytest.raises(RequestError) as info:
+            onebot.authorize(Handshake(path="/onebot", headers=headers, query=QueryParams(""), client=(address, 40000)))
+        assert info.value.status == 401 and "access_token" in str(info.value)
+    assert onebot.authorize(Handshake(path="/onebot", headers=headers, query=QueryParams(""),
+                                      client=("::1", 40000))) == SELF_ID
+    bot = FakeOneBot(ws_url(gw.http.port), token=None)  # over 127.0.0.1: accepted
+    await bot.connect()
+    await bot.send(private_message("hi"))
+    assert len(await published(nats_server.url, 1)) == 1
+    await bot.close()

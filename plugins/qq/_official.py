@@ -170,6 +170,8 @@ class Official:
             env = _envelope.decode(body)
         except msgspec.DecodeError as exc:
             raise RequestError(f"not a QQ bot payload: {body_problem(exc)}") from None
+        except RecursionError:
+            raise RequestError("not a QQ bot payload: nested too deep") from None
         if env.op == 13:
             d = env.d if isinstance(env.d, dict) else {}
             plain_token, event_ts = d.get("plain_token"), d.get("event_ts")
@@ -474,8 +476,9 @@ def _attachment(a: dict[str, Any]) -> Part:
     fields: dict[str, Any] = {"url": url}
     if isinstance(a.get("filename"), str):
         fields["filename"] = a["filename"]
-    if isinstance(a.get("size"), int):
-        fields["size"] = a["size"]
+    size = a.get("size")
+    if isinstance(size, int) and not isinstance(size, bool) and size >= 0:
+        fields["size"] = size
     if ctype.startswith("image/"):
         return ImagePart(content_type=ctype, **fields)
     if ctype.startswith("video/"):

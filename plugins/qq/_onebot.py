@@ -146,6 +146,16 @@ def _s(value: Any) -> str:
     return str(value)
 
 
+def _unix_time(value: Any) -> datetime | None:
+    """An event's ``time`` (seconds since the epoch); None when it is no such time."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return None
+    try:
+        return datetime.fromtimestamp(value, timezone.utc)
+    except (ValueError, OverflowError, OSError):
+        return None
+
+
 def _num(value: str) -> int | str:
     """A QQ number or message id back as the JSON number OneBot expects."""
     return int(value) if value.lstrip("-").isdigit() else value
@@ -345,8 +355,8 @@ class OneBot:
         verify_hmac(self.cfg.secret, body, request.headers.get("x-signature"), digest="sha1", prefix="sha1=")
         try:
             event = json.loads(body)
-        except ValueError:
-            raise RequestError("body is not JSON") from None
+        except (ValueError, RecursionError):
+            raise RequestError("body is not JSON (or nested too deep)") from None
         if not isinstance(event, dict) or not isinstance(event.get("post_type"), str):
             raise RequestError("body is not a OneBot event")
         self_id = request.headers.get("x-self-id", "").strip() or _s(event.get("self_id"))
@@ -367,7 +377,7 @@ class OneBot:
     async def _received(self, bot: _Bot, data: str | bytes) -> None:
         try:
             obj = json.loads(data)
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: nested deeper than the parser recurses
             self.ctx.count("onebot_malformed")
             self.ctx.log.warning("OneBot sent something that is not JSON", bot=mask(bot.self_id))
             return
@@ -525,7 +535,7 @@ class OneBot:
         message = self.ctx.message(
             conversation=native, sender=Participant(id=user_id, name=name if isinstance(name, str) and name else None),
             recipient=Participant(id=self_id), parts=inbound.parts, provider_id=f"{self_id}:{message_id}",
-            sent_at=datetime.fromtimestamp(sent, timezone.utc) if isinstance(sent, (int, float)) else None,
+            sent_at=_unix_time(sent),
             in_reply_to=f"{self_id}:{inbound.reply_to}" if inbound.reply_to else None, meta=meta)
         route = {"transport": "onebot", "self_id": self_id, "message_type": message_type, "user_id": user_id,
                  "group_id": group_id or None, "message_id": message_id}

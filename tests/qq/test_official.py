@@ -130,6 +130,9 @@ async def test_signed_garbage_body_is_a_400_naming_no_value(gateway_factory: Any
     body = b'{"op": "secret-value"}'
     r = await callback(gw.http.port, body)
     assert r.status_code == 400 and "secret-value" not in r.text
+    deep = b'{"op": 0, "t": "X", "id": "E", "d": {"a": ' + b"[" * 100_000 + b"]" * 100_000 + b"}}"
+    r = await callback(gw.http.port, deep)
+    assert r.status_code == 400
 
 
 # --- dispatches ------------------------------------------------------------------------

@@ -337,12 +337,13 @@ async def test_hostile_socket_messages_are_counted_and_hurt_nothing(gateway_fact
     await bot.send({"post_type": "message", "message_type": "group", "message": "no ids"})
     await bot.send(group_message(42, message_id=8))  # message neither string nor segments
     await bot.send({"echo": "gw-unknown", "status": "ok", "retcode": 0, "data": None})  # an answer nobody awaits
+    await bot.ws.send("[" * 100_000 + "]" * 100_000)  # deeper than any JSON parser recurses
     await bot.send(private_message("still fine", message_id=9))
     [msg] = await published(nats_server.url, 1)
     assert msg.provider_id == f"{SELF_ID}:9"
 
     async def counted() -> bool:
-        return await metric(gw.http.port, "gateway_channel_events_total", event="onebot_malformed") == 4
+        return await metric(gw.http.port, "gateway_channel_events_total", event="onebot_malformed") == 5
 
     await wait_until(counted)
     await bot.close()
@@ -370,4 +371,17 @@ async def test_without_an_access_token_only_loopback_clients_are_accepted(gatewa
     await bot.connect()
     await bot.send(private_message("hi"))
     assert len(await published(nats_server.url, 1)) == 1
+    await bot.close()
+
+
+async def test_odd_fields_beside_the_message_do_not_lose_it(gateway_factory: Any, nats_server: Any) -> None:
+    # A time no datetime holds, a size given as a boolean: the message is still published,
+    # without them (a bool size would make the bus's decoders refuse the whole message).
+    gw, bot = await _start(gateway_factory)
+    await bot.send(group_message("time", message_id=51, time=10**15))
+    await bot.send(group_message([{"type": "image", "data": {"file": "a.jpg", "url": "https://x/a.jpg",
+                                                             "file_size": True}}], message_id=52))
+    first, second = await published(nats_server.url, 2)
+    assert first.sent_at is None and first.parts == [TextPart(text="time")]
+    assert second.parts[0].url == "https://x/a.jpg" and second.parts[0].size is None
     await bot.close()

@@ -195,14 +195,19 @@ class SmsChannel(Channel):
             await self.ctx.state.put_record(f"optout:{customer}", OptOut(at=datetime.now(timezone.utc), keyword=word))
             meta["opt_out"] = True
             self.ctx.log.info("number opted out", number=mask(customer), provider=provider)
-        elif word and word in self.opt_in_words:
-            await self.ctx.state.delete(f"optout:{customer}")
+        opt_in = bool(word) and word in self.opt_in_words and "opt_out" not in meta
+        if opt_in:
             meta["opt_in"] = True
-            self.ctx.log.info("number opted in again", number=mask(customer), provider=provider)
         message = self.ctx.message(conversation=f"{our}|{customer}", sender=Participant(id=customer),
                                    recipient=Participant(id=our), parts=list(parts),
                                    provider_id=f"{provider}:{provider_id}", sent_at=sent_at, meta=meta)
-        await self.ctx.publish(message, route={"number": customer, "our": our})
+        result = await self.ctx.publish(message, route={"number": customer, "our": our})
+        if opt_in and not result.duplicate:
+            # Lifted only by a new message: a late retry of an old START (a re-pushed batch)
+            # must not undo a STOP the customer sent after it. A crash before this line
+            # leaves the number opted out, the safe side: the customer writes START again.
+            await self.ctx.state.delete(f"optout:{customer}")
+            self.ctx.log.info("number opted in again", number=mask(customer), provider=provider)
 
     async def opted_out(self, number: str) -> OptOut | None:
         """The opt-out record of ``number`` (E.164), if it opted out."""

@@ -198,3 +198,13 @@ async def test_statuses_of_an_unknown_report_publish_nothing(gateway_factory, na
     r = await twilio_post(gw.http.port, "status", {"MessageSid": "SM" + "9" * 32, "MessageStatus": "delivered"})
     assert r.status_code == 204
     assert await statuses(nats_server.url) == []
+
+
+async def test_a_late_retry_of_an_old_start_does_not_lift_a_newer_stop(gateway_factory, nats_server):
+    # STOP, START, STOP; then the provider retries the START (a re-pushed batch, a webhook
+    # retry): a duplicate changes nothing, and the customer stays opted out.
+    gw = await gateway_factory({"sms": twilio_config()})
+    for n, word in [(31, "STOP"), (32, "START"), (33, "STOP"), (32, "START")]:
+        await customer_writes(gw, word, n)
+    assert len(await inbound(nats_server.url)) == 3
+    assert await gw.channels["sms"].channel.opted_out(CUSTOMER) is not None

@@ -209,13 +209,15 @@ class Official:
         sent_at = None
         if isinstance(d.get("timestamp"), str):
             try:
+                # The platform writes Beijing time; the bus carries UTC.
                 sent_at = datetime.fromisoformat(d["timestamp"])
-            except ValueError:
+                sent_at = (sent_at if sent_at.tzinfo else sent_at.replace(tzinfo=_BEIJING)).astimezone(timezone.utc)
+            except (ValueError, OverflowError):  # OverflowError: beyond year 9999 in UTC
                 sent_at = None
         # The platform counts the reply window from its message: a push that reached us
         # late (its retry after our 503) must not lengthen it.
         received = time.time()
-        if sent_at is not None and sent_at.tzinfo is not None:
+        if sent_at is not None:
             received = min(received, sent_at.timestamp())
         native = f"{kind}:{target}"
         meta: dict[str, Any] = {"transport": "official", "event": event_type, "msg_id": msg_id}

@@ -499,9 +499,9 @@ def _unix_time(value: int | None) -> datetime | None:
 
 
 def _china_time(value: str) -> datetime | None:
-    """Aliyun's ``2017-01-01 00:00:00`` (Beijing time) as an aware datetime."""
+    """Aliyun's ``2017-01-01 00:00:00`` (Beijing time) in UTC, as the bus carries times."""
     try:
-        return datetime.strptime(value, "%Y-%m-%d %H:%M:%S").replace(tzinfo=_CHINA)
-    except ValueError:
+        return datetime.strptime(value, "%Y-%m-%d %H:%M:%S").replace(tzinfo=_CHINA).astimezone(timezone.utc)
+    except (ValueError, OverflowError):  # OverflowError: 0001-01-01 00:00 Beijing is no UTC datetime
         return None
 

@@ -413,3 +413,16 @@ async def test_proactive_messages_go_after_the_window_up_to_the_monthly_quota(
     sts = await wait_for_status(nats_server.url, "pro-over", "dead")
     assert sts[-1].error is not None and "proactive" in sts[-1].error.message
     assert len(fake_qqbot.messages) == 2
+
+
+async def test_message_times_are_published_in_utc(gateway_factory: Any, nats_server: Any) -> None:
+    # The bus contract's times are UTC; the platform writes Beijing time (+08:00), and a
+    # time without an offset is read as Beijing time too.
+    from gateway.testing import stream_messages
+
+    gw = await gateway_factory({"qq": official_config()})
+    assert (await callback(gw.http.port, c2c(msg_id="t1", timestamp="2023-11-06T13:37:18+08:00"))).status_code == 200
+    assert (await callback(gw.http.port, c2c(msg_id="t2", timestamp="2023-11-06T13:37:18"))).status_code == 200
+    assert (await callback(gw.http.port, c2c(msg_id="t3", timestamp="9999-12-31T23:59:59-14:00"))).status_code == 200
+    raw = [json.loads(m.data) for m in await stream_messages(nats_server.url, "GW_IN", "gw.in.qq.qq")]
+    assert [m["sent_at"] for m in raw] == ["2023-11-06T05:37:18Z", "2023-11-06T05:37:18Z", None]

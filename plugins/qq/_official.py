@@ -35,6 +35,7 @@ from gateway import (
     check_timestamp,
     provider_error,
     seconds,
+    stable_id,
     verify_ed25519,
 )
 
@@ -242,7 +243,9 @@ class Official:
         kind, target = ("group", group) if isinstance(group, str) and group else ("c2c", user)
         if not isinstance(target, str) or not target:
             kind, target = "app", self.cfg.app_id
-        ident = env.id or f"{env.t}:{msgspec.json.encode(d).decode()}"
+        # Without an envelope id, what the event is made of identifies it: hashed, so the
+        # provider id on the bus repeats none of its fields (openids) and stays short.
+        ident = env.id or f"{env.t}:{stable_id(msgspec.json.encode(d).decode())}"
         message = self.ctx.message(conversation=f"{kind}:{target}",
                                    sender=Participant(id=str(user) if isinstance(user, str) and user else target),
                                    parts=[EventPart(event=name, data=data)], provider_id=f"event:{ident}", auto=True,

@@ -182,6 +182,16 @@ async def test_unknown_event_is_kept_as_an_event(gateway_factory: Any, nats_serv
     assert msg.auto
 
 
+async def test_an_event_without_envelope_id_is_deduplicated_by_an_id_that_repeats_none_of_it(
+        gateway_factory: Any, nats_server: Any) -> None:
+    gw = await gateway_factory({"qq": official_config()})
+    body = json.dumps({"op": 0, "t": "FRIEND_ADD", "d": {"openid": "OPENID-7F3A", "timestamp": 1700000000}}).encode()
+    for _ in range(2):
+        assert (await callback(gw.http.port, body)).status_code == 200
+    [msg] = await inbound(nats_server.url)
+    assert msg.provider_id is not None and "OPENID-7F3A" not in msg.provider_id and len(msg.provider_id) < 64
+
+
 # --- passive replies -------------------------------------------------------------------
 
 

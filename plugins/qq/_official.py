@@ -259,11 +259,13 @@ class Official:
     # --- passive replies ---------------------------------------------------------
 
     async def _ref(self, outbound: Outbound | None, route: dict[str, Any]) -> _Ref | None:
+        kind, target, received = route.get("kind"), route.get("target"), route.get("received_at")
         if outbound is not None and outbound.in_reply_to:
             found = await self.ctx.state.get_record(f"qb-ref:{outbound.in_reply_to}", _Ref)
-            if found is not None:
+            # Only a message of this conversation: the reply goes to the ref's target, and
+            # an in_reply_to from another conversation would carry it to another customer.
+            if found is not None and (found.kind, found.target) == (kind, target):
                 return found
-        kind, target, received = route.get("kind"), route.get("target"), route.get("received_at")
         if not isinstance(kind, str) or not isinstance(target, str) or not isinstance(received, (int, float)):
             return None
         return _Ref(kind=kind, target=target, msg_id=route.get("msg_id"), event_id=route.get("event_id"),

@@ -230,6 +230,20 @@ async def test_reply_names_the_message_it_answers(gateway_factory: Any, nats_ser
     assert fake_qqbot.messages[0]["body"]["msg_id"] == "C-1"
 
 
+async def test_in_reply_to_from_another_conversation_never_sends_there(gateway_factory: Any, nats_server: Any,
+                                                                      fake_qqbot: FakeQQBot) -> None:
+    # A backend's stale or mistaken in_reply_to must not carry a reply to another customer:
+    # the reply stays in its own conversation (answering that conversation's last message).
+    gw = await gateway_factory({"qq": official_config(fake_qqbot)})
+    await callback(gw.http.port, c2c(msg_id="A-1", user="USER-A"))
+    await callback(gw.http.port, c2c(msg_id="B-1", user="USER-B"))
+    a, b = await published(nats_server.url, 2)
+    await _reply(nats_server.url, "r-cross", a.conversation, in_reply_to=b.id)
+    await wait_for_status(nats_server.url, "r-cross", "sent")
+    [sent] = fake_qqbot.messages
+    assert sent["path"] == "/v2/users/USER-A/messages" and sent["body"]["msg_id"] == "A-1"
+
+
 async def test_reply_limit_used_up_fails_before_calling_the_api(gateway_factory: Any, nats_server: Any,
                                                                 fake_qqbot: FakeQQBot) -> None:
     gw = await gateway_factory({"qq": official_config(fake_qqbot, group_reply_limit=2)})

@@ -72,6 +72,8 @@ class _Quoted(msgspec.Struct, kw_only=True):
 
     message_id: str
     user_id: str
+    group: str = ""
+    """``<self_id>:<group_id>`` of the message (empty in records written before it was kept)."""
 
 
 class _Link(Protocol):
@@ -543,8 +545,8 @@ class OneBot:
         if result.duplicate:
             self.ctx.count("onebot_replayed")
         elif message_type == "group":
-            await self.ctx.state.put_record(f"ob-msg:{message.id}", _Quoted(message_id=message_id, user_id=user_id),
-                                            ttl=_QUOTE_TTL)
+            await self.ctx.state.put_record(f"ob-msg:{message.id}", _Quoted(
+                message_id=message_id, user_id=user_id, group=f"{self_id}:{group_id}"), ttl=_QUOTE_TTL)
 
     async def _notice(self, self_id: str, event: dict[str, Any]) -> None:
         """Notices (member joined or left, a recall, a group file upload ...) and requests
@@ -672,7 +674,9 @@ class OneBot:
     async def _quoted(self, outbound: Outbound, route: dict[str, Any]) -> _Quoted | None:
         if outbound.in_reply_to:
             found = await self.ctx.state.get_record(f"ob-msg:{outbound.in_reply_to}", _Quoted)
-            if found is not None:
+            # Only a message of this group: one of another group would be quoted (and its
+            # sender @mentioned) here.
+            if found is not None and found.group in ("", f"{route.get('self_id')}:{route.get('group_id')}"):
                 return found
         if route.get("message_id") and route.get("user_id"):
             return _Quoted(message_id=str(route["message_id"]), user_id=str(route["user_id"]))

@@ -230,6 +230,20 @@ async def test_group_reply_quotes_the_customers_message(gateway_factory: Any, na
     await bot.close()
 
 
+async def test_in_reply_to_from_another_group_neither_quotes_nor_mentions_there(gateway_factory: Any,
+                                                                                nats_server: Any) -> None:
+    gw, bot = await _start(gateway_factory, mention_sender=True)
+    here = await _customer_wrote(bot, nats_server.url, group_message("这里", message_id=61, group_id=111, user_id=10001))
+    there = await _customer_wrote(bot, nats_server.url, group_message("别处", message_id=62, group_id=222, user_id=20002))
+    await _reply(nats_server.url, "r-cross", here.conversation, in_reply_to=there.id)
+    await wait_for_status(nats_server.url, "r-cross", "sent")
+    [call] = bot.sends()
+    assert call["params"]["group_id"] == 111
+    assert call["params"]["message"][:2] == [{"type": "reply", "data": {"id": "61"}},
+                                             {"type": "at", "data": {"qq": "10001"}}]
+    await bot.close()
+
+
 async def test_private_reply_goes_by_send_private_msg(gateway_factory: Any, nats_server: Any) -> None:
     gw, bot = await _start(gateway_factory)
     msg = await _customer_wrote(bot, nats_server.url, private_message("hi"))

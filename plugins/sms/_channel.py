@@ -426,7 +426,7 @@ class SmsChannel(Channel):
             # would be worse than refusing.
             raise DeliveryError("SMS sends images by URL and an image part has none", permanent=True,
                                 code="unsupported_content")
-        usable = [a for a in self._order() if a.can_send(outbound, text)]
+        usable = [a for a in self._order() if a.can_send(outbound, text) and self._carries_template(a, outbound)]
         if not usable:
             first = self.adapters[self.cfg.provider]
             if first.templates_only and outbound.template is None:
@@ -460,6 +460,15 @@ class SmsChannel(Channel):
         self.ctx.log.info("sms sent", outbound_id=outbound.id, number=mask(number), provider=adapter.name,
                           segments=meta.get("segments"))
         return Receipt(provider_id=provider_id, meta=meta)
+
+    def _carries_template(self, adapter: Adapter, outbound: Outbound) -> bool:
+        """A template-only failover behind a template-only provider knows the outbound's
+        template only by its ``templates`` map: the two providers' ids never match, and an
+        unknown id would be a permanent refusal (a dead letter for a passing outage)."""
+        first = self.adapters[self.cfg.provider]
+        if adapter is first or not (adapter.templates_only and first.templates_only) or outbound.template is None:
+            return True
+        return outbound.template.id in adapter.templates
 
     def _transient_failure(self, adapter: Adapter) -> None:
         if self.cfg.failover is None or adapter.name != self.cfg.provider:

@@ -52,6 +52,10 @@ class AliyunConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     with ``?token=<push_token>``; a push without it is refused (403)."""
     endpoint: str = "https://dysmsapi.aliyuncs.com"
     region_id: str = "cn-hangzhou"
+    templates: dict[str, str] = {}
+    """Failover between two template-only providers: the other provider's template ids
+    mapped to this provider's own (``{"SMS_123" = "1234567"}``). Their ids never match,
+    so as the failover this provider sends only templates listed here."""
 
 
 class TencentConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -68,6 +72,10 @@ class TencentConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     ``?token=<push_token>``; a callback without it is refused (403)."""
     endpoint: str = "https://sms.tencentcloudapi.com"
     region: str = "ap-guangzhou"
+    templates: dict[str, str] = {}
+    """Failover between two template-only providers: the other provider's template ids
+    mapped to this provider's own (``{"SMS_123" = "1234567"}``). Their ids never match,
+    so as the failover this provider sends only templates listed here."""
 
 
 class SmsConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):

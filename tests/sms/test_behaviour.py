@@ -208,3 +208,39 @@ async def test_a_late_retry_of_an_old_start_does_not_lift_a_newer_stop(gateway_f
         await customer_writes(gw, word, n)
     assert len(await inbound(nats_server.url)) == 3
     assert await gw.channels["sms"].channel.opted_out(CUSTOMER) is not None
+
+
+async def test_aliyun_to_tencent_failover_sends_only_templates_mapped_to_tencents_own_ids(
+        gateway_factory, fake_sms, nats_server, nc):
+    # The two providers' template ids never match (SMS_123 vs 1234567): unmapped, Tencent
+    # would refuse it permanently and a passing Aliyun outage would dead-letter it.
+    from .conftest import CN_CUSTOMER, SIGN_NAME, aliyun_config, aliyun_push, sms_up, tencent_section
+
+    cfg = aliyun_config(fake_sms, failover="tencent", failover_after=1,
+                        tencent=tencent_section(fake_sms, templates={"SMS_MAPPED": "1234567"}))
+    gw = await gateway_factory({"sms": cfg}, outbound={"backoff": ["50ms"]})
+    assert (await aliyun_push(gw.http.port, "up", [sms_up(1)])).status_code == 200
+    conv = gw.channels["sms"].ctx.conversation_key(f"{SIGN_NAME}|{CN_CUSTOMER}")
+    fake_sms.fail_next("aliyun", 200, "isp.SYSTEM_ERROR", count=2)
+    await send(nc, Outbound(id="o-unmapped", conversation=conv, template=Template(id="SMS_OTHER", data={"code": "1"})))
+    sts = await wait_state(nats_server.url, "o-unmapped", "sent")
+    assert sts[-1].meta["provider"] == "aliyun" and fake_sms.calls["tencent"] == 0
+    await send(nc, Outbound(id="o-mapped", conversation=conv, template=Template(id="SMS_MAPPED", data={"code": "42"})))
+    sts = await wait_state(nats_server.url, "o-mapped", "sent")
+    assert sts[-1].meta["provider"] == "tencent" and sts[-1].meta["template"] == "SMS_MAPPED"
+    [sent] = fake_sms.tencent
+    assert sent["TemplateId"] == "1234567" and sent["TemplateParamSet"] == ["42"]
+
+
+def test_the_documentations_example_is_a_valid_config():
+    import re
+    import tomllib
+    from pathlib import Path
+
+    doc = (Path(__file__).parents[2] / "docs" / "channels" / "sms.md").read_text(encoding="utf-8")
+    [example] = re.findall(r"```toml\n(.*?)```", doc, re.S)
+    env = {k: "x" * 16 for k in ("TWILIO_AUTH_TOKEN", "ALIYUN_AK_ID", "ALIYUN_AK_SECRET", "SMS_PUSH_TOKEN",
+                                 "TENCENT_SECRET_ID", "TENCENT_SECRET_KEY")}
+    config = parse_config({"bus": {"url": "nats://127.0.0.1:4222"}, **tomllib.loads(example)},
+                          PluginManager().channel_types, source="sms.md", env=env)
+    assert set(config.channels) == {"sms-us", "sms-cn"}

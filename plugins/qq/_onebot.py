@@ -9,6 +9,7 @@ import base64
 import ipaddress
 import itertools
 import json
+import re
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -146,6 +147,28 @@ def _s(value: Any) -> str:
     if value is None or isinstance(value, (dict, list)):
         return ""
     return str(value)
+
+
+_LONE_SURROGATE = re.compile(r"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
+
+
+def _loads(data: str | bytes) -> Any:
+    """JSON as the implementation sent it, with lone UTF-16 surrogates (``"\\ud83d"``:
+    valid JSON, not valid Unicode; Node implementations write half an emoji so when QQ cut
+    a group card) replaced by U+FFFD, since the bus carries UTF-8 only."""
+    obj = json.loads(data)
+    text = data if isinstance(data, str) else data.decode("utf-8", "replace")
+    return _scrub(obj) if _LONE_SURROGATE.search(text) else obj
+
+
+def _scrub(value: Any) -> Any:
+    if isinstance(value, str):
+        return value.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+    if isinstance(value, list):
+        return [_scrub(v) for v in value]
+    if isinstance(value, dict):
+        return {_scrub(k): _scrub(v) for k, v in value.items()}
+    return value
 
 
 def _unix_time(value: Any) -> datetime | None:
@@ -356,7 +379,7 @@ class OneBot:
         body = await request.body()
         verify_hmac(self.cfg.secret, body, request.headers.get("x-signature"), digest="sha1", prefix="sha1=")
         try:
-            event = json.loads(body)
+            event = _loads(body)
         except (ValueError, RecursionError):
             raise RequestError("body is not JSON (or nested too deep)") from None
         if not isinstance(event, dict) or not isinstance(event.get("post_type"), str):
@@ -378,7 +401,7 @@ class OneBot:
 
     async def _received(self, bot: _Bot, data: str | bytes) -> None:
         try:
-            obj = json.loads(data)
+            obj = _loads(data)
         except (ValueError, RecursionError):  # RecursionError: nested deeper than the parser recurses
             self.ctx.count("onebot_malformed")
             self.ctx.log.warning("OneBot sent something that is not JSON", bot=mask(bot.self_id))

@@ -4,6 +4,7 @@ replies come back over the same socket as API calls matched by ``echo``."""
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import nats
@@ -398,4 +399,17 @@ async def test_odd_fields_beside_the_message_do_not_lose_it(gateway_factory: Any
     first, second = await published(nats_server.url, 2)
     assert first.sent_at is None and first.parts == [TextPart(text="time")]
     assert second.parts[0].url == "https://x/a.jpg" and second.parts[0].size is None
+    await bot.close()
+
+
+async def test_half_an_emoji_in_a_card_or_text_does_not_lose_the_message(gateway_factory: Any,
+                                                                          nats_server: Any) -> None:
+    # QQ cuts group cards by UTF-16 units and Node implementations write the lone half as
+    # "\ud83d": valid JSON, not valid Unicode. The message is published with U+FFFD there.
+    gw, bot = await _start(gateway_factory)
+    event = group_message("hi\ud83d", message_id=71)
+    event["sender"]["card"] = "小明\ud83d"
+    await bot.ws.send(json.dumps(event))  # ASCII-escaped, as JSON.stringify writes a lone surrogate
+    [msg] = await published(nats_server.url, 1)
+    assert msg.parts == [TextPart(text="hi\ufffd")] and msg.sender.name == "小明\ufffd"
     await bot.close()

@@ -14,7 +14,7 @@ import httpx
 import msgspec
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from twilio.request_validator import RequestValidator, get_signature_algorithm
+from twilio.request_validator import HMAC_SHA1, HMAC_SHA256, RequestValidator, get_signature_algorithm
 
 from gateway import (
     Channel,
@@ -236,6 +236,9 @@ class SmsChannel(Channel):
             if not self.cfg.twilio.webhook_shared_key:
                 raise SignatureError("signed with a webhook shared key, and none is configured")
             secret, algorithm = self.cfg.twilio.webhook_shared_key, get_signature_algorithm(settings)
+            if algorithm.upper() not in (HMAC_SHA1, HMAC_SHA256):
+                # Checked here: twilio's validator would log the (unsigned, anyone's) value.
+                raise SignatureError("unsupported signature algorithm")
         if not RequestValidator(secret).validate(url, form, signature, algorithm):
             raise SignatureError("bad X-Twilio-Signature")
         return form

@@ -250,3 +250,15 @@ async def test_signed_counts_in_unicode_digits_are_ignored_not_a_5xx(gateway_fac
     assert r.status_code == 200, r.text
     [msg] = await inbound(nats_server.url)
     assert "segments" not in msg.meta
+
+
+async def test_an_unsupported_signature_algorithm_is_refused_without_repeating_it(gateway_factory, nats_server,
+                                                                                   caplog):
+    # Unsigned, so anyone can send it: twilio's validator would log the header's value.
+    cfg = twilio_config()
+    cfg["twilio"]["webhook_shared_key"] = "shared-key-secret"
+    gw = await gateway_factory({"sms": cfg})
+    settings = {"X-Twilio-Webhooks-Signature-Settings": "key=k,algorithm=INJECTED-" + "x" * 4000}
+    r = await twilio_post(gw.http.port, "inbound", twilio_inbound(), headers=settings)
+    assert r.status_code == 403 and "INJECTED" not in r.text
+    assert "INJECTED" not in caplog.text

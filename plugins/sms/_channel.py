@@ -185,17 +185,21 @@ class SmsChannel(Channel):
             raise RequestError(f"{field}: {exc}") from None
 
     async def _receive(self, provider: str, provider_id: str, customer: str, our: str, text: str,
-                       parts: Sequence[Part], sent_at: datetime | None = None, meta: dict[str, Any] | None = None) -> None:
-        """Opt-out bookkeeping, then publish (returns after the bus ack)."""
+                       parts: Sequence[Part], sent_at: datetime | None = None, meta: dict[str, Any] | None = None,
+                       provider_says: str = "") -> None:
+        """Opt-out bookkeeping, then publish (returns after the bus ack). ``provider_says``
+        is the provider's own verdict (Twilio's ``OptOutType``: ``STOP`` / ``START``)."""
         meta = {"provider": provider, **(meta or {})}
         word = keyword(text)
-        if word and word in self.opt_out_words:
+        if provider_says == "STOP":
+            word = word or "stop"
+        if (word and word in self.opt_out_words) or provider_says == "STOP":
             # Recorded before publishing: the law asks to stop at once, and a retry of this
             # push records it again harmlessly.
             await self.ctx.state.put_record(f"optout:{customer}", OptOut(at=datetime.now(timezone.utc), keyword=word))
             meta["opt_out"] = True
             self.ctx.log.info("number opted out", number=mask(customer), provider=provider)
-        opt_in = bool(word) and word in self.opt_in_words and "opt_out" not in meta
+        opt_in = "opt_out" not in meta and ((bool(word) and word in self.opt_in_words) or provider_says == "START")
         if opt_in:
             meta["opt_in"] = True
         message = self.ctx.message(conversation=f"{our}|{customer}", sender=Participant(id=customer),
@@ -263,8 +267,10 @@ class SmsChannel(Channel):
                 parts.append(ImagePart(url=url, content_type=ctype) if (ctype or "").startswith("image/")
                              else FilePart(url=url, content_type=ctype))
         segments = _count(form.first("NumSegments"))
+        # With Advanced Opt-Out (localized or custom keywords) Twilio says what it did.
         await self._receive("twilio", sid, customer, our, body, parts,
-                            meta={"segments": segments} if segments is not None else None)
+                            meta={"segments": segments} if segments is not None else None,
+                            provider_says=form.first("OptOutType").strip().upper())
         return Response(_TWIML_EMPTY, media_type="text/xml")
 
     async def _twilio_status(self, request: Request) -> Response:

@@ -97,7 +97,8 @@ class SmsConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     max_segments: Annotated[int, msgspec.Meta(ge=1, le=50)] = 5
     """A longer text is refused permanently (``too_long``) instead of billed."""
     opt_out_keywords: list[str] = msgspec.field(default_factory=lambda: ["STOP", "STOPALL", "UNSUBSCRIBE", "CANCEL",
-                                                                         "END", "QUIT", "TD", "退订"])
+                                                                         "END", "QUIT", "REVOKE", "OPTOUT",
+                                                                         "TD", "退订"])
     opt_in_keywords: list[str] = msgspec.field(default_factory=lambda: ["START", "UNSTOP", "YES"])
     quiet_hours: QuietHours | None = None
     """Nothing but urgent outbounds (``meta.urgent = true``) is sent inside these hours."""

@@ -244,3 +244,23 @@ def test_the_documentations_example_is_a_valid_config():
     config = parse_config({"bus": {"url": "nats://127.0.0.1:4222"}, **tomllib.loads(example)},
                           PluginManager().channel_types, source="sms.md", env=env)
     assert set(config.channels) == {"sms-us", "sms-cn"}
+
+
+async def test_twilios_opt_out_type_and_its_current_default_keywords_opt_out(gateway_factory, nats_server):
+    # Advanced Opt-Out (localized keywords, ARRET ...) says what Twilio did in OptOutType;
+    # REVOKE and OPTOUT joined Twilio's defaults in 2025.
+    gw = await gateway_factory({"sms": twilio_config()})
+    channel = gw.channels["sms"].channel
+
+    async def writes(n: int, body: str, **extra: str) -> None:
+        r = await twilio_post(gw.http.port, "inbound", twilio_inbound(sid=f"SM{n:032x}", body=body, **extra))
+        assert r.status_code == 200, r.text
+
+    await writes(41, "ARRET", OptOutType="STOP")
+    assert await channel.opted_out(CUSTOMER) is not None
+    await writes(42, "COMMENCER", OptOutType="START")
+    assert await channel.opted_out(CUSTOMER) is None
+    await writes(43, "Revoke")
+    assert await channel.opted_out(CUSTOMER) is not None
+    first, second, _ = await inbound(nats_server.url)
+    assert first.meta.get("opt_out") is True and second.meta.get("opt_in") is True

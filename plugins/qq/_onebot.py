@@ -204,6 +204,10 @@ def mask(qq: str) -> str:
     return "…" + qq[-4:] if len(qq) > 4 else "…"
 
 
+class _Malformed(RequestError):
+    """An event that is not what OneBot v11 describes: counted (WebSocket) or 400 (HTTP)."""
+
+
 class OneBotError(DeliveryError):
     """The implementation refused an API call; ``retcode`` is its own code."""
 
@@ -479,6 +483,10 @@ class OneBot:
                     await self._event(bot.self_id, event)
                     delay = 0.2
                     break
+                except _Malformed as exc:
+                    self.ctx.count("onebot_malformed")
+                    self.ctx.log.warning("OneBot event not understood", bot=mask(bot.self_id), reason=exc.reason)
+                    break
                 except BusUnavailable:
                     self.ctx.log.warning("bus unavailable; OneBot event held", retry_in=delay)
                     await asyncio.sleep(delay)
@@ -516,17 +524,13 @@ class OneBot:
         message_id, user_id, group_id = _s(event.get("message_id")), _s(event.get("user_id")), _s(event.get("group_id"))
         if not message_id or not user_id or message_type not in ("group", "private") or (
                 message_type == "group" and not group_id):
-            self.ctx.count("onebot_malformed")
-            self.ctx.log.warning("OneBot message event without its ids", bot=mask(self_id))
-            return
+            raise _Malformed("message event without its ids (message_id, user_id, group_id)")
         if user_id == self_id:
             return  # the account's own messages (sent from another device) are not the customer's
         try:
             segments = parse_message(event.get("message", event.get("raw_message", "")))
         except MessageError as exc:
-            self.ctx.count("onebot_malformed")
-            self.ctx.log.warning("OneBot message not understood", reason=str(exc))
-            return
+            raise _Malformed(str(exc)) from None
         inbound = to_parts(segments, self_id)
         if message_type == "group":
             rule = self._rule(group_id)
@@ -576,8 +580,7 @@ class OneBot:
         are published as ``event`` parts; they do not count as the customer writing."""
         kind = _s(event.get("notice_type") or event.get("request_type"))
         if not kind:
-            self.ctx.count("onebot_malformed")
-            return
+            raise _Malformed("notice or request without notice_type or request_type")
         group_id, user_id = _s(event.get("group_id")), _s(event.get("user_id"))
         if group_id and not self._rule(group_id).enabled:
             self.ctx.count("group_disabled")

@@ -179,3 +179,14 @@ async def test_forward_socket_of_an_account_not_allowed_is_dropped_and_retried(
     await wait_until(dropped)
     assert await inbound(nats_server.url) == []
     assert "no OneBot implementation connected" in gw.health()["channels"]["qq"]["detail"]
+
+
+async def test_a_malformed_message_post_is_a_400_not_an_acknowledgement(gateway_factory: Any, nats_server: Any,
+                                                                        onebot_http: FakeOneBotHTTP) -> None:
+    # 204 tells the implementation the event is on the bus: not for one that was dropped.
+    gw = await gateway_factory({"qq": _http_config(onebot_http)})
+    r = await onebot_http.post_event(gw.http.port, {"post_type": "message", "message_type": "group", "message": "x"})
+    assert r.status_code == 400 and "ids" in r.text
+    r = await onebot_http.post_event(gw.http.port, group_message(42, message_id=81))
+    assert r.status_code == 400
+    assert await inbound(nats_server.url) == []

@@ -50,6 +50,8 @@ _REF_TTL = 2 * 86400.0
 _RETRY_ONCE = {11242, 11252, 11263, 11281, 304082, 304083}
 _TOKEN_CODES = {11241, 11243}
 _RATE_CODES = {22009, 20028}
+# "消息被去重，请检查请求msgseq": a passive reply with a msg_seq the message already had.
+_DUPLICATE_SEQ = 40054005
 _FILE_TYPES = {ImagePart: 1, VideoPart: 2, AudioPart: 3}
 _BEIJING = timezone(timedelta(hours=8))
 # Counters and slots of proactive messages must outlive their month.
@@ -328,7 +330,14 @@ class Official:
                     payload["msg_id"] = ref.msg_id
                 else:
                     payload["event_id"] = ref.event_id
-            answer = await self._call("POST", f"{base}/messages", payload)
+            try:
+                answer = await self._call("POST", f"{base}/messages", payload)
+            except APIError as exc:
+                if mode != "passive" or exc.api_code != _DUPLICATE_SEQ:
+                    raise
+                # This msg_seq was sent before (its answer was lost to a timeout or a crash):
+                # the platform refuses the copy, and the reply is out.
+                answer = None
             got = answer.get("id") if isinstance(answer, dict) else None
             if i + 1 < len(messages):
                 await self.ctx.state.put(progress_key, str(i + 1).encode(), ttl=_REF_TTL)

@@ -348,6 +348,19 @@ async def _reply_parts(url: str, outbound_id: str, conversation: str, parts: lis
         await nc.close()
 
 
+async def test_a_retry_the_platform_refuses_as_a_duplicate_msg_seq_is_sent_once_and_reported_sent(
+        gateway_factory: Any, nats_server: Any, fake_qqbot: FakeQQBot) -> None:
+    # The platform sent the reply but its answer was lost: the retry reuses the msg_seq, the
+    # platform refuses it as a duplicate (40054005), and that means the reply is out.
+    gw = await gateway_factory({"qq": official_config(fake_qqbot)}, outbound={"backoff": ["50ms"]})
+    await callback(gw.http.port, c2c(msg_id="C-lost"))
+    [msg] = await published(nats_server.url, 1)
+    fake_qqbot.lose_answers = 1
+    await _reply(nats_server.url, "r-lost", msg.conversation)
+    sts = await wait_for_status(nats_server.url, "r-lost", "sent")
+    assert [s.state for s in sts] == ["accepted", "failed", "sent"] and len(fake_qqbot.messages) == 1
+
+
 async def test_image_reply_is_uploaded_by_url_and_sent_as_media(gateway_factory: Any, nats_server: Any,
                                                                 fake_qqbot: FakeQQBot) -> None:
     gw = await gateway_factory({"qq": official_config(fake_qqbot)})

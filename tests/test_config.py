@@ -199,3 +199,18 @@ def test_every_core_config_key_is_documented():
     for f in dataclasses.fields(ChannelConfig):
         if f.name not in ("name", "options"):
             assert f"`{f.name}`" in doc, f"channel key {f.name} is not in docs/configuration.md"
+
+
+def test_a_sub_sections_own_check_is_reported_at_its_key_and_line(tmp_path, capsys):
+    # The plugin's __post_init__ of [channels.s.twilio] fails: name that section, not the channel.
+    code, out = check(tmp_path, capsys, """
+        [channels.s]
+        type = "sms"
+        provider = "twilio"
+
+        [channels.s.twilio]
+        account_sid = "AC0123456789abcdef0123456789abcdef"
+        auth_token = "t"
+        """)
+    assert code == 2
+    assert f"{tmp_path / 'gateway.toml'}:6: channels.s.twilio: twilio needs from_number" in out and "$." not in out

@@ -423,7 +423,12 @@ def parse_config(
             c = msgspec.convert(common, ChannelCommon)
             options = msgspec.convert(own, config_type) if config_type is not None else None
         except msgspec.ValidationError as exc:  # e.g. a __post_init__ check of the plugin
-            problems.add(path, str(exc).replace("`", ""))
+            # A sub-section's own check names the sub-section (`- at `$.twilio``): report it
+            # there, with its line, instead of at the channel.
+            m = _MSGSPEC_ERR.match(str(exc))
+            at = m.group("at") if m else ""
+            sub = tuple(p for p in re.findall(r"\[(\d+)\]|\.([^.\[]+)", at or "") for p in p if p)
+            problems.add(path + sub, (m.group("msg") if m else str(exc)).replace("`", ""))
             continue
         channels[name] = ChannelConfig(name, ctype, c.enabled, c.required, c.rate_limit, c.backoff, c.max_attempts, options,
                                        c.concurrency)

@@ -40,8 +40,7 @@ class OneBotConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     access_token: str = ""
     """The implementation's ``access_token``: required as ``Authorization: Bearer <token>``
     (or ``?access_token=``) on a reverse handshake, sent by the gateway on a forward socket
-    and HTTP API calls. Empty on ``reverse_ws`` accepts any client: only on a loopback-only
-    listener."""
+    and HTTP API calls. Empty on ``reverse_ws`` accepts loopback clients only."""
     secret: str = ""
     """``http``: the implementation's ``secret``; every POSTed event must carry
     ``X-Signature: sha1=<HMAC-SHA1 of the body>`` (required with ``http``)."""
@@ -76,6 +75,9 @@ class OneBotConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 
 
     def __post_init__(self) -> None:
+        for group in self.groups:
+            if not group.isdigit():
+                raise ValueError(f"groups are keyed by group number: {group!r} is not one")
         if self.transport == "http" and (not self.secret or not self.url.startswith(("http://", "https://"))):
             raise ValueError("transport http needs secret (signs events) and url (the HTTP API, http(s)://)")
         if self.transport == "forward_ws" and not self.url.startswith(("ws://", "wss://")):
@@ -86,9 +88,9 @@ class OfficialConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     """``[channels.<name>.official]``: a bot of the QQ open platform (QQ开放平台) whose
     callback URL is ``/channels/<name>/webhook``."""
 
-    app_id: str
+    app_id: Annotated[str, msgspec.Meta(min_length=1)]
     """The bot's AppID."""
-    secret: str
+    secret: Annotated[str, msgspec.Meta(min_length=1)]
     """The bot's AppSecret: signs callbacks (Ed25519 key derived from it) and gets the
     access token."""
     api_base: str = "https://api.sgroup.qq.com"

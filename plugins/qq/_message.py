@@ -140,13 +140,15 @@ def _media(seg: Segment) -> dict[str, Any]:
     url = d.get("url")
     fields: dict[str, Any] = {"url": url if isinstance(url, str) and url else None}
     file = d.get("file_id") or d.get("file")
-    if isinstance(file, (str, int)) and str(file):
+    if isinstance(file, (str, int)) and not isinstance(file, bool) and str(file):
         fields["media_id"] = str(file)
     name = d.get("name") or d.get("file_name")
     if isinstance(name, str) and name:
         fields["filename"] = name
     size = d.get("file_size") or d.get("size")
-    if isinstance(size, int) or (isinstance(size, str) and size.isdigit()):
+    # Not a bool (an int to Python, refused as a size by the bus's decoders).
+    if (isinstance(size, int) and not isinstance(size, bool) and size >= 0) or \
+            (isinstance(size, str) and size.isascii() and size.isdigit()):
         fields["size"] = int(size)
     return fields
 

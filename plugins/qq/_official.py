@@ -35,6 +35,7 @@ from gateway import (
     check_timestamp,
     provider_error,
     seconds,
+    stable_id,
     verify_ed25519,
 )
 
@@ -49,6 +50,8 @@ _REF_TTL = 2 * 86400.0
 _RETRY_ONCE = {11242, 11252, 11263, 11281, 304082, 304083}
 _TOKEN_CODES = {11241, 11243}
 _RATE_CODES = {22009, 20028}
+# "消息被去重，请检查请求msgseq": a passive reply with a msg_seq the message already had.
+_DUPLICATE_SEQ = 40054005
 _FILE_TYPES = {ImagePart: 1, VideoPart: 2, AudioPart: 3}
 _BEIJING = timezone(timedelta(hours=8))
 # Counters and slots of proactive messages must outlive their month.
@@ -170,6 +173,8 @@ class Official:
             env = _envelope.decode(body)
         except msgspec.DecodeError as exc:
             raise RequestError(f"not a QQ bot payload: {body_problem(exc)}") from None
+        except RecursionError:
+            raise RequestError("not a QQ bot payload: nested too deep") from None
         if env.op == 13:
             d = env.d if isinstance(env.d, dict) else {}
             plain_token, event_ts = d.get("plain_token"), d.get("event_ts")
@@ -207,13 +212,15 @@ class Official:
         sent_at = None
         if isinstance(d.get("timestamp"), str):
             try:
+                # The platform writes Beijing time; the bus carries UTC.
                 sent_at = datetime.fromisoformat(d["timestamp"])
-            except ValueError:
+                sent_at = (sent_at if sent_at.tzinfo else sent_at.replace(tzinfo=_BEIJING)).astimezone(timezone.utc)
+            except (ValueError, OverflowError):  # OverflowError: beyond year 9999 in UTC
                 sent_at = None
         # The platform counts the reply window from its message: a push that reached us
         # late (its retry after our 503) must not lengthen it.
         received = time.time()
-        if sent_at is not None and sent_at.tzinfo is not None:
+        if sent_at is not None:
             received = min(received, sent_at.timestamp())
         native = f"{kind}:{target}"
         meta: dict[str, Any] = {"transport": "official", "event": event_type, "msg_id": msg_id}
@@ -238,7 +245,9 @@ class Official:
         kind, target = ("group", group) if isinstance(group, str) and group else ("c2c", user)
         if not isinstance(target, str) or not target:
             kind, target = "app", self.cfg.app_id
-        ident = env.id or f"{env.t}:{msgspec.json.encode(d).decode()}"
+        # Without an envelope id, what the event is made of identifies it: hashed, so the
+        # provider id on the bus repeats none of its fields (openids) and stays short.
+        ident = env.id or f"{env.t}:{stable_id(msgspec.json.encode(d).decode())}"
         message = self.ctx.message(conversation=f"{kind}:{target}",
                                    sender=Participant(id=str(user) if isinstance(user, str) and user else target),
                                    parts=[EventPart(event=name, data=data)], provider_id=f"event:{ident}", auto=True,
@@ -252,11 +261,13 @@ class Official:
     # --- passive replies ---------------------------------------------------------
 
     async def _ref(self, outbound: Outbound | None, route: dict[str, Any]) -> _Ref | None:
+        kind, target, received = route.get("kind"), route.get("target"), route.get("received_at")
         if outbound is not None and outbound.in_reply_to:
             found = await self.ctx.state.get_record(f"qb-ref:{outbound.in_reply_to}", _Ref)
-            if found is not None:
+            # Only a message of this conversation: the reply goes to the ref's target, and
+            # an in_reply_to from another conversation would carry it to another customer.
+            if found is not None and (found.kind, found.target) == (kind, target):
                 return found
-        kind, target, received = route.get("kind"), route.get("target"), route.get("received_at")
         if not isinstance(kind, str) or not isinstance(target, str) or not isinstance(received, (int, float)):
             return None
         return _Ref(kind=kind, target=target, msg_id=route.get("msg_id"), event_id=route.get("event_id"),
@@ -319,7 +330,14 @@ class Official:
                     payload["msg_id"] = ref.msg_id
                 else:
                     payload["event_id"] = ref.event_id
-            answer = await self._call("POST", f"{base}/messages", payload)
+            try:
+                answer = await self._call("POST", f"{base}/messages", payload)
+            except APIError as exc:
+                if mode != "passive" or exc.api_code != _DUPLICATE_SEQ:
+                    raise
+                # This msg_seq was sent before (its answer was lost to a timeout or a crash):
+                # the platform refuses the copy, and the reply is out.
+                answer = None
             got = answer.get("id") if isinstance(answer, dict) else None
             if i + 1 < len(messages):
                 await self.ctx.state.put(progress_key, str(i + 1).encode(), ttl=_REF_TTL)
@@ -474,8 +492,9 @@ def _attachment(a: dict[str, Any]) -> Part:
     fields: dict[str, Any] = {"url": url}
     if isinstance(a.get("filename"), str):
         fields["filename"] = a["filename"]
-    if isinstance(a.get("size"), int):
-        fields["size"] = a["size"]
+    size = a.get("size")
+    if isinstance(size, int) and not isinstance(size, bool) and size >= 0:
+        fields["size"] = size
     if ctype.startswith("image/"):
         return ImagePart(content_type=ctype, **fields)
     if ctype.startswith("video/"):

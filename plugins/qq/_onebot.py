@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import ipaddress
 import itertools
 import json
+import re
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -71,6 +73,8 @@ class _Quoted(msgspec.Struct, kw_only=True):
 
     message_id: str
     user_id: str
+    group: str = ""
+    """``<self_id>:<group_id>`` of the message (empty in records written before it was kept)."""
 
 
 class _Link(Protocol):
@@ -145,14 +149,63 @@ def _s(value: Any) -> str:
     return str(value)
 
 
+_LONE_SURROGATE = re.compile(r"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
+
+
+def _loads(data: str | bytes) -> Any:
+    """JSON as the implementation sent it, with lone UTF-16 surrogates (``"\\ud83d"``:
+    valid JSON, not valid Unicode; Node implementations write half an emoji so when QQ cut
+    a group card) replaced by U+FFFD, since the bus carries UTF-8 only."""
+    obj = json.loads(data)
+    text = data if isinstance(data, str) else data.decode("utf-8", "replace")
+    return _scrub(obj) if _LONE_SURROGATE.search(text) else obj
+
+
+def _scrub(value: Any) -> Any:
+    if isinstance(value, str):
+        return value.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+    if isinstance(value, list):
+        return [_scrub(v) for v in value]
+    if isinstance(value, dict):
+        return {_scrub(k): _scrub(v) for k, v in value.items()}
+    return value
+
+
+def _unix_time(value: Any) -> datetime | None:
+    """An event's ``time`` (seconds since the epoch); None when it is no such time."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return None
+    try:
+        return datetime.fromtimestamp(value, timezone.utc)
+    except (ValueError, OverflowError, OSError):
+        return None
+
+
 def _num(value: str) -> int | str:
     """A QQ number or message id back as the JSON number OneBot expects."""
     return int(value) if value.lstrip("-").isdigit() else value
 
 
+def _loopback(client: tuple[str, int] | None) -> bool:
+    """Whether the peer is this host (127.0.0.0/8, ::1, or an IPv4-mapped loopback)."""
+    if client is None:
+        return False
+    try:
+        address = ipaddress.ip_address(client[0])
+    except ValueError:
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return address.is_loopback
+
+
 def mask(qq: str) -> str:
     """A QQ number for logs and health details: only its last four digits."""
     return "…" + qq[-4:] if len(qq) > 4 else "…"
+
+
+class _Malformed(RequestError):
+    """An event that is not what OneBot v11 describes: counted (WebSocket) or 400 (HTTP)."""
 
 
 class OneBotError(DeliveryError):
@@ -233,6 +286,10 @@ class OneBot:
             token = handshake.bearer_token() or handshake.query.get("access_token")
             if not tokens_equal(token, self.cfg.access_token):
                 raise RequestError("missing or wrong access token", status=401)
+        elif not _loopback(handshake.client):
+            # Without a token anyone could claim any account, inject messages and, by
+            # replacing the real socket, receive the replies meant for customers.
+            raise RequestError("no access_token is configured: only loopback clients are accepted", status=401)
         self_id = handshake.headers.get("x-self-id", "").strip()
         if not self_id.isdigit():
             raise RequestError("missing or malformed X-Self-ID", status=400)
@@ -326,9 +383,9 @@ class OneBot:
         body = await request.body()
         verify_hmac(self.cfg.secret, body, request.headers.get("x-signature"), digest="sha1", prefix="sha1=")
         try:
-            event = json.loads(body)
-        except ValueError:
-            raise RequestError("body is not JSON") from None
+            event = _loads(body)
+        except (ValueError, RecursionError):
+            raise RequestError("body is not JSON (or nested too deep)") from None
         if not isinstance(event, dict) or not isinstance(event.get("post_type"), str):
             raise RequestError("body is not a OneBot event")
         self_id = request.headers.get("x-self-id", "").strip() or _s(event.get("self_id"))
@@ -348,8 +405,8 @@ class OneBot:
 
     async def _received(self, bot: _Bot, data: str | bytes) -> None:
         try:
-            obj = json.loads(data)
-        except ValueError:
+            obj = _loads(data)
+        except (ValueError, RecursionError):  # RecursionError: nested deeper than the parser recurses
             self.ctx.count("onebot_malformed")
             self.ctx.log.warning("OneBot sent something that is not JSON", bot=mask(bot.self_id))
             return
@@ -426,6 +483,10 @@ class OneBot:
                     await self._event(bot.self_id, event)
                     delay = 0.2
                     break
+                except _Malformed as exc:
+                    self.ctx.count("onebot_malformed")
+                    self.ctx.log.warning("OneBot event not understood", bot=mask(bot.self_id), reason=exc.reason)
+                    break
                 except BusUnavailable:
                     self.ctx.log.warning("bus unavailable; OneBot event held", retry_in=delay)
                     await asyncio.sleep(delay)
@@ -463,17 +524,13 @@ class OneBot:
         message_id, user_id, group_id = _s(event.get("message_id")), _s(event.get("user_id")), _s(event.get("group_id"))
         if not message_id or not user_id or message_type not in ("group", "private") or (
                 message_type == "group" and not group_id):
-            self.ctx.count("onebot_malformed")
-            self.ctx.log.warning("OneBot message event without its ids", bot=mask(self_id))
-            return
+            raise _Malformed("message event without its ids (message_id, user_id, group_id)")
         if user_id == self_id:
             return  # the account's own messages (sent from another device) are not the customer's
         try:
             segments = parse_message(event.get("message", event.get("raw_message", "")))
         except MessageError as exc:
-            self.ctx.count("onebot_malformed")
-            self.ctx.log.warning("OneBot message not understood", reason=str(exc))
-            return
+            raise _Malformed(str(exc)) from None
         inbound = to_parts(segments, self_id)
         if message_type == "group":
             rule = self._rule(group_id)
@@ -507,7 +564,7 @@ class OneBot:
         message = self.ctx.message(
             conversation=native, sender=Participant(id=user_id, name=name if isinstance(name, str) and name else None),
             recipient=Participant(id=self_id), parts=inbound.parts, provider_id=f"{self_id}:{message_id}",
-            sent_at=datetime.fromtimestamp(sent, timezone.utc) if isinstance(sent, (int, float)) else None,
+            sent_at=_unix_time(sent),
             in_reply_to=f"{self_id}:{inbound.reply_to}" if inbound.reply_to else None, meta=meta)
         route = {"transport": "onebot", "self_id": self_id, "message_type": message_type, "user_id": user_id,
                  "group_id": group_id or None, "message_id": message_id}
@@ -515,16 +572,15 @@ class OneBot:
         if result.duplicate:
             self.ctx.count("onebot_replayed")
         elif message_type == "group":
-            await self.ctx.state.put_record(f"ob-msg:{message.id}", _Quoted(message_id=message_id, user_id=user_id),
-                                            ttl=_QUOTE_TTL)
+            await self.ctx.state.put_record(f"ob-msg:{message.id}", _Quoted(
+                message_id=message_id, user_id=user_id, group=f"{self_id}:{group_id}"), ttl=_QUOTE_TTL)
 
     async def _notice(self, self_id: str, event: dict[str, Any]) -> None:
         """Notices (member joined or left, a recall, a group file upload ...) and requests
         are published as ``event`` parts; they do not count as the customer writing."""
         kind = _s(event.get("notice_type") or event.get("request_type"))
         if not kind:
-            self.ctx.count("onebot_malformed")
-            return
+            raise _Malformed("notice or request without notice_type or request_type")
         group_id, user_id = _s(event.get("group_id")), _s(event.get("user_id"))
         if group_id and not self._rule(group_id).enabled:
             self.ctx.count("group_disabled")
@@ -644,7 +700,9 @@ class OneBot:
     async def _quoted(self, outbound: Outbound, route: dict[str, Any]) -> _Quoted | None:
         if outbound.in_reply_to:
             found = await self.ctx.state.get_record(f"ob-msg:{outbound.in_reply_to}", _Quoted)
-            if found is not None:
+            # Only a message of this group: one of another group would be quoted (and its
+            # sender @mentioned) here.
+            if found is not None and found.group in ("", f"{route.get('self_id')}:{route.get('group_id')}"):
                 return found
         if route.get("message_id") and route.get("user_id"):
             return _Quoted(message_id=str(route["message_id"]), user_id=str(route["user_id"]))

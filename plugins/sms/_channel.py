@@ -14,7 +14,7 @@ import httpx
 import msgspec
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from twilio.request_validator import RequestValidator, get_signature_algorithm
+from twilio.request_validator import HMAC_SHA1, HMAC_SHA256, RequestValidator, get_signature_algorithm
 
 from gateway import (
     Channel,
@@ -185,24 +185,33 @@ class SmsChannel(Channel):
             raise RequestError(f"{field}: {exc}") from None
 
     async def _receive(self, provider: str, provider_id: str, customer: str, our: str, text: str,
-                       parts: Sequence[Part], sent_at: datetime | None = None, meta: dict[str, Any] | None = None) -> None:
-        """Opt-out bookkeeping, then publish (returns after the bus ack)."""
+                       parts: Sequence[Part], sent_at: datetime | None = None, meta: dict[str, Any] | None = None,
+                       provider_says: str = "") -> None:
+        """Opt-out bookkeeping, then publish (returns after the bus ack). ``provider_says``
+        is the provider's own verdict (Twilio's ``OptOutType``: ``STOP`` / ``START``)."""
         meta = {"provider": provider, **(meta or {})}
         word = keyword(text)
-        if word and word in self.opt_out_words:
+        if provider_says == "STOP":
+            word = word or "stop"
+        if (word and word in self.opt_out_words) or provider_says == "STOP":
             # Recorded before publishing: the law asks to stop at once, and a retry of this
             # push records it again harmlessly.
             await self.ctx.state.put_record(f"optout:{customer}", OptOut(at=datetime.now(timezone.utc), keyword=word))
             meta["opt_out"] = True
             self.ctx.log.info("number opted out", number=mask(customer), provider=provider)
-        elif word and word in self.opt_in_words:
-            await self.ctx.state.delete(f"optout:{customer}")
+        opt_in = "opt_out" not in meta and ((bool(word) and word in self.opt_in_words) or provider_says == "START")
+        if opt_in:
             meta["opt_in"] = True
-            self.ctx.log.info("number opted in again", number=mask(customer), provider=provider)
         message = self.ctx.message(conversation=f"{our}|{customer}", sender=Participant(id=customer),
                                    recipient=Participant(id=our), parts=list(parts),
                                    provider_id=f"{provider}:{provider_id}", sent_at=sent_at, meta=meta)
-        await self.ctx.publish(message, route={"number": customer, "our": our})
+        result = await self.ctx.publish(message, route={"number": customer, "our": our})
+        if opt_in and not result.duplicate:
+            # Lifted only by a new message: a late retry of an old START (a re-pushed batch)
+            # must not undo a STOP the customer sent after it. A crash before this line
+            # leaves the number opted out, the safe side: the customer writes START again.
+            await self.ctx.state.delete(f"optout:{customer}")
+            self.ctx.log.info("number opted in again", number=mask(customer), provider=provider)
 
     async def opted_out(self, number: str) -> OptOut | None:
         """The opt-out record of ``number`` (E.164), if it opted out."""
@@ -231,6 +240,9 @@ class SmsChannel(Channel):
             if not self.cfg.twilio.webhook_shared_key:
                 raise SignatureError("signed with a webhook shared key, and none is configured")
             secret, algorithm = self.cfg.twilio.webhook_shared_key, get_signature_algorithm(settings)
+            if algorithm.upper() not in (HMAC_SHA1, HMAC_SHA256):
+                # Checked here: twilio's validator would log the (unsigned, anyone's) value.
+                raise SignatureError("unsupported signature algorithm")
         if not RequestValidator(secret).validate(url, form, signature, algorithm):
             raise SignatureError("bad X-Twilio-Signature")
         return form
@@ -247,16 +259,18 @@ class SmsChannel(Channel):
         body = form.first("Body")
         parts: list[Part] = [TextPart(text=body)] if body else []
         count = form.first("NumMedia")
-        for i in range(min(int(count) if count.isdigit() else 0, 10)):
+        for i in range(min(_count(count) or 0, 10)):
             url, ctype = form.first(f"MediaUrl{i}"), form.first(f"MediaContentType{i}") or None
             if url:
                 # Twilio serves media to the account only (HTTP Basic): the URL is kept, the
                 # bytes are not copied.
                 parts.append(ImagePart(url=url, content_type=ctype) if (ctype or "").startswith("image/")
                              else FilePart(url=url, content_type=ctype))
-        segments = form.first("NumSegments")
+        segments = _count(form.first("NumSegments"))
+        # With Advanced Opt-Out (localized or custom keywords) Twilio says what it did.
         await self._receive("twilio", sid, customer, our, body, parts,
-                            meta={"segments": int(segments)} if segments.isdigit() else None)
+                            meta={"segments": segments} if segments is not None else None,
+                            provider_says=form.first("OptOutType").strip().upper())
         return Response(_TWIML_EMPTY, media_type="text/xml")
 
     async def _twilio_status(self, request: Request) -> Response:
@@ -338,7 +352,7 @@ class SmsChannel(Channel):
         for customer, r in items:
             # The callback has no message id: what the reply is made of identifies it.
             pid = stable_id(customer, str(r.time), r.sign, r.extend, r.text)
-            sent_at = datetime.fromtimestamp(r.time, timezone.utc) if r.time else None
+            sent_at = _unix_time(r.time)
             await self._receive("tencent", pid, customer, r.sign or self.cfg.tencent.sign_name, r.text,
                                 [TextPart(text=r.text)] if r.text else [], sent_at,
                                 {"extend": r.extend} if r.extend else None)
@@ -421,7 +435,7 @@ class SmsChannel(Channel):
             # would be worse than refusing.
             raise DeliveryError("SMS sends images by URL and an image part has none", permanent=True,
                                 code="unsupported_content")
-        usable = [a for a in self._order() if a.can_send(outbound, text)]
+        usable = [a for a in self._order() if a.can_send(outbound, text) and self._carries_template(a, outbound)]
         if not usable:
             first = self.adapters[self.cfg.provider]
             if first.templates_only and outbound.template is None:
@@ -456,6 +470,15 @@ class SmsChannel(Channel):
                           segments=meta.get("segments"))
         return Receipt(provider_id=provider_id, meta=meta)
 
+    def _carries_template(self, adapter: Adapter, outbound: Outbound) -> bool:
+        """A template-only failover behind a template-only provider knows the outbound's
+        template only by its ``templates`` map: the two providers' ids never match, and an
+        unknown id would be a permanent refusal (a dead letter for a passing outage)."""
+        first = self.adapters[self.cfg.provider]
+        if adapter is first or not (adapter.templates_only and first.templates_only) or outbound.template is None:
+            return True
+        return outbound.template.id in adapter.templates
+
     def _transient_failure(self, adapter: Adapter) -> None:
         if self.cfg.failover is None or adapter.name != self.cfg.provider:
             return
@@ -477,10 +500,26 @@ def _tencent_ok() -> Response:
     return JSONResponse({"result": 0, "errmsg": "OK"})
 
 
-def _china_time(value: str) -> datetime | None:
-    """Aliyun's ``2017-01-01 00:00:00`` (Beijing time) as an aware datetime."""
+def _count(value: str) -> int | None:
+    """A count Twilio sends (``NumMedia``, ``NumSegments``): ASCII digits, else None
+    (``"²".isdigit()`` is true, and ``int("²")`` raises)."""
+    return int(value) if value.isascii() and value.isdigit() else None
+
+
+def _unix_time(value: int | None) -> datetime | None:
+    """Seconds since the epoch as an aware datetime; None when absent or out of range."""
+    if not value:
+        return None
     try:
-        return datetime.strptime(value, "%Y-%m-%d %H:%M:%S").replace(tzinfo=_CHINA)
-    except ValueError:
+        return datetime.fromtimestamp(value, timezone.utc)
+    except (ValueError, OverflowError, OSError):
+        return None
+
+
+def _china_time(value: str) -> datetime | None:
+    """Aliyun's ``2017-01-01 00:00:00`` (Beijing time) in UTC, as the bus carries times."""
+    try:
+        return datetime.strptime(value, "%Y-%m-%d %H:%M:%S").replace(tzinfo=_CHINA).astimezone(timezone.utc)
+    except (ValueError, OverflowError):  # OverflowError: 0001-01-01 00:00 Beijing is no UTC datetime
         return None
 

@@ -52,6 +52,10 @@ class AliyunConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     with ``?token=<push_token>``; a push without it is refused (403)."""
     endpoint: str = "https://dysmsapi.aliyuncs.com"
     region_id: str = "cn-hangzhou"
+    templates: dict[str, str] = {}
+    """Failover between two template-only providers: the other provider's template ids
+    mapped to this provider's own (``{"SMS_123" = "1234567"}``). Their ids never match,
+    so as the failover this provider sends only templates listed here."""
 
 
 class TencentConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -68,6 +72,10 @@ class TencentConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     ``?token=<push_token>``; a callback without it is refused (403)."""
     endpoint: str = "https://sms.tencentcloudapi.com"
     region: str = "ap-guangzhou"
+    templates: dict[str, str] = {}
+    """Failover between two template-only providers: the other provider's template ids
+    mapped to this provider's own (``{"SMS_123" = "1234567"}``). Their ids never match,
+    so as the failover this provider sends only templates listed here."""
 
 
 class SmsConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -89,7 +97,8 @@ class SmsConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     max_segments: Annotated[int, msgspec.Meta(ge=1, le=50)] = 5
     """A longer text is refused permanently (``too_long``) instead of billed."""
     opt_out_keywords: list[str] = msgspec.field(default_factory=lambda: ["STOP", "STOPALL", "UNSUBSCRIBE", "CANCEL",
-                                                                         "END", "QUIT", "TD", "退订"])
+                                                                         "END", "QUIT", "REVOKE", "OPTOUT",
+                                                                         "TD", "退订"])
     opt_in_keywords: list[str] = msgspec.field(default_factory=lambda: ["START", "UNSTOP", "YES"])
     quiet_hours: QuietHours | None = None
     """Nothing but urgent outbounds (``meta.urgent = true``) is sent inside these hours."""
@@ -108,7 +117,12 @@ class SmsConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
                 raise ValueError(f"provider {name!r} is used but its [{name}] section is missing")
         if self.failover == self.provider:
             raise ValueError("failover must name another provider than provider")
-        if self.default_region.upper() not in phonenumbers.SUPPORTED_REGIONS:
+        # phonenumbers reads regions in upper case only: "us" would refuse every national number.
+        self.default_region = self.default_region.upper()
+        if self.default_region not in phonenumbers.SUPPORTED_REGIONS:
             raise ValueError("default_region must be an ISO 3166 alpha-2 region such as CN or US")
+        if self.public_url and not self.public_url.startswith(("https://", "http://")):
+            # Twilio signs the full URL it called: without a scheme no signature could match.
+            raise ValueError("public_url must be the full base URL with its scheme, such as https://gw.example.com")
         if self.quiet_hours is not None:
             check_quiet_hours(self.quiet_hours)

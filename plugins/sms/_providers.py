@@ -30,9 +30,15 @@ class Adapter(abc.ABC):
     templates_only = False
     """True when the provider sends approved templates only (mainland China)."""
     supports_templates = True
+    templates: dict[str, str] = {}
+    """Another provider's template ids → this provider's own (config ``templates``)."""
 
     def __init__(self, client: httpx.AsyncClient):
         self.client = client
+
+    def template_id(self, template: Template) -> str:
+        """This provider's id of ``template`` (mapped from the other provider's, if listed)."""
+        return self.templates.get(template.id, template.id)
 
     def can_send(self, outbound: Outbound, text: str) -> bool:
         """Whether this provider can carry ``outbound`` at all (a template-only provider
@@ -152,6 +158,7 @@ class AliyunAdapter(Adapter):
     def __init__(self, client: httpx.AsyncClient, cfg: AliyunConfig):
         super().__init__(client)
         self.cfg = cfg
+        self.templates = cfg.templates
 
     def params(self, to: str, template: Template, out_id: str, *, nonce: str | None = None,
                timestamp: str | None = None) -> dict[str, str]:
@@ -162,7 +169,7 @@ class AliyunAdapter(Adapter):
             "PhoneNumbers": nsn if cc == 86 else f"{cc}{nsn}", "RegionId": self.cfg.region_id,
             "SignName": self.cfg.sign_name, "SignatureMethod": "HMAC-SHA1",
             "SignatureNonce": nonce or uuid.uuid4().hex, "SignatureVersion": "1.0",
-            "TemplateCode": template.id, "Timestamp": timestamp or datetime.now(timezone.utc).strftime(
+            "TemplateCode": self.template_id(template), "Timestamp": timestamp or datetime.now(timezone.utc).strftime(
                 "%Y-%m-%dT%H:%M:%SZ"), "Version": "2017-05-25", "OutId": out_id[:64],
         }
         if template.data:
@@ -231,6 +238,7 @@ class TencentAdapter(Adapter):
     def __init__(self, client: httpx.AsyncClient, cfg: TencentConfig):
         super().__init__(client)
         self.cfg = cfg
+        self.templates = cfg.templates
 
     async def send(self, to: str, text: str, outbound: Outbound) -> tuple[str, int | None]:
         if outbound.template is None:
@@ -238,7 +246,7 @@ class TencentAdapter(Adapter):
                                 permanent=True, code="template_required")
         cfg = self.cfg
         payload = json.dumps({"PhoneNumberSet": [to], "SmsSdkAppId": cfg.sdk_app_id, "SignName": cfg.sign_name,
-                              "TemplateId": outbound.template.id, "TemplateParamSet": template_params(outbound.template),
+                              "TemplateId": self.template_id(outbound.template), "TemplateParamSet": template_params(outbound.template),
                               "SessionContext": outbound.id}, ensure_ascii=False).encode()
         host = urlsplit(cfg.endpoint).netloc
         ts = int(time.time())

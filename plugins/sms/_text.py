@@ -5,6 +5,7 @@ No I/O here: everything takes a value and returns one, so the rules are tested a
 
 from __future__ import annotations
 
+import unicodedata
 from typing import Literal
 
 import msgspec
@@ -121,5 +122,7 @@ def mask(number: str) -> str:
 
 def keyword(text: str) -> str:
     """The normalized form an opt-out / opt-in keyword is compared in: trimmed, case-folded,
-    trailing punctuation dropped (``Stop.`` and ``stop`` are STOP; ``退订！`` is 退订)."""
-    return text.strip().rstrip(".!！。 \t").strip().casefold()
+    trailing punctuation dropped, full-width forms read as ASCII (``Stop.`` and ``stop`` are
+    STOP; ``退订！`` is 退订; ``ＴＤ`` is TD)."""
+    # NFKC first: a Chinese input method in full-width mode types ＴＤ for TD.
+    return unicodedata.normalize("NFKC", text).strip().rstrip(".!。 \t").strip().casefold()

@@ -329,6 +329,7 @@ class FakeQQBot:
             Route("/v2/users/{target}/files", self.upload, methods=["POST"]),
         ])
         self.uploads: list[dict[str, Any]] = []
+        self.lose_answers = 0
         self.file_infos: set[str] = set()
 
     def fail_next(self, code: int, http_status: int = 200, endpoint: str = "messages") -> None:
@@ -388,6 +389,10 @@ class FakeQQBot:
         if body.get("msg_id") and (body.get("msg_id"), body.get("msg_seq")) in seen:
             return JSONResponse({"code": 40054005, "message": "msg_seq duplicated"})
         self.messages.append({"path": request.url.path, "body": body})
+        if self.lose_answers:
+            # Sent, but the answer never reaches the gateway (a timeout, a crash, a proxy).
+            self.lose_answers -= 1
+            return Response(status_code=504)
         return JSONResponse({"id": f"SENT_{len(self.messages)}", "timestamp": int(time.time())})
 
 

@@ -52,3 +52,15 @@ def test_the_documentations_example_is_a_valid_config() -> None:
     config = parse_config(data, PluginManager().channel_types, source="qq.md",
                           env={"ONEBOT_TOKEN": "t", "QQBOT_SECRET": "s"})
     assert set(config.channels) == {"qq-customers", "qq-bot"}
+
+
+@pytest.mark.parametrize("section, key", [
+    # Both passed check-config, and then the channel failed to start (or never matched).
+    (official_config(app_id=""), "qq.official.app_id"),
+    (official_config(secret=""), "qq.official.secret"),
+    (onebot_config(groups={"客户群": {"filter": "all"}}), "qq.onebot: groups are keyed by group number"),
+])
+def test_what_cannot_work_is_refused_by_check_config(section: dict[str, Any], key: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        make_config(URL, {"qq": section})
+    assert key in str(info.value)

@@ -130,6 +130,9 @@ async def test_signed_garbage_body_is_a_400_naming_no_value(gateway_factory: Any
     body = b'{"op": "secret-value"}'
     r = await callback(gw.http.port, body)
     assert r.status_code == 400 and "secret-value" not in r.text
+    deep = b'{"op": 0, "t": "X", "id": "E", "d": {"a": ' + b"[" * 100_000 + b"]" * 100_000 + b"}}"
+    r = await callback(gw.http.port, deep)
+    assert r.status_code == 400
 
 
 # --- dispatches ------------------------------------------------------------------------
@@ -179,6 +182,16 @@ async def test_unknown_event_is_kept_as_an_event(gateway_factory: Any, nats_serv
     assert msg.auto
 
 
+async def test_an_event_without_envelope_id_is_deduplicated_by_an_id_that_repeats_none_of_it(
+        gateway_factory: Any, nats_server: Any) -> None:
+    gw = await gateway_factory({"qq": official_config()})
+    body = json.dumps({"op": 0, "t": "FRIEND_ADD", "d": {"openid": "OPENID-7F3A", "timestamp": 1700000000}}).encode()
+    for _ in range(2):
+        assert (await callback(gw.http.port, body)).status_code == 200
+    [msg] = await inbound(nats_server.url)
+    assert msg.provider_id is not None and "OPENID-7F3A" not in msg.provider_id and len(msg.provider_id) < 64
+
+
 # --- passive replies -------------------------------------------------------------------
 
 
@@ -215,6 +228,20 @@ async def test_reply_names_the_message_it_answers(gateway_factory: Any, nats_ser
     await wait_for_status(nats_server.url, "r-first", "sent")
     assert fake_qqbot.messages[0]["path"].startswith("/v2/users/")
     assert fake_qqbot.messages[0]["body"]["msg_id"] == "C-1"
+
+
+async def test_in_reply_to_from_another_conversation_never_sends_there(gateway_factory: Any, nats_server: Any,
+                                                                      fake_qqbot: FakeQQBot) -> None:
+    # A backend's stale or mistaken in_reply_to must not carry a reply to another customer:
+    # the reply stays in its own conversation (answering that conversation's last message).
+    gw = await gateway_factory({"qq": official_config(fake_qqbot)})
+    await callback(gw.http.port, c2c(msg_id="A-1", user="USER-A"))
+    await callback(gw.http.port, c2c(msg_id="B-1", user="USER-B"))
+    a, b = await published(nats_server.url, 2)
+    await _reply(nats_server.url, "r-cross", a.conversation, in_reply_to=b.id)
+    await wait_for_status(nats_server.url, "r-cross", "sent")
+    [sent] = fake_qqbot.messages
+    assert sent["path"] == "/v2/users/USER-A/messages" and sent["body"]["msg_id"] == "A-1"
 
 
 async def test_reply_limit_used_up_fails_before_calling_the_api(gateway_factory: Any, nats_server: Any,
@@ -321,6 +348,19 @@ async def _reply_parts(url: str, outbound_id: str, conversation: str, parts: lis
         await nc.close()
 
 
+async def test_a_retry_the_platform_refuses_as_a_duplicate_msg_seq_is_sent_once_and_reported_sent(
+        gateway_factory: Any, nats_server: Any, fake_qqbot: FakeQQBot) -> None:
+    # The platform sent the reply but its answer was lost: the retry reuses the msg_seq, the
+    # platform refuses it as a duplicate (40054005), and that means the reply is out.
+    gw = await gateway_factory({"qq": official_config(fake_qqbot)}, outbound={"backoff": ["50ms"]})
+    await callback(gw.http.port, c2c(msg_id="C-lost"))
+    [msg] = await published(nats_server.url, 1)
+    fake_qqbot.lose_answers = 1
+    await _reply(nats_server.url, "r-lost", msg.conversation)
+    sts = await wait_for_status(nats_server.url, "r-lost", "sent")
+    assert [s.state for s in sts] == ["accepted", "failed", "sent"] and len(fake_qqbot.messages) == 1
+
+
 async def test_image_reply_is_uploaded_by_url_and_sent_as_media(gateway_factory: Any, nats_server: Any,
                                                                 fake_qqbot: FakeQQBot) -> None:
     gw = await gateway_factory({"qq": official_config(fake_qqbot)})
@@ -410,3 +450,16 @@ async def test_proactive_messages_go_after_the_window_up_to_the_monthly_quota(
     sts = await wait_for_status(nats_server.url, "pro-over", "dead")
     assert sts[-1].error is not None and "proactive" in sts[-1].error.message
     assert len(fake_qqbot.messages) == 2
+
+
+async def test_message_times_are_published_in_utc(gateway_factory: Any, nats_server: Any) -> None:
+    # The bus contract's times are UTC; the platform writes Beijing time (+08:00), and a
+    # time without an offset is read as Beijing time too.
+    from gateway.testing import stream_messages
+
+    gw = await gateway_factory({"qq": official_config()})
+    assert (await callback(gw.http.port, c2c(msg_id="t1", timestamp="2023-11-06T13:37:18+08:00"))).status_code == 200
+    assert (await callback(gw.http.port, c2c(msg_id="t2", timestamp="2023-11-06T13:37:18"))).status_code == 200
+    assert (await callback(gw.http.port, c2c(msg_id="t3", timestamp="9999-12-31T23:59:59-14:00"))).status_code == 200
+    raw = [json.loads(m.data) for m in await stream_messages(nats_server.url, "GW_IN", "gw.in.qq.qq")]
+    assert [m["sent_at"] for m in raw] == ["2023-11-06T05:37:18Z", "2023-11-06T05:37:18Z", None]

@@ -4,6 +4,7 @@ replies come back over the same socket as API calls matched by ``echo``."""
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import nats
@@ -230,6 +231,20 @@ async def test_group_reply_quotes_the_customers_message(gateway_factory: Any, na
     await bot.close()
 
 
+async def test_in_reply_to_from_another_group_neither_quotes_nor_mentions_there(gateway_factory: Any,
+                                                                                nats_server: Any) -> None:
+    gw, bot = await _start(gateway_factory, mention_sender=True)
+    here = await _customer_wrote(bot, nats_server.url, group_message("这里", message_id=61, group_id=111, user_id=10001))
+    there = await _customer_wrote(bot, nats_server.url, group_message("别处", message_id=62, group_id=222, user_id=20002))
+    await _reply(nats_server.url, "r-cross", here.conversation, in_reply_to=there.id)
+    await wait_for_status(nats_server.url, "r-cross", "sent")
+    [call] = bot.sends()
+    assert call["params"]["group_id"] == 111
+    assert call["params"]["message"][:2] == [{"type": "reply", "data": {"id": "61"}},
+                                             {"type": "at", "data": {"qq": "10001"}}]
+    await bot.close()
+
+
 async def test_private_reply_goes_by_send_private_msg(gateway_factory: Any, nats_server: Any) -> None:
     gw, bot = await _start(gateway_factory)
     msg = await _customer_wrote(bot, nats_server.url, private_message("hi"))
@@ -337,12 +352,64 @@ async def test_hostile_socket_messages_are_counted_and_hurt_nothing(gateway_fact
     await bot.send({"post_type": "message", "message_type": "group", "message": "no ids"})
     await bot.send(group_message(42, message_id=8))  # message neither string nor segments
     await bot.send({"echo": "gw-unknown", "status": "ok", "retcode": 0, "data": None})  # an answer nobody awaits
+    await bot.ws.send("[" * 100_000 + "]" * 100_000)  # deeper than any JSON parser recurses
     await bot.send(private_message("still fine", message_id=9))
     [msg] = await published(nats_server.url, 1)
     assert msg.provider_id == f"{SELF_ID}:9"
 
     async def counted() -> bool:
-        return await metric(gw.http.port, "gateway_channel_events_total", event="onebot_malformed") == 4
+        return await metric(gw.http.port, "gateway_channel_events_total", event="onebot_malformed") == 5
 
     await wait_until(counted)
+    await bot.close()
+
+
+async def test_without_an_access_token_only_loopback_clients_are_accepted(gateway_factory: Any,
+                                                                          nats_server: Any) -> None:
+    # The documented promise of an empty access_token: a loopback-only listener. A client
+    # from elsewhere could otherwise claim any account, inject messages and, replacing the
+    # real socket, receive the replies meant for customers.
+    from starlette.datastructures import Headers, QueryParams
+
+    from gateway import Handshake, RequestError
+
+    gw = await gateway_factory({"qq": onebot_config(access_token="")})
+    headers = Headers({"x-self-id": SELF_ID, "x-client-role": "Universal"})
+    onebot = gw.channels["qq"].channel.onebot
+    for address in ["192.0.2.7", "::ffff:192.0.2.7", "2001:db8::7"]:
+        with pytest.raises(RequestError) as info:
+            onebot.authorize(Handshake(path="/onebot", headers=headers, query=QueryParams(""), client=(address, 40000)))
+        assert info.value.status == 401 and "access_token" in str(info.value)
+    assert onebot.authorize(Handshake(path="/onebot", headers=headers, query=QueryParams(""),
+                                      client=("::1", 40000))) == SELF_ID
+    bot = FakeOneBot(ws_url(gw.http.port), token=None)  # over 127.0.0.1: accepted
+    await bot.connect()
+    await bot.send(private_message("hi"))
+    assert len(await published(nats_server.url, 1)) == 1
+    await bot.close()
+
+
+async def test_odd_fields_beside_the_message_do_not_lose_it(gateway_factory: Any, nats_server: Any) -> None:
+    # A time no datetime holds, a size given as a boolean: the message is still published,
+    # without them (a bool size would make the bus's decoders refuse the whole message).
+    gw, bot = await _start(gateway_factory)
+    await bot.send(group_message("time", message_id=51, time=10**15))
+    await bot.send(group_message([{"type": "image", "data": {"file": "a.jpg", "url": "https://x/a.jpg",
+                                                             "file_size": True}}], message_id=52))
+    first, second = await published(nats_server.url, 2)
+    assert first.sent_at is None and first.parts == [TextPart(text="time")]
+    assert second.parts[0].url == "https://x/a.jpg" and second.parts[0].size is None
+    await bot.close()
+
+
+async def test_half_an_emoji_in_a_card_or_text_does_not_lose_the_message(gateway_factory: Any,
+                                                                          nats_server: Any) -> None:
+    # QQ cuts group cards by UTF-16 units and Node implementations write the lone half as
+    # "\ud83d": valid JSON, not valid Unicode. The message is published with U+FFFD there.
+    gw, bot = await _start(gateway_factory)
+    event = group_message("hi\ud83d", message_id=71)
+    event["sender"]["card"] = "小明\ud83d"
+    await bot.ws.send(json.dumps(event))  # ASCII-escaped, as JSON.stringify writes a lone surrogate
+    [msg] = await published(nats_server.url, 1)
+    assert msg.parts == [TextPart(text="hi\ufffd")] and msg.sender.name == "小明\ufffd"
     await bot.close()

@@ -92,6 +92,22 @@ async def test_post_without_a_valid_signature_is_refused(gateway_factory: Any, n
     assert await inbound(nats_server.url) == []
 
 
+async def test_signed_post_nested_deeper_than_a_parser_recurses_is_a_400(gateway_factory: Any,
+                                                                         onebot_http: FakeOneBotHTTP) -> None:
+    import hashlib
+    import hmac
+
+    import httpx
+
+    gw = await gateway_factory({"qq": _http_config(onebot_http)})
+    body = b"[" * 100_000 + b"]" * 100_000
+    mac = hmac.new(onebot_http.secret.encode(), body, hashlib.sha1).hexdigest()
+    async with httpx.AsyncClient(timeout=10) as c:
+        r = await c.post(f"http://127.0.0.1:{gw.http.port}/channels/qq/onebot", content=body,
+                         headers={"X-Self-ID": SELF_ID, "X-Signature": f"sha1={mac}"})
+    assert r.status_code == 400
+
+
 async def test_post_while_the_bus_is_down_is_503_then_published_once(gateway_factory: Any, nats_server: Any,
                                                                      onebot_http: FakeOneBotHTTP) -> None:
     gw = await gateway_factory({"qq": _http_config(onebot_http)}, bus={"publish_timeout": "1s"})
@@ -163,3 +179,14 @@ async def test_forward_socket_of_an_account_not_allowed_is_dropped_and_retried(
     await wait_until(dropped)
     assert await inbound(nats_server.url) == []
     assert "no OneBot implementation connected" in gw.health()["channels"]["qq"]["detail"]
+
+
+async def test_a_malformed_message_post_is_a_400_not_an_acknowledgement(gateway_factory: Any, nats_server: Any,
+                                                                        onebot_http: FakeOneBotHTTP) -> None:
+    # 204 tells the implementation the event is on the bus: not for one that was dropped.
+    gw = await gateway_factory({"qq": _http_config(onebot_http)})
+    r = await onebot_http.post_event(gw.http.port, {"post_type": "message", "message_type": "group", "message": "x"})
+    assert r.status_code == 400 and "ids" in r.text
+    r = await onebot_http.post_event(gw.http.port, group_message(42, message_id=81))
+    assert r.status_code == 400
+    assert await inbound(nats_server.url) == []

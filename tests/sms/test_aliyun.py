@@ -38,7 +38,8 @@ async def test_a_batch_of_replies_is_published_in_order_then_answered_with_the_d
     assert [m.parts[0].text for m in msgs] == ["一", "二", "三"]
     assert msgs[0].sender.id == CN_CUSTOMER and msgs[0].recipient.id == SIGN_NAME
     assert msgs[2].sender.id == "+8613900000001" and msgs[0].provider_id == "aliyun:1"
-    assert msgs[0].sent_at.isoformat() == "2026-12-01T10:00:00+08:00" and msgs[0].meta["dest_code"] == "1234"
+    # Beijing time as sent, in UTC on the bus (the bus contract's times are UTC).
+    assert msgs[0].sent_at.isoformat() == "2026-12-01T02:00:00+00:00" and msgs[0].meta["dest_code"] == "1234"
 
 
 async def test_a_repushed_batch_and_repeated_records_are_published_once(gateway_factory, nats_server):

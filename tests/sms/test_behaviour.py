@@ -183,6 +183,9 @@ async def test_phone_numbers_are_masked_in_logs(gateway_factory, fake_sms, nats_
     ({"type": "sms", "provider": "twilio", "twilio": {"account_sid": "nope", "auth_token": "t", "from_number": "+1"}},
      "account_sid"),
     ({"type": "sms", "provider": "aliyun", "aliyun": {**aliyun_section(), "push_token": "short"}}, "push_token"),
+    # Without a scheme Twilio's signatures could never match: every webhook would be a 403.
+    ({"type": "sms", "provider": "twilio", "public_url": "gw.example.com", "twilio": {
+        "account_sid": "AC" + "0" * 32, "auth_token": "t", "from_number": "+1"}}, "public_url"),
 ])
 def test_config_mistakes_are_config_errors_naming_the_problem(section, problem):
     with pytest.raises(ConfigError) as exc:
@@ -195,3 +198,69 @@ async def test_statuses_of_an_unknown_report_publish_nothing(gateway_factory, na
     r = await twilio_post(gw.http.port, "status", {"MessageSid": "SM" + "9" * 32, "MessageStatus": "delivered"})
     assert r.status_code == 204
     assert await statuses(nats_server.url) == []
+
+
+async def test_a_late_retry_of_an_old_start_does_not_lift_a_newer_stop(gateway_factory, nats_server):
+    # STOP, START, STOP; then the provider retries the START (a re-pushed batch, a webhook
+    # retry): a duplicate changes nothing, and the customer stays opted out.
+    gw = await gateway_factory({"sms": twilio_config()})
+    for n, word in [(31, "STOP"), (32, "START"), (33, "STOP"), (32, "START")]:
+        await customer_writes(gw, word, n)
+    assert len(await inbound(nats_server.url)) == 3
+    assert await gw.channels["sms"].channel.opted_out(CUSTOMER) is not None
+
+
+async def test_aliyun_to_tencent_failover_sends_only_templates_mapped_to_tencents_own_ids(
+        gateway_factory, fake_sms, nats_server, nc):
+    # The two providers' template ids never match (SMS_123 vs 1234567): unmapped, Tencent
+    # would refuse it permanently and a passing Aliyun outage would dead-letter it.
+    from .conftest import CN_CUSTOMER, SIGN_NAME, aliyun_config, aliyun_push, sms_up, tencent_section
+
+    cfg = aliyun_config(fake_sms, failover="tencent", failover_after=1,
+                        tencent=tencent_section(fake_sms, templates={"SMS_MAPPED": "1234567"}))
+    gw = await gateway_factory({"sms": cfg}, outbound={"backoff": ["50ms"]})
+    assert (await aliyun_push(gw.http.port, "up", [sms_up(1)])).status_code == 200
+    conv = gw.channels["sms"].ctx.conversation_key(f"{SIGN_NAME}|{CN_CUSTOMER}")
+    fake_sms.fail_next("aliyun", 200, "isp.SYSTEM_ERROR", count=2)
+    await send(nc, Outbound(id="o-unmapped", conversation=conv, template=Template(id="SMS_OTHER", data={"code": "1"})))
+    sts = await wait_state(nats_server.url, "o-unmapped", "sent")
+    assert sts[-1].meta["provider"] == "aliyun" and fake_sms.calls["tencent"] == 0
+    await send(nc, Outbound(id="o-mapped", conversation=conv, template=Template(id="SMS_MAPPED", data={"code": "42"})))
+    sts = await wait_state(nats_server.url, "o-mapped", "sent")
+    assert sts[-1].meta["provider"] == "tencent" and sts[-1].meta["template"] == "SMS_MAPPED"
+    [sent] = fake_sms.tencent
+    assert sent["TemplateId"] == "1234567" and sent["TemplateParamSet"] == ["42"]
+
+
+def test_the_documentations_example_is_a_valid_config():
+    import re
+    import tomllib
+    from pathlib import Path
+
+    doc = (Path(__file__).parents[2] / "docs" / "channels" / "sms.md").read_text(encoding="utf-8")
+    [example] = re.findall(r"```toml\n(.*?)```", doc, re.S)
+    env = {k: "x" * 16 for k in ("TWILIO_AUTH_TOKEN", "ALIYUN_AK_ID", "ALIYUN_AK_SECRET", "SMS_PUSH_TOKEN",
+                                 "TENCENT_SECRET_ID", "TENCENT_SECRET_KEY")}
+    config = parse_config({"bus": {"url": "nats://127.0.0.1:4222"}, **tomllib.loads(example)},
+                          PluginManager().channel_types, source="sms.md", env=env)
+    assert set(config.channels) == {"sms-us", "sms-cn"}
+
+
+async def test_twilios_opt_out_type_and_its_current_default_keywords_opt_out(gateway_factory, nats_server):
+    # Advanced Opt-Out (localized keywords, ARRET ...) says what Twilio did in OptOutType;
+    # REVOKE and OPTOUT joined Twilio's defaults in 2025.
+    gw = await gateway_factory({"sms": twilio_config()})
+    channel = gw.channels["sms"].channel
+
+    async def writes(n: int, body: str, **extra: str) -> None:
+        r = await twilio_post(gw.http.port, "inbound", twilio_inbound(sid=f"SM{n:032x}", body=body, **extra))
+        assert r.status_code == 200, r.text
+
+    await writes(41, "ARRET", OptOutType="STOP")
+    assert await channel.opted_out(CUSTOMER) is not None
+    await writes(42, "COMMENCER", OptOutType="START")
+    assert await channel.opted_out(CUSTOMER) is None
+    await writes(43, "Revoke")
+    assert await channel.opted_out(CUSTOMER) is not None
+    first, second, _ = await inbound(nats_server.url)
+    assert first.meta.get("opt_out") is True and second.meta.get("opt_in") is True

@@ -112,3 +112,11 @@ async def test_status_callbacks_become_statuses_once(gateway_factory, fake_sms, 
     assert [s.state for s in await statuses(nats_server.url, "t-ok")] == ["accepted", "sent", "delivered"]
     sts = await statuses(nats_server.url, "t-bad")
     assert [s.state for s in sts] == ["accepted", "sent", "failed"] and sts[-1].error.code == "tencent_MK:0005"
+
+
+async def test_a_reply_time_out_of_range_is_published_without_it_not_a_5xx(gateway_factory, nats_server):
+    gw = await gateway_factory({"sms": tencent_config()})
+    r = await push(gw.http.port, "tencent/reply", reply(t=10**15))
+    assert r.status_code == 200, r.text
+    [msg] = await inbound(nats_server.url)
+    assert msg.sent_at is None and msg.sender.id == CN_CUSTOMER

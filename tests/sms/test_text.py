@@ -121,3 +121,9 @@ def test_numbers_are_masked_for_logs():
 @pytest.mark.parametrize("text, word", [(" Stop ", "stop"), ("STOP.", "stop"), ("退订！", "退订"), ("td", "td")])
 def test_keywords_compare_trimmed_and_case_folded(text, word):
     assert keyword(text) == word
+
+
+@pytest.mark.parametrize("typed, word", [("ＴＤ", "td"), ("ｓｔｏｐ！", "stop"), ("退订！", "退订")])
+def test_full_width_keywords_read_as_their_ascii_form(typed, word):
+    # A Chinese input method in full-width mode types ＴＤ: it is still TD (opt-out is law).
+    assert keyword(typed) == word

@@ -232,3 +232,33 @@ async def test_shared_key_webhooks_are_refused_when_no_key_is_configured(gateway
     r = await twilio_post(gw.http.port, "inbound", twilio_inbound(), token="anything", algorithm="HMAC_SHA256",
                           headers=settings)
     assert r.status_code == 403 and "shared key" in r.text
+
+
+async def test_a_lowercase_default_region_reads_national_numbers_as_its_uppercase(gateway_factory, nats_server):
+    # check-config accepts "us" (it compares case-insensitively); so must the numbers.
+    gw = await gateway_factory({"sms": twilio_config(default_region="us")})
+    r = await twilio_post(gw.http.port, "inbound", twilio_inbound(frm="(415) 555-0123"))
+    assert r.status_code == 200, r.text
+    [msg] = await inbound(nats_server.url)
+    assert msg.sender.id == CUSTOMER
+
+
+async def test_signed_counts_in_unicode_digits_are_ignored_not_a_5xx(gateway_factory, nats_server):
+    # "²".isdigit() is True but int("²") fails: a count Twilio would never send, still no 500.
+    gw = await gateway_factory({"sms": twilio_config()})
+    r = await twilio_post(gw.http.port, "inbound", twilio_inbound(NumMedia="²", NumSegments="²"))
+    assert r.status_code == 200, r.text
+    [msg] = await inbound(nats_server.url)
+    assert "segments" not in msg.meta
+
+
+async def test_an_unsupported_signature_algorithm_is_refused_without_repeating_it(gateway_factory, nats_server,
+                                                                                   caplog):
+    # Unsigned, so anyone can send it: twilio's validator would log the header's value.
+    cfg = twilio_config()
+    cfg["twilio"]["webhook_shared_key"] = "shared-key-secret"
+    gw = await gateway_factory({"sms": cfg})
+    settings = {"X-Twilio-Webhooks-Signature-Settings": "key=k,algorithm=INJECTED-" + "x" * 4000}
+    r = await twilio_post(gw.http.port, "inbound", twilio_inbound(), headers=settings)
+    assert r.status_code == 403 and "INJECTED" not in r.text
+    assert "INJECTED" not in caplog.text

@@ -4,7 +4,6 @@ signatures checked), and helpers that send what Twilio and Aliyun send to the ga
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import itertools
 import json
@@ -16,14 +15,13 @@ from urllib.parse import parse_qsl
 import httpx
 import nats
 import pytest
-import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from twilio.request_validator import RequestValidator
 
-from gateway.testing import free_port, stream_messages
+from gateway.testing import free_port, serve_asgi, stream_messages
 from gateway.wire import encode, message_decoder
 from gateway_plugins.sms._providers import aliyun_signature, tc3_authorization
 
@@ -144,17 +142,8 @@ class FakeSms:
 @pytest.fixture
 async def fake_sms() -> Any:
     fake = FakeSms()
-    server = uvicorn.Server(uvicorn.Config(fake.app, host="127.0.0.1", port=fake.port, log_config=None,
-                                           access_log=False, lifespan="off"))
-    server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
-    task = asyncio.create_task(server.serve())
-    while not server.started:
-        if task.done():
-            task.result()
-        await asyncio.sleep(0.01)
-    yield fake
-    server.should_exit = True
-    await task
+    async with serve_asgi(fake.app, fake.port):
+        yield fake
 
 
 @pytest.fixture

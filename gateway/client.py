@@ -28,6 +28,7 @@ from nats.js import api
 from .core._bus import Subjects
 from .core._contract import dead_inbound_headers, outbound_headers
 from .core._errors import GatewayError
+from .core._reminders import ReminderError, ReminderStore
 from .core._schema import (
     DeadLetter,
     DeliveryStatus,
@@ -42,7 +43,7 @@ from .core._schema import (
     status_decoder,
 )
 
-__all__ = ["Client", "Undecodable"]
+__all__ = ["Client", "ReminderError", "ReminderStore", "Undecodable"]
 
 log = logging.getLogger("gateway.client")
 

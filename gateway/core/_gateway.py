@@ -61,6 +61,9 @@ class Gateway:
         self.http = HttpServer(self)
         self.channels: dict[str, _Running] = {}
         self.outbound: Any = None
+        from ._reminders import Reminders
+
+        self.reminders = Reminders(self) if config.reminders.enabled else None
         self._stopping = False
         self._started = False
         self._reload_lock = asyncio.Lock()
@@ -88,6 +91,8 @@ class Gateway:
 
             self.outbound = Dispatcher(self)
             self.bus.on_ready.append(self.outbound.start)
+        if self.reminders is not None:
+            self.bus.on_ready.append(self.reminders.start)
         # Dedup records a crashed process (this one before a restart, or a peer) left
         # unwritten are restored before channels and HTTP take traffic.
         self.bus.on_ready.insert(0, self.restore.start)
@@ -156,6 +161,8 @@ class Gateway:
                 await self._stop_channel(name)
             if self.outbound is not None:
                 await self.outbound.stop()
+            if self.reminders is not None:
+                await self.reminders.stop()
             # Every inbound publish has finished: the stop is clean, the marker goes.
             await self.restore.stop()
             await self.bus.close()

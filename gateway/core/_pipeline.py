@@ -186,6 +186,8 @@ class Inbound:
             self._count_duplicate(message)
         else:
             self.gw.metrics.inbound.labels(message.channel_type, message.channel).inc()
+            if interaction and self.gw.reminders is not None:
+                self.gw.reminders.customer_wrote(message)  # cancel on reply, in the background
         return PublishResult(id=message.id, duplicate=bool(ack.duplicate), sequence=ack.seq)
 
     async def _put_conversation(self, conv: Conversation, *, keep_route: bool, keep_time: bool) -> asyncio.Future[Any]:

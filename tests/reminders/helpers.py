@@ -37,3 +37,11 @@ async def wait_reminder_state(url: str, rid: str, state: str, timeout: float = 1
 
     await wait_until(check, timeout)
     return found
+
+
+def quiet_around_now(tz: str) -> tuple[str, str]:
+    """Quiet hours from an hour ago to an hour from now, in ``tz``'s wall clock."""
+    from zoneinfo import ZoneInfo
+
+    local = datetime.now(ZoneInfo(tz))
+    return (local - timedelta(hours=1)).strftime("%H:%M"), (local + timedelta(hours=1)).strftime("%H:%M")

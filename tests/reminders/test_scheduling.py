@@ -15,8 +15,8 @@ from gateway.wire import encode
 from .helpers import quiet_around_now, reminder, reminder_statuses, soon, wait_reminder_state
 
 
-async def start(gateway_factory, **sections):
-    gw = await gateway_factory({"demo": {"type": "mock"}}, **sections)
+async def start(gateway_factory, channels=None, **sections):
+    gw = await gateway_factory(channels or {"demo": {"type": "mock"}}, **sections)
     r = await post_inbound(gw.http.port, "demo", text="hello", sender="alice")
     assert r.status_code == 200
     return gw, gw.channels["demo"].ctx.conversation_key("alice")

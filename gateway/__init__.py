@@ -23,6 +23,7 @@ from .core._errors import (
 from .core._gateway import Gateway
 from .core._channel import MediaPart
 from .core._quiet import check_quiet_hours, quiet_until
+from .core._survey import match_choice
 from .core._retry import Backoff
 from .core._toolkit import (
     Lease,
@@ -151,6 +152,7 @@ __all__ += [
     "body_problem",
     "check_quiet_hours",
     "quiet_until",
+    "match_choice",
     "Lease",
     "MediaPart",
     "ProviderIndex",

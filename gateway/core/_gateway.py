@@ -64,6 +64,9 @@ class Gateway:
         from ._reminders import Reminders
 
         self.reminders = Reminders(self) if config.reminders.enabled else None
+        from ._survey import Surveys
+
+        self.surveys = Surveys(self)
         self._stopping = False
         self._started = False
         self._reload_lock = asyncio.Lock()

@@ -420,6 +420,8 @@ class Dispatcher:
                 delay = min(delay * 2, 5.0)
         self.accepted.pop(outbound.id, None)  # from now on the receipt bucket remembers it
         failpoint("outbound.after_receipt")
+        if outbound.survey is not None:
+            await self.gw.surveys.sent(outbound)  # its answer is matched from now on
         while True:
             try:
                 await self._status(outbound, ctype, cname, "sent", attempt=attempt, provider_id=receipt.provider_id)

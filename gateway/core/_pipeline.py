@@ -159,6 +159,7 @@ class Inbound:
                         seq = int(entry.value) if entry.value and entry.value.isdigit() else None
                         return PublishResult(id=message.id, duplicate=True, sequence=seq)
                 message = self.gw.enrich(message)
+                message, survey = await self.gw.surveys.attach(message)  # a survey answer gets its choice part
                 message = await self._offload(message)
                 data = _checked(message)
                 headers = message_headers(message)
@@ -173,6 +174,8 @@ class Inbound:
                 ack: api.PubAck = await ack_fut
                 await conv_fut
                 failpoint("inbound.after_ack")
+                if survey:
+                    await self.gw.surveys.answered(message)
                 if key is not None:
                     await (await js.publish_async(s.kv(s.kv_dedup, key), str(ack.seq).encode()))
         except MessageTooLarge as exc:

@@ -243,9 +243,13 @@ class ReminderStore:
     async def purge(self, reminder: Reminder) -> bool:
         """Remove the schedule; True if one was there (the server's answer, so of a cancel
         racing the firing exactly one side wins)."""
-        req = msgspec.json.encode({"filter": self.rs.schedule(reminder.conversation, reminder.id)})
+        return await self.purge_subject(self.rs.schedule(reminder.conversation, reminder.id)) > 0
+
+    async def purge_subject(self, subject: str) -> int:
+        """Purge one subject of the stream; how many messages were removed."""
+        req = msgspec.json.encode({"filter": subject})
         resp = await self.nc.request(f"$JS.API.STREAM.PURGE.{self.rs.stream}", req, timeout=5)
-        return int(msgspec.json.decode(resp.data).get("purged", 0)) > 0
+        return int(msgspec.json.decode(resp.data).get("purged", 0))
 
     async def move(self, reminder_id: str, due_at: datetime, reason: str = "operator") -> Reminder | None:
         """Move a pending reminder to ``due_at``; None if nothing is pending any more. The
@@ -358,14 +362,13 @@ class Reminders:
         # schedule, a cancel racing a firing): a lock per reminder id.
         key = msg.subject.rsplit(".", 1)[-1] if ".sched.at." in msg.subject else None
         lock = None
+        reminder: Reminder | None = None
+        error: Exception | None = None
         try:
             reminder = reminder_decoder.decode(msg.data)
-        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-            reminder = None
-            error: Exception | None = exc
-        else:
-            error = None
             key = reminder.id
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            error = exc
         try:
             if key is not None:
                 lock = self._locks.get(key)
@@ -398,8 +401,7 @@ class Reminders:
         # A schedule that never decodes must not fire into the delivery path either.
         assert self.store is not None
         if ".sched.at." in msg.subject:
-            req = msgspec.json.encode({"filter": msg.subject})
-            await self.gw.bus.nc.request(f"$JS.API.STREAM.PURGE.{self.rs.stream}", req, timeout=5)
+            await self.store.purge_subject(msg.subject)
         else:
             await self._delete(msg)
 
@@ -461,7 +463,7 @@ class Reminders:
                 raise ReminderError("schedule published on a subject that is not <prefix>.sched.at.<conversation>.<id>")
             check_reminder(reminder)
         except ReminderError as exc:
-            await self._purge_subject(msg.subject)
+            await store.purge_subject(msg.subject)
             await store.status(reminder, "failed", seq, reason="invalid",
                                error=ErrorInfo(message=str(exc), permanent=True, code="invalid_reminder"))
             raise _Skip from None
@@ -490,10 +492,6 @@ class Reminders:
             raise _Skip from None
         await store.status(reminder, "rescheduled" if reason else "scheduled", seq, due_at=due, reason=reason,
                            fallback=fallback)
-
-    async def _purge_subject(self, subject: str) -> None:
-        req = msgspec.json.encode({"filter": subject})
-        await self.gw.bus.nc.request(f"$JS.API.STREAM.PURGE.{self.rs.stream}", req, timeout=5)
 
     async def _on_fired(self, msg: Any, reminder: Reminder) -> None:
         """A schedule fired: check again, then send (or report why not). The copy is

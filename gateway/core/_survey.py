@@ -145,6 +145,6 @@ class Surveys:
         except (nats.js.errors.KeyNotFoundError, nats.js.errors.InvalidKeyError):
             return None
         try:
-            return _pending_decoder.decode(entry.value)  # type: ignore[arg-type]
+            return _pending_decoder.decode(entry.value or b"")
         except (msgspec.DecodeError, msgspec.ValidationError):
             return None

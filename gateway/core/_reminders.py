@@ -468,7 +468,7 @@ class Reminders:
                                error=ErrorInfo(message=str(exc), permanent=True, code="invalid_reminder"))
             raise _Skip from None
         due = reminder.due_at
-        moved = quiet_until(self.quiet_hours(reminder), due) if reminder.task is None else None
+        moved = quiet_until(self.quiet_hours(reminder), due)
         if moved is not None and moved != due:
             if reminder.deadline is not None and moved > reminder.deadline:
                 if await store.purge(reminder):
@@ -509,27 +509,26 @@ class Reminders:
                                error=ErrorInfo(message="fired after its deadline (the gateway was not running?)",
                                                permanent=True, code="deadline"))
             return
-        if reminder.cancel_on_reply and reminder.created_at is not None and reminder.task is None:
+        if reminder.cancel_on_reply and reminder.created_at is not None:
             conv = await self.gw.get_conversation(reminder.conversation)
             if conv is not None and conv.last_inbound_at is not None and conv.last_inbound_at > reminder.created_at:
                 await store.status(reminder, "cancelled", seq, reason="reply")
                 return
-        if reminder.task is None:
-            moved = quiet_until(self.quiet_hours(reminder), now)
-            if moved is not None:
-                if reminder.deadline is not None and moved > reminder.deadline:
-                    await store.status(reminder, "expired", seq, reason="quiet_hours",
-                                       error=ErrorInfo(message="the next time outside quiet hours is past the deadline",
-                                                       permanent=True, code="deadline"))
-                    return
-                try:
-                    # Only if nothing was scheduled under this id since it fired.
-                    await store.schedule(msgspec.structs.replace(reminder, due_at=moved), reason="quiet_hours",
-                                         expected_seq=0)
-                except nats.js.errors.BadRequestError:
-                    self.log.info("reminder fired in quiet hours but was scheduled again meanwhile",
-                                  reminder_id=reminder.id)
+        # Desk tasks too: the desk must not call the customer in their rest hours either.
+        moved = quiet_until(self.quiet_hours(reminder), now)
+        if moved is not None:
+            if reminder.deadline is not None and moved > reminder.deadline:
+                await store.status(reminder, "expired", seq, reason="quiet_hours",
+                                   error=ErrorInfo(message="the next time outside quiet hours is past the deadline",
+                                                   permanent=True, code="deadline"))
                 return
+            try:
+                # Only if nothing was scheduled under this id since it fired.
+                await store.schedule(msgspec.structs.replace(reminder, due_at=moved), reason="quiet_hours",
+                                     expected_seq=0)
+            except nats.js.errors.BadRequestError:
+                self.log.info("reminder fired in quiet hours but was scheduled again meanwhile", reminder_id=reminder.id)
+            return
         try:
             fallback, _ = await self._reach(reminder, now)
         except _Failed as exc:
@@ -617,7 +616,7 @@ class Reminders:
             except (nats.js.errors.NotFoundError, msgspec.DecodeError, msgspec.ValidationError):
                 continue
             created = reminder.created_at or m.time
-            if not reminder.cancel_on_reply or reminder.task is not None or created is None or created >= at:
+            if not reminder.cancel_on_reply or created is None or created >= at:
                 continue
             if await store.purge(reminder):
                 await store.status(reminder, "cancelled", int(m.seq), reason="reply")

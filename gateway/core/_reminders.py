@@ -68,6 +68,13 @@ REMINDER_ID = re.compile(r"^[-_=A-Za-z0-9]{1,128}$")
 _CONVERSATION = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}\.[-_=A-Za-z0-9]{1,128}$")
 
 
+# How long one fetch waits for its batch to fill. nats-py's fetch returns a pull request's
+# messages only when the batch is full or the request expires, so this bounds how late a
+# reminder that fires while a fetch is waiting is taken (a second, 1 s, made them wait up
+# to a second and cut the rate to a few hundred a second).
+_FETCH_WAIT = 0.05
+
+
 class ReminderError(ValueError):
     """A reminder that cannot be scheduled as given (an id or conversation that is not a
     subject token, a due time after its deadline ...)."""
@@ -185,6 +192,13 @@ class ReminderStore:
                                     headers=schedule_headers(self.rs, reminder, keep_fired=self.keep_fired, reason=reason,
                                                              expected_seq=expected_seq))
         return int(ack.seq)
+
+    async def schedule_async(self, reminder: Reminder) -> asyncio.Future[Any]:
+        """Like :meth:`schedule`, pipelined: returns the future of the publish ack (many
+        reminders at once, each awaited later)."""
+        check_reminder(reminder)
+        return await self.js.publish_async(self.rs.schedule(reminder.conversation, reminder.id), encode(reminder),  # type: ignore[no-any-return]
+                                           headers=schedule_headers(self.rs, reminder, keep_fired=self.keep_fired))
 
     async def get(self, reminder_id: str) -> tuple[Reminder, int] | None:
         """The pending reminder and its schedule's sequence, or None."""
@@ -341,7 +355,7 @@ class Reminders:
     async def _loop(self, psub: Any, handler: Any) -> None:
         while True:
             try:
-                msgs = await psub.fetch(batch=min(256, self.cfg.concurrency), timeout=1)
+                msgs = await psub.fetch(batch=min(256, self.cfg.concurrency), timeout=_FETCH_WAIT)
             except (nats.errors.TimeoutError, asyncio.TimeoutError):
                 continue
             except asyncio.CancelledError:
@@ -421,13 +435,15 @@ class Reminders:
         q = ccfg.quiet_hours if ccfg is not None else None
         return QuietHours(start=q.start, end=q.end, tz=q.tz) if q is not None else None
 
-    async def _reach(self, reminder: Reminder, at: datetime) -> tuple[str | None, Conversation | None]:
+    async def _reach(self, reminder: Reminder, at: datetime, conversation: Conversation | None = None
+                     ) -> tuple[str | None, Conversation | None]:
         """``None`` when the reminder can be sent as is at ``at``, ``"template"`` or
         ``"conversation"`` for the fallback to use; raises :class:`_Failed` otherwise.
         Returns the conversation too (None for a desk task or an unknown channel here)."""
         if reminder.task is not None:
             return None, None
-        conversation = await self.gw.get_conversation(reminder.conversation)
+        if conversation is None:
+            conversation = await self.gw.get_conversation(reminder.conversation)
         ccfg = self.gw.config.channels.get(reminder.channel)
         if ccfg is None or ccfg.type != reminder.channel_type:
             raise _Failed("unknown_channel", f"no channel {reminder.channel!r} of type {reminder.channel_type!r}")
@@ -497,6 +513,7 @@ class Reminders:
         """A schedule fired: check again, then send (or report why not). The copy is
         removed once acked (its TTL would remove it anyway)."""
         await self._fired(msg, reminder)
+        # Queued behind the caller's ack (call_soon runs after it was written).
         asyncio.get_running_loop().call_soon(self._spawn_delete, msg)
 
     async def _fired(self, msg: Any, reminder: Reminder) -> None:
@@ -509,6 +526,7 @@ class Reminders:
                                error=ErrorInfo(message="fired after its deadline (the gateway was not running?)",
                                                permanent=True, code="deadline"))
             return
+        conv = None
         if reminder.cancel_on_reply and reminder.created_at is not None:
             conv = await self.gw.get_conversation(reminder.conversation)
             if conv is not None and conv.last_inbound_at is not None and conv.last_inbound_at > reminder.created_at:
@@ -530,7 +548,7 @@ class Reminders:
                 self.log.info("reminder fired in quiet hours but was scheduled again meanwhile", reminder_id=reminder.id)
             return
         try:
-            fallback, _ = await self._reach(reminder, now)
+            fallback, _ = await self._reach(reminder, now, conv)
         except _Failed as exc:
             await store.status(reminder, "failed", seq, reason=exc.code,
                                error=ErrorInfo(message=exc.detail or exc.code, permanent=True, code=exc.code))
@@ -540,16 +558,17 @@ class Reminders:
         await store.status(reminder, "fired", seq, due_at=reminder.due_at, outbound_id=outbound_id, fallback=fallback)
 
     def _spawn_delete(self, msg: Any) -> None:
-        async def later() -> None:
-            await asyncio.sleep(0.5)  # after the ack
-            try:
-                await self._delete(msg)
-            except Exception:
-                pass
-
-        t = asyncio.create_task(later())
-        self._running.add(t)
-        t.add_done_callback(self._running.discard)
+        # Fire and forget (no reply asked): a copy that stays is removed by its TTL, and a
+        # round trip per reminder would cost more than the stream space.
+        req = msgspec.json.encode({"seq": msg.metadata.sequence.stream, "no_erase": True})
+        try:
+            nc = self.gw.bus.nc
+            if nc is not None:
+                t = asyncio.ensure_future(nc.publish(f"$JS.API.STREAM.MSG.DELETE.{self.rs.stream}", req))
+                self._running.add(t)
+                t.add_done_callback(self._running.discard)
+        except Exception:
+            pass
 
     async def _send(self, reminder: Reminder, fallback: str | None) -> str:
         js = self.gw.bus.require()

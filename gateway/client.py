@@ -314,6 +314,12 @@ class Client:
         await self.reminders.schedule(reminder)
         return reminder
 
+    async def set_quiet_hours(self, conversation: str, quiet: QuietHours | None) -> None:
+        """The customer's own rest hours (``QuietHours(start, end, tz)`` in their time zone)
+        for the reminders of ``conversation``: they override the channel's, a reminder's own
+        ``quiet_hours`` override them; None removes them."""
+        await self.reminders.set_conversation_quiet_hours(conversation, quiet)
+
     async def cancel_reminder(self, reminder_id: str, reason: str = "backend") -> bool:
         """Cancel a pending reminder (status ``cancelled`` with ``reason``); False if nothing
         was pending: it fired already, was cancelled, or never existed."""

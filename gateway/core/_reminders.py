@@ -40,7 +40,7 @@ from nats.js import api
 from ._config import seconds
 from ._contract import JSON, outbound_headers
 from ._failpoints import failpoint
-from ._quiet import quiet_until
+from ._quiet import check_quiet_hours, quiet_until
 from ._retry import cancel_and_wait
 from ._schema import (
     ErrorInfo,
@@ -73,6 +73,9 @@ _CONVERSATION = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}\.[-_=A-Za-z0-9]{1,128}$")
 # reminder that fires while a fetch is waiting is taken (a second, 1 s, made them wait up
 # to a second and cut the rate to a few hundred a second).
 _FETCH_WAIT = 0.05
+
+
+_quiet_decoder = msgspec.json.Decoder(QuietHours)
 
 
 class ReminderError(ValueError):
@@ -197,7 +200,7 @@ class ReminderStore:
         """Like :meth:`schedule`, pipelined: returns the future of the publish ack (many
         reminders at once, each awaited later)."""
         check_reminder(reminder)
-        return await self.js.publish_async(self.rs.schedule(reminder.conversation, reminder.id), encode(reminder),  # type: ignore[no-any-return]
+        return await self.js.publish_async(self.rs.schedule(reminder.conversation, reminder.id), encode(reminder),
                                            headers=schedule_headers(self.rs, reminder, keep_fired=self.keep_fired))
 
     async def get(self, reminder_id: str) -> tuple[Reminder, int] | None:
@@ -279,6 +282,32 @@ class ReminderStore:
             return None  # it fired or changed between the read and the move
         return moved
 
+    def _quiet_subject(self, conversation: str) -> str:
+        return f"$KV.{self.rs.prefix}_state.quiet.{conversation}"
+
+    async def set_conversation_quiet_hours(self, conversation: str, quiet: QuietHours | None) -> None:
+        """The customer's own rest hours (their time zone), for every reminder of the
+        conversation that does not carry its own; None removes them (the channel's apply)."""
+        if not _CONVERSATION.match(conversation):
+            raise ReminderError("not a gateway conversation key (<channel>.<key>)")
+        if quiet is not None:
+            check_quiet_hours(quiet)
+            await self.js.publish(self._quiet_subject(conversation), encode(quiet))
+        else:  # a KV delete marker
+            await self.js.publish(self._quiet_subject(conversation), b"", headers={"KV-Operation": "DEL"})
+
+    async def conversation_quiet_hours(self, conversation: str) -> QuietHours | None:
+        try:
+            m = await self.js.get_last_msg(f"KV_{self.rs.prefix}_state", self._quiet_subject(conversation), direct=True)
+        except (nats.js.errors.NotFoundError, nats.js.errors.BadRequestError):
+            return None
+        if not m.data or (m.headers or {}).get("KV-Operation") in ("DEL", "PURGE"):
+            return None
+        try:
+            return _quiet_decoder.decode(m.data)
+        except (msgspec.DecodeError, msgspec.ValidationError):
+            return None
+
     async def status(self, reminder: Reminder, state: Any, seq: int, *, due_at: datetime | None = None,
                      reason: str | None = None, outbound_id: str | None = None, fallback: str | None = None,
                      error: ErrorInfo | None = None) -> None:
@@ -307,7 +336,7 @@ class Reminders:
         self.store: ReminderStore | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._running: set[asyncio.Task[None]] = set()
-        self._locks: dict[str, asyncio.Lock] = {}
+        self._locks: dict[str, tuple[asyncio.Lock, list[int]]] = {}  # id -> (lock, [users])
         self._places = asyncio.Semaphore(self.cfg.concurrency)
         self._replied: dict[str, datetime] = {}
         self._reply_task: asyncio.Task[None] | None = None
@@ -383,12 +412,14 @@ class Reminders:
             key = reminder.id
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
             error = exc
+        users: list[int] = [0]
+        held = False
         try:
             if key is not None:
-                lock = self._locks.get(key)
-                if lock is None:
-                    lock = self._locks[key] = asyncio.Lock()
+                lock, users = self._locks.get(key) or self._locks.setdefault(key, (asyncio.Lock(), [0]))
+                users[0] += 1
                 await lock.acquire()
+                held = True
             try:
                 if reminder is None:
                     await self._undecodable(msg, error)
@@ -404,9 +435,11 @@ class Reminders:
                            error=f"{type(exc).__name__}: {exc}")
         finally:
             if lock is not None:
-                lock.release()
-                if key is not None and not lock.locked() and self._locks.get(key) is lock:
-                    del self._locks[key]
+                if held:
+                    lock.release()
+                users[0] -= 1
+                if not users[0] and key is not None:
+                    del self._locks[key]  # nobody holds or waits for it
             self._places.release()
 
     async def _undecodable(self, msg: Any, error: Exception | None) -> None:
@@ -427,10 +460,15 @@ class Reminders:
 
     # --- the rules -------------------------------------------------------------------
 
-    def quiet_hours(self, reminder: Reminder) -> QuietHours | None:
-        """The reminder's own quiet hours, else its channel's (read now: a reload applies)."""
+    async def quiet_hours(self, reminder: Reminder) -> QuietHours | None:
+        """The reminder's own quiet hours, else the conversation's (the customer's, set by a
+        backend), else its channel's (read now: a reload applies)."""
         if reminder.quiet_hours is not None:
             return reminder.quiet_hours
+        assert self.store is not None
+        own = await self.store.conversation_quiet_hours(reminder.conversation)
+        if own is not None:
+            return own
         ccfg = self.gw.config.channels.get(reminder.channel)
         q = ccfg.quiet_hours if ccfg is not None else None
         return QuietHours(start=q.start, end=q.end, tz=q.tz) if q is not None else None
@@ -484,7 +522,7 @@ class Reminders:
                                error=ErrorInfo(message=str(exc), permanent=True, code="invalid_reminder"))
             raise _Skip from None
         due = reminder.due_at
-        moved = quiet_until(self.quiet_hours(reminder), due)
+        moved = quiet_until(await self.quiet_hours(reminder), due)
         if moved is not None and moved != due:
             if reminder.deadline is not None and moved > reminder.deadline:
                 if await store.purge(reminder):
@@ -533,7 +571,7 @@ class Reminders:
                 await store.status(reminder, "cancelled", seq, reason="reply")
                 return
         # Desk tasks too: the desk must not call the customer in their rest hours either.
-        moved = quiet_until(self.quiet_hours(reminder), now)
+        moved = quiet_until(await self.quiet_hours(reminder), now)
         if moved is not None:
             if reminder.deadline is not None and moved > reminder.deadline:
                 await store.status(reminder, "expired", seq, reason="quiet_hours",

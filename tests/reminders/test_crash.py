@@ -10,6 +10,7 @@ from collections import Counter
 from datetime import timedelta
 
 import nats
+import pytest
 
 from gateway import Subjects
 from gateway.client import ReminderStore
@@ -44,15 +45,28 @@ async def _conversations(gp: GatewayProcess, count: int) -> list[str]:
     return [conversation_key("demo", f"c{i}") for i in range(count)]
 
 
-def _process(tmp_path, record, env=None) -> GatewayProcess:
+@pytest.fixture
+def processes():
+    """Every gateway process a test starts is gone after it, whatever failed."""
+    started: list[GatewayProcess] = []
+    yield started
+    for gp in started:
+        if gp.proc is not None and gp.proc.poll() is None:
+            gp.proc.kill()
+            gp.proc.wait()
+
+
+def _process(tmp_path, record, processes, env=None) -> GatewayProcess:
     # A short ack_wait: what was in progress at the kill comes back within seconds.
-    return GatewayProcess(tmp_path, f'[channels.demo]\ntype = "mock"\nrecord_file = "{record}"\n',
-                          extra='[reminders]\nack_wait = "2s"\n', env=env)
+    gp = GatewayProcess(tmp_path, f'[channels.demo]\ntype = "mock"\nrecord_file = "{record}"\n',
+                        extra='[reminders]\nack_wait = "2s"\n', env=env)
+    processes.append(gp)
+    return gp
 
 
-async def test_kill_9_of_the_gateway_while_reminders_fire_loses_none_and_sends_each_once(tmp_path):
+async def test_kill_9_of_the_gateway_while_reminders_fire_loses_none_and_sends_each_once(tmp_path, processes):
     record = tmp_path / "delivered.jsonl"
-    gp = _process(tmp_path, record)
+    gp = _process(tmp_path, record, processes)
     gp.start()
     convs = await _conversations(gp, 10)
     await _schedule_many(gp.bus_url, convs, N, spread=3.0, first=2.0)
@@ -76,9 +90,10 @@ async def test_kill_9_of_the_gateway_while_reminders_fire_loses_none_and_sends_e
     assert len(doubled) <= 3, doubled
 
 
-async def test_kill_9_of_nats_server_with_reminders_pending_loses_none_and_sends_each_once(tmp_path, nats_server):
+async def test_kill_9_of_nats_server_with_reminders_pending_loses_none_and_sends_each_once(tmp_path, nats_server,
+                                                                                         processes):
     record = tmp_path / "delivered.jsonl"
-    gp = _process(tmp_path, record, env={"GATEWAY_BUS_URL": nats_server.url})
+    gp = _process(tmp_path, record, processes, env={"GATEWAY_BUS_URL": nats_server.url})
     gp.start()
     try:
         convs = await _conversations(gp, 10)
@@ -99,13 +114,13 @@ async def test_kill_9_of_nats_server_with_reminders_pending_loses_none_and_sends
     assert set(fired) == {f"k{i}" for i in range(N)}
 
 
-async def test_kill_9_after_the_outbound_was_published_before_the_ack_sends_once(tmp_path):
+async def test_kill_9_after_the_outbound_was_published_before_the_ack_sends_once(tmp_path, processes):
     record = tmp_path / "delivered.jsonl"
-    gp = _process(tmp_path, record, env={"GATEWAY_FAILPOINTS": "reminders.after_send"})
+    gp = _process(tmp_path, record, processes, env={"GATEWAY_FAILPOINTS": "reminders.after_send"})
     gp.start()
     [conv] = await _conversations(gp, 1)
     await _schedule_many(gp.bus_url, [conv], 1, spread=0, first=1.0)
-    assert await asyncio.to_thread(gp.wait) == -signal.SIGKILL  # died after publishing the outbound
+    assert await asyncio.to_thread(gp.wait, 30) == -signal.SIGKILL  # died after publishing the outbound
     gp.env.pop("GATEWAY_FAILPOINTS")
     gp.start()
     try:

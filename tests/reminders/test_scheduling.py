@@ -161,3 +161,27 @@ async def test_an_invalid_schedule_fails_with_a_reason_and_is_removed(gateway_fa
     sts = await wait_reminder_state(nats_server.url, "r10", "failed")
     assert sts[-1].error.code == "invalid_reminder"
     assert len(await stream_messages(nats_server.url, "GW_SCHED", f"gw.sched.at.{conv}.other")) == 0
+
+
+async def test_the_customers_own_quiet_hours_apply_unless_the_reminder_has_its_own(gateway_factory, nats_server, bus):
+    start_, end = quiet_around_now("Asia/Shanghai")
+    gw = await gateway_factory({"demo": {"type": "mock", "quiet_hours": {"start": start_, "end": end,
+                                                                         "tz": "Asia/Shanghai"}}})
+    await post_inbound(gw.http.port, "demo", text="hello", sender="alice")
+    conv = gw.channels["demo"].ctx.conversation_key("alice")
+    ny_start, ny_end = quiet_around_now("America/New_York")
+    store = store_of(bus)
+    # Alice lives in New York: her rest hours replace the channel's (Shanghai) ones.
+    await store.set_conversation_quiet_hours(conv, QuietHours(start=ny_start, end=ny_end, tz="America/New_York"))
+    await store.schedule(reminder("q1", conv, due=soon(1)))
+    sts = await wait_reminder_state(nats_server.url, "q1", "rescheduled")
+    assert sts[-1].due_at.astimezone(ZoneInfo("America/New_York")).strftime("%H:%M") == ny_end
+    # A reminder with its own (empty) quiet hours is not moved.
+    await store.schedule(reminder("q2", conv, due=soon(600), quiet_hours=QuietHours(start="00:00", end="00:00")))
+    sts = await wait_reminder_state(nats_server.url, "q2", "scheduled")
+    assert [s.state for s in sts] == ["scheduled"]
+    # Removed: the channel's apply again.
+    await store.set_conversation_quiet_hours(conv, None)
+    await store.schedule(reminder("q3", conv, due=soon(1)))
+    sts = await wait_reminder_state(nats_server.url, "q3", "rescheduled")
+    assert sts[-1].due_at.astimezone(ZoneInfo("Asia/Shanghai")).strftime("%H:%M") == end

@@ -182,9 +182,11 @@ async def schedule_all(nc: Any, keys: list[str], prefix: str, dues: list[float])
     return time.perf_counter() - t0
 
 
-async def gateway_run(bus: Bus, *, n: int, window: float, conversations: int) -> dict[str, Any]:
-    gw = GatewayProcess(bus.url, channel=CHANNEL)
-    await gw.start()
+async def gateway_run(bus: Bus, *, n: int, window: float, conversations: int, processes: int = 1) -> dict[str, Any]:
+    gws = [GatewayProcess(bus.url, channel=CHANNEL) for _ in range(processes)]
+    for g in gws:
+        await g.start()
+    gw = gws[0]
     libraries = gw.libraries()
     nc = await nats.connect(bus.url)
     watch = Watch()
@@ -199,7 +201,8 @@ async def gateway_run(bus: Bus, *, n: int, window: float, conversations: int) ->
         start = time.time() + lead
         dues = _due_times(n, start, window)
         watch.want, watch.want_scheduled = n, n
-        pids = {"gateway": gw.pid, "nats_server": bus.pid, "bench_process": None}
+        pids = {("gateway" if k == 0 else f"gateway_{k + 1}"): g.pid for k, g in enumerate(gws)}
+        pids.update({"nats_server": bus.pid, "bench_process": None})
         cpu = CpuMeter(pids).start()
         publish_s = await schedule_all(nc, keys, "r", dues)
         try:
@@ -229,10 +232,13 @@ async def gateway_run(bus: Bus, *, n: int, window: float, conversations: int) ->
         print(f"  gateway firing: p50 {firing['lateness_due_to_sent']['p50_ms']} ms, "
               f"p99 {firing['lateness_due_to_sent']['p99_ms']} ms", file=sys.stderr)
         rss = {"gateway_peak_mib": gw.rss(), "nats_server_peak_mib": peak_rss_mib(bus.pid) if bus.pid else None}
+        if processes > 1:
+            rss["gateway_processes_peak_mib"] = [g.rss() for g in gws]
     finally:
         await nc.close()
-        await gw.stop()
-        gw.cleanup()
+        for g in gws:
+            await g.stop()
+            g.cleanup()
     return {"scheduling": scheduling, "firing": firing, "rss": rss, "libraries": libraries}
 
 
@@ -313,7 +319,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         base = await raw_schedules(bus, n, window, lead=5 + n / 10000)
         print(f"  raw schedules: lateness p50 {base['lateness']['p50_ms']} ms, p99 {base['lateness']['p99_ms']} ms",
               file=sys.stderr)
-        g = await gateway_run(bus, n=n, window=window, conversations=conversations)
+        g = await gateway_run(bus, n=n, window=window, conversations=conversations, processes=args.processes)
     crash = await crash_run(crash_n, 30.0 if not args.quick else 15.0, min(conversations, 200)) if crash_n else None
     if crash:
         print(f"  crash: lost {crash['lost']}, delivered twice {crash['delivered_twice']}", file=sys.stderr)
@@ -324,6 +330,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "quick": bool(args.quick),
         "n": n,
         "window_s": window,
+        "gateway_processes": args.processes,
         "conversations": conversations,
         "machine": machine,
         "event_loops": {"benchmark_process": event_loop_name(), "gateway_process_loaded": g["libraries"]},
@@ -352,6 +359,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--window", type=float, default=0.0, help="seconds over which they are due")
     p.add_argument("--conversations", type=int, default=0)
     p.add_argument("--crash", type=int, default=None, help="reminders of the crash phase (0: skip it)")
+    p.add_argument("--processes", type=int, default=1, help="gateway processes sharing the work (default 1)")
     p.add_argument("--profile", default=None, help=argparse.SUPPRESS)
     return p
 

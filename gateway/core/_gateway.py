@@ -26,8 +26,10 @@ from ._logging import get_logger
 from ._metrics import Metrics
 from ._pipeline import Context, Inbound, conversation_decoder
 from ._plugins import PluginManager
+from ._reminders import Reminders
 from ._restore import DedupRestore
 from ._schema import DeliveryStatus, Message, ObjectRef, encode
+from ._survey import Surveys
 
 
 class _Running:
@@ -61,11 +63,7 @@ class Gateway:
         self.http = HttpServer(self)
         self.channels: dict[str, _Running] = {}
         self.outbound: Any = None
-        from ._reminders import Reminders
-
         self.reminders = Reminders(self) if config.reminders.enabled else None
-        from ._survey import Surveys
-
         self.surveys = Surveys(self)
         self._stopping = False
         self._started = False

@@ -782,6 +782,9 @@ def write_results_md() -> None:
         t = outb["targets"]
         lines += ["", f"Target (issue): gateway ≥ ½ baseline rate: ratio **{t['ratio_gateway_to_baseline']:.3f}**, "
                   f"{'met' if t['half_baseline_met'] else 'not met'}.", ""]
+    rem = _load("reminders")
+    if rem:
+        lines += _reminders_md(rem)
     soak = _load("soak")
     if soak:
         m, r = soak["machine"], soak["results"]
@@ -799,6 +802,38 @@ def write_results_md() -> None:
         lines += _interference_note(soak)
         lines.append("")
     (RESULTS / "RESULTS.md").write_text("\n".join(lines) + "\n")
+
+
+def _reminders_md(rem: dict[str, Any]) -> list[str]:
+    m, r = rem["machine"], rem["results"]
+    raw, sch, fire = r["raw_schedules"], r["gateway_scheduling"], r["gateway_firing"]
+    lr, lf = raw["lateness"], fire["lateness_due_to_sent"]
+    out = [f"## Reminders: due time → `sent` status ({rem['date']}, N = {rem['n']:,} due within {rem['window_s']:g} s"
+           f"{', quick' if rem.get('quick') else ''})", "",
+           f"{m['cores']} cores ({m['cpu']}), Python {m['python']}, {m['nats_server']}; gateway in its own process "
+           f"({_loops(rem)}); `python -m bench.reminders`.", "",
+           "| measurement | msg/s | p50 ms | p99 ms | max ms | notes |", "|---|---:|---:|---:|---:|---|",
+           f"| raw nats-server `@at` schedules, fired copy read by a consumer (**baseline**) | {_f(raw['fire_rate_msg_s'])} | "
+           f"{_f(lr['p50_ms'])} | {_f(lr['p99_ms'])} | {_f(lr['max_ms'])} | scheduled at {_f(raw['schedule_rate_msg_s'])}/s; "
+           f"{raw['missing']} missing |",
+           f"| gateway: schedules published (`ReminderStore.schedule_async`) | {_f(sch['publish_rate_msg_s'])} | | | | |",
+           f"| gateway: schedules checked (`scheduled` statuses) | {_f(sch['check_rate_msg_s'])} | | | | "
+           f"nats-server CPU {_f(((sch.get('cpu') or {}).get('nats_server') or {}).get('cpu_ms_per_msg'), ' ms')}/reminder |",
+           f"| **gateway: due time → `sent`** | **{_f(fire['rate_msg_s'])}** | **{_f(lf['p50_ms'])}** | **{_f(lf['p99_ms'])}** | "
+           f"{_f(lf['max_ms'])} | {fire['missing']} missing, fired twice {fire['fired_twice']}; gateway CPU "
+           f"{_f(((fire.get('cpu') or {}).get('gateway') or {}).get('cpu_ms_per_msg'), ' ms')}/reminder |"]
+    rss = r.get("rss_mib") or {}
+    out += ["", f"Peak RSS: gateway {_f(rss.get('gateway_peak_mib'), ' MiB')}, nats-server {_f(rss.get('nats_server_peak_mib'), ' MiB')}."]
+    c = r.get("crash")
+    if c:
+        out += [f"Crash (kill -9 of the gateway after {c['delivered_at_gateway_kill']:,} deliveries, of nats-server after "
+                f"{c['delivered_at_server_kill']:,}; {c['reminders']:,} reminders due within {c['window_s']:g} s): "
+                f"**{c['lost']} lost, {c['delivered_twice']} delivered twice**."]
+    out += _interference_note(rem)
+    t = rem["targets"]
+    out += ["", f"Target (issue): p99 from due time to `sent` under 500 ms: **{_f(t['p99_due_to_sent_ms'], ' ms')}**, "
+            f"{'met' if t['p99_under_500_ms'] else 'not met'}.", ""]
+    return out
 
 
 def _loops(data: dict[str, Any]) -> str:

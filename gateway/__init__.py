@@ -24,6 +24,7 @@ from .core._gateway import Gateway
 from .core._channel import MediaPart
 from .core._logging import Throttle
 from .core._quiet import check_quiet_hours, quiet_until
+from .core._survey import match_choice
 from .core._retry import Backoff
 from .core._toolkit import (
     Lease,
@@ -64,6 +65,10 @@ from .core._schema import (
     Participant,
     QuietHours,
     Reminder,
+    ReminderStatus,
+    Fallback,
+    DeskTask,
+    Task,
     Survey,
     Template,
     TextPart,
@@ -117,6 +122,10 @@ __all__ = [
     "Reach",
     "Receipt",
     "Reminder",
+    "ReminderStatus",
+    "Fallback",
+    "DeskTask",
+    "Task",
     "RequestError",
     "SignatureError",
     "Subjects",
@@ -145,6 +154,7 @@ __all__ += [
     "body_problem",
     "check_quiet_hours",
     "quiet_until",
+    "match_choice",
     "Lease",
     "MediaPart",
     "ProviderIndex",

@@ -296,6 +296,21 @@ def cmd_dlq(args: argparse.Namespace) -> int:
     return asyncio.run(go())
 
 
+def cmd_reminders(args: argparse.Namespace) -> int:
+    from . import _cli_reminders
+
+    config, _ = _load(args)
+
+    async def go() -> int:
+        nc = await _connect(config)
+        try:
+            return await _cli_reminders.run(nc, config, args)
+        finally:
+            await nc.close()
+
+    return asyncio.run(go())
+
+
 # --- parser -------------------------------------------------------------------------
 
 
@@ -362,6 +377,23 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--channel")
     d.add_argument("--yes", action="store_true", help="do not ask for confirmation")
     s.set_defaults(func=cmd_dlq)
+
+    s = sub.add_parser("reminders", parents=[shared], help="list, show, cancel or move pending reminders")
+    rsub = s.add_subparsers(dest="reminders_command", required=True, metavar="ACTION")
+    r = rsub.add_parser("list", parents=[shared], help="pending reminders, soonest first")
+    r.add_argument("--channel")
+    r.add_argument("--conversation", help="one conversation key")
+    r.add_argument("--json", action="store_true")
+    r = rsub.add_parser("show", parents=[shared], help="one pending reminder as JSON")
+    r.add_argument("id")
+    r = rsub.add_parser("cancel", parents=[shared], help="cancel a pending reminder (status cancelled)")
+    r.add_argument("id")
+    r.add_argument("--reason", default="operator", help="recorded in the cancelled status (default: operator)")
+    r = rsub.add_parser("move", parents=[shared], help="move a pending reminder (status rescheduled)")
+    r.add_argument("id")
+    r.add_argument("--to", required=True, help="RFC 3339 time with offset, or a delay from now (90s, 2h, 3d)")
+    r.add_argument("--reason", default="operator", help="recorded in the rescheduled status (default: operator)")
+    s.set_defaults(func=cmd_reminders)
     return p
 
 

@@ -16,7 +16,7 @@ import logging
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import msgspec
@@ -28,21 +28,29 @@ from nats.js import api
 from .core._bus import Subjects
 from .core._contract import dead_inbound_headers, outbound_headers
 from .core._errors import GatewayError
+from .core._reminders import ReminderError, ReminderStore
 from .core._schema import (
     DeadLetter,
     DeliveryStatus,
+    DeskTask,
     ErrorInfo,
+    Fallback,
     Message,
     Outbound,
     Part,
+    QuietHours,
+    Reminder,
+    ReminderStatus,
+    Survey,
     Template,
     TextPart,
     encode,
     message_decoder,
+    reminder_status_decoder,
     status_decoder,
 )
 
-__all__ = ["Client", "Undecodable"]
+__all__ = ["Client", "ReminderError", "ReminderStore", "Undecodable"]
 
 log = logging.getLogger("gateway.client")
 
@@ -238,6 +246,105 @@ class Client:
                 except (msgspec.DecodeError, msgspec.ValidationError):
                     continue
                 if outbound_id is None or st.outbound_id == outbound_id:
+                    yield st
+        finally:
+            await sub.unsubscribe()
+
+    # --- reminders -----------------------------------------------------------------
+
+    @property
+    def reminders(self) -> ReminderStore:
+        """The reminders on this bus (schedule, get, list, cancel, move): see ``docs/reminders.md``."""
+        return ReminderStore(self.nc, self.js, self.subjects)
+
+    async def remind(
+        self,
+        to: Message | str,
+        text: str | None = None,
+        *,
+        id: str,
+        due_at: datetime | None = None,
+        after: timedelta | None = None,
+        since: datetime | None = None,
+        parts: Sequence[Part] = (),
+        survey: Survey | bool | None = None,
+        cancel_on_reply: bool = True,
+        deadline: datetime | None = None,
+        quiet_hours: QuietHours | None = None,
+        fallback: Fallback | None = None,
+        task: DeskTask | None = None,
+        template: Template | None = None,
+        outbound_id: str | None = None,
+        channel_type: str | None = None,
+        channel: str | None = None,
+        meta: dict[str, Any] | None = None,
+    ) -> Reminder:
+        """Schedule a callback (回访) in the conversation of ``to`` and return it.
+
+        The due time is ``due_at``, or ``after`` counted from ``since`` (the event it
+        follows, e.g. when the ticket was resolved; default now): ``after=timedelta(days=3),
+        since=resolved_at``. ``id`` is yours and makes a retry safe: publishing the same id
+        again moves the reminder. ``survey=True`` asks 满意 / 一般 / 不满意 (or pass a
+        :class:`Survey`); ``task`` addresses the desk instead of the customer. The gateway
+        reports ``scheduled`` (or ``failed`` with the channel's reach code) on
+        ``<prefix>.sched.status.<type>.<channel>``."""
+        if due_at is None:
+            if after is None:
+                raise ValueError("remind: give due_at, or after (with since, default now)")
+            due_at = (since or datetime.now(timezone.utc)) + after
+        if isinstance(to, Message):
+            conversation = to.conversation
+            channel_type, channel = channel_type or to.channel_type, channel or to.channel
+        else:
+            conversation = to
+            if channel is None or channel_type is None:
+                channel_type, channel = await self._route_of(conversation)
+        if survey is True:
+            survey = Survey()
+        elif survey is False:
+            survey = None
+        all_parts = ([TextPart(text=text)] if text is not None else []) + list(parts)
+        now = datetime.now(timezone.utc)
+        outbound = Outbound(id=outbound_id or f"reminder-{id}", conversation=conversation, parts=all_parts,
+                            kind="survey" if survey is not None else "followup", template=template, survey=survey,
+                            meta=meta or {})
+        reminder = Reminder(id=id, conversation=conversation, channel_type=channel_type, channel=channel, due_at=due_at,
+                            outbound=outbound, quiet_hours=quiet_hours, deadline=deadline,
+                            cancel_on_reply=cancel_on_reply, created_at=now, fallback=fallback, task=task)
+        await self.reminders.schedule(reminder)
+        return reminder
+
+    async def set_quiet_hours(self, conversation: str, quiet: QuietHours | None) -> None:
+        """The customer's own rest hours (``QuietHours(start, end, tz)`` in their time zone)
+        for the reminders of ``conversation``: they override the channel's, a reminder's own
+        ``quiet_hours`` override them; None removes them."""
+        await self.reminders.set_conversation_quiet_hours(conversation, quiet)
+
+    async def cancel_reminder(self, reminder_id: str, reason: str = "backend") -> bool:
+        """Cancel a pending reminder (status ``cancelled`` with ``reason``); False if nothing
+        was pending: it fired already, was cancelled, or never existed."""
+        return await self.reminders.cancel(reminder_id, reason=reason) is not None
+
+    async def move_reminder(self, reminder_id: str, due_at: datetime, reason: str = "backend") -> bool:
+        """Move a pending reminder (status ``rescheduled`` with ``reason``, after the gateway's
+        quiet-hours and reach checks); False if nothing is pending any more."""
+        return await self.reminders.move(reminder_id, due_at, reason=reason) is not None
+
+    async def reminder_statuses(self, *, reminder_id: str | None = None, channel_type: str = "*", channel: str = "*",
+                                from_start: bool = False) -> AsyncIterator[ReminderStatus]:
+        """Reminder status events (scheduled, rescheduled, cancelled, fired, expired, failed),
+        new ones only unless ``from_start``."""
+        rs = self.reminders.rs
+        subject = rs.status(channel_type, channel)
+        policy = api.DeliverPolicy.ALL if from_start else api.DeliverPolicy.NEW
+        sub = await self.js.subscribe(subject, ordered_consumer=True, deliver_policy=policy, stream=rs.stream)
+        try:
+            async for raw in sub.messages:
+                try:
+                    st = reminder_status_decoder.decode(raw.data)
+                except (msgspec.DecodeError, msgspec.ValidationError):
+                    continue
+                if reminder_id is None or st.reminder_id == reminder_id:
                     yield st
         finally:
             await sub.unsubscribe()

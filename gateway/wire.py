@@ -20,7 +20,9 @@ from .core._schema import (
     message_decoder,
     outbound_decoder,
     reminder_decoder,
+    reminder_status_decoder,
     status_decoder,
+    task_decoder,
 )
 
 __all__ = [
@@ -35,7 +37,9 @@ __all__ = [
     "outbound_decoder",
     "outbound_headers",
     "reminder_decoder",
+    "reminder_status_decoder",
     "replay_headers",
     "status_decoder",
     "status_headers",
+    "task_decoder",
 ]

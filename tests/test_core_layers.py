@@ -44,9 +44,9 @@ def _source(module: str) -> str:
     return (CORE / f"{module}.py").read_text(encoding="utf-8")
 
 
-def test_pipeline_dispatcher_http_and_restore_neither_import_nor_name_the_gateway():
+def test_pipeline_dispatcher_http_restore_reminders_and_surveys_neither_import_nor_name_the_gateway():
     offenders = {}
-    for module in ("_pipeline", "_outbound", "_http", "_restore"):
+    for module in ("_pipeline", "_outbound", "_http", "_restore", "_reminders", "_survey"):
         src = _source(module)
         bad = sorted((_imported_modules(src) & {"_gateway"}) | (_names(src) & {"Gateway"}))
         if bad:

@@ -113,6 +113,31 @@ class OutboundConfig(_Section):
     """How long a provider receipt is kept to prevent a second send after a crash."""
 
 
+_CLOCK = Annotated[str, msgspec.Meta(pattern=r"^([01][0-9]|2[0-3]):[0-5][0-9]$", description="a time of day as HH:MM")]
+
+
+class QuietHoursConfig(_Section):
+    """``quiet_hours = {start = "21:00", end = "09:00", tz = "Asia/Shanghai"}``: nothing is
+    sent to the customer between ``start`` and ``end`` in ``tz`` (callback reminders)."""
+
+    start: _CLOCK = "21:00"
+    end: _CLOCK = "09:00"
+    tz: str = "Asia/Shanghai"
+    """An IANA time zone."""
+
+
+class RemindersConfig(_Section):
+    """``[reminders]``: callback reminders (JetStream message schedules) and surveys."""
+
+    enabled: bool = True
+    concurrency: Annotated[int, msgspec.Meta(ge=1, le=4096)] = 256
+    """Reminders processed at once (scheduling checks and firings) per process."""
+    keep_fired: Duration = "30d"
+    """How long a fired reminder's copy stays in the stream if no gateway takes it (the
+    gateway removes it once processed)."""
+    ack_wait: Duration = "30s"
+
+
 class GatewaySettings(_Section):
     """Everything but ``[channels.*]``."""
 
@@ -120,6 +145,7 @@ class GatewaySettings(_Section):
     http: HttpConfig = msgspec.field(default_factory=HttpConfig)
     log: LogConfig = msgspec.field(default_factory=LogConfig)
     outbound: OutboundConfig = msgspec.field(default_factory=OutboundConfig)
+    reminders: RemindersConfig = msgspec.field(default_factory=RemindersConfig)
 
 
 class ChannelCommon(_Section):
@@ -136,6 +162,8 @@ class ChannelCommon(_Section):
     max_attempts: Annotated[int, msgspec.Meta(ge=1)] | None = None
     concurrency: Annotated[int, msgspec.Meta(ge=1, le=1024)] | None = None
     """Deliveries in progress at once on this channel (default: ``[outbound] concurrency``)."""
+    quiet_hours: QuietHoursConfig | None = None
+    """The customers' rest hours for reminders on this channel (a reminder may override)."""
 
 
 _COMMON_KEYS = {f.encode_name for f in msgspec.structs.fields(ChannelCommon)}
@@ -155,6 +183,7 @@ class ChannelConfig:
     options: Any
     """The plugin's ``config_type`` instance (None if the type takes no keys)."""
     concurrency: int | None = None
+    quiet_hours: QuietHoursConfig | None = None
 
 
 @dataclass
@@ -180,6 +209,10 @@ class Config:
     @property
     def outbound(self) -> OutboundConfig:
         return self.settings.outbound
+
+    @property
+    def reminders(self) -> RemindersConfig:
+        return self.settings.reminders
 
 
 # --- loading ------------------------------------------------------------------------
@@ -371,6 +404,16 @@ def _closest(key: str, options: Mapping[str, Any]) -> str | None:
     return hits[0] if hits else None
 
 
+def _zone_exists(tz: str) -> bool:
+    from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+    try:
+        ZoneInfo(tz)
+    except (ZoneInfoNotFoundError, ValueError):
+        return False
+    return True
+
+
 def parse_config(
     data: dict[str, Any],
     channel_types: Mapping[str, Any],
@@ -430,8 +473,11 @@ def parse_config(
             sub = tuple(p for p in re.findall(r"\[(\d+)\]|\.([^.\[]+)", at or "") for p in p if p)
             problems.add(path + sub, (m.group("msg") if m else str(exc)).replace("`", ""))
             continue
+        if c.quiet_hours is not None and not _zone_exists(c.quiet_hours.tz):
+            problems.add(path + ("quiet_hours", "tz"), f"expected an IANA time zone such as Asia/Shanghai, got {c.quiet_hours.tz!r}")
+            continue
         channels[name] = ChannelConfig(name, ctype, c.enabled, c.required, c.rate_limit, c.backoff, c.max_attempts, options,
-                                       c.concurrency)
+                                       c.concurrency, c.quiet_hours)
     if problems.items:
         raise ConfigError(problems.items)
     try:

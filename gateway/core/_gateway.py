@@ -20,9 +20,11 @@ from ._metrics import Metrics
 from ._outbound import Dispatcher
 from ._pipeline import Context, Inbound
 from ._plugins import PluginManager
+from ._reminders import Reminders
 from ._restore import DedupRestore
 from ._schema import Message, ObjectRef
 from ._services import BusServices
+from ._survey import Surveys
 
 
 class _Running:
@@ -50,7 +52,13 @@ class Gateway:
             bus_url = self.embedded.url
         self.bus = Bus(config.bus, bus_url, log=self.log.bind(component="bus"), receipt_ttl=config.outbound.receipt_ttl)
         self.services = BusServices(self.bus)
-        self.inbound = Inbound(self.services, enrich=self.enrich, metrics=self.metrics)
+        self.surveys = Surveys(self.bus, log=self.log)
+        # Reminders read the channels' sections and the running channels (reach) through
+        # getters: a reload replaces both.
+        self.reminders = Reminders(self.services, config.reminders, channel_configs=lambda: self.config.channels,
+                                   channel=self._channel, log=self.log) if config.reminders.enabled else None
+        self.inbound = Inbound(self.services, enrich=self.enrich, metrics=self.metrics, surveys=self.surveys,
+                               on_customer_wrote=self.reminders.customer_wrote if self.reminders is not None else None)
         self.restore = DedupRestore(self.bus, log=self.log)
         self.http = HttpServer(config.http, metrics=self.metrics, log=self.log, health=self.health)
         self.channels: dict[str, _Running] = {}
@@ -82,8 +90,11 @@ class Gateway:
             # The dispatcher reads the channels' sections through the getter: a reload
             # replaces them. Its own section is handed over by reload() (configure()).
             self.outbound = Dispatcher(self.services, self.config.outbound, channel_configs=lambda: self.config.channels,
-                                       channel=self._deliverable, metrics=self.metrics, log=self.log)
+                                       channel=self._deliverable, metrics=self.metrics, log=self.log,
+                                       on_survey_sent=self.surveys.sent)
             self.bus.on_ready.append(self.outbound.start)
+        if self.reminders is not None:
+            self.bus.on_ready.append(self.reminders.start)
         # Dedup records a crashed process (this one before a restart, or a peer) left
         # unwritten are restored before channels and HTTP take traffic.
         self.bus.on_ready.insert(0, self.restore.start)
@@ -153,6 +164,8 @@ class Gateway:
                 await self._stop_channel(name)
             if self.outbound is not None:
                 await self.outbound.stop()
+            if self.reminders is not None:
+                await self.reminders.stop()
             # Every inbound publish has finished: the stop is clean, the marker goes.
             await self.restore.stop()
             await self.bus.close()
@@ -233,6 +246,12 @@ class Gateway:
             if isinstance(out, Message):
                 message = out
         return message
+
+    def _channel(self, name: str) -> Channel | None:
+        """The started channel ``name`` (whatever its health), for questions answered from
+        stored state such as :meth:`Channel.reach`."""
+        running = self.channels.get(name)
+        return running.channel if running is not None else None
 
     def _deliverable(self, name: str) -> Channel | None:
         """The channel ``name`` if it may deliver now (started, running or degraded)."""

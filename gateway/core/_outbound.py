@@ -11,7 +11,7 @@ import asyncio
 import random
 import time
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
@@ -134,8 +134,11 @@ class Dispatcher:
 
     def __init__(self, services: BusServices, cfg: OutboundConfig, *,
                  channel_configs: Callable[[], Mapping[str, ChannelConfig]],
-                 channel: Callable[[str], Channel | None], metrics: Metrics, log: Any):
+                 channel: Callable[[str], Channel | None], metrics: Metrics, log: Any,
+                 on_survey_sent: Callable[[Outbound], Awaitable[None]] | None = None):
         self.services = services
+        self.on_survey_sent = on_survey_sent
+        """Called once an outbound with a survey was sent (its answer is matched from then on)."""
         self.bus = services.bus
         self.cfg = cfg
         self.channel_configs = channel_configs
@@ -427,6 +430,8 @@ class Dispatcher:
                 delay = min(delay * 2, 5.0)
         self.accepted.pop(outbound.id, None)  # from now on the receipt bucket remembers it
         failpoint("outbound.after_receipt")
+        if outbound.survey is not None and self.on_survey_sent is not None:
+            await self.on_survey_sent(outbound)  # its answer is matched from now on
         while True:
             try:
                 await self._status(outbound, ctype, cname, "sent", attempt=attempt, provider_id=receipt.provider_id,

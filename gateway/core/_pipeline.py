@@ -31,6 +31,7 @@ from ._errors import BusUnavailable, PayloadTooLarge, RequestError
 from ._failpoints import failpoint
 from ._metrics import Metrics
 from ._services import BusServices
+from ._survey import Surveys
 from ._websocket import Authorize, WebSocketHandler, WebSocketLimits
 from ._schema import (
     AudioPart,
@@ -106,11 +107,16 @@ class Inbound:
     long as ``dedup_ttl``, across processes and restarts. ``enrich`` is applied to each
     message before it is published (the ``enrich_message`` hooks)."""
 
-    def __init__(self, services: BusServices, *, enrich: Callable[[Message], Message], metrics: Metrics):
+    def __init__(self, services: BusServices, *, enrich: Callable[[Message], Message], metrics: Metrics,
+                 surveys: Surveys | None = None, on_customer_wrote: Callable[[Message], None] | None = None):
         self.services = services
         self.bus = services.bus
         self.enrich = enrich
         self.metrics = metrics
+        self.surveys = surveys
+        """Attaches the answer to a pending survey (a ChoicePart) before publishing."""
+        self.on_customer_wrote = on_customer_wrote
+        """Called after a new customer message reached the bus (reminders: cancel on reply)."""
         self._inflight: dict[str, asyncio.Future[PublishResult]] = {}
         self._timeout = services.publish_timeout
         self._inline_limit = services.bus.cfg.inline_limit
@@ -163,6 +169,7 @@ class Inbound:
                         seq = int(entry.value) if entry.value and entry.value.isdigit() else None
                         return PublishResult(id=message.id, duplicate=True, sequence=seq)
                 message = self.enrich(message)
+                message, survey = await self.surveys.attach(message) if self.surveys else (message, False)
                 message = await self._offload(message)
                 data = _checked(message)
                 # Refused here if too large (payload and headers): nats-server would close
@@ -175,6 +182,8 @@ class Inbound:
                 ack: api.PubAck = await ack_fut
                 await conv_fut
                 failpoint("inbound.after_ack")
+                if survey and self.surveys is not None:
+                    await self.surveys.answered(message)
                 if key is not None:
                     await (await js.publish_async(s.kv(s.kv_dedup, key), str(ack.seq).encode()))
         except MessageTooLarge as exc:
@@ -188,6 +197,8 @@ class Inbound:
             self._count_duplicate(message)
         else:
             self.metrics.inbound.labels(message.channel_type, message.channel).inc()
+            if interaction and self.on_customer_wrote is not None:
+                self.on_customer_wrote(message)  # cancel on reply, in the background
         return PublishResult(id=message.id, duplicate=bool(ack.duplicate), sequence=ack.seq)
 
     async def _offload(self, message: Message) -> Message:

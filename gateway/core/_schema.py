@@ -283,24 +283,111 @@ class QuietHours(_Wire, frozen=True, kw_only=True):
     tz: str = "Asia/Shanghai"
 
 
+class Fallback(_Wire, frozen=True, kw_only=True):
+    """What a reminder does when its channel can no longer reach the customer with free
+    content at the due time (WeChat's 48 hours, an SMS opt-out): send ``template`` in the
+    same conversation, or send the reminder into ``conversation`` (another conversation
+    of the same customer, on any channel). With neither, the reminder fails with the
+    channel's reach code."""
+
+    template: Template | None = None
+    conversation: str | None = None
+    channel_type: str | None = None
+    """The channel type of ``conversation`` (required with it)."""
+    channel: str | None = None
+    """The channel of ``conversation`` (required with it)."""
+
+
+class DeskTask(_Wire, frozen=True, kw_only=True):
+    """A reminder addressed to the desk instead of the customer (a follow-up by phone):
+    when due it is published as a :class:`Task` on ``<prefix>.task.<channel_type>.<channel>``."""
+
+    action: str = "call"
+    """What the desk should do (``call``, ``visit`` ...)."""
+    note: str = ""
+    """Why, for the agent (no personal data beyond what the desk already has)."""
+    assignee: str | None = None
+    data: dict[str, str] = {}
+
+
 class Reminder(_Envelope, frozen=True, kw_only=True):
     """A scheduled callback (回访): a follow-up or survey sent at ``due_at`` through the
-    conversation's channel, never inside quiet hours, published on
-    ``<prefix>.sched.<id>``."""
+    conversation's channel, never inside quiet hours. Published by a backend (or
+    ``Client.remind``) on ``<prefix>.sched.at.<conversation>.<id>`` as a JetStream
+    scheduled message (``docs/reminders.md``)."""
 
     schema_version: int = SCHEMA_VERSION
     id: str
+    """Chosen by the backend: 1 to 128 characters of ``A-Z a-z 0-9 - _ =`` (it is a
+    subject token). Publishing the same id again moves the reminder."""
     conversation: str
     channel_type: str
     channel: str
     due_at: datetime
     outbound: Outbound
+    """What is sent when it fires (``kind`` ``followup`` or ``survey``; a ``survey`` field
+    makes the customer's next message be matched against its choices). Its ``id`` is the
+    outbound's, delivered once."""
     quiet_hours: QuietHours | None = None
+    """The customer's rest hours; overrides the channel's ``quiet_hours``."""
     deadline: datetime | None = None
     """Latest acceptable send time (for example three days after service); past it, the
-    reminder is recorded as missed instead of sent."""
+    reminder is dropped with the status ``expired``."""
     cancel_on_reply: bool = True
-    """Cancel when the customer writes again before it fires."""
+    """Cancel when the customer writes in the conversation after ``created_at``."""
+    created_at: datetime | None = None
+    """When the backend created it (cancel on reply counts the customer's messages after
+    this); the gateway uses the time it first saw it when absent."""
+    fallback: Fallback | None = None
+    task: DeskTask | None = None
+    """Address the desk instead of the customer: fires as a :class:`Task`, ``outbound``
+    is then only its description."""
+
+
+ReminderState = Literal["scheduled", "rescheduled", "cancelled", "fired", "expired", "failed"]
+
+
+class ReminderStatus(_Envelope, frozen=True, kw_only=True):
+    """What happened to a reminder, on ``<prefix>.sched.status.<channel_type>.<channel>``.
+    After ``fired`` the outbound's own :class:`DeliveryStatus` events follow on
+    ``<prefix>.status.…`` under ``outbound_id``."""
+
+    schema_version: int = SCHEMA_VERSION
+    reminder_id: str
+    conversation: str
+    channel_type: str
+    channel: str
+    state: ReminderState
+    at: datetime
+    due_at: datetime | None = None
+    """scheduled/rescheduled: when it will fire."""
+    reason: str | None = None
+    """rescheduled/cancelled/expired/failed: why (``quiet_hours``, ``reply``, ``operator``,
+    ``deadline``, a reach code such as ``outside_window``), or the operator's words."""
+    outbound_id: str | None = None
+    """fired: the outbound sent (its delivery statuses follow), or the task's id."""
+    fallback: str | None = None
+    """scheduled/fired: ``template`` or ``conversation`` when the fallback is used."""
+    error: ErrorInfo | None = None
+
+
+class Task(_Envelope, frozen=True, kw_only=True):
+    """Work for the desk (a callback by phone), published when a reminder with a ``task``
+    fires, on ``<prefix>.task.<channel_type>.<channel>``."""
+
+    schema_version: int = SCHEMA_VERSION
+    id: str
+    """The reminder's outbound id (unique, stable across a redelivery)."""
+    reminder_id: str
+    conversation: str
+    channel_type: str
+    channel: str
+    action: str
+    note: str = ""
+    assignee: str | None = None
+    data: dict[str, str] = {}
+    due_at: datetime
+    at: datetime
 
 
 class DeadLetter(_Envelope, frozen=True, kw_only=True):
@@ -326,6 +413,8 @@ WIRE_TYPES: dict[str, type[_Envelope]] = {
     "outbound": Outbound,
     "delivery-status": DeliveryStatus,
     "reminder": Reminder,
+    "reminder-status": ReminderStatus,
+    "task": Task,
     "dead-letter": DeadLetter,
 }
 """Every top-level bus type, by the file name of its JSON Schema."""
@@ -339,6 +428,8 @@ message_decoder = msgspec.json.Decoder(Message)
 outbound_decoder = msgspec.json.Decoder(Outbound)
 status_decoder = msgspec.json.Decoder(DeliveryStatus)
 reminder_decoder = msgspec.json.Decoder(Reminder)
+reminder_status_decoder = msgspec.json.Decoder(ReminderStatus)
+task_decoder = msgspec.json.Decoder(Task)
 dead_letter_decoder = msgspec.json.Decoder(DeadLetter)
 
 

@@ -12,7 +12,7 @@ import json
 import os
 from collections import deque
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Annotated, Any
 
 import msgspec
@@ -30,6 +30,7 @@ from .. import (
     Outbound,
     Participant,
     PublishResult,
+    Reach,
     Receipt,
     RequestError,
     TextPart,
@@ -70,6 +71,9 @@ class MockConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     README's demo runs this channel for as long as anyone likes: an unbounded record grew
     by about 1.4 KB per reply (issue 9.7). ``record_file`` keeps them all on disk instead."""
     websocket: MockWebSocket | None = None
+    reply_window: Duration | None = None
+    """Like WeChat's 48 hours: free content only within this long after the customer's last
+    message (``reach`` says ``outside_window``, a template still goes); unset: always."""
 
 
 class _Inbound(msgspec.Struct, forbid_unknown_fields=True):
@@ -185,6 +189,16 @@ class MockChannel(Channel):
             self.delivered_count += 1
             self.delivered.notify_all()
         return Receipt(provider_id=f"mock-{self.delivered_count}")
+
+    async def reach(self, conversation: Conversation, at: datetime) -> Reach:
+        window = self.ctx.config.reply_window
+        if window is None:
+            return Reach(ok=True)
+        last = conversation.last_inbound_at
+        until = last + timedelta(seconds=seconds(window)) if last is not None else None
+        if until is not None and at < until:
+            return Reach(ok=True, until=until)
+        return Reach(ok=False, code="outside_window", detail="outside the mock reply window", until=until, template=True)
 
     @property
     def deliveries(self) -> list[tuple[Outbound, Conversation]]:

@@ -34,8 +34,8 @@ FORMS: dict[str, tuple[str, Any, Any]] = {
 }
 
 
-def _write_config(path: Path, bus: str, http_port: int) -> None:
-    path.write_text(f'[bus]\n{bus}\nconnect_timeout = "3s"\n[http]\nport = {http_port}\n'
+def _write_config(path: Path, bus: str, http_port: int, connect_timeout: str = "3s") -> None:
+    path.write_text(f'[bus]\n{bus}\nconnect_timeout = "{connect_timeout}"\n[http]\nport = {http_port}\n'
                     f'[outbound]\nbackoff = ["100ms"]\n[channels.demo]\ntype = "mock"\n')
 
 
@@ -116,9 +116,10 @@ async def test_no_command_prints_the_bus_password_or_token(form, tmp_path, capsy
     assert run.returncode == 0, err.decode()
     assert "bus connected" in err.decode()
 
-    # The error path: the same configuration, nobody listening.
+    # The error path: the same configuration, nobody listening (each command gives up
+    # after connect_timeout).
     closed = free_port()
-    _write_config(cfg, bus(closed, secret), http_port)
+    _write_config(cfg, bus(closed, secret), http_port, connect_timeout="500ms")
     for k, v in environ(closed, secret).items():
         monkeypatch.setenv(k, v)
     for command in (["send", "--channel", "demo", "--conversation", "c", "--text", "t"], ["tail"], ["dlq", "list"]):

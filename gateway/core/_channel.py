@@ -22,6 +22,7 @@ from ._schema import (
     Outbound,
     Participant,
     Part,
+    QuietHours,
     VideoPart,
 )
 
@@ -162,6 +163,10 @@ class ChannelContext(abc.ABC):
     """A structlog logger bound to this channel; secrets and personal data are redacted."""
     state: KeyValue
     """Persistent state of this channel instance."""
+    quiet_hours: QuietHours | None = None
+    """The channel's ``quiet_hours`` (a key every channel section has): the customers' rest
+    hours, which callback reminders respect and a channel that must not send at night
+    (SMS) reads with :func:`quiet_until`. None when not configured."""
 
     @abc.abstractmethod
     def message(

@@ -22,7 +22,7 @@ from ._pipeline import Context, Inbound
 from ._plugins import PluginManager
 from ._reminders import Reminders
 from ._restore import DedupRestore
-from ._schema import Message, ObjectRef
+from ._schema import Message, ObjectRef, QuietHours
 from ._services import BusServices
 from ._survey import Surveys
 
@@ -119,8 +119,10 @@ class Gateway:
     async def _start_channel(self, cfg: ChannelConfig) -> None:
         info = self.plugins.channel_types[cfg.type]
         log = get_logger(channel=cfg.name, channel_type=cfg.type)
+        q = cfg.quiet_hours
         ctx = Context(cfg.name, cfg.type, cfg.options, log, services=self.services, inbound=self.inbound,
-                      http=self.http, metrics=self.metrics)
+                      http=self.http, metrics=self.metrics,
+                      quiet_hours=QuietHours(start=q.start, end=q.end, tz=q.tz) if q is not None else None)
         running = _Running(cfg, ctx, None)
         self.channels[cfg.name] = running
         try:

@@ -44,6 +44,7 @@ from ._schema import (
     ObjectRef,
     Participant,
     Part,
+    QuietHours,
     VideoPart,
     encode,
     message_decoder,
@@ -285,7 +286,8 @@ class Context(ChannelContext):
     publisher and the HTTP server, narrowed to one channel."""
 
     def __init__(self, name: str, channel_type: str, config: Any, log: Any, *, services: BusServices,
-                 inbound: Inbound, http: HttpServer, metrics: Metrics):
+                 inbound: Inbound, http: HttpServer, metrics: Metrics, quiet_hours: QuietHours | None = None):
+        self.quiet_hours = quiet_hours
         self.name = name
         self.channel_type = channel_type
         self.config = config

@@ -26,7 +26,7 @@ class GatewayProcess:
         self.nats_port = free_port()
         self.config = tmp_path / "gateway.toml"
         self.write(channels, extra)
-        self.log = open(tmp_path / "gateway.log", "ab")
+        self.log_path = tmp_path / "gateway.log"
         self.env = {**os.environ, **(env or {})}
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -49,8 +49,11 @@ class GatewayProcess:
         return f"nats://127.0.0.1:{self.nats_port}"
 
     def start(self) -> None:
-        self.proc = subprocess.Popen([sys.executable, "-m", "gateway", "-c", str(self.config), "run"],
-                                     stdout=self.log, stderr=self.log, env=self.env, cwd=self.dir)
+        # The child gets its own descriptor; ours is closed at once (a file left open
+        # here would be reported unclosed in whatever test runs when it is collected).
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen([sys.executable, "-m", "gateway", "-c", str(self.config), "run"],
+                                         stdout=log, stderr=log, env=self.env, cwd=self.dir)
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             assert self.proc.poll() is None, self.logs()
@@ -63,7 +66,7 @@ class GatewayProcess:
         raise AssertionError("gateway did not become healthy:\n" + self.logs())
 
     def logs(self) -> str:
-        return (self.dir / "gateway.log").read_text(errors="replace")
+        return self.log_path.read_text(errors="replace")
 
     def signal(self, sig: int) -> None:
         assert self.proc is not None

@@ -422,7 +422,7 @@ class SmsChannel(Channel):
             raise DeliveryError("the customer opted out of SMS", permanent=True, code="opted_out")
         urgent = outbound.meta.get("urgent") is True
         if not urgent:
-            until = quiet_until(self.cfg.quiet_hours, datetime.now(timezone.utc))
+            until = quiet_until(self.ctx.quiet_hours, datetime.now(timezone.utc))
             if until is not None:
                 raise Deferred("inside the channel's quiet hours", until=until, code="quiet_hours")
         text = "\n".join(p.text for p in outbound.parts if isinstance(p, TextPart))

@@ -7,7 +7,7 @@ from typing import Annotated, Literal
 import msgspec
 import phonenumbers
 
-from gateway import Duration, QuietHours, check_quiet_hours
+from gateway import Duration
 
 Provider = Literal["twilio", "aliyun", "tencent"]
 _SECRET = msgspec.Meta(min_length=1)
@@ -100,8 +100,6 @@ class SmsConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
                                                                          "END", "QUIT", "REVOKE", "OPTOUT",
                                                                          "TD", "退订"])
     opt_in_keywords: list[str] = msgspec.field(default_factory=lambda: ["START", "UNSTOP", "YES"])
-    quiet_hours: QuietHours | None = None
-    """Nothing but urgent outbounds (``meta.urgent = true``) is sent inside these hours."""
     public_url: str = ""
     """The gateway's public base URL (``https://gw.example.com``): what Twilio signs and
     where status callbacks are sent."""
@@ -124,5 +122,3 @@ class SmsConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
         if self.public_url and not self.public_url.startswith(("https://", "http://")):
             # Twilio signs the full URL it called: without a scheme no signature could match.
             raise ValueError("public_url must be the full base URL with its scheme, such as https://gw.example.com")
-        if self.quiet_hours is not None:
-            check_quiet_hours(self.quiet_hours)

@@ -16,6 +16,12 @@ async def bus(nats_server):
     await nc.close()
 
 
+@pytest.fixture
+async def nc(bus):
+    """The same connection under the name the channel tests use."""
+    yield bus
+
+
 @pytest.fixture(autouse=True)
 def _default_logging():
     """Each test starts with structlog's defaults: a test that runs ``gateway.cli.main`` in

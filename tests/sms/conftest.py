@@ -13,7 +13,6 @@ from typing import Any
 from urllib.parse import parse_qsl
 
 import httpx
-import nats
 import pytest
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -145,12 +144,6 @@ async def fake_sms() -> Any:
     async with serve_asgi(fake.app, fake.port):
         yield fake
 
-
-@pytest.fixture
-async def nc(nats_server: Any) -> Any:
-    conn = await nats.connect(nats_server.url)
-    yield conn
-    await conn.close()
 
 
 def twilio_section(fake: FakeSms | None = None, **over: Any) -> dict[str, Any]:

@@ -15,7 +15,6 @@ from collections import defaultdict, deque
 from typing import Any
 
 import httpx
-import nats
 import pytest
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -218,13 +217,6 @@ async def fake_wechat() -> Any:
     async with serve_asgi(fake.app, fake.port):
         yield fake
 
-
-@pytest.fixture
-async def nc(nats_server: Any) -> Any:
-    """A raw nats-py connection, as a backend in any language would have."""
-    conn = await nats.connect(nats_server.url)
-    yield conn
-    await conn.close()
 
 
 def channel_config(fake: FakeWeChat | None = None, **overrides: Any) -> dict[str, Any]:

@@ -273,7 +273,7 @@ class ChannelContext(abc.ABC):
             return await self.get_blob(part.ref)
         from ._errors import DeliveryError
 
-        raise DeliveryError(f"{part.__struct_config__.tag} part has no data or object reference", permanent=True,
+        raise DeliveryError(f"{part.type} part has no data or object reference", permanent=True,
                             code="unsupported_content")
 
 

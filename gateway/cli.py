@@ -43,6 +43,15 @@ def _load(args: argparse.Namespace) -> tuple[Config, Any]:
     return config, pm
 
 
+def _load_bus(args: argparse.Namespace) -> Config:
+    """The configuration of a command that only talks to the bus: no plugin is loaded and
+    the channel sections are not checked, so a channel's unset ``${SECRET}`` (or a broken
+    plugin) does not stop ``gateway send`` or ``gateway dlq list``."""
+    config = load_config(_config_path(args.config), {}, bus_only=True)
+    _register_secrets(config)
+    return config
+
+
 def _register_secrets(config: Config) -> None:
     """From here on the bus credentials are masked in everything this process prints,
     whichever way they were given (URL, [bus] keys, ${ENV}, GATEWAY_BUS_URL)."""
@@ -199,7 +208,7 @@ def cmd_send(args: argparse.Namespace) -> int:
     from .core._contract import outbound_headers
     from .core._schema import Outbound, TextPart, encode
 
-    config, _ = _load(args)
+    config = _load_bus(args)
     ctype = args.type
     if ctype is None:
         ch = config.channels.get(args.channel)
@@ -248,7 +257,7 @@ def _describe(subject: str, data: bytes) -> str:
 
 
 def cmd_tail(args: argparse.Namespace) -> int:
-    config, _ = _load(args)
+    config = _load_bus(args)
     subject = args.subject or f"{config.bus.prefix}.>"
 
     async def go() -> None:
@@ -284,7 +293,7 @@ def cmd_tail(args: argparse.Namespace) -> int:
 def cmd_dlq(args: argparse.Namespace) -> int:
     from . import _cli_dlq
 
-    config, _ = _load(args)
+    config = _load_bus(args)
 
     async def go() -> int:
         nc = await _connect(config)
@@ -299,7 +308,7 @@ def cmd_dlq(args: argparse.Namespace) -> int:
 def cmd_reminders(args: argparse.Namespace) -> int:
     from . import _cli_reminders
 
-    config, _ = _load(args)
+    config = _load_bus(args)
 
     async def go() -> int:
         nc = await _connect(config)

@@ -39,9 +39,9 @@ import nats.errors
 import nats.js.errors
 from nats.js import api
 
-from ._bus import Bus
-from ._config import seconds
-from ._retry import cancel_and_wait
+from ..bus.connection import Bus
+from ..config import seconds
+from ..retry import cancel_and_wait
 
 
 class _Marker(msgspec.Struct, kw_only=True, omit_defaults=True):

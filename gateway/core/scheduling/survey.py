@@ -19,10 +19,10 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 import nats.js.errors
 
-from ._schema import ChoicePart, Message, Outbound, TextPart
+from ..schema import ChoicePart, Message, Outbound, TextPart
 
 if TYPE_CHECKING:
-    from ._bus import Bus
+    from ..bus.connection import Bus
 
 _POSITIVE = frozenset("👍👌👏💯😀😃😄😁😊🙂😍🥰❤♥✅")
 _NEGATIVE = frozenset("👎😡😠😞😢😭🙁☹💢❌")

@@ -14,7 +14,7 @@ from typing import Annotated, Any, Literal, Mapping, Union, get_args, get_origin
 
 import msgspec
 
-from ._errors import ConfigError
+from .errors import ConfigError
 
 Duration = Annotated[str, msgspec.Meta(pattern=r"^\d+(\.\d+)?(ms|s|m|h|d)$", description="a duration such as 500ms, 30s, 5m, 2h, 7d")]
 _UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}

@@ -31,7 +31,6 @@ from gateway import (
     SharedValue,
     TextPart,
     VideoPart,
-    body_problem,
     check_timestamp,
     provider_error,
     seconds,
@@ -107,12 +106,12 @@ _envelope = msgspec.json.Decoder(_Envelope)
 
 
 class APIError(DeliveryError):
-    """The OpenAPI refused a call; ``api_code`` is the platform's ``code`` (in the body,
-    also with HTTP 200)."""
+    """The OpenAPI refused a call; ``api_code`` (also ``provider_code``) is the platform's
+    ``code`` (in the body, also with HTTP 200)."""
 
     def __init__(self, message: str, *, permanent: bool, api_code: int | None, code: str,
                  retry_after: float | None = None):
-        super().__init__(message, permanent=permanent, code=code, retry_after=retry_after)
+        super().__init__(message, permanent=permanent, code=code, retry_after=retry_after, provider_code=api_code)
         self.api_code = api_code
 
 
@@ -172,7 +171,7 @@ class Official:
         try:
             env = _envelope.decode(body)
         except msgspec.DecodeError as exc:
-            raise RequestError(f"not a QQ bot payload: {body_problem(exc)}") from None
+            raise RequestError.from_decode("not a QQ bot payload", exc) from None
         except RecursionError:
             raise RequestError("not a QQ bot payload: nested too deep") from None
         if env.op == 13:

@@ -209,10 +209,10 @@ class _Malformed(RequestError):
 
 
 class OneBotError(DeliveryError):
-    """The implementation refused an API call; ``retcode`` is its own code."""
+    """The implementation refused an API call; ``retcode`` (also ``provider_code``) is its own code."""
 
     def __init__(self, message: str, *, permanent: bool, retcode: int | None, code: str):
-        super().__init__(message, permanent=permanent, code=code)
+        super().__init__(message, permanent=permanent, code=code, provider_code=retcode)
         self.retcode = retcode
 
 

@@ -55,7 +55,7 @@ class APIError(DeliveryError):
     def __init__(self, message: str, *, permanent: bool, errcode: int | None = None, code: str | None = None,
                  retry_after: float | None = None):
         super().__init__(message, permanent=permanent, retry_after=retry_after,
-                         code=code or (str(errcode) if errcode is not None else None))
+                         code=code or (str(errcode) if errcode is not None else None), provider_code=errcode)
         self.errcode = errcode
 
 

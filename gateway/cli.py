@@ -320,6 +320,14 @@ def cmd_reminders(args: argparse.Namespace) -> int:
     return asyncio.run(go())
 
 
+def cmd_new_plugin(args: argparse.Namespace) -> int:
+    from . import __version__, _cli_scaffold
+    from .core.registry import PluginManager
+
+    taken = {t: f"{i.package} {i.version}" for t, i in PluginManager().channel_types.items()}
+    return _cli_scaffold.run(args.name, "poller" if args.poller else "webhook", args.dir, __version__, taken)
+
+
 # --- parser -------------------------------------------------------------------------
 
 
@@ -386,6 +394,17 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--channel")
     d.add_argument("--yes", action="store_true", help="do not ask for confirmation")
     s.set_defaults(func=cmd_dlq)
+
+    s = sub.add_parser("new-plugin", parents=[shared], help="write a channel plugin package to start from",
+                       description="Write a channel plugin package: pyproject.toml with its entry point, the "
+                                   "channel and its config, a fake of the provider, the conformance tests, a README. "
+                                   "It installs, type-checks (mypy --strict) and passes its tests as generated.")
+    s.add_argument("name", help="the channel type (lower-case letters, digits, '_'); the package is gateway_<name>")
+    flavour = s.add_mutually_exclusive_group()
+    flavour.add_argument("--webhook", action="store_true", help="the provider posts to a signed webhook (default)")
+    flavour.add_argument("--poller", action="store_true", help="the gateway polls the provider for new messages")
+    s.add_argument("--dir", help="the package folder to write, absent or empty (default: ./gateway-<name>)")
+    s.set_defaults(func=cmd_new_plugin)
 
     s = sub.add_parser("reminders", parents=[shared], help="list, show, cancel or move pending reminders")
     rsub = s.add_subparsers(dest="reminders_command", required=True, metavar="ACTION")

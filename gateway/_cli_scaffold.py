@@ -100,6 +100,7 @@ def run(name: str, flavour: Flavour, target: str | None, gateway_version: str, t
         return 2
     for path in written:
         print(path)
+    cd = "" if folder.resolve() == Path.cwd().resolve() else f"cd {folder} && "
     print(f"\na {flavour} channel plugin for type = \"{name}\" in {folder}/. Next:\n"
-          f"  cd {folder} && pip install -e '.[test]' && pytest && mypy", file=sys.stderr)
+          f"  {cd}pip install -e '.[test]' && pytest && mypy", file=sys.stderr)
     return 0

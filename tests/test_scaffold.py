@@ -6,45 +6,15 @@ passing its own conformance tests. And the gateway's wheel ships what that needs
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
-import sysconfig
 import zipfile
-from pathlib import Path
 
 import pytest
+from docs_kit import ROOT, PluginVenv
 
 from gateway.cli import main
-
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def _run(args: list[str], cwd: Path, env: dict[str, str], timeout: float = 300) -> str:
-    r = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
-    assert r.returncode == 0, f"{' '.join(args)} exited {r.returncode}:\n{r.stdout}\n{r.stderr}"
-    return r.stdout
-
-
-class PluginVenv:
-    """A virtualenv of its own for the plugin, on top of the test venv's packages (a
-    ``.pth`` line adds that site folder), so installing the plugin leaves the test venv as
-    it was. The gateway is linked into it as a regular package folder: mypy reads it there
-    as it reads any installed package, trusting its types only with a ``py.typed``."""
-
-    def __init__(self, path: Path):
-        subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(path)], check=True, timeout=60)
-        self.python = str(path / "bin" / "python")
-        site = Path(subprocess.run([self.python, "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
-                                   capture_output=True, text=True, check=True).stdout.strip())
-        (site / "_test_venv.pth").write_text(f"import site; site.addsitedir({sysconfig.get_path('purelib')!r})\n")
-        (site / "gateway").symlink_to(ROOT / "gateway", target_is_directory=True)
-        # nats-server is a script of the test venv: the plugin's tests find it on PATH.
-        self.env = {**os.environ, "PATH": f"{path / 'bin'}{os.pathsep}{Path(sys.executable).parent}{os.pathsep}"
-                                          f"{os.environ.get('PATH', '')}"}
-        for name in ("VIRTUAL_ENV", "PYTHONPATH", "GATEWAY_CONFIG", "GATEWAY_LOAD_PLUGINS"):
-            self.env.pop(name, None)
 
 
 @pytest.mark.parametrize("flavour", ["webhook", "poller"])
@@ -59,20 +29,20 @@ def test_a_generated_plugin_installs_lists_type_checks_and_passes_its_conformanc
     assert str(package / "pyproject.toml") in capsys.readouterr().out
 
     venv = PluginVenv(tmp_path / "venv")
-    _run([venv.python, "-m", "pip", "install", "-q", "--disable-pip-version-check", "--no-deps",
-          "--no-build-isolation", "--no-index", "--no-cache-dir", str(package)], tmp_path, venv.env)
+    venv.run([venv.python, "-m", "pip", "install", "-q", "--disable-pip-version-check", "--no-deps",
+              "--no-build-isolation", "--no-index", "--no-cache-dir", str(package)], tmp_path)
 
-    rows = json.loads(_run([venv.python, "-m", "gateway", "plugins", "--json"], tmp_path, venv.env))
+    rows = json.loads(venv.run([venv.python, "-m", "gateway", "plugins", "--json"], tmp_path))
     [row] = [r for r in rows if r["type"] == name]
     assert row["package"] == f"gateway-{name.replace('_', '-')}" and row["version"] == "0.1.0", row
     assert row["source"] == f"entry point gateway.plugins:{name} = gateway_{name}", row
     assert row["class"] == f"gateway_{name}.channel.Acme{flavour.capitalize()}Channel", row
 
     # The generated pyproject asks for strict; the flag is repeated so a template change cannot drop it.
-    out = _run([venv.python, "-m", "mypy", "--strict", "--no-incremental", "src", "tests"], package, venv.env)
+    out = venv.run([venv.python, "-m", "mypy", "--strict", "--no-incremental", "src", "tests"], package)
     assert "Success: no issues found" in out, out
 
-    out = _run([venv.python, "-m", "pytest", "-p", "no:cacheprovider", "-q", "-rA"], package, venv.env)
+    out = venv.run([venv.python, "-m", "pytest", "-p", "no:cacheprovider", "-q", "-rA"], package)
     passed = [line for line in out.splitlines() if line.startswith("PASSED ")]
     checks = [line for line in passed if "Conformance::test_" in line]
     assert len(checks) == 8 and len(passed) == 9, out
@@ -121,9 +91,9 @@ def test_the_gateway_wheel_ships_py_typed_and_the_scaffold_templates(tmp_path):
         shutil.copytree(ROOT / folder, source / folder, ignore=ignore)
     for file in ("pyproject.toml", "README.md"):
         shutil.copy(ROOT / file, source / file)
-    _run([sys.executable, "-m", "pip", "wheel", "-q", "--disable-pip-version-check", "--no-deps",
-          "--no-build-isolation", "--no-index", "--no-cache-dir", "-w", str(tmp_path), str(source)], tmp_path,
-         dict(os.environ))
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--disable-pip-version-check", "--no-deps",
+                    "--no-build-isolation", "--no-index", "--no-cache-dir", "-w", str(tmp_path), str(source)],
+                   check=True, capture_output=True, timeout=300)
     [wheel] = tmp_path.glob("omnichannel_gateway-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
     templates = {p.relative_to(ROOT).as_posix() for p in (ROOT / "gateway" / "_scaffold").rglob("*.tmpl")}

@@ -57,7 +57,7 @@ def test_send_to_an_unknown_channel_without_type_is_a_usage_error(tmp_path, caps
 
 
 def test_every_command_has_help():
-    for cmd in ("run", "check-config", "plugins", "schema", "send", "tail", "dlq"):
+    for cmd in ("run", "check-config", "plugins", "schema", "send", "tail", "dlq", "reminders", "new-plugin"):
         r = subprocess.run([sys.executable, "-m", "gateway", cmd, "--help"], capture_output=True, text=True, timeout=30)
         assert r.returncode == 0 and "usage: gateway" in r.stdout, cmd
 

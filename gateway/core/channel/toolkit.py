@@ -27,7 +27,7 @@ from ..retry import Backoff, cancel_and_wait
 if TYPE_CHECKING:
     from starlette.requests import Request
 
-    from .api import ChannelState, KeyValue
+    from .api import ChannelState, KeyValue, Logger
 
 T = TypeVar("T")
 
@@ -351,7 +351,7 @@ class Supervised:
     calls :meth:`running` once it works, which also resets the backoff."""
 
     def __init__(self, name: str, run: Callable[[Supervised], Coroutine[Any, Any, None]], *,
-                 set_state: Callable[[ChannelState, str | None], None], log: Any,
+                 set_state: Callable[[ChannelState, str | None], None], log: Logger,
                  lease: Lease | None = None, backoff: Backoff | None = None):
         self.name = name
         self.run = run

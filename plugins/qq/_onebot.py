@@ -45,8 +45,12 @@ from gateway import (
     UnknownPart,
     VideoPart,
     WebSocketClosed,
+    TIMEOUT,
     WebSocketConnection,
+    not_connected,
+    provider_call,
     provider_error,
+    transport_error,
     seconds,
     tokens_equal,
     verify_hmac,
@@ -361,7 +365,7 @@ class OneBot:
             for fut in bot.pending.values():
                 if not fut.done():
                     fut.set_exception(DeliveryError("OneBot connection closed before the answer", permanent=False,
-                                                    code="disconnected"))
+                                                    code=TIMEOUT))
             if bot.self_id and self.bots.get(bot.self_id) is bot:
                 del self.bots[bot.self_id]
             # Events already received are still published (the worker drains the queue);
@@ -617,7 +621,7 @@ class OneBot:
             return await self._call_http(action, params)
         bot = self.bots.get(self_id)
         if bot is None or bot.link is None or bot.link.closed:
-            raise DeliveryError(f"bot {mask(self_id)} is not connected", permanent=False, code="not_connected")
+            raise not_connected(f"OneBot bot {mask(self_id)}")
         return await self._call_bot(bot, action, params)
 
     async def _call_bot(self, bot: _Bot, action: str, params: dict[str, Any]) -> Any:
@@ -629,11 +633,11 @@ class OneBot:
             await bot.link.send(json.dumps({"action": action, "params": params, "echo": echo}, ensure_ascii=False))
             async with asyncio.timeout(self.api_timeout):
                 answer = await fut
-        except WebSocketClosed:
-            raise DeliveryError("OneBot connection closed", permanent=False, code="disconnected") from None
+        except WebSocketClosed as exc:
+            raise transport_error(exc, provider="OneBot") from None
         except TimeoutError:
             raise DeliveryError(f"OneBot did not answer {action} within {self.api_timeout:g}s", permanent=False,
-                                code="timeout") from None
+                                code=TIMEOUT) from None
         finally:
             bot.pending.pop(echo, None)
         return check_answer(answer)
@@ -643,14 +647,8 @@ class OneBot:
         (token), 404 (no such action), 400/406 (request) are permanent; 5xx transient."""
         assert self.http is not None
         headers = {"Authorization": f"Bearer {self.cfg.access_token}"} if self.cfg.access_token else {}
-        try:
+        with provider_call("OneBot HTTP API"):
             r = await self.http.post(f"{self.cfg.url.rstrip('/')}/{action}", json=params, headers=headers)
-        except httpx.TimeoutException:
-            raise DeliveryError(f"OneBot did not answer {action} within {self.api_timeout:g}s", permanent=False,
-                                code="timeout") from None
-        except httpx.HTTPError as exc:
-            raise DeliveryError(f"OneBot HTTP API unreachable ({type(exc).__name__})", permanent=False,
-                                code="not_connected") from None
         if r.status_code != 200:
             code = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "unknown_action",
                     406: "bad_request"}.get(r.status_code)

@@ -48,6 +48,7 @@ from .core.channel.toolkit import (
 from .core.hookspecs import hookimpl
 from .core.registry import PluginManager
 from .core.retry import Backoff
+from .core.channel.ratelimit import RateLimiter
 from .core.channel.websocket_client import WebSocketClient
 from .core.http.websocket import Handshake, WebSocketClosed, WebSocketConnection, tokens_equal
 from .core.schema import (
@@ -166,6 +167,7 @@ __all__ += [
     "ProviderIndex",
     "Sent",
     "SharedValue",
+    "RateLimiter",
     "Supervised",
     "check_timestamp",
     "TIMEOUT",

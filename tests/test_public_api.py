@@ -180,3 +180,9 @@ def test_channel_context_config_and_log_are_typed():
     hints = typing.get_type_hints(gateway.ChannelContext)
     assert hints["log"] is gateway.Logger
     assert hints["config"] is not typing.Any and isinstance(hints["config"], typing.TypeVar)
+
+
+def test_plugins_carry_the_providers_code_on_delivery_error_not_on_their_own_classes():
+    own = [f"{p.relative_to(ROOT)}: {m.group(0)}" for p in (ROOT / "plugins").rglob("*.py")
+           for m in re.finditer(r"^class \w+\(DeliveryError\)", p.read_text(encoding="utf-8"), re.M)]
+    assert not own, f"use DeliveryError(..., provider_code=) instead of a class of its own: {own}"

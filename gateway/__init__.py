@@ -29,7 +29,6 @@ from .core.channel.toolkit import (
     ProviderIndex,
     Sent,
     SharedValue,
-    Supervised,
     check_timestamp,
     not_connected,
     parse_retry_after,
@@ -60,7 +59,7 @@ from .core.http.websocket import Handshake, WebSocketConnection, tokens_equal
 from .core.logs import Throttle
 from .core.process import Gateway
 from .core.registry import PluginManager
-from .core.retry import Backoff
+from .core.retry import Backoff, Supervised
 from .core.scheduling.quiet import check_quiet_hours, quiet_until
 from .core.schema import (
     SCHEMA_VERSION,

@@ -5,6 +5,7 @@ below a signature."""
 from __future__ import annotations
 
 import codecs
+import email.errors
 import email.header
 import re
 
@@ -102,7 +103,8 @@ def decode_header_value(raw: str, fallbacks: list[str] | tuple[str, ...] = ("utf
         return value
     try:
         chunks = email.header.decode_header(value)
-    except (ValueError, IndexError, AssertionError, UnicodeError):
+    except (ValueError, IndexError, AssertionError, UnicodeError, email.errors.HeaderParseError):
+        # A damaged encoded word (bad base64) is shown as written, not a reason to refuse the mail.
         return value
     out: list[str] = []
     for chunk, charset in chunks:

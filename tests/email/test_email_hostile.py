@@ -258,3 +258,12 @@ async def test_repeated_message_id_with_raw_8bit_references_is_answered_250_twic
     msgs = await email_bus.inbound()
     assert len(msgs) == 2 and msgs[1].meta["references"] == ["<a@\u00ca>"]
     await still_serving(send_mail, ch.smtp_port, email_bus)
+
+
+async def test_broken_base64_encoded_word_in_a_sender_name_is_published_as_written(start_email, send_mail, email_bus):
+    _, ch = await start_email()
+    raw = (b"From: =?GB2312?B?1c^I/Q==?= <zhang@customer.test>\r\nTo: support@acme.test\r\nSubject: hi\r\n"
+           b"Message-ID: <broken-word@customer.test>\r\n\r\nhello\r\n")
+    assert (await send_mail(ch.smtp_port, raw))[0] == 250
+    [msg] = await email_bus.inbound()
+    assert (msg.sender.id, msg.sender.name) == ("zhang@customer.test", "=?GB2312?B?1c^I/Q==?=")

@@ -13,6 +13,7 @@ from gateway import (
     ChannelContext,
     Conversation,
     DeliveryError,
+    DeliveryState,
     ErrorInfo,
     Outbound,
     Participant,
@@ -233,16 +234,20 @@ class EmailChannel(Channel):
             self.ctx.log.info("bounce already reported", status=status)
             return True
         handled = False
+        # Action "failed" is final whatever the status class (the reporting MTA stopped
+        # trying): dead, permanent unless the cause was temporary (4.4.7 expired), when
+        # sending again may work. Anything else ("delayed") is a failed that is not final.
+        final = action == "failed"
+        state: DeliveryState = "dead" if final else "failed"
+        permanent = final and not (status or "").startswith("4")
         for mid in ids:
             rec = await self.sent.get(mid) or await sent_before_upgrade(self.ctx.state, mid)
             if rec is None:
                 continue
-            permanent = action == "failed" and not (status or "").startswith("4")
             text = f"bounced: {action}" + (f" {status}" if status else "") + (f" ({diagnostic})" if diagnostic else "")
-            await self.ctx.report_status(rec.outbound_id, "dead" if permanent else "failed", conversation=rec.conversation,
-                                         provider_id=mid,
+            await self.ctx.report_status(rec.outbound_id, state, conversation=rec.conversation, provider_id=mid,
                                          error=ErrorInfo(message=text[:500], permanent=permanent, code=status or "bounce"))
-            self.ctx.log.info("bounce reported", outbound_id=rec.outbound_id, state="dead" if permanent else "failed", status=status)
+            self.ctx.log.info("bounce reported", outbound_id=rec.outbound_id, state=state, status=status)
             handled = True
         if handled:
             await self.ctx.state.put(seen_key, b"1", ttl=seconds(self.cfg.thread_ttl))

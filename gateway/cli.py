@@ -72,6 +72,14 @@ def _bus_url(config: Config) -> str:
     return config.bus.url or f"nats://{config.bus.embedded_host}:{config.bus.embedded_port}"
 
 
+def _bus_shown(config: Config) -> str:
+    """The bus URL as the command may print it: a URL that came from the environment
+    (``${VAR}``, ``GATEWAY_BUS_URL``) is never printed, only where it came from."""
+    if config.bus.url and ("bus", "url") in config.from_env:
+        return "the bus URL from the environment"
+    return "the bus at " + mask_secrets(_bus_url(config))
+
+
 def _reason(exc: BaseException) -> str:
     """What went wrong, in the server's or the system's words (not an exception class)."""
     import nats.errors
@@ -115,7 +123,7 @@ async def _connect(config: Config) -> Any:
             hint = " (is `gateway run` running with the embedded bus?)"
         else:
             hint = ""
-        raise BusUnavailable(f"cannot reach the bus at {mask_secrets(url)}: {reason}{hint}") from exc
+        raise BusUnavailable(f"cannot reach {_bus_shown(config)}: {reason}{hint}") from exc
 
 
 # --- commands -----------------------------------------------------------------------
@@ -124,6 +132,12 @@ async def _connect(config: Config) -> Any:
 def cmd_run(args: argparse.Namespace) -> int:
     from .core._gateway import Gateway
 
+    # The options are the environment overrides, set for this process: a reload (SIGHUP)
+    # re-reads the file and keeps them, instead of seeing the file's ports as a change.
+    if args.port is not None:
+        os.environ["GATEWAY_HTTP_PORT"] = str(args.port)
+    if args.bus_port is not None:
+        os.environ["GATEWAY_BUS_PORT"] = str(args.bus_port)
     config, pm = _load(args)
     configure_logging(args.log_format or config.log.format, args.log_level or config.log.level)
     path = _config_path(args.config)
@@ -161,7 +175,9 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     config = load_config(path, PluginManager().channel_types)
     _register_secrets(config)
     names = ", ".join(f"{n} ({c.type})" for n, c in config.channels.items()) or "none"
-    print(f"{path}: OK; channels: {names}; bus: {mask_secrets(config.bus.url) or 'embedded'}")
+    bus = ("from the environment" if ("bus", "url") in config.from_env else mask_secrets(config.bus.url)) \
+        if config.bus.url else "embedded"
+    print(f"{path}: OK; channels: {names}; bus: {bus}")
     return EXIT_OK
 
 
@@ -268,7 +284,7 @@ def cmd_tail(args: argparse.Namespace) -> int:
                 done.set()
 
         await nc.subscribe(subject, cb=on_msg)
-        print(f"tailing {subject} on {mask_secrets(_bus_url(config))} (Ctrl-C to stop)", file=sys.stderr, flush=True)
+        print(f"tailing {subject} on {_bus_shown(config).removeprefix('the bus at ')} (Ctrl-C to stop)", file=sys.stderr, flush=True)
         try:
             await done.wait()
         finally:
@@ -314,6 +330,12 @@ def cmd_reminders(args: argparse.Namespace) -> int:
 # --- parser -------------------------------------------------------------------------
 
 
+def _port(text: str) -> int:
+    if text.isascii() and text.isdigit() and int(text) <= 65535:
+        return int(text)
+    raise argparse.ArgumentTypeError("expected a port number from 0 to 65535")
+
+
 def build_parser() -> argparse.ArgumentParser:
     def common(parser: argparse.ArgumentParser, default: Any = None) -> argparse.ArgumentParser:
         parser.add_argument("-c", "--config", default=default,
@@ -333,6 +355,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("run", parents=[shared], help="run the gateway (embedded nats-server when no [bus] url)",
                        description="Run the gateway until SIGTERM/SIGINT; SIGHUP reloads the configuration.")
+    s.add_argument("--port", type=_port, metavar="N",
+                   help="HTTP port, instead of [http] port (same as GATEWAY_HTTP_PORT=N)")
+    s.add_argument("--bus-port", type=_port, metavar="N",
+                   help="embedded nats-server port, instead of [bus] embedded_port (same as GATEWAY_BUS_PORT=N; "
+                        "set that variable for the other commands to find it)")
     s.set_defaults(func=cmd_run)
 
     s = sub.add_parser("check-config", parents=[shared], help="validate a configuration file and print every problem",

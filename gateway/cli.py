@@ -93,7 +93,9 @@ def _reason(exc: BaseException) -> str:
     return text.strip("'\"") or type(exc).__name__
 
 
-async def _connect(config: Config) -> Any:
+async def _connect(config: Config, closed_cb: Any = None) -> Any:
+    """One connection to the bus, no automatic reconnect (a command fails fast, exit 3);
+    ``closed_cb`` is awaited when it is lost."""
     import nats
     import nats.errors
 
@@ -111,6 +113,8 @@ async def _connect(config: Config) -> Any:
         opts["token"] = config.bus.token
     if config.bus.creds_file:
         opts["user_credentials"] = config.bus.creds_file
+    if closed_cb is not None:
+        opts["closed_cb"] = closed_cb
     try:
         return await nats.connect(**opts)
     except Exception as exc:
@@ -268,7 +272,12 @@ def cmd_tail(args: argparse.Namespace) -> int:
     subject = args.subject or f"{config.bus.prefix}.>"
 
     async def go() -> None:
-        nc = await _connect(config)
+        lost = asyncio.Event()
+
+        async def on_closed() -> None:
+            lost.set()
+
+        nc = await _connect(config, on_closed)
         seen = 0
         done = asyncio.Event()
 
@@ -283,10 +292,31 @@ def cmd_tail(args: argparse.Namespace) -> int:
             if args.count and seen >= args.count:
                 done.set()
 
+        where = _bus_shown(config).removeprefix("the bus at ")
         await nc.subscribe(subject, cb=on_msg)
-        print(f"tailing {subject} on {_bus_shown(config).removeprefix('the bus at ')} (Ctrl-C to stop)", file=sys.stderr, flush=True)
+        print(f"tailing {subject} on {where} (Ctrl-C to stop)", file=sys.stderr, flush=True)
         try:
-            await done.wait()
+            while True:
+                finished = asyncio.create_task(done.wait())
+                gone = asyncio.create_task(lost.wait())
+                await asyncio.wait({finished, gone}, return_when=asyncio.FIRST_COMPLETED)
+                finished.cancel()
+                gone.cancel()
+                if done.is_set():
+                    return
+                # The gateway (and its embedded bus) restarted, or the server went away:
+                # say so, then keep trying, as someone watching the bus expects.
+                print("tail: lost the connection to the bus; reconnecting (Ctrl-C to stop)", file=sys.stderr, flush=True)
+                lost.clear()
+                while True:
+                    try:
+                        nc = await _connect(config, on_closed)
+                        break
+                    except BusUnavailable:
+                        await asyncio.sleep(1)
+                await nc.subscribe(subject, cb=on_msg)
+                print(f"tail: reconnected to {where}; messages published meanwhile are not shown",
+                      file=sys.stderr, flush=True)
         finally:
             await nc.close()
 

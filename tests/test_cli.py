@@ -114,3 +114,38 @@ def test_run_refuses_a_port_out_of_range(capsys):
     with pytest.raises(SystemExit) as exc:
         main(["run", "--port", "70000"])
     assert exc.value.code == 2 and "--port: expected a port number from 0 to 65535" in capsys.readouterr().err
+
+
+async def test_tail_reconnects_after_the_gateway_restarts_and_says_so(tmp_path):
+    import os
+    import signal
+
+    from gateway.testing import GatewayProcess
+
+    gp = GatewayProcess(tmp_path)
+    await asyncio.to_thread(gp.start)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
+    tail = await asyncio.create_subprocess_exec(sys.executable, "-m", "gateway", "-c", str(gp.config), "tail", "gw.in.>",
+                                                env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    try:
+        assert b"tailing gw.in.>" in await asyncio.wait_for(tail.stderr.readline(), 30)
+        await post_inbound(gp.http_port, "demo", text="before the restart", sender="alice")
+        assert b"'before the restart'" in await asyncio.wait_for(tail.stdout.readline(), 30)
+
+        gp.signal(signal.SIGTERM)
+        assert await asyncio.to_thread(gp.wait) == 0
+        lost = (await asyncio.wait_for(tail.stderr.readline(), 30)).decode()
+        assert "lost the connection to the bus" in lost and "reconnecting" in lost, lost
+        await asyncio.to_thread(gp.start)
+        back = (await asyncio.wait_for(tail.stderr.readline(), 60)).decode()
+        assert back.startswith("tail: reconnected to nats://127.0.0.1:"), back
+        await post_inbound(gp.http_port, "demo", text="after the restart", sender="alice")
+        assert b"'after the restart'" in await asyncio.wait_for(tail.stdout.readline(), 30)
+        assert tail.returncode is None
+    finally:
+        if tail.returncode is None:
+            tail.send_signal(signal.SIGINT)
+            await asyncio.wait_for(tail.wait(), 30)
+        if gp.proc is not None and gp.proc.poll() is None:
+            gp.signal(signal.SIGTERM)
+            await asyncio.to_thread(gp.wait)

@@ -17,21 +17,15 @@ from pathlib import Path
 from typing import Any
 
 
-from .core._config import Config, load_config
+from .core._config import DEFAULT_CONFIG, Config, find_config, load_config
 from .core._errors import BusUnavailable, ConfigError, PluginError, StartupError
 from .core._logging import add_secrets, configure_logging, get_logger, mask_secrets, url_secrets
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE, EXIT_BUS, EXIT_PLUGIN = 0, 1, 2, 3, 4
-DEFAULT_CONFIG = "gateway.toml"
 
 
 def _config_path(arg: str | None) -> str | None:
-    if arg:
-        return arg
-    env = os.environ.get("GATEWAY_CONFIG")
-    if env:
-        return env
-    return DEFAULT_CONFIG if Path(DEFAULT_CONFIG).exists() else None
+    return find_config(arg)
 
 
 def _load(args: argparse.Namespace) -> tuple[Config, Any]:

@@ -557,11 +557,37 @@ def parse_config(
     return Config(settings=settings, channels=channels, source=source, from_env=frozenset(from_env))
 
 
+DEFAULT_CONFIG = "gateway.toml"
+
+
+def find_config(path: str | os.PathLike[str] | None = None, env: Mapping[str, str] | None = None) -> str | None:
+    """The configuration file every command and client reads: ``path`` if given, else
+    ``$GATEWAY_CONFIG``, else ``./gateway.toml`` if it exists, else None (defaults)."""
+    if path:
+        return str(path)
+    configured = (os.environ if env is None else env).get("GATEWAY_CONFIG")
+    if configured:
+        return configured
+    return DEFAULT_CONFIG if Path(DEFAULT_CONFIG).exists() else None
+
+
+def load_settings(path: str | os.PathLike[str] | None, env: Mapping[str, str] | None = None) -> Config:
+    """Like :func:`load_config` for a program that needs the settings only (a backend
+    needs ``[bus]``): the ``[channels.*]`` sections are not validated, so channel types
+    installed only where the gateway runs are no error."""
+    return _load(path, None, env)
+
+
 def load_config(path: str | os.PathLike[str] | None, channel_types: Mapping[str, Any],
                 env: Mapping[str, str] | None = None) -> Config:
     """Read and validate a TOML file; None means built-in defaults and no channels."""
+    return _load(path, channel_types, env)
+
+
+def _load(path: str | os.PathLike[str] | None, channel_types: Mapping[str, Any] | None,
+          env: Mapping[str, str] | None) -> Config:
     if path is None:
-        return parse_config({}, channel_types, env=env)
+        return parse_config({}, channel_types or {}, env=env)
     p = Path(path)
     try:
         text = p.read_text(encoding="utf-8")
@@ -573,4 +599,6 @@ def load_config(path: str | os.PathLike[str] | None, channel_types: Mapping[str,
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError([f"{p}: invalid TOML: {exc}"]) from exc
-    return parse_config(data, channel_types, source=str(path), text=text, env=env)
+    if channel_types is None:
+        data.pop("channels", None)
+    return parse_config(data, channel_types or {}, source=str(path), text=text, env=env)

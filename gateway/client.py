@@ -26,11 +26,11 @@ import nats.errors
 import nats.js.errors
 from nats.js import api
 
-from .core._bus import Subjects
-from .core._contract import dead_inbound_headers, outbound_headers
-from .core._errors import GatewayError
-from .core._reminders import ReminderError, ReminderStore
-from .core._schema import (
+from .core.bus.connection import Subjects
+from .core.bus.contract import dead_inbound_headers, outbound_headers
+from .core.errors import GatewayError
+from .core.scheduling.reminders import ReminderError, ReminderStore
+from .core.schema import (
     DeadLetter,
     DeliveryStatus,
     DeskTask,
@@ -90,7 +90,7 @@ class Client:
         the embedded server's ``embedded_host:embedded_port``), ``prefix`` and the
         credentials (``user``/``password``, ``token``, ``creds_file``). Only the settings are
         validated, not the channel sections. Raises :class:`ConfigError` (file, line, key)."""
-        from .core._config import find_config, load_settings
+        from .core.config import find_config, load_settings
 
         bus = load_settings(find_config(path)).bus
         opts: dict[str, Any] = {}

@@ -124,3 +124,20 @@ async def test_a_bounce_delivered_twice_reports_the_outbound_dead_once(gateway_f
     dead = [s for s in await email_bus.statuses() if s.outbound_id == "out-b9" and s.state == "dead"]
     assert dead == [first]
     assert len(await email_bus.inbound()) == 1
+
+
+async def test_success_and_relay_reports_are_not_failures(start_email, send_mail, email_bus, smtp_sink):
+    # NOTIFY=SUCCESS reports (RFC 3464 Action: delivered / relayed) say nothing went wrong.
+    ch, _, our_id, _ = await sent_reply(start_email, send_mail, email_bus, smtp_sink, "out-b5")
+    assert (await send_mail(ch.smtp_port, dsn(our_id, "delivered", "2.0.0"), mail_from=""))[0] == 250
+    delivered = await email_bus.wait_status("out-b5", "delivered")
+    assert (delivered.attempt, delivered.error, delivered.provider_id) == (0, None, our_id)
+    relayed = dsn(our_id, "relayed", "2.0.0").replace(b"<dsn-relayed@", b"<dsn-relayed-2@")
+    assert (await send_mail(ch.smtp_port, relayed, mail_from=""))[0] == 250
+    await still_delivered_only(email_bus, "out-b5")
+    assert len(await email_bus.inbound()) == 1  # neither report is a customer message
+
+
+async def still_delivered_only(email_bus, outbound_id: str) -> None:
+    # A status is on the stream before the SMTP answer: reading now is enough.
+    assert [s.state for s in await email_bus.statuses() if s.outbound_id == outbound_id] == ["accepted", "sent", "delivered"]

@@ -239,7 +239,8 @@ class EmailChannel(Channel):
         # sending again may work. "delayed" is a failed that is not final. "delivered" (a
         # NOTIFY=SUCCESS report) is a receipt; "relayed" and "expanded" say nothing about
         # the outcome, so they report nothing (and are no customer message either).
-        state: DeliveryState | None = {"failed": "dead", "delayed": "failed", "delivered": "delivered"}.get(action)
+        outcomes: dict[str, DeliveryState] = {"failed": "dead", "delayed": "failed", "delivered": "delivered"}
+        state = outcomes.get(action)
         permanent = state == "dead" and not (status or "").startswith("4")
         for mid in ids:
             rec = await self.sent.get(mid) or await sent_before_upgrade(self.ctx.state, mid)

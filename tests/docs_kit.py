@@ -33,7 +33,8 @@ class Shell:
         self.path = path
         self.prelude = prelude
         self.env = env if env is not None else {
-            k: v for k, v in os.environ.items() if k not in ("GATEWAY_CONFIG", "GATEWAY_BUS_URL", "VIRTUAL_ENV")}
+            k: v for k, v in os.environ.items()
+            if k not in ("GATEWAY_CONFIG", "GATEWAY_BUS_URL", "GATEWAY_HTTP_PORT", "GATEWAY_BUS_PORT", "VIRTUAL_ENV")}
         self.procs: list[asyncio.subprocess.Process] = []
 
     def localize(self, text: str) -> str:
@@ -123,7 +124,8 @@ class PluginVenv:
             script.chmod(0o755)
         self.env = {**os.environ, "PATH": f"{self.bin}{os.pathsep}{Path(sys.executable).parent}{os.pathsep}"
                                           f"{os.environ.get('PATH', '')}"}
-        for name in ("VIRTUAL_ENV", "PYTHONPATH", "GATEWAY_CONFIG", "GATEWAY_BUS_URL", "GATEWAY_LOAD_PLUGINS"):
+        for name in ("VIRTUAL_ENV", "PYTHONPATH", "GATEWAY_CONFIG", "GATEWAY_BUS_URL", "GATEWAY_HTTP_PORT",
+                     "GATEWAY_BUS_PORT", "GATEWAY_LOAD_PLUGINS"):
             self.env.pop(name, None)
 
     def run(self, args: list[str], cwd: Path, timeout: float = 300) -> str:

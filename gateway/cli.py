@@ -37,6 +37,15 @@ def _load(args: argparse.Namespace) -> tuple[Config, Any]:
     return config, pm
 
 
+def _load_bus(args: argparse.Namespace) -> Config:
+    """The configuration of a command that only talks to the bus: no plugin is loaded and
+    the channel sections are not checked, so a channel's unset ``${SECRET}`` (or a broken
+    plugin) does not stop ``gateway send`` or ``gateway dlq list``."""
+    config = load_config(_config_path(args.config), {}, bus_only=True)
+    _register_secrets(config)
+    return config
+
+
 def _register_secrets(config: Config) -> None:
     """From here on the bus credentials are masked in everything this process prints,
     whichever way they were given (URL, [bus] keys, ${ENV}, GATEWAY_BUS_URL)."""
@@ -213,7 +222,7 @@ def cmd_send(args: argparse.Namespace) -> int:
     from .core.bus.contract import outbound_headers
     from .core.schema import Outbound, TextPart, encode
 
-    config, _ = _load(args)
+    config = _load_bus(args)
     ctype = args.type
     if ctype is None:
         ch = config.channels.get(args.channel)
@@ -262,7 +271,7 @@ def _describe(subject: str, data: bytes) -> str:
 
 
 def cmd_tail(args: argparse.Namespace) -> int:
-    config, _ = _load(args)
+    config = _load_bus(args)
     subject = args.subject or f"{config.bus.prefix}.>"
 
     async def go() -> None:
@@ -324,7 +333,7 @@ def cmd_tail(args: argparse.Namespace) -> int:
 def cmd_dlq(args: argparse.Namespace) -> int:
     from . import _cli_dlq
 
-    config, _ = _load(args)
+    config = _load_bus(args)
 
     async def go() -> int:
         nc = await _connect(config)
@@ -339,7 +348,7 @@ def cmd_dlq(args: argparse.Namespace) -> int:
 def cmd_reminders(args: argparse.Namespace) -> int:
     from . import _cli_reminders
 
-    config, _ = _load(args)
+    config = _load_bus(args)
 
     async def go() -> int:
         nc = await _connect(config)
@@ -349,6 +358,14 @@ def cmd_reminders(args: argparse.Namespace) -> int:
             await nc.close()
 
     return asyncio.run(go())
+
+
+def cmd_new_plugin(args: argparse.Namespace) -> int:
+    from . import __version__, _cli_scaffold
+    from .core.registry import PluginManager
+
+    taken = {t: f"{i.package} {i.version}" for t, i in PluginManager().channel_types.items()}
+    return _cli_scaffold.run(args.name, "poller" if args.poller else "webhook", args.dir, __version__, taken)
 
 
 # --- parser -------------------------------------------------------------------------
@@ -428,6 +445,17 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--channel")
     d.add_argument("--yes", action="store_true", help="do not ask for confirmation")
     s.set_defaults(func=cmd_dlq)
+
+    s = sub.add_parser("new-plugin", parents=[shared], help="write a channel plugin package to start from",
+                       description="Write a channel plugin package: pyproject.toml with its entry point, the "
+                                   "channel and its config, a fake of the provider, the conformance tests, a README. "
+                                   "It installs, type-checks (mypy --strict) and passes its tests as generated.")
+    s.add_argument("name", help="the channel type (lower-case letters, digits, '_'); the package is gateway_<name>")
+    flavour = s.add_mutually_exclusive_group()
+    flavour.add_argument("--webhook", action="store_true", help="the provider posts to a signed webhook (default)")
+    flavour.add_argument("--poller", action="store_true", help="the gateway polls the provider for new messages")
+    s.add_argument("--dir", help="the package folder to write, absent or empty (default: ./gateway-<name>)")
+    s.set_defaults(func=cmd_new_plugin)
 
     s = sub.add_parser("reminders", parents=[shared], help="list, show, cancel or move pending reminders")
     rsub = s.add_subparsers(dest="reminders_command", required=True, metavar="ACTION")

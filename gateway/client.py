@@ -28,8 +28,8 @@ from nats.js import api
 
 from .core.bus.connection import Subjects
 from .core.bus.contract import dead_inbound_headers, outbound_headers
-from .core.errors import GatewayError
-from .core.scheduling.reminders import ReminderError, ReminderStore
+from .core.errors import GatewayError, ReminderError
+from .core.scheduling.reminders import ReminderStore
 from .core.schema import (
     DeadLetter,
     DeliveryStatus,

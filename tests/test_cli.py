@@ -57,7 +57,7 @@ def test_send_to_an_unknown_channel_without_type_is_a_usage_error(tmp_path, caps
 
 
 def test_every_command_has_help():
-    for cmd in ("run", "check-config", "plugins", "schema", "send", "tail", "dlq"):
+    for cmd in ("run", "check-config", "plugins", "schema", "send", "tail", "dlq", "reminders", "new-plugin"):
         r = subprocess.run([sys.executable, "-m", "gateway", cmd, "--help"], capture_output=True, text=True, timeout=30)
         assert r.returncode == 0 and "usage: gateway" in r.stdout, cmd
 
@@ -65,6 +65,29 @@ def test_every_command_has_help():
 def test_unknown_command_exits_2():
     r = subprocess.run([sys.executable, "-m", "gateway", "frobnicate"], capture_output=True, text=True, timeout=30)
     assert r.returncode == 2 and "invalid choice" in r.stderr
+
+
+async def test_bus_commands_run_without_the_channels_secret_variables(gateway_factory, nats_server, tmp_path,
+                                                                      monkeypatch, capsys):
+    # Only [bus] matters to a command that talks to the bus; a channel's ${SECRET} unset on
+    # the operator's shell is irrelevant there (check-config and run still refuse it).
+    monkeypatch.delenv("GW_TEST_UNSET_SECRET", raising=False)
+    cfg = tmp_path / "gateway.toml"
+    cfg.write_text(f'[bus]\nurl = "{nats_server.url}"\n[channels.demo]\ntype = "mock"\n'
+                   f'[channels.mail]\ntype = "email"\nsmtp_password = "${{GW_TEST_UNSET_SECRET}}"\n')
+    await gateway_factory({"demo": {"type": "mock"}})  # the bus's streams
+
+    def cli(*args: str) -> tuple[int, str, str]:
+        code = main(["-c", str(cfg), *args])
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    code, out, err = await asyncio.to_thread(cli, "send", "--channel", "demo", "--conversation", "demo.x", "--text", "hi")
+    assert code == 0 and "published outbound" in out and "gw.out.mock.demo" in out, err
+    code, out, err = await asyncio.to_thread(cli, "dlq", "list")
+    assert code == 0, err
+    code, out, err = await asyncio.to_thread(cli, "check-config")
+    assert code == 2 and "GW_TEST_UNSET_SECRET is not set" in err, err
 
 
 async def test_run_takes_its_ports_from_options_or_the_environment_and_other_commands_follow_the_environment(tmp_path):

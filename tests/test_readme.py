@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import re
 import shlex
 import signal
@@ -22,16 +21,16 @@ from pathlib import Path
 import httpx
 import pytest
 import websockets.asyncio.client
+from docs_kit import ROOT, Lines, Shell, fenced_blocks
 
-from gateway.testing import free_port, wait_until
+from gateway.testing import free_port
 
-ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
 
 
 def readme_blocks() -> list[tuple[str, str]]:
     """(language, code) of every fenced block, in order."""
-    return [(m.group(1), m.group(2)) for m in re.finditer(r"^```(\w*)\n(.*?)^```", README.read_text(), re.M | re.S)]
+    return fenced_blocks(README)
 
 
 def test_every_readme_block_is_covered_by_this_test():
@@ -56,12 +55,12 @@ def _block(kind: str) -> str:
     return code
 
 
-class Folder:
+class Folder(Shell):
     """A temporary folder laid out like the checkout, with its own ports, where commands
     run through bash with the venv activated, as the README says."""
 
     def __init__(self, path: Path):
-        self.path = path
+        super().__init__(path, prelude=". .venv/bin/activate && ")
         self.http_port = free_port()
         self.nats_port = free_port()
         (path / ".venv").symlink_to(sys.prefix)
@@ -71,74 +70,17 @@ class Folder:
         example = example.replace("\nport = 8080", f"\nport = {self.http_port}")
         example = example.replace("\nembedded_port = 4222", f"\nembedded_port = {self.nats_port}")
         (path / "gateway.example.toml").write_text(example)
-        self.procs: list[asyncio.subprocess.Process] = []
 
     def localize(self, text: str) -> str:
         return text.replace("localhost:8080", f"localhost:{self.http_port}").replace(
             "127.0.0.1:8080", f"127.0.0.1:{self.http_port}").replace("127.0.0.1:4222", f"127.0.0.1:{self.nats_port}")
-
-    async def start(self, command: str, activate: bool = True) -> asyncio.subprocess.Process:
-        script = (". .venv/bin/activate && " if activate else "") + self.localize(command)
-        env = {k: v for k, v in os.environ.items() if k not in ("GATEWAY_CONFIG", "GATEWAY_BUS_URL", "GATEWAY_HTTP_PORT",
-                                                                 "GATEWAY_BUS_PORT", "VIRTUAL_ENV")}
-        # Its own process group, signalled as a whole: what Ctrl-C in a terminal does.
-        proc = await asyncio.create_subprocess_exec("bash", "-c", script, cwd=self.path, env=env, start_new_session=True,
-                                                    stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
-        self.procs.append(proc)
-        return proc
-
-    async def run(self, command: str) -> str:
-        proc = await self.start(command)
-        out, err = await asyncio.wait_for(proc.communicate(), 60)
-        assert proc.returncode == 0, (command, out, err)
-        return out.decode()
-
-    @staticmethod
-    def signal(proc: asyncio.subprocess.Process, sig: int) -> None:
-        if proc.returncode is None:
-            try:
-                os.killpg(proc.pid, sig)
-            except ProcessLookupError:
-                pass
-
-
-class Lines:
-    """Collects a process's output lines in the background."""
-
-    def __init__(self, stream: asyncio.StreamReader):
-        self.lines: list[str] = []
-        self.task = asyncio.create_task(self._read(stream))
-
-    async def _read(self, stream: asyncio.StreamReader) -> None:
-        while line := await stream.readline():
-            self.lines.append(line.decode().rstrip("\n"))
-
-    async def wait_for(self, *needles: str, after: int = 0, timeout: float = 60) -> int:
-        """Index of the first line from ``after`` on that contains every needle."""
-        found: list[int] = []
-
-        def check() -> bool:
-            found[:] = [i for i, ln in enumerate(self.lines) if i >= after and all(n in ln for n in needles)]
-            return bool(found)
-
-        try:
-            await wait_until(check, timeout, 0.1)
-        except AssertionError:
-            raise AssertionError(f"no line with {needles} after line {after}:\n" + "\n".join(self.lines)) from None
-        return found[0]
 
 
 @pytest.fixture
 async def folder(tmp_path):
     f = Folder(tmp_path)
     yield f
-    for proc in reversed(f.procs):
-        if proc.returncode is None:
-            f.signal(proc, signal.SIGTERM)
-            try:
-                await asyncio.wait_for(proc.wait(), 30)
-            except asyncio.TimeoutError:
-                f.signal(proc, signal.SIGKILL)
+    await f.close()
 
 
 def _commands(block: str) -> list[str]:
@@ -149,7 +91,7 @@ async def test_readme_run_tour_and_backend_work_as_written(folder):
     # --- Run it: the first command, without its install part ------------------------
     first = _block("install-and-run").strip().split(" && ")
     assert first[0] == "python3 -m venv .venv" and first[1].startswith(".venv/bin/pip install -c requirements.lock -e .")
-    gateway = await folder.start(" && ".join(first[2:]), activate=False)
+    gateway = await folder.start(" && ".join(first[2:]), prelude=False)
     log = Lines(gateway.stderr)
     await log.wait_for("http listening")
     await log.wait_for("channel started", "channel=demo")

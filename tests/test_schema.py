@@ -82,3 +82,18 @@ def test_derived_ids_never_change_between_releases():
 
     assert message_id("demo", "p-1") == "2xlw676q26dzc5nd7hovexk5zb"
     assert conversation_key("demo", "alice") == "demo.j5jubarhqc37lcqsupgkeysqig"
+
+
+def test_every_part_type_reads_its_tag_as_type_and_json_keeps_it_once():
+    import typing
+
+    from gateway import Part
+
+    for cls in typing.get_args(Part):
+        assert cls.type == cls.__struct_config__.tag, cls  # the attribute is the wire tag
+    part = ImagePart(data=b"x", content_type="image/png")
+    assert part.type == "image"
+    assert json.loads(encode(part)) == {"type": "image", "content_type": "image/png", "data": "eA=="}
+    assert message_decoder.decode(encode(Message(
+        id="x", channel_type="t", channel="c", conversation="c.k", sender=Participant(id="u"),
+        received_at=datetime(2026, 1, 1, tzinfo=timezone.utc), parts=[TextPart(text="hi")]))).parts[0].type == "text"

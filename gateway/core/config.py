@@ -467,18 +467,30 @@ def parse_config(
     source: str = "<config>",
     text: str | None = None,
     env: Mapping[str, str] | None = None,
+    bus_only: bool = False,
 ) -> Config:
     """Validate already-parsed TOML data. ``channel_types`` maps a type name to its
     :class:`Channel` class (for its ``config_type``). Raises :class:`ConfigError` with
-    every problem found."""
+    every problem found.
+
+    ``bus_only`` is for commands that only talk to the bus (``gateway send``, ``tail``,
+    ``dlq``, ``reminders``): the channel sections are not validated and their ``${VAR}``
+    are not resolved (a channel's secret need not be set to publish a test message);
+    ``channels`` then holds each channel's name and ``type`` only (``options`` None)."""
     problems = _Problems(source, _Locator(text) if text is not None else None)
-    data = _resolve_env(data, (), os.environ if env is None else env, problems)
+    data = dict(data)
     channels_raw = data.pop("channels", {})
+    data = _resolve_env(data, (), os.environ if env is None else env, problems)
     _check(data, GatewaySettings, (), problems)
     channels: dict[str, ChannelConfig] = {}
     if not isinstance(channels_raw, dict):
         problems.add(("channels",), f"expected a table of [channels.<name>] sections, got {_found_type(channels_raw)}")
         channels_raw = {}
+    if bus_only:
+        channels_raw = {name: {k: v for k, v in section.items() if k == "type"} if isinstance(section, dict) else section
+                        for name, section in channels_raw.items()}
+    else:
+        channels_raw = _resolve_env(channels_raw, ("channels",), os.environ if env is None else env, problems)
     for name, section in channels_raw.items():
         path = ("channels", name)
         if not _NAME.match(name):
@@ -496,6 +508,9 @@ def parse_config(
         ctype = common.get("type")
         if not isinstance(ctype, str):
             problems.add(path + ("type",), "missing required key (the channel type, see `gateway plugins`)")
+            continue
+        if bus_only:
+            channels[name] = ChannelConfig(name, ctype, True, True, None, None, None, None)
             continue
         if ctype not in channel_types:
             known = ", ".join(sorted(channel_types)) or "none loaded"
@@ -591,15 +606,16 @@ def load_settings(path: str | os.PathLike[str] | None, env: Mapping[str, str] | 
 
 
 def load_config(path: str | os.PathLike[str] | None, channel_types: Mapping[str, Any],
-                env: Mapping[str, str] | None = None) -> Config:
-    """Read and validate a TOML file; None means built-in defaults and no channels."""
-    return _load(path, channel_types, env)
+                env: Mapping[str, str] | None = None, *, bus_only: bool = False) -> Config:
+    """Read and validate a TOML file; None means built-in defaults and no channels.
+    ``bus_only``: see :func:`parse_config`."""
+    return _load(path, channel_types, env, bus_only=bus_only)
 
 
 def _load(path: str | os.PathLike[str] | None, channel_types: Mapping[str, Any] | None,
-          env: Mapping[str, str] | None) -> Config:
+          env: Mapping[str, str] | None, *, bus_only: bool = False) -> Config:
     if path is None:
-        return parse_config({}, channel_types or {}, env=env)
+        return parse_config({}, channel_types or {}, env=env, bus_only=bus_only)
     p = Path(path)
     try:
         text = p.read_text(encoding="utf-8")
@@ -613,4 +629,4 @@ def _load(path: str | os.PathLike[str] | None, channel_types: Mapping[str, Any] 
         raise ConfigError([f"{p}: invalid TOML: {exc}"]) from exc
     if channel_types is None:
         data.pop("channels", None)
-    return parse_config(data, channel_types or {}, source=str(path), text=text, env=env)
+    return parse_config(data, channel_types or {}, source=str(path), text=text, env=env, bus_only=bus_only)

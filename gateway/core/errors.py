@@ -1,4 +1,9 @@
-"""One exception tree: callers catch ours, library exceptions are mapped at the boundary."""
+"""One exception tree: callers catch ours, library exceptions are mapped at the boundary.
+
+Every error the gateway raises on purpose is defined here and derives from
+:class:`GatewayError`. Where callers may already catch a library's or the builtin's class
+for the same thing, the error derives from that too (:class:`ReminderError` is a
+``ValueError``, :class:`MessageTooLarge` nats-py's ``MaxPayloadError``)."""
 
 from __future__ import annotations
 
@@ -6,6 +11,7 @@ import re
 from datetime import datetime, timezone
 
 import msgspec
+import nats.errors
 
 
 class GatewayError(Exception):
@@ -52,6 +58,14 @@ class RequestError(GatewayError):
         if status is not None:
             self.status = status
 
+    @classmethod
+    def from_decode(cls, what: str, exc: msgspec.DecodeError) -> RequestError:
+        """A 400 for a body msgspec refused, ``"<what>: <problem>"``: the problem names the
+        field and what is wrong with it but never repeats what the sender wrote (msgspec
+        quotes unknown key names, enum values and dict keys; those are left out).
+        ``raise RequestError.from_decode("not a fax event", exc) from None``."""
+        return cls(f"{what}: {_body_problem(exc)}")
+
 
 class SignatureError(RequestError):
     """A webhook's signature or timestamp did not verify."""
@@ -66,8 +80,11 @@ class PayloadTooLarge(RequestError):
 
 
 class DeliveryError(GatewayError):
-    """``Channel.deliver`` failed. ``permanent`` says whether retrying can help;
-    ``retry_after`` (seconds) passes on a provider's Retry-After."""
+    """``Channel.deliver`` failed. ``permanent`` says whether retrying can help; ``code``
+    is the reason on the bus (``error.code`` of the status and the dead letter);
+    ``retry_after`` (seconds) passes on a provider's Retry-After; ``provider_code`` is the
+    provider's own error code as it gave it (WeChat's ``errcode``, OneBot's ``retcode``),
+    for code that handles one provider's refusals."""
 
     def __init__(
         self,
@@ -76,12 +93,14 @@ class DeliveryError(GatewayError):
         permanent: bool,
         code: str | None = None,
         retry_after: float | None = None,
+        provider_code: int | str | None = None,
     ):
         super().__init__(message)
         self.message = message
         self.permanent = permanent
         self.code = code
         self.retry_after = retry_after
+        self.provider_code = provider_code
 
 
 class Deferred(GatewayError):
@@ -98,10 +117,39 @@ class Deferred(GatewayError):
         self.code = code
 
 
+class WebSocketClosed(GatewayError):
+    """The connection is closed (or closing): nothing more can be sent on it."""
+
+    def __init__(self, code: int | None, reason: str = ""):
+        super().__init__(f"websocket closed ({code}{': ' + reason if reason else ''})")
+        self.code = code
+        self.reason = reason
+
+
+class ReminderError(GatewayError, ValueError):
+    """A reminder that cannot be scheduled as given (an id or conversation that is not a
+    subject token, a due time after its deadline ...). Also a ``ValueError``, which it
+    was before it joined this tree."""
+
+
+class MessageTooLarge(GatewayError, nats.errors.MaxPayloadError):
+    """A publish was refused before it reached the socket: payload plus headers exceed the
+    server's ``max_payload``. (Also nats-py's own error for the same thing, so code that
+    handles that handles this.)"""
+
+    def __init__(self, size: int, limit: int):
+        super().__init__()
+        self.size = size
+        self.limit = limit
+
+    def __str__(self) -> str:
+        return f"nats: message of {self.size} bytes (payload and headers) exceeds the server's max_payload {self.limit}"
+
+
 _OWN_PATH = re.compile(r"\$(\.[A-Za-z_][A-Za-z0-9_]*|\[\d+\])*")
 
 
-def body_problem(exc: msgspec.DecodeError) -> str:
+def _body_problem(exc: msgspec.DecodeError) -> str:
     """A reason for a body msgspec refused that names the field and the problem but never
     repeats what the sender wrote: msgspec quotes unknown key names ("unknown field
     `...`"), enum values and dict keys (``$.meta[...]``), so only its messages about

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import inspect
 from datetime import datetime
-from typing import Any, Literal, Union
+from typing import Any, ClassVar, Literal, Union
 
 import msgspec
 
@@ -55,6 +55,9 @@ class TextPart(_Wire, frozen=True, tag="text", tag_field="type"):
     """Plain text. For email, ``text`` is the new text of the message and ``quoted`` /
     ``signature`` hold what was trimmed off, so a backend sees both."""
 
+    type: ClassVar[Literal["text"]] = "text"
+    """The part's type tag (its ``type`` in JSON)."""
+
     text: str
     quoted: str | None = None
     signature: str | None = None
@@ -62,6 +65,9 @@ class TextPart(_Wire, frozen=True, tag="text", tag_field="type"):
 
 class HtmlPart(_Wire, frozen=True, tag="html", tag_field="type"):
     """An HTML body (its plain-text rendering travels as a separate TextPart)."""
+
+    type: ClassVar[Literal["html"]] = "html"
+    """The part's type tag (its ``type`` in JSON)."""
 
     html: str
 
@@ -85,13 +91,22 @@ class _Media(_Wire, frozen=True, tag_field="type", kw_only=True):
 class ImagePart(_Media, frozen=True, tag="image", kw_only=True):
     """An image."""
 
+    type: ClassVar[Literal["image"]] = "image"
+    """The part's type tag (its ``type`` in JSON)."""
+
 
 class FilePart(_Media, frozen=True, tag="file", kw_only=True):
     """Any other attachment."""
 
+    type: ClassVar[Literal["file"]] = "file"
+    """The part's type tag (its ``type`` in JSON)."""
+
 
 class AudioPart(_Media, frozen=True, tag="audio", kw_only=True):
     """Voice or audio; ``recognition`` is the provider's speech-to-text, if given."""
+
+    type: ClassVar[Literal["audio"]] = "audio"
+    """The part's type tag (its ``type`` in JSON)."""
 
     duration: float | None = None
     recognition: str | None = None
@@ -100,12 +115,18 @@ class AudioPart(_Media, frozen=True, tag="audio", kw_only=True):
 class VideoPart(_Media, frozen=True, tag="video", kw_only=True):
     """A video; ``thumb`` references its thumbnail if the provider sends one."""
 
+    type: ClassVar[Literal["video"]] = "video"
+    """The part's type tag (its ``type`` in JSON)."""
+
     duration: float | None = None
     thumb_media_id: str | None = None
 
 
 class LocationPart(_Wire, frozen=True, tag="location", tag_field="type"):
     """A geographic position."""
+
+    type: ClassVar[Literal["location"]] = "location"
+    """The part's type tag (its ``type`` in JSON)."""
 
     latitude: float
     longitude: float
@@ -116,6 +137,9 @@ class LocationPart(_Wire, frozen=True, tag="location", tag_field="type"):
 class LinkPart(_Wire, frozen=True, tag="link", tag_field="type"):
     """A shared link or article card."""
 
+    type: ClassVar[Literal["link"]] = "link"
+    """The part's type tag (its ``type`` in JSON)."""
+
     url: str
     title: str | None = None
     description: str | None = None
@@ -123,6 +147,9 @@ class LinkPart(_Wire, frozen=True, tag="link", tag_field="type"):
 
 class EventPart(_Wire, frozen=True, tag="event", tag_field="type"):
     """A channel event that is not a message (subscribe, menu click, scan ...)."""
+
+    type: ClassVar[Literal["event"]] = "event"
+    """The part's type tag (its ``type`` in JSON)."""
 
     event: str
     key: str | None = None
@@ -132,6 +159,9 @@ class EventPart(_Wire, frozen=True, tag="event", tag_field="type"):
 class ChoicePart(_Wire, frozen=True, tag="choice", tag_field="type"):
     """A survey answer: the customer picked one of an outbound's ``survey.choices``, by a
     button (web chat) or by writing its number or words in their next message."""
+
+    type: ClassVar[Literal["choice"]] = "choice"
+    """The part's type tag (its ``type`` in JSON)."""
 
     survey: str
     """The id of the outbound that asked (for a reminder's survey, its outbound's id)."""
@@ -143,6 +173,9 @@ class ChoicePart(_Wire, frozen=True, tag="choice", tag_field="type"):
 
 class UnknownPart(_Wire, frozen=True, tag="unknown", tag_field="type"):
     """Content the channel plugin could not map; ``raw`` keeps the provider's fields."""
+
+    type: ClassVar[Literal["unknown"]] = "unknown"
+    """The part's type tag (its ``type`` in JSON)."""
 
     raw: dict[str, Any] = {}
 

@@ -35,7 +35,6 @@ from .. import (
     RequestError,
     TextPart,
     WebSocketConnection,
-    body_problem,
     hookimpl,
     seconds,
 )
@@ -145,7 +144,7 @@ class MockChannel(Channel):
         try:
             body = _inbound_decoder.decode(await request.body())
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-            raise RequestError(f"invalid JSON: {body_problem(exc)}") from None
+            raise RequestError.from_decode("invalid JSON", exc) from None
         result = await self.inject(body.text, sender=body.sender, provider_id=body.id, thread=body.thread, name=body.name)
         return Response(json.dumps({"id": result.id, "duplicate": result.duplicate}), media_type="application/json")
 

@@ -19,7 +19,9 @@ minimal config, how the provider sends one inbound message and what it retries::
 
 Each ``test_*`` method below is one promise; a channel that cannot keep one yet marks it
 in its subclass (override the method, call ``super()``, decorate it with
-``pytest.mark.xfail(strict=True, reason=...)``).
+``pytest.mark.xfail(strict=True, reason=...)`` and, for an async check,
+``pytest.mark.asyncio``). The checks carry their own ``asyncio`` mark: they run in
+pytest-asyncio's default strict mode, no ``asyncio_mode = "auto"`` needed.
 
 This module imports pytest: it is for test environments only (``pip install
 'omnichannel-gateway[test]'``), which is why it is not re-exported by ``gateway.testing``
@@ -50,6 +52,12 @@ try:
     _fixture: Any = pytest_asyncio.fixture
 except ImportError:  # the fixtures then need asyncio_mode = "auto"
     _fixture = pytest.fixture
+
+
+_async_test = pytest.mark.asyncio
+"""Every async check is marked, so the suite runs in pytest-asyncio's default strict mode:
+a plugin's tests need no ``asyncio_mode = "auto"``. (An override of a check in a subclass
+replaces the function and its marks: mark it ``@pytest.mark.asyncio`` too.)"""
 
 
 def _async_fixture(fn: _F) -> _F:
@@ -201,6 +209,7 @@ class ChannelConformance(Generic[P]):
 
     # --- the checks ----------------------------------------------------------------
 
+    @_async_test
     async def test_retried_inbound_is_published_once(self, start: Any, provider: P, nats_server: NatsServer) -> None:
         """The provider's retries of one message (at once, and after ``retry_wait``) are
         answered as accepted and published once."""
@@ -211,6 +220,7 @@ class ChannelConformance(Generic[P]):
         await self.accepted(gw, provider, "dup-1", 3)
         assert len(await self.published(nats_server.url)) == 1
 
+    @_async_test
     async def test_bus_down_answers_try_again_then_publishes_once_it_is_back(
             self, start: Any, provider: P, nats_server: NatsServer) -> None:
         """Without the bus the channel answers the provider's retry-later (503, SMTP 451),
@@ -230,6 +240,7 @@ class ChannelConformance(Generic[P]):
         await self.accepted(gw, provider, "outage-1", attempts[0] + 1)
         assert len(await self.published(nats_server.url)) == 1
 
+    @_async_test
     async def test_everything_published_decodes_with_channel_type_and_conversation(
             self, start: Any, provider: P, nats_server: NatsServer) -> None:
         """Every message the channel puts on the inbound stream decodes with
@@ -246,6 +257,7 @@ class ChannelConformance(Generic[P]):
             assert msg.conversation and msg.id and msg.sender.id
         assert len({message_decoder.decode(m.data).id for m in raw}) == 3
 
+    @_async_test
     async def test_permanent_refusal_is_dead_lettered(self, start: Any, provider: P, nats_server: NatsServer) -> None:
         """An outbound the provider refuses for good gets a ``dead`` status and a dead
         letter on the channel's dead subject (the outbound and the headers the backend
@@ -263,6 +275,7 @@ class ChannelConformance(Generic[P]):
         assert letter.headers.get("Gw-Schema") == "outbound/1", letter.headers
         assert self.delivered(gw, provider) == 0
 
+    @_async_test
     async def test_transient_failure_is_retried_then_sent(self, start: Any, provider: P, nats_server: NatsServer) -> None:
         """An outbound the provider refuses for now is retried and then ``sent``, once."""
         gw = await start()
@@ -274,6 +287,7 @@ class ChannelConformance(Generic[P]):
         assert self.delivered(gw, provider) == 1
         assert await stream_messages(nats_server.url, self.subjects.stream_dead) == []
 
+    @_async_test
     async def test_unknown_config_keys_are_refused_naming_the_key(self, provider: P) -> None:
         """A misspelled key, at the top of the section or in any sub-section the minimal
         config has, is a ``ConfigError`` naming its key path."""
@@ -296,6 +310,7 @@ class ChannelConformance(Generic[P]):
         missing = [".".join(path) for path in _keys(self.config_type()) if f"`{path[-1]}`" not in text]
         assert missing == [], f"keys not documented in {doc}: {missing}"
 
+    @_async_test
     async def test_stops_cleanly_within_the_deadline(self, gateway_factory: Any, provider: P,
                                                     nats_server: NatsServer) -> None:
         """After inbound and outbound traffic the gateway stops within ``stop_deadline``,

@@ -31,7 +31,6 @@ from gateway import (
     SharedValue,
     TextPart,
     VideoPart,
-    body_problem,
     check_timestamp,
     provider_call,
     provider_error,
@@ -107,32 +106,19 @@ class _Envelope(msgspec.Struct):
 _envelope = msgspec.json.Decoder(_Envelope)
 
 
-class APIError(DeliveryError):
-    """The OpenAPI refused a call; ``api_code`` is the platform's ``code`` (in the body,
-    also with HTTP 200)."""
-
-    def __init__(self, message: str, *, permanent: bool, api_code: int | None, code: str,
-                 retry_after: float | None = None):
-        super().__init__(message, permanent=permanent, code=code, retry_after=retry_after)
-        self.api_code = api_code
-
-
-def classify(status: int, body: Any, headers: Any = None) -> APIError | None:
-    """The error of an OpenAPI answer, or None. The platform puts ``code``/``message`` in
-    the body even with HTTP 200 (and 201/202 "async success" carry an error body too)."""
+def classify(status: int, body: Any, headers: Any = None) -> DeliveryError | None:
+    """The error of an OpenAPI answer, or None; ``provider_code`` is the platform's
+    ``code``. The platform puts ``code``/``message`` in the body even with HTTP 200 (and
+    201/202 "async success" carry an error body too)."""
     api_code = body.get("code") if isinstance(body, dict) else None
     if isinstance(api_code, int) and api_code != 0:
         if api_code in _RATE_CODES:
-            return APIError(f"QQ bot platform: sending too fast (code {api_code})", permanent=False,
-                            api_code=api_code, code=f"api_{api_code}", retry_after=1.0)
+            return DeliveryError(f"QQ bot platform: sending too fast (code {api_code})", permanent=False,
+                                 provider_code=api_code, code=f"api_{api_code}", retry_after=1.0)
         transient = api_code in _RETRY_ONCE or api_code in _TOKEN_CODES
-        return APIError(f"QQ bot platform refused the call (code {api_code})", permanent=not transient,
-                        api_code=api_code, code=f"api_{api_code}")
-    err = provider_error(status, headers, provider="QQ bot platform")
-    if err is not None:
-        return APIError(str(err), permanent=err.permanent, api_code=None, code=err.code or f"http_{status}",
-                        retry_after=err.retry_after)
-    return None
+        return DeliveryError(f"QQ bot platform refused the call (code {api_code})", permanent=not transient,
+                             provider_code=api_code, code=f"api_{api_code}")
+    return provider_error(status, headers, provider="QQ bot platform")
 
 
 class Official:
@@ -173,7 +159,7 @@ class Official:
         try:
             env = _envelope.decode(body)
         except msgspec.DecodeError as exc:
-            raise RequestError(f"not a QQ bot payload: {body_problem(exc)}") from None
+            raise RequestError.from_decode("not a QQ bot payload", exc) from None
         except RecursionError:
             raise RequestError("not a QQ bot payload: nested too deep") from None
         if env.op == 13:
@@ -335,8 +321,8 @@ class Official:
                     payload["event_id"] = ref.event_id
             try:
                 answer = await self._call("POST", f"{base}/messages", payload)
-            except APIError as exc:
-                if mode != "passive" or exc.api_code != _DUPLICATE_SEQ:
+            except DeliveryError as exc:
+                if mode != "passive" or exc.provider_code != _DUPLICATE_SEQ:
                     raise
                 # This msg_seq was sent before (its answer was lost to a timeout or a crash):
                 # the platform refuses the copy, and the reply is out.
@@ -458,7 +444,7 @@ class Official:
                                                        "X-Union-Appid": self.cfg.app_id})
             body = _json(r)
             err = classify(r.status_code, body, r.headers)
-            token_refused = r.status_code == 401 or (err is not None and err.api_code in _TOKEN_CODES)
+            token_refused = r.status_code == 401 or (err is not None and err.provider_code in _TOKEN_CODES)
             if token_refused and attempt == 1:
                 token = await self.token.get(stale=token)
                 continue

@@ -214,16 +214,9 @@ class _Malformed(RequestError):
     """An event that is not what OneBot v11 describes: counted (WebSocket) or 400 (HTTP)."""
 
 
-class OneBotError(DeliveryError):
-    """The implementation refused an API call; ``retcode`` is its own code."""
-
-    def __init__(self, message: str, *, permanent: bool, retcode: int | None, code: str):
-        super().__init__(message, permanent=permanent, code=code)
-        self.retcode = retcode
-
-
 def check_answer(answer: dict[str, Any]) -> Any:
-    """The ``data`` of an API answer, or :class:`OneBotError` classified by ``retcode``."""
+    """The ``data`` of an API answer, or a :class:`DeliveryError` classified by ``retcode``
+    (its ``provider_code``)."""
     status = answer.get("status")
     retcode = answer.get("retcode")
     if status in ("ok", "async") or (status is None and retcode in (0, 1)):
@@ -236,8 +229,8 @@ def check_answer(answer: dict[str, Any]) -> Any:
 
 def _raise(rc: int | None, *, permanent: bool, code: str) -> Any:
     # The implementation's ``wording``/``msg`` may quote the message: not repeated.
-    raise OneBotError(f"OneBot implementation refused the call (retcode {rc})", permanent=permanent, retcode=rc,
-                      code=code)
+    raise DeliveryError(f"OneBot implementation refused the call (retcode {rc})", permanent=permanent,
+                        provider_code=rc, code=code)
 
 
 class OneBot:
@@ -655,8 +648,8 @@ class OneBot:
             code = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "unknown_action",
                     406: "bad_request"}.get(r.status_code)
             if code is not None:
-                raise OneBotError(f"OneBot HTTP API answered {r.status_code}", permanent=True,
-                                  retcode=1000 + r.status_code, code=code)
+                raise DeliveryError(f"OneBot HTTP API answered {r.status_code}", permanent=True,
+                                    provider_code=1000 + r.status_code, code=code)
             err = provider_error(r.status_code, r.headers, provider="OneBot HTTP API")
             raise err if err is not None else DeliveryError(f"OneBot HTTP API answered {r.status_code}",
                                                             permanent=False, code=f"http_{r.status_code}")

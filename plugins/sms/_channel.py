@@ -35,7 +35,6 @@ from gateway import (
     RequestError,
     SignatureError,
     TextPart,
-    body_problem,
     public_url,
     quiet_until,
     seconds,
@@ -307,7 +306,7 @@ class SmsChannel(Channel):
         try:
             records = _up_decoder.decode(body)
         except msgspec.DecodeError as exc:
-            raise RequestError(f"not an SmsUp push: {body_problem(exc)}") from None
+            raise RequestError.from_decode("not an SmsUp push", exc) from None
         # Validated whole before anything is published: a bad batch publishes nothing.
         items = [(self._number(r.phone_number, f"record {i}: phone_number"), r) for i, r in enumerate(records)]
         assert self.cfg.aliyun is not None
@@ -329,7 +328,7 @@ class SmsChannel(Channel):
         try:
             records = _report_decoder.decode(body)
         except msgspec.DecodeError as exc:
-            raise RequestError(f"not an SmsReport push: {body_problem(exc)}") from None
+            raise RequestError.from_decode("not an SmsReport push", exc) from None
         for r in records:
             error = None if r.success else ErrorInfo(
                 message=f"Aliyun reports the message undelivered ({r.err_code or 'no code'})", permanent=True,
@@ -350,7 +349,7 @@ class SmsChannel(Channel):
         try:
             decoded = _reply_decoder.decode(body)
         except msgspec.DecodeError as exc:
-            raise RequestError(f"not a Tencent Cloud reply callback: {body_problem(exc)}") from None
+            raise RequestError.from_decode("not a Tencent Cloud reply callback", exc) from None
         replies = decoded if isinstance(decoded, list) else [decoded]
         items = [(self._number(f"+{r.nationcode}{r.mobile}" if r.nationcode else r.mobile, f"reply {i}: mobile"), r)
                  for i, r in enumerate(replies)]
@@ -369,7 +368,7 @@ class SmsChannel(Channel):
         try:
             records = _tstatus_decoder.decode(body)
         except msgspec.DecodeError as exc:
-            raise RequestError(f"not a Tencent Cloud status callback: {body_problem(exc)}") from None
+            raise RequestError.from_decode("not a Tencent Cloud status callback", exc) from None
         for r in records:
             ok = r.report_status.upper() == "SUCCESS"
             error = None if ok else ErrorInfo(

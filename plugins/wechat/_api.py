@@ -46,29 +46,19 @@ ERRORS: dict[int, tuple[bool, str]] = {
 _RETRY_AFTER = {45009: 3600.0, 45011: 60.0}
 
 
-class APIError(DeliveryError):
-    """WeChat refused a call with an ``errcode`` (its own error code, in an HTTP 200
-    answer) or answered something unusable. ``permanent``: retrying the same call cannot
-    help. HTTP and network failures are plain :class:`DeliveryError` (``http_<status>``,
-    ``timeout``, ``network``)."""
-
-    def __init__(self, message: str, *, permanent: bool, errcode: int | None = None, code: str | None = None,
-                 retry_after: float | None = None):
-        super().__init__(message, permanent=permanent, retry_after=retry_after,
-                         code=code or (str(errcode) if errcode is not None else None))
-        self.errcode = errcode
-
-
-def api_error(errcode: int, errmsg: str) -> APIError:
-    """Classify a WeChat ``errcode``; unknown codes are permanent (a blind retry of an
-    unknown refusal could send twice)."""
+def api_error(errcode: int, errmsg: str) -> DeliveryError:
+    """Classify a WeChat ``errcode`` (its own error code, in an HTTP 200 answer): the
+    :class:`DeliveryError` with ``code`` the errcode as text and ``provider_code`` the
+    errcode. Unknown codes are permanent (a blind retry of an unknown refusal could send
+    twice)."""
     permanent, reason = ERRORS.get(errcode, (True, "WeChat refused the call"))
-    return APIError(f"{reason} (errcode {errcode}: {errmsg})", permanent=permanent, errcode=errcode,
-                    retry_after=_RETRY_AFTER.get(errcode))
+    return DeliveryError(f"{reason} (errcode {errcode}: {errmsg})", permanent=permanent, code=str(errcode),
+                         provider_code=errcode, retry_after=_RETRY_AFTER.get(errcode))
 
 
 class WeChatAPI:
-    """The calls the channel needs, each returning WeChat's JSON or raising :class:`APIError`."""
+    """The calls the channel needs, each returning WeChat's JSON or raising :class:`DeliveryError`
+    (``provider_code`` is WeChat's errcode when it refused)."""
 
     def __init__(self, *, base_url: str, appid: str, secret: str, state: KeyValue, timeout: float,
                  refresh_margin: float, log: Any):
@@ -104,7 +94,7 @@ class WeChatAPI:
                                    params={"grant_type": "client_credential", "appid": self.appid, "secret": self._secret})
         token = data.get("access_token")
         if not isinstance(token, str) or not token:
-            raise APIError("token endpoint answered without access_token", permanent=False, code="bad_response")
+            raise DeliveryError("token endpoint answered without access_token", permanent=False, code="bad_response")
         expires_in = float(data.get("expires_in") or 7200)
         self.log.info("access_token refreshed", expires_in=expires_in)
         return token, expires_in
@@ -145,10 +135,10 @@ class WeChatAPI:
         try:
             data = response.json()
         except ValueError as exc:
-            raise APIError("WeChat API answered something other than JSON", permanent=False,
-                           code="bad_response") from exc
+            raise DeliveryError("WeChat API answered something other than JSON", permanent=False,
+                                code="bad_response") from exc
         if not isinstance(data, dict):
-            raise APIError("WeChat API answered unexpected JSON", permanent=False, code="bad_response")
+            raise DeliveryError("WeChat API answered unexpected JSON", permanent=False, code="bad_response")
         errcode = data.get("errcode", 0)
         if errcode not in (0, None):
             try:
@@ -170,9 +160,9 @@ class WeChatAPI:
                     return response
                 data = self._json(response)  # raises on errcode, token errors included
                 return response if raw else data
-            except APIError as exc:
-                if exc.errcode in _TOKEN_ERRORS and attempt == 1:
-                    self.log.info("access_token refused, refreshing", errcode=exc.errcode)
+            except DeliveryError as exc:
+                if exc.provider_code in _TOKEN_ERRORS and attempt == 1:
+                    self.log.info("access_token refused, refreshing", errcode=exc.provider_code)
                     token = await self.access_token(stale=token)
                     continue
                 raise
@@ -199,7 +189,7 @@ class WeChatAPI:
                                         files={"media": (filename, data, content_type)})
         media_id = answer.get("media_id") or answer.get("thumb_media_id")
         if not isinstance(media_id, str) or not media_id:
-            raise APIError("media upload answered without media_id", permanent=False, code="bad_response")
+            raise DeliveryError("media upload answered without media_id", permanent=False, code="bad_response")
         return media_id
 
     async def download_media(self, media_id: str, max_size: int) -> tuple[bytes, str | None]:
@@ -210,7 +200,8 @@ class WeChatAPI:
         if _is_json(response):
             url = self._json(response).get("video_url")
             if not isinstance(url, str) or not url:
-                raise APIError("media download answered JSON without video_url", permanent=True, code="bad_response")
+                raise DeliveryError("media download answered JSON without video_url", permanent=True,
+                                    code="bad_response")
             response = await self._send("GET", url, stream_limit=max_size)
         return response.content, response.headers.get("Content-Type")
 

@@ -40,7 +40,7 @@ from gateway import (
 )
 
 from . import _xml
-from ._api import APIError, WeChatAPI
+from ._api import WeChatAPI
 from ._config import WeChatConfig
 from ._crypto import MessageCrypto, check_signature
 from ._inbound import FieldError, normalize
@@ -266,9 +266,9 @@ class WeChatChannel(Channel):
                                 code="outside_window")
         try:
             return await self._send_custom(outbound, openid)
-        except APIError as exc:
-            if exc.errcode in _WINDOW_ERRORS and outbound.template is not None:
-                return await self._send_template(outbound, openid, f"errcode {exc.errcode}")
+        except DeliveryError as exc:
+            if exc.provider_code in _WINDOW_ERRORS and outbound.template is not None:
+                return await self._send_template(outbound, openid, f"errcode {exc.provider_code}")
             raise
 
     async def _send_custom(self, outbound: Outbound, openid: str) -> Receipt:

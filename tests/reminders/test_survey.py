@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from gateway import ChoicePart, Outbound, Survey, TextPart, match_choice
+from gateway import ChoicePart, Outbound, Survey, TextPart
+from gateway.core.scheduling.survey import match_choice
 from gateway.testing import post_inbound, stream_messages, wait_for_status
 from gateway.wire import encode, message_decoder
 

@@ -15,7 +15,7 @@ from nats.js.kv import KeyValue as NatsKV
 from nats.js.object_store import ObjectStore
 
 from ..config import BusConfig, seconds
-from ..errors import BusUnavailable, PayloadTooLarge
+from ..errors import BusUnavailable, MessageTooLarge, PayloadTooLarge
 from ..retry import Backoff, Supervised
 
 _HEADER_LINE = len("NATS/1.0\r\n")
@@ -36,20 +36,6 @@ def wire_size(payload: bytes, headers: dict[str, str] | None = None) -> int:
         # sends, so this counts at most a few bytes too many, never too few.
         n += (len(k) if k.isascii() else len(k.encode())) + (len(v) if v.isascii() else len(v.encode())) + 4
     return len(payload) + n
-
-
-class MessageTooLarge(nats.errors.MaxPayloadError):
-    """A publish was refused before it reached the socket: payload plus headers exceed the
-    server's ``max_payload``. (A subclass of nats-py's own error for the same thing, so
-    code that handles that handles this.)"""
-
-    def __init__(self, size: int, limit: int):
-        super().__init__()
-        self.size = size
-        self.limit = limit
-
-    def __str__(self) -> str:
-        return f"nats: message of {self.size} bytes (payload and headers) exceeds the server's max_payload {self.limit}"
 
 
 class _GuardedNATS(NATS):

@@ -7,9 +7,10 @@ from __future__ import annotations
 import abc
 from collections.abc import Sequence
 from datetime import datetime
-from typing import TYPE_CHECKING, Any, ClassVar, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, Literal, Protocol, TypeVar
 
 import msgspec
+from typing_extensions import TypeVar as DefaultTypeVar
 
 from ..schema import (
     AudioPart,
@@ -32,6 +33,9 @@ if TYPE_CHECKING:
     from ..http.websocket import Authorize, WebSocketHandler
 
 S = TypeVar("S", bound=msgspec.Struct)
+C = DefaultTypeVar("C", default=Any)
+"""The channel's config type: ``class Fax(Channel[FaxConfig])`` makes ``self.ctx.config`` a
+``FaxConfig`` to the type checker. A bare ``Channel`` keeps it ``Any``."""
 _decoders: dict[Any, msgspec.json.Decoder[Any]] = {}
 
 ChannelState = Literal["starting", "running", "degraded", "stopped", "failed"]
@@ -150,16 +154,40 @@ class KeyValue(abc.ABC):
         await self.put(key, msgspec.json.encode(record), ttl=ttl)
 
 
-class ChannelContext(abc.ABC):
+class Logger(Protocol):
+    """What ``ctx.log`` is: a structlog logger bound to the channel. ``event`` is a short
+    fixed text; the keyword fields become the log line's keys (keys naming secrets or
+    personal data are masked, addresses and phone numbers in values scrubbed)."""
+
+    def debug(self, event: str, /, **fields: Any) -> Any:
+        """Log at debug level."""
+
+    def info(self, event: str, /, **fields: Any) -> Any:
+        """Log at info level."""
+
+    def warning(self, event: str, /, **fields: Any) -> Any:
+        """Log at warning level."""
+
+    def error(self, event: str, /, **fields: Any) -> Any:
+        """Log at error level."""
+
+    def exception(self, event: str, /, **fields: Any) -> Any:
+        """Log at error level with the exception being handled."""
+
+    def bind(self, **fields: Any) -> Logger:
+        """A logger that adds ``fields`` to every line."""
+
+
+class ChannelContext(abc.ABC, Generic[C]):
     """The core's side of a channel: the only way a plugin reaches the bus, HTTP and
     storage. One context per configured channel instance."""
 
     name: str
     """The instance name (``[channels.<name>]``)."""
     channel_type: str
-    config: Any
+    config: C
     """The channel's own config section, converted to the plugin's ``config_type``."""
-    log: Any
+    log: Logger
     """A structlog logger bound to this channel; secrets and personal data are redacted."""
     state: KeyValue
     """Persistent state of this channel instance."""
@@ -279,14 +307,18 @@ class ChannelContext(abc.ABC):
             return await self.get_blob(part.ref)
         from ..errors import DeliveryError
 
-        raise DeliveryError(f"{part.__struct_config__.tag} part has no data or object reference", permanent=True,
+        raise DeliveryError(f"{part.type} part has no data or object reference", permanent=True,
                             code="unsupported_content")
 
 
-class Channel(abc.ABC):
+class Channel(abc.ABC, Generic[C]):
     """A channel type. Subclass it, set ``channel_type`` and ``config_type``, and return the
     class from the ``register_channel_types`` hook. The core creates one instance per
-    configured channel and drives it: ``start`` → traffic → ``stop``."""
+    configured channel and drives it: ``start`` → traffic → ``stop``.
+
+    Parameterize it with the config type, ``class FaxChannel(Channel[FaxConfig])``, and
+    ``self.ctx.config`` is a ``FaxConfig`` to the type checker (``Any`` for a bare
+    ``Channel``)."""
 
     channel_type: ClassVar[str]
     """The ``type = "..."`` value in the config that selects this class. (It was called
@@ -310,7 +342,7 @@ class Channel(abc.ABC):
         elif "channel_type" in cls.__dict__:
             setattr(cls, "type", cls.channel_type)  # readers of the old name
 
-    def __init__(self, ctx: ChannelContext) -> None:
+    def __init__(self, ctx: ChannelContext[C]) -> None:
         self.ctx = ctx
 
     async def start(self) -> None:

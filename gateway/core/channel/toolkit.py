@@ -24,8 +24,7 @@ import httpx
 import msgspec
 import websockets.exceptions
 
-from ..errors import DeliveryError, SignatureError
-from ..http.websocket import WebSocketClosed
+from ..errors import DeliveryError, SignatureError, WebSocketClosed
 
 if TYPE_CHECKING:
     from starlette.requests import Request

@@ -29,7 +29,7 @@ from starlette.datastructures import Headers, QueryParams
 from uvicorn.protocols.utils import ClientDisconnected
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 
-from ..errors import GatewayError, RequestError
+from ..errors import RequestError, WebSocketClosed
 
 if TYPE_CHECKING:
     from ..logs import Throttle
@@ -43,15 +43,6 @@ def tokens_equal(given: str | bytes | None, expected: str | bytes) -> bool:
     a = given.encode() if isinstance(given, str) else given
     b = expected.encode() if isinstance(expected, str) else expected
     return hmac.compare_digest(a, b)
-
-
-class WebSocketClosed(GatewayError):
-    """The connection is closed (or closing): nothing more can be sent on it."""
-
-    def __init__(self, code: int | None, reason: str = ""):
-        super().__init__(f"websocket closed ({code}{': ' + reason if reason else ''})")
-        self.code = code
-        self.reason = reason
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ import nats.errors
 import nats.js.errors
 from nats.js import api
 
-from ..bus.connection import MessageTooLarge
+from ..errors import MessageTooLarge
 from ..bus.services import BusServices
 from ..channel.api import Conversation, PublishResult
 from ..channel.toolkit import stable_id

@@ -38,6 +38,7 @@ import nats.js.errors
 from nats.js import api
 
 from ..config import seconds
+from ..errors import ReminderError
 from ..bus.contract import JSON, outbound_headers
 from ..failpoints import failpoint
 from .quiet import check_quiet_hours, quiet_until
@@ -79,11 +80,6 @@ _FETCH_WAIT = 0.05
 
 
 _quiet_decoder = msgspec.json.Decoder(QuietHours)
-
-
-class ReminderError(ValueError):
-    """A reminder that cannot be scheduled as given (an id or conversation that is not a
-    subject token, a due time after its deadline ...)."""
 
 
 def rfc3339(at: datetime) -> str:

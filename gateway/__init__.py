@@ -24,6 +24,7 @@ from .core._gateway import Gateway
 from .core._channel import MediaPart
 from .core._logging import Throttle
 from .core._quiet import check_quiet_hours, quiet_until
+from .core._rate import RateLimit, acquire_all
 from .core._survey import match_choice
 from .core._retry import Backoff
 from .core._toolkit import (
@@ -158,6 +159,8 @@ __all__ += [
     "Lease",
     "MediaPart",
     "ProviderIndex",
+    "RateLimit",
+    "acquire_all",
     "Sent",
     "SharedValue",
     "Supervised",

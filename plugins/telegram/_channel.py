@@ -172,6 +172,11 @@ class TelegramChannel(Channel):
             raise RequestError("body is not JSON") from None
         if not isinstance(data, dict) or not isinstance(data.get("update_id"), int):
             raise RequestError("not a Telegram update: no integer update_id")
+        if not any(kind in data for kind in ALLOWED_UPDATES):
+            # Not parsed: a kind the channel does not handle must not be refused (Telegram
+            # would retry it) because this library version reads its fields differently.
+            self.ctx.count("update_ignored")
+            return Response(status_code=200)
         try:
             update = telegram.Update.de_json(data, self.bot)
         except (KeyError, TypeError, ValueError, AttributeError):

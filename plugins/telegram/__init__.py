@@ -5,6 +5,13 @@ token checked) or long polling, replies with quotes, media and survey buttons. S
 
 from __future__ import annotations
 
+import os
+
+# python-telegram-bot 22 returns durations (``retry_after``, a voice's ``duration``) as
+# int and warns on every read, its own included, until this opt-in to the coming
+# ``timedelta``; the channel reads both forms. An explicit setting is left alone.
+os.environ.setdefault("PTB_TIMEDELTA", "true")
+
 from gateway import Channel, hookimpl
 
 from ._channel import TelegramChannel

@@ -4,7 +4,6 @@ mapped to :class:`DeliveryError` with fixed codes."""
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import Any
@@ -118,15 +117,13 @@ def delivery_error(exc: telegram.error.TelegramError, token: str) -> DeliveryErr
 
 
 def _retry_after(exc: telegram.error.RetryAfter) -> float:
-    with warnings.catch_warnings():  # the attribute warns that it becomes a timedelta
-        warnings.simplefilter("ignore")
-        value = exc.retry_after
+    value = exc.retry_after
     return value.total_seconds() if isinstance(value, timedelta) else float(value)
 
 
 def split_text(text: str, limit: int = MAX_TEXT) -> list[str]:
     """``text`` in pieces of at most ``limit`` UTF-16 code units (how Telegram counts),
-    cut after a newline or a space where one is near the end of a piece."""
+    cut after a newline, else a space, in the second half of a piece."""
     pieces: list[str] = []
     while text:
         units = 0
@@ -137,7 +134,9 @@ def split_text(text: str, limit: int = MAX_TEXT) -> list[str]:
                 cut = i
                 break
         if cut < len(text):
-            soft = max(text.rfind("\n", 0, cut), text.rfind(" ", 0, cut))
+            soft = text.rfind("\n", 0, cut)
+            if soft <= cut // 2:
+                soft = text.rfind(" ", 0, cut)
             if soft > cut // 2:
                 cut = soft + 1
         pieces.append(text[:cut])

@@ -133,7 +133,7 @@ class FakeTelegram:
     # --- scripting -----------------------------------------------------------------
 
     def fail_next(self, error: str, count: int = 1) -> None:
-        """The next ``count`` sends answer one of :data:`ERRORS`."""
+        """The next ``count`` sends answer one of :data:`ERRORS` (``"ok"``: are accepted)."""
         self.script.extend([error] * count)
 
     def add_file(self, file_id: str, content: bytes, path: str) -> None:
@@ -188,7 +188,9 @@ class FakeTelegram:
         method = request.path_params["method"]
         params = await self._params(request)
         self.calls.append((method, params, time.monotonic()))
-        if method in _SEND and self.script:
+        if method in _SEND and self.script and self.script[0] == "ok":
+            self.script.popleft()
+        elif method in _SEND and self.script:
             status, body = ERRORS[self.script.popleft()]
             params["_refused"] = True
             return JSONResponse(body, status_code=status)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Literal
 
 import msgspec
@@ -11,8 +12,7 @@ from gateway import Duration
 _TOKEN = msgspec.Meta(pattern=r"^[0-9]{1,20}:[A-Za-z0-9_-]{20,}$",
                       description="the bot token from @BotFather, <bot id>:<secret>")
 # Telegram allows 1-256 characters of A-Z a-z 0-9 _ -; fewer than 16 can be guessed.
-_SECRET = msgspec.Meta(pattern=r"^[A-Za-z0-9_-]{16,256}$",
-                       description="16 to 256 characters of A-Z, a-z, 0-9, _ and -")
+_SECRET = re.compile(r"^[A-Za-z0-9_-]{16,256}$")
 
 
 class TelegramConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -24,7 +24,7 @@ class TelegramConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     mode: Literal["webhook", "polling"] = "webhook"
     """``webhook``: Telegram POSTs updates to ``/channels/<name>/webhook``; ``polling``:
     one gateway process (under a lease) asks with ``getUpdates``."""
-    secret_token: Annotated[str, _SECRET] | Literal[""] = ""
+    secret_token: str = ""
     """Webhook mode: the ``secret_token`` given to ``setWebhook``; every update must carry
     it in ``X-Telegram-Bot-Api-Secret-Token`` (required in webhook mode)."""
     public_url: str = ""
@@ -70,6 +70,8 @@ class TelegramConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     def __post_init__(self) -> None:
         if self.mode == "webhook" and not self.secret_token:
             raise ValueError("secret_token is required in webhook mode (Telegram sends it in every update)")
+        if self.secret_token and not _SECRET.match(self.secret_token):
+            raise ValueError("secret_token must be 16 to 256 characters of A-Z, a-z, 0-9, _ and -")
         if self.public_url and not self.public_url.startswith("https://"):
             raise ValueError("public_url must start with https:// (Telegram calls webhooks over HTTPS only)")
         if not self.api_base.startswith(("http://", "https://")):

@@ -41,3 +41,19 @@ def test_public_url_must_be_https_and_keys_are_checked():
     assert "channels.tg.group_messages" in problem(group_messages="some")
     assert "channels.tg.per_chat_per_second" in problem(per_chat_per_second=0)
     assert "channels.tg.mode" in problem(mode="websocket")
+
+
+def test_the_documentations_example_is_a_valid_config():
+    import re
+    import tomllib
+    from pathlib import Path
+
+    from gateway import PluginManager, parse_config
+
+    doc = (Path(__file__).parents[2] / "docs" / "channels" / "telegram.md").read_text(encoding="utf-8")
+    [example] = re.findall(r"```toml\n(.*?)```", doc, re.S)
+    env = {"TELEGRAM_BOT_TOKEN": TOKEN, "TELEGRAM_OTHER_BOT_TOKEN": "42:" + "b" * 35, "TELEGRAM_WEBHOOK_SECRET": SECRET}
+    config = parse_config({"bus": {"url": URL}, **tomllib.loads(example)}, PluginManager().channel_types,
+                          source="telegram.md", env=env)
+    assert set(config.channels) == {"tg", "tg-polling"}
+    assert config.channels["tg-polling"].options.mode == "polling"

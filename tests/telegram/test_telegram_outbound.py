@@ -4,6 +4,7 @@ the pacing per chat."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from datetime import datetime, timezone
 from typing import Any
@@ -211,3 +212,25 @@ async def test_a_group_that_became_a_supergroup_is_followed(gateway_factory, fak
     assert [s.state for s in sts] == ["accepted", "sent"]
     chats = [p["chat_id"] for m, p, _ in fake_tg.calls if m == "sendMessage"]
     assert chats == ["-4001234567", "-1002222333444", "-1002222333444"]
+
+
+async def test_a_reminder_into_a_chat_that_blocked_the_bot_fails_early_with_blocked(gateway_factory, fake_tg,
+                                                                                   nats_server, nc):
+    from datetime import timedelta
+
+    from gateway.client import Client
+
+    gw = await start(gateway_factory, fake_tg)
+    msg = await customer_writes(gw, nats_server.url, 42)
+    member = {"chat": private_chat(), "from": {"id": CUSTOMER, "is_bot": False, "first_name": "Wang"},
+              "date": int(time.time()), "old_chat_member": {"status": "member", "user": BOT_USER},
+              "new_chat_member": {"status": "kicked", "user": BOT_USER, "until_date": 0}}
+    assert (await post_update(gw.http.port, update(60, my_chat_member=member))).status_code == 200
+    async with Client(nats_server.url) as client:
+        await client.remind(msg, "满意吗？", id="tg-followup-1", after=timedelta(hours=2), survey=True)
+        async with asyncio.timeout(15):
+            async for st in client.reminder_statuses(reminder_id="tg-followup-1", from_start=True):
+                if st.state in ("scheduled", "failed"):
+                    break
+    assert st.state == "failed" and st.reason == "blocked" and st.error.code == "blocked"
+    assert fake_tg.sent() == []

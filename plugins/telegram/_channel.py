@@ -99,11 +99,13 @@ class TelegramChannel(Channel):
             self.webhook_path = self.ctx.add_route("/webhook", self._webhook, max_body=cfg.max_body)
             self.task = Supervised(f"telegram-setup:{self.ctx.name}", self._setup, set_state=self.ctx.set_state,
                                    log=self.ctx.log, backoff=Backoff(1.0, 60.0))
+            # Until getMe (and setWebhook) answered; a polling process waiting for the lease
+            # is healthy, its health is the core's "running" until it polls.
+            self.ctx.set_state("degraded", "connecting to the Bot API")
         else:
             lease = Lease(self.ctx.state, "poller-lease", seconds(cfg.lease_ttl))
             self.task = Supervised(f"telegram-poller:{self.ctx.name}", self._poll, set_state=self.ctx.set_state,
                                    log=self.ctx.log, lease=lease, backoff=Backoff(1.0, 60.0))
-        self.ctx.set_state("degraded", "connecting to the Bot API")
         self.task.start()
 
     async def stop(self) -> None:

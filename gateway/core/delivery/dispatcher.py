@@ -19,14 +19,14 @@ import msgspec
 import nats.errors
 from nats.js import api
 
-from ._channel import Channel, Conversation, Receipt
-from ._config import ChannelConfig, OutboundConfig, seconds
-from ._errors import BusUnavailable, Deferred, DeliveryError
-from ._failpoints import failpoint
-from ._metrics import Metrics
-from ._retry import cancel_and_wait
-from ._schema import DeadLetter, DeliveryStatus, ErrorInfo, Outbound, outbound_decoder
-from ._services import BusServices
+from ..channel.api import Channel, Conversation, Receipt
+from ..config import ChannelConfig, OutboundConfig, seconds
+from ..errors import BusUnavailable, Deferred, DeliveryError
+from ..failpoints import failpoint
+from ..metrics import Metrics
+from ..retry import cancel_and_wait
+from ..schema import DeadLetter, DeliveryStatus, ErrorInfo, Outbound, outbound_decoder
+from ..bus.services import BusServices
 
 
 class TokenBucket:

@@ -21,13 +21,13 @@ from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar
 
 import msgspec
 
-from ._errors import DeliveryError, SignatureError
-from ._retry import Backoff, cancel_and_wait
+from ..errors import DeliveryError, SignatureError
+from ..retry import Backoff, cancel_and_wait
 
 if TYPE_CHECKING:
     from starlette.requests import Request
 
-    from ._channel import ChannelState, KeyValue
+    from .api import ChannelState, KeyValue
 
 T = TypeVar("T")
 

@@ -234,3 +234,17 @@ async def test_a_reminder_into_a_chat_that_blocked_the_bot_fails_early_with_bloc
                     break
     assert st.state == "failed" and st.reason == "blocked" and st.error.code == "blocked"
     assert fake_tg.sent() == []
+
+
+async def test_a_forum_topic_is_its_own_conversation_and_replies_go_to_the_topic(gateway_factory, fake_tg,
+                                                                                nats_server, nc):
+    gw = await start(gateway_factory, fake_tg, group_messages="all")
+    forum = {**group_chat(), "is_forum": True}
+    in_topic = await customer_writes(gw, nats_server.url, 42, "billing question", chat=forum,
+                                     message_thread_id=7, is_topic_message=True)
+    general = await customer_writes(gw, nats_server.url, 43, "general question", chat=forum)
+    assert in_topic.conversation != general.conversation
+    await send(nc, Outbound(id="t-1", conversation=in_topic.conversation, parts=[TextPart(text="answer")]))
+    await wait_for_status(nats_server.url, "t-1", "sent")
+    [sent] = fake_tg.sent("sendMessage")
+    assert sent["message_thread_id"] == "7" and sent["reply_parameters"]["message_id"] == 42

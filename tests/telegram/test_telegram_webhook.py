@@ -220,3 +220,20 @@ async def test_public_url_registers_the_webhook_with_the_secret_token(gateway_fa
     assert hook["secret_token"] == SECRET
     assert hook["allowed_updates"] == ["message", "edited_message", "callback_query", "my_chat_member"]
     await wait_until(lambda: gw.channels["tg"].ctx.health == "running")
+
+
+async def test_a_body_over_max_body_is_413(gateway_factory, fake_tg, nats_server):
+    gw = await start(gateway_factory, fake_tg, max_body=2048)
+    r = await post_update(gw.http.port, update(1, message=message(1, "x" * 4000)))
+    assert r.status_code == 413
+    assert await published(nats_server.url) == []
+
+
+async def test_download_media_off_publishes_the_file_id_only(gateway_factory, fake_tg, nats_server):
+    fake_tg.add_file("AgAD-p", b"\xff\xd8jpeg", "photos/p.jpg")
+    gw = await start(gateway_factory, fake_tg, download_media=False)
+    sizes = [{"file_id": "AgAD-p", "file_unique_id": "p", "width": 10, "height": 10, "file_size": 6}]
+    assert (await post_update(gw.http.port, update(2, message=message(2, None, photo=sizes)))).status_code == 200
+    [msg] = await published(nats_server.url)
+    assert isinstance(msg.parts[0], ImagePart) and msg.parts[0].ref is None and msg.parts[0].media_id == "AgAD-p"
+    assert fake_tg.called("getFile") == []

@@ -99,8 +99,8 @@ class TelegramChannel(Channel):
             self.webhook_path = self.ctx.add_route("/webhook", self._webhook, max_body=cfg.max_body)
             self.task = Supervised(f"telegram-setup:{self.ctx.name}", self._setup, set_state=self.ctx.set_state,
                                    log=self.ctx.log, backoff=Backoff(1.0, 60.0))
-            # Until getMe (and setWebhook) answered; a polling process waiting for the lease
-            # is healthy, its health is the core's "running" until it polls.
+            # Until getMe (and setWebhook) answered. Not in polling mode: a process waiting
+            # for the lease is healthy, and the poller reports its own trouble.
             self.ctx.set_state("degraded", "connecting to the Bot API")
         else:
             lease = Lease(self.ctx.state, "poller-lease", seconds(cfg.lease_ttl))

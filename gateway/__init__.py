@@ -24,7 +24,6 @@ from .core.process import Gateway
 from .core.channel.api import MediaPart
 from .core.logs import Throttle
 from .core.scheduling.quiet import check_quiet_hours, quiet_until
-from .core.channel.rate import RateLimit, acquire_all
 from .core.scheduling.survey import match_choice
 from .core.retry import Backoff, Supervised
 from .core.channel.toolkit import (
@@ -165,8 +164,6 @@ __all__ += [
     "Lease",
     "MediaPart",
     "ProviderIndex",
-    "RateLimit",
-    "acquire_all",
     "Sent",
     "SharedValue",
     "RateLimiter",

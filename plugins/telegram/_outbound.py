@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
+import httpx
 import msgspec
 import telegram
 import telegram.error
@@ -21,12 +22,12 @@ from gateway import (
     ImagePart,
     LocationPart,
     Outbound,
-    RateLimit,
+    RateLimiter,
     Receipt,
     TextPart,
     VideoPart,
-    acquire_all,
     stable_id,
+    transport_error,
 )
 
 from ._config import TelegramConfig
@@ -92,7 +93,8 @@ def delivery_error(exc: telegram.error.TelegramError, token: str) -> DeliveryErr
     permanent (``blocked``, ``kicked``, ``user_deactivated``, ``forbidden``;
     ``chat_not_found``, ``too_long``, ``bad_media``, ``not_allowed``, ``bad_request``); flood
     control (429) is transient with Telegram's ``retry_after``; the rest is transient
-    (``unauthorized``, ``conflict``, ``timeout``, ``network``, ``api_error``)."""
+    (``unauthorized``, ``conflict``, ``unreachable`` and ``timeout`` when no answer came,
+    ``server_error`` for a 5xx, ``api_error``)."""
     text = str(exc.message).replace(token, "<token>")
     lowered = text.lower()
     if isinstance(exc, telegram.error.RetryAfter):
@@ -109,10 +111,13 @@ def delivery_error(exc: telegram.error.TelegramError, token: str) -> DeliveryErr
         return DeliveryError("Telegram does not accept the bot token", permanent=False, code="unauthorized")
     if isinstance(exc, telegram.error.Conflict):
         return DeliveryError(f"Telegram: {text}", permanent=False, code="conflict")
+    if isinstance(exc, telegram.error.NetworkError) and isinstance(exc.__cause__, httpx.TransportError):
+        # No answer came: the toolkit's two codes, unreachable (not sent) or timeout (may be).
+        return transport_error(exc.__cause__, provider="Telegram Bot API")
     if isinstance(exc, telegram.error.TimedOut):
-        return DeliveryError("Telegram did not answer in time", permanent=False, code="timeout")
+        return DeliveryError("Telegram Bot API did not answer in time", permanent=False, code="timeout")
     if isinstance(exc, telegram.error.NetworkError):
-        return DeliveryError(f"Telegram unreachable or failing: {text}", permanent=False, code="network")
+        return DeliveryError(f"Telegram failing: {text}", permanent=False, code="server_error")
     return DeliveryError(f"Telegram: {text}", permanent=False, code="api_error")
 
 
@@ -165,9 +170,10 @@ class Outbox:
         self.ctx = ctx
         self.cfg = cfg
         self.bot = bot
-        self.chat_limit = RateLimit(cfg.per_chat_per_second, 1.0)
-        self.group_limit = RateLimit(cfg.per_group_per_minute, 60.0)
-        self.bot_limit = RateLimit(cfg.per_bot_per_second, 1.0)
+        # Bursts of one: "N per window" spaced evenly, never N at once and N more after.
+        self.chat_limit = RateLimiter(cfg.per_chat_per_second, burst=1)
+        self.group_limit = RateLimiter(cfg.per_group_per_minute, per=60.0, burst=1)
+        self.bot_limit = RateLimiter(cfg.per_bot_per_second, burst=1)
 
     async def deliver(self, outbound: Outbound, conversation: Conversation) -> Receipt:
         route = conversation.route
@@ -208,10 +214,12 @@ class Outbox:
     async def _send(self, step: _Step, chat: str, chat_type: str) -> tuple[telegram.Message, str]:
         """One Bot API call, paced; a group that became a supergroup is followed once."""
         for _ in range(2):
-            limits = [(self.chat_limit, chat), (self.bot_limit, "")]
+            # Slowest first: by the time the group's turn comes the chat's is due, and the
+            # bot's wait (1/30 s at most) is all that lies between a token and its send.
             if chat_type in ("group", "supergroup"):
-                limits.append((self.group_limit, chat))
-            await acquire_all(*limits)
+                await self.group_limit.acquire(chat)
+            await self.chat_limit.acquire(chat)
+            await self.bot_limit.acquire()
             try:
                 result = await getattr(self.bot, step.method)(chat_id=int(chat), **step.args)
             except telegram.error.ChatMigrated as exc:

@@ -248,3 +248,17 @@ async def test_a_forum_topic_is_its_own_conversation_and_replies_go_to_the_topic
     await wait_for_status(nats_server.url, "t-1", "sent")
     [sent] = fake_tg.sent("sendMessage")
     assert sent["message_thread_id"] == "7" and sent["reply_parameters"]["message_id"] == 42
+
+
+async def test_an_unreachable_bot_api_is_the_toolkits_unreachable(gateway_factory, nats_server, nc):
+    from tg_fake import USERNAME
+
+    from gateway.testing import free_port
+
+    closed = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    gw = await gateway_factory({"tg": tg_config(None, api_base=closed, username=USERNAME, max_attempts=1)})
+    msg = await customer_writes(gw, nats_server.url, 42)
+    await send(nc, Outbound(id="u-1", conversation=msg.conversation, parts=[TextPart(text="hi")]))
+    sts = await wait_for_status(nats_server.url, "u-1", "dead")
+    assert sts[-1].error.code == "unreachable" and not sts[-1].error.permanent
+    assert closed not in sts[-1].error.message and "AAH3kTzq" not in sts[-1].error.message

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from tg_fake import FakeTelegram, group_chat, message, tg_config, update
+from tg_fake import TOKEN, USERNAME, FakeTelegram, group_chat, message, tg_config, update
 
 from gateway import Message, Subjects
 from gateway.testing import stream_messages, wait_until
@@ -84,3 +84,32 @@ async def test_a_group_message_not_for_the_bot_is_skipped_and_the_offset_moves_o
     await wait_until(one, timeout=15)
     await wait_until(lambda: 302 in fake_tg.offsets, timeout=10)
     assert json.loads(await gw.channels["tg"].ctx.state.get("poll-offset")) == {"offset": 302}
+
+
+async def test_kill_9_after_publishing_before_the_checkpoint_publishes_once(tmp_path, fake_tg):
+    """The poller dies (kill -9) right after the bus took an update, before its offset was
+    stored: the restarted gateway reads that update again and the bus has it once."""
+    import asyncio
+    import signal
+
+    from gateway.testing import GatewayProcess
+
+    section = (f'[channels.tg]\ntype = "telegram"\ntoken = "{TOKEN}"\nmode = "polling"\npoll_timeout = "1s"\n'
+               f'lease_ttl = "3s"\nusername = "{USERNAME}"\napi_base = "{fake_tg.url}"\n')
+    fake_tg.push(update(500, message=message(50, "first")), update(501, message=message(51, "second")))
+    gp = GatewayProcess(tmp_path, channels=section, env={"GATEWAY_FAILPOINTS": "inbound.after_ack"})
+    await asyncio.to_thread(gp.start)
+    assert await asyncio.to_thread(gp.wait) == -signal.SIGKILL
+    assert fake_tg.offsets == [None]  # it died before asking again: nothing was confirmed
+    gp.env.pop("GATEWAY_FAILPOINTS")
+    await asyncio.to_thread(gp.start)  # it polls once the dead process's lease expired
+    try:
+        async def both() -> bool:
+            return [m.parts[0].text for m in await published(gp.bus_url)] == ["first", "second"]
+
+        await wait_until(both, timeout=20)
+        await wait_until(lambda: 502 in fake_tg.offsets, timeout=10)
+        assert fake_tg.offsets[1] is None  # nothing was checkpointed before the kill
+    finally:
+        gp.signal(signal.SIGTERM)
+        await asyncio.to_thread(gp.wait)

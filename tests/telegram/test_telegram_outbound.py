@@ -262,3 +262,19 @@ async def test_an_unreachable_bot_api_is_the_toolkits_unreachable(gateway_factor
     sts = await wait_for_status(nats_server.url, "u-1", "dead")
     assert sts[-1].error.code == "unreachable" and not sts[-1].error.permanent
     assert closed not in sts[-1].error.message and "AAH3kTzq" not in sts[-1].error.message
+
+
+async def test_after_a_tap_the_customers_next_words_are_not_a_second_answer(gateway_factory, fake_tg,
+                                                                            nats_server, nc):
+    gw = await start(gateway_factory, fake_tg)
+    msg = await customer_writes(gw, nats_server.url, 42, "solved")
+    await send(nc, Outbound(id="sv-2", conversation=msg.conversation, kind="survey", parts=[TextPart(text="满意吗？")],
+                            survey=Survey(choices=["满意", "一般", "不满意"])))
+    await wait_for_status(nats_server.url, "sv-2", "sent")
+    [sent] = fake_tg.sent("sendMessage")
+    data = sent["reply_markup"]["inline_keyboard"][0][0]["callback_data"]
+    cq = {"id": "55", "from": {"id": CUSTOMER, "is_bot": False, "first_name": "Wang"}, "chat_instance": "-1",
+          "message": message(1000, "满意吗？", sender=BOT_USER), "data": data}
+    assert (await post_update(gw.http.port, update(70, callback_query=cq))).status_code == 200
+    later = await customer_writes(gw, nats_server.url, 71, "1")
+    assert later.parts == [TextPart(text="1")]  # the survey was answered by the tap

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from datetime import datetime, timezone
 from typing import Any
 
@@ -43,7 +44,7 @@ from gateway import (
 )
 
 from ._config import TelegramConfig
-from ._inbound import Media, Parsed, is_group, native_key, parse_message
+from ._inbound import Media, Parsed, is_group, missing_field, native_key, parse_message
 from ._outbound import _QUOTE_TTL, Outbox, Quoted, Refused, SurveyRecord
 
 ALLOWED_UPDATES = ["message", "edited_message", "callback_query", "my_chat_member"]
@@ -51,6 +52,14 @@ ALLOWED_UPDATES = ["message", "edited_message", "callback_query", "my_chat_membe
 _SECRET_HEADER = "x-telegram-bot-api-secret-token"
 _OFFSET_KEY = "poll-offset"
 _LEFT = frozenset({"kicked", "left"})
+
+# python-telegram-bot logs through the standard library, without a handler of its own: a
+# batch it cannot read would reach stderr (Python's last-resort handler) or the
+# application's root handlers with the raw updates, customers' names and words included.
+# The channel reports what happened through its own redacted log instead.
+_ptb_log = logging.getLogger("telegram")
+_ptb_log.addHandler(logging.NullHandler())
+_ptb_log.propagate = False
 
 
 class TelegramAPIError(GatewayError):
@@ -139,8 +148,13 @@ class TelegramChannel(Channel):
         offset = stored.offset if stored is not None else None
         task.running()
         while True:
-            updates = await self._api(self.bot.get_updates(offset=offset, timeout=int(seconds(self.cfg.poll_timeout)),
-                                                           allowed_updates=ALLOWED_UPDATES))
+            try:
+                updates = await self._api(self.bot.get_updates(
+                    offset=offset, timeout=int(seconds(self.cfg.poll_timeout)), allowed_updates=ALLOWED_UPDATES))
+            except TelegramAPIError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - the library could not read the batch
+                updates, offset = await self._unreadable(offset, exc)
             for update in updates:
                 try:
                     await self.handle(update)
@@ -151,6 +165,28 @@ class TelegramChannel(Channel):
                     self.ctx.count("update_refused")
                 offset = update.update_id + 1
                 await self.ctx.state.put_record(_OFFSET_KEY, _Offset(offset=offset))
+
+    async def _unreadable(self, offset: int | None, exc: Exception) -> tuple[list[telegram.Update], int | None]:
+        """python-telegram-bot reads a ``getUpdates`` answer whole, so one update it cannot
+        read would stop the poller for good. Asked one at a time, the first unconfirmed
+        update comes alone: if it is readable it is returned, else it is skipped (logged,
+        counted ``update_unreadable``) by moving the offset past it. Without a checkpoint
+        its id is unknown: the error stands and the poller tries again."""
+        assert self.bot is not None
+        if offset is None:
+            raise exc
+        try:
+            one = await self._api(self.bot.get_updates(offset=offset, limit=1, timeout=0,
+                                                       allowed_updates=ALLOWED_UPDATES))
+        except TelegramAPIError:
+            raise
+        except Exception as again:  # noqa: BLE001 - the update at the offset is the unreadable one
+            self.ctx.log.warning("update unreadable by python-telegram-bot; skipped", at_offset=offset,
+                                 error=type(again).__name__)
+            self.ctx.count("update_unreadable")
+            await self.ctx.state.put_record(_OFFSET_KEY, _Offset(offset=offset + 1))
+            return [], offset + 1
+        return list(one), offset
 
     async def _identify(self) -> None:
         if not self.username:
@@ -188,7 +224,11 @@ class TelegramChannel(Channel):
 
     async def handle(self, update: telegram.Update) -> None:
         """One update, from the webhook or the poller; returns once it is on the bus (or
-        deliberately dropped). Raises :class:`RequestError` (503: try again later)."""
+        deliberately dropped). Raises :class:`RequestError` (400: not a valid update;
+        503: try again later)."""
+        missing = missing_field(update)
+        if missing is not None:
+            raise RequestError(f"not a Telegram update: {missing} is missing")
         if update.message is not None:
             await self._message(update.message, update.update_id, edited=False)
         elif update.edited_message is not None:

@@ -54,6 +54,26 @@ class Parsed:
     the bot's username is not known yet)."""
 
 
+def missing_field(update: telegram.Update) -> str | None:
+    """The first field the channel needs that ``update`` lacks (python-telegram-bot reads
+    an absent required field as None), or None when it has them all."""
+    checks: list[tuple[str, Any]] = []
+    for kind in ("message", "edited_message"):
+        msg = getattr(update, kind)
+        if msg is not None:
+            checks += [(f"{kind}.chat", msg.chat), (f"{kind}.date", msg.date), (f"{kind}.message_id", msg.message_id)]
+    cq = update.callback_query
+    if cq is not None:
+        checks += [("callback_query.id", cq.id), ("callback_query.from", cq.from_user)]
+        if cq.message is not None:
+            checks.append(("callback_query.message.chat", cq.message.chat))
+    member = update.my_chat_member
+    if member is not None:
+        checks += [("my_chat_member.chat", member.chat), ("my_chat_member.date", member.date),
+                   ("my_chat_member.new_chat_member", member.new_chat_member)]
+    return next((name for name, value in checks if value is None), None)
+
+
 def provider_id(bot_id: int, chat_id: int, message_id: int) -> str:
     """The provider id of a message: unique per bot, chat and message (Telegram's message
     ids count per chat), the same for every retry of its update."""

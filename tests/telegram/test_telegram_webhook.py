@@ -64,7 +64,11 @@ async def test_wrong_or_missing_secret_token_is_403_and_publishes_nothing(gatewa
 async def test_malformed_updates_are_400_and_the_gateway_keeps_serving(gateway_factory, fake_tg, nats_server):
     gw = await start(gateway_factory, fake_tg)
     for body in (b"{not json", b"[]", b'{"message": {}}', b'{"update_id": "7"}',
-                 b'{"update_id": 7, "message": {"message_id": 1}}'):
+                 b'{"update_id": 7, "message": {"message_id": 1}}',
+                 b'{"update_id": 7, "message": {"message_id": 1, "date": 1764900000, "text": "no chat"}}',
+                 b'{"update_id": 7, "message": {"message_id": 1, "date": 1764900000, "chat": "x", "text": "t"}}',
+                 b'{"update_id": 7, "callback_query": {"chat_instance": "1", "data": "sv:x:0"}}',
+                 b'{"update_id": 7, "my_chat_member": {"date": 1764900000}}'):
         r = await post_update(gw.http.port, body)
         assert r.status_code == 400, (body, r.status_code, r.text)
     assert (await post_update(gw.http.port, update(8, message=message(8)))).status_code == 200

@@ -53,13 +53,18 @@ _SECRET_HEADER = "x-telegram-bot-api-secret-token"
 _OFFSET_KEY = "poll-offset"
 _LEFT = frozenset({"kicked", "left"})
 
-# python-telegram-bot logs through the standard library, without a handler of its own: a
-# batch it cannot read would reach stderr (Python's last-resort handler) or the
-# application's root handlers with the raw updates, customers' names and words included.
-# The channel reports what happened through its own redacted log instead.
-_ptb_log = logging.getLogger("telegram")
-_ptb_log.addHandler(logging.NullHandler())
-_ptb_log.propagate = False
+
+
+def _silence_library_log() -> None:
+    """python-telegram-bot logs through the standard library, without a handler of its own:
+    a batch it cannot read would reach stderr (Python's last-resort handler) or the
+    application's root handlers with the raw updates, customers' names and words included.
+    The channel reports what happened through its own redacted log instead. Done at each
+    start: ``logging.config.dictConfig`` (uvicorn's, an application's) resets it."""
+    log = logging.getLogger("telegram")
+    if not any(isinstance(h, logging.NullHandler) for h in log.handlers):
+        log.addHandler(logging.NullHandler())
+    log.propagate = False
 
 
 class TelegramAPIError(GatewayError):
@@ -93,6 +98,7 @@ class TelegramChannel(Channel):
 
     async def start(self) -> None:
         cfg = self.cfg
+        _silence_library_log()
         timeout = seconds(cfg.api_timeout)
         api = HTTPXRequest(connection_pool_size=16, connect_timeout=timeout, read_timeout=timeout,
                            write_timeout=timeout, pool_timeout=timeout, media_write_timeout=max(timeout, 60.0))

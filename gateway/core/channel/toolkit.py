@@ -55,6 +55,9 @@ def stable_id(*parts: str, n: int = 26) -> str:
 class _LeaseRecord(msgspec.Struct):
     holder: str
     expires: float
+    """Wall-clock expiry, for releases before leases ran on server time (they read only this)."""
+    ttl: float | None = None
+    """Set by leases that expire on the server's clock (the record's per-message TTL)."""
 
 
 _lease_decoder = msgspec.json.Decoder(_LeaseRecord)
@@ -64,13 +67,13 @@ class Lease:
     """A lease in a channel's state KV, shared by every gateway process: at most one
     holder at a time, taken and renewed by compare-and-set. The holder renews it (call
     :meth:`acquire` again) well within ``ttl``; when the holder dies, another process
-    takes it once it expired. Expiry is wall-clock time in the value, so the processes'
-    clocks must agree to within a fraction of the TTL (NTP)."""
+    takes it once it expired. The record is written with a per-message TTL, so it runs out
+    on the NATS server's clock: the gateway processes' clocks do not need to agree."""
 
     def __init__(self, state: KeyValue, key: str, ttl: float):
         self.state = state
         self.key = key
-        self.ttl = ttl
+        self.ttl = max(1.0, ttl)  # JetStream's smallest per-message TTL
         self.holder = uuid.uuid4().hex
         """This contender's identity (one per :class:`Lease` object)."""
 
@@ -84,23 +87,28 @@ class Lease:
         except msgspec.DecodeError:
             return _LeaseRecord(holder="", expires=0.0), revision
 
+    def _record(self, holder: str) -> bytes:
+        return msgspec.json.encode(_LeaseRecord(holder=holder, expires=time.time() + self.ttl if holder else 0.0,
+                                                ttl=self.ttl))
+
     async def acquire(self) -> bool:
         """Take the lease, or renew it if we hold it; True if we hold it now."""
-        now = time.time()
-        value = msgspec.json.encode(_LeaseRecord(holder=self.holder, expires=now + self.ttl))
         cur = await self._current()
         if cur is None:
-            return await self.state.create(self.key, value)
+            return await self.state.create(self.key, self._record(self.holder), ttl=self.ttl)
         lease, revision = cur
-        if lease.holder != self.holder and lease.expires > now:
-            return False
-        return await self.state.update(self.key, value, revision)
+        if lease.holder and lease.holder != self.holder:
+            if lease.ttl is not None:
+                return False  # held: the server removes the record when it runs out
+            if lease.expires > time.time():
+                return False  # a previous release's lease: its own wall-clock expiry
+        return await self.state.update(self.key, self._record(self.holder), revision, ttl=self.ttl)
 
     async def release(self) -> None:
         """Give the lease up (only if we still hold it) so a peer takes over at once."""
         cur = await self._current()
         if cur is not None and cur[0].holder == self.holder:
-            await self.state.update(self.key, msgspec.json.encode(_LeaseRecord(holder="", expires=0.0)), cur[1])
+            await self.state.update(self.key, self._record(""), cur[1], ttl=self.ttl)
 
 
 class _Shared(msgspec.Struct):

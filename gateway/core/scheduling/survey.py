@@ -117,9 +117,14 @@ class Surveys:
         survey (unchanged otherwise), and whether a survey was pending: then call
         :meth:`answered` once the message is on the bus (not before, so a publish that
         fails and is retried by the provider is matched again)."""
-        if message.auto or not any(isinstance(p, TextPart) for p in message.parts) \
-                or any(isinstance(p, ChoicePart) for p in message.parts):
+        if message.auto or not any(isinstance(p, TextPart) for p in message.parts):
             return message, False
+        chosen = {p.survey for p in message.parts if isinstance(p, ChoicePart)}
+        if chosen:
+            # Answered with a button (web chat, Telegram): that survey is over, so the
+            # customer's next words are not taken for a second answer.
+            pending = await self._pending(message.conversation)
+            return message, pending is not None and pending.outbound_id in chosen
         pending = await self._pending(message.conversation)
         if pending is None:
             return message, False

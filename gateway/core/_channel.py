@@ -199,12 +199,14 @@ class ChannelContext(abc.ABC):
 
     @abc.abstractmethod
     def add_route(self, path: str, endpoint: Endpoint, methods: Sequence[str] = ("POST",), *,
-                  max_body: int | None = None) -> str:
+                  max_body: int | None = None, own_limit: bool = False) -> str:
         """Serve ``endpoint`` at ``/channels/<name><path>`` on the shared HTTP server;
         returns the full path. A :class:`RequestError` raised by the endpoint becomes its
         HTTP status with a short reason; :class:`BusUnavailable` becomes 503. ``max_body``
         lowers ``[http] max_body`` for this route: a larger body is answered 413 (counted,
-        logged, naming the limit) before the endpoint runs or while it reads."""
+        logged, naming the limit) before the endpoint runs or while it reads. With
+        ``own_limit=True`` it replaces ``[http] max_body`` for this route, higher or lower:
+        for an upload route whose files are larger than any webhook's body."""
 
     @abc.abstractmethod
     async def report_status(

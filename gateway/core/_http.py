@@ -1,7 +1,8 @@
 """One HTTP server (uvicorn) for every webhook channel, plus /healthz and /metrics.
 
 Each channel's routes live under ``/channels/<name>/``. Bodies are limited to
-``[http] max_body`` or the route's own lower limit (413 above it); a :class:`RequestError`
+``[http] max_body``, or the route's own limit (413 above it): lower than ``max_body``, or
+in its place (``own_limit``, an upload route whose files are larger than any webhook); a :class:`RequestError`
 from an endpoint becomes its status with a short reason, :class:`BusUnavailable` becomes 503
 with Retry-After so the provider retries; nothing of a request body is ever logged.
 
@@ -163,11 +164,11 @@ class HttpServer:
     # --- routes --------------------------------------------------------------------
 
     def add_route(self, ctx: ChannelContext, path: str, endpoint: Endpoint, methods: Sequence[str],
-                  max_body: int | None = None) -> str:
+                  max_body: int | None = None, own_limit: bool = False) -> str:
         if not path.startswith("/"):
             path = "/" + path
         router = self.routers.setdefault(ctx.name, Router())
-        router.routes.append(Route(path, self._wrap(ctx, endpoint, max_body), methods=list(methods)))
+        router.routes.append(Route(path, self._wrap(ctx, endpoint, max_body, own_limit), methods=list(methods)))
         return f"/channels/{ctx.name}{path}"
 
     def add_websocket(self, ctx: ChannelContext, path: str, handler: WebSocketHandler, authorize: Authorize | None,
@@ -198,10 +199,11 @@ class HttpServer:
     def _open_connections(self) -> int:
         return len(self.server.server_state.connections) if self.server is not None else 0
 
-    def _wrap(self, ctx: ChannelContext, endpoint: Endpoint, route_limit: int | None):
+    def _wrap(self, ctx: ChannelContext, endpoint: Endpoint, route_limit: int | None, own_limit: bool = False):
         metrics = self.metrics
-        # The lower of the server's and the route's limit applies; the answer names it.
-        if route_limit is not None and route_limit < self.cfg.max_body:
+        # The lower of the server's and the route's limit applies, or the route's own when it
+        # says so (uploads: a photo is larger than any webhook); the answer names it.
+        if route_limit is not None and (own_limit or route_limit < self.cfg.max_body):
             limit, limit_name = route_limit, f"the limit of channel {ctx.name!r}"
         else:
             limit, limit_name = self.cfg.max_body, "[http] max_body"

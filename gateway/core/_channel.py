@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     from starlette.requests import Request
     from starlette.responses import Response
 
+    from ._config import Config
     from ._websocket import Authorize, WebSocketHandler
 
 S = TypeVar("S", bound=msgspec.Struct)
@@ -308,6 +309,14 @@ class Channel(abc.ABC):
 
     def __init__(self, ctx: ChannelContext) -> None:
         self.ctx = ctx
+
+    @classmethod
+    def config_warnings(cls, options: Any, config: Config) -> list[str]:
+        """What ``gateway check-config`` should warn about in one channel section that is
+        valid on its own but works against another setting (limits that contradict each
+        other): one sentence each, naming the keys. ``options`` is the ``config_type``
+        instance, ``config`` the whole validated configuration. The default: nothing."""
+        return []
 
     async def start(self) -> None:
         """Begin receiving (connect, register HTTP routes, start pollers). Raise to fail."""

@@ -209,27 +209,32 @@ class HttpServer:
             limit, limit_name = self.cfg.max_body, "[http] max_body"
         too_large = f"body exceeds {limit} bytes ({limit_name})"
 
-        def reject(request: Request, status: int, reason: str, *, close: bool = False) -> Response:
+        def reject(request: Request, status: int, reason: str, *, close: bool = False, own: bool = False) -> Response:
             metrics.inbound_rejected.labels(ctx.channel_type, ctx.name, str(status)).inc()
             ctx.log.info("request rejected", path=request.url.path, status=status, reason=reason)
             # After a body that did not come in time, close rather than wait for the rest.
             # (Not after a 413: closing with unread data makes the kernel send a reset,
             # and the client might never read the answer; the rest is read and dropped.)
-            return PlainTextResponse(reason + "\n", status_code=status, headers={"Connection": "close"} if close else None)
+            headers = {"Connection": "close"} if close else {}
+            if own and "origin" in request.headers:
+                # A page's script (the web chat widget uploading) may read why this layer
+                # refused: the reason names a limit, nothing that depends on who asks.
+                headers["Access-Control-Allow-Origin"] = "*"
+            return PlainTextResponse(reason + "\n", status_code=status, headers=headers or None)
 
         async def handler(request: Request) -> Response:
             length = request.headers.get("content-length")
             if length is not None:
                 if not length.isdigit():
-                    return reject(request, 400, "invalid Content-Length header")
+                    return reject(request, 400, "invalid Content-Length header", own=True)
                 if int(length) > limit:
-                    return reject(request, 413, too_large)
+                    return reject(request, 413, too_large, own=True)
             request = Request(request.scope, self._receive(request.receive, limit, too_large), request._send)  # noqa: SLF001
             try:
                 return await endpoint(request)
             except _BodyTimeout:
                 return reject(request, 408, f"body not received within [http] body_timeout ({self.cfg.body_timeout})",
-                              close=True)
+                              close=True, own=True)
             except ClientDisconnect:
                 # The client's doing, not ours: no error, no 500 (nobody reads the answer).
                 metrics.inbound_rejected.labels(ctx.channel_type, ctx.name, "client_disconnected").inc()

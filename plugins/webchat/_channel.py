@@ -620,13 +620,21 @@ class WebChatChannel(Channel):
             return await self._control(outbound, conversation)
         texts: list[str] = []
         files: list[Image] = []
-        for part in outbound.parts:
+        dropped: list[str] = []
+        for n, part in enumerate(outbound.parts, 1):
             if isinstance(part, TextPart):
                 texts.append(part.text)
             elif isinstance(part, LinkPart):
                 texts.append(f"{part.title}: {part.url}" if part.title else part.url)
             elif isinstance(part, (ImagePart, FilePart, AudioPart, VideoPart)):
-                files.append(await self._attachment(part))
+                file = await self._attachment(part)
+                if file is None:
+                    # The rest of the reply still goes: the receipt says what was left out.
+                    dropped.append(f"{part.__struct_config__.tag} part {n}: no content and no http(s) URL")
+                else:
+                    files.append(file)
+        if not texts and not files and outbound.survey is None:
+            raise DeliveryError("; ".join(dropped) or "nothing to show", permanent=True, code="unsupported_content")
         if await self.ctx.state.get("forgotten." + conversation.key) is not None:
             raise DeliveryError("the visitor erased this conversation", permanent=True, code="forgotten")
         now = _now()
@@ -653,16 +661,21 @@ class WebChatChannel(Channel):
         if read:
             await self._push(conversation.key, {"type": "read", "ids": read})
         online = await self._push(conversation.key, {"type": "message", "message": _view(entry)})
-        return Receipt(provider_id=outbound.id, meta={"open_widgets": online})
+        meta: dict[str, Any] = {"open_widgets": online}
+        if dropped:
+            meta["dropped"] = dropped
+        return Receipt(provider_id=outbound.id, meta=meta)
 
-    async def _attachment(self, part: ImagePart | FilePart | AudioPart | VideoPart) -> Image:
+    async def _attachment(self, part: ImagePart | FilePart | AudioPart | VideoPart) -> Image | None:
         """A media part of a reply as the history keeps it: its bytes in the object store
         (a download for the visitor, an image shown inline), or a link when the part has
         only a ``url``."""
         kind = part.content_type or "application/octet-stream"
         name = _file_name(part.filename or "")
-        if part.data is None and part.ref is None and part.url and _SAFE_URL.match(part.url):
-            return Image(content_type=kind, name=name, size=part.size or 0, url=part.url)
+        if part.data is None and part.ref is None:
+            if part.url and _SAFE_URL.match(part.url):
+                return Image(content_type=kind, name=name, size=part.size or 0, url=part.url)
+            return None
         ref = part.ref
         if ref is None:  # inline: into the object store, the history keeps only references
             ref = await self.ctx.put_blob(await self.ctx.part_bytes(part), content_type=part.content_type)

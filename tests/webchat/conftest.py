@@ -84,7 +84,8 @@ async def inbound(url: str, channel: str = "web") -> list[Any]:
 async def reply(url: str, conversation: str, outbound_id: str, text: str = "", channel: str = "web",
                 **fields: Any) -> None:
     """Publish an outbound as a backend does."""
-    out = Outbound(id=outbound_id, conversation=conversation, parts=[TextPart(text=text)] if text else [], **fields)
+    fields.setdefault("parts", [TextPart(text=text)] if text else [])
+    out = Outbound(id=outbound_id, conversation=conversation, **fields)
     nc = await nats.connect(url)
     try:
         await nc.jetstream().publish(Subjects().outbound("webchat", channel), encode(out),

@@ -165,7 +165,8 @@
     ".who{display:flex;align-items:center;gap:6px;font-size:12px;font-weight:600;color:#57606a;margin-bottom:3px}",
     ".who img{width:22px;height:22px;border-radius:50%;object-fit:cover}",
     ".msg img.pic{display:block;max-width:100%;max-height:240px;border-radius:8px;margin-top:4px}",
-    ".file{display:block;margin-top:4px;padding:6px 8px;border-radius:8px;background:rgba(0,0,0,.06);color:inherit;text-decoration:underline;cursor:pointer;font-size:13px}",
+    ".file{display:flex;align-items:center;gap:6px;margin-top:4px;padding:6px 8px;border-radius:8px;background:rgba(0,0,0,.06);color:inherit;text-decoration:underline;cursor:pointer;font-size:13px}",
+    ".file svg{flex:none}",
     ".meta{display:block;font-size:11px;opacity:.8;margin-top:3px;text-align:right}",
     ".tick{margin-left:4px}",
     ".typing{align-self:flex-start;font-size:12px;color:#57606a;font-style:italic;display:none}.typing.show{display:block}",
@@ -178,7 +179,8 @@
     ".compose.hide{display:none}",
     ".compose textarea{resize:none;height:42px;min-height:42px;max-height:140px;overflow-y:auto;line-height:1.4}",
     "button.send,button.attach,button.smile,form.pre button{border:0;border-radius:8px;padding:10px 12px;background:" + color + ";color:#fff;font-size:14px;cursor:pointer}",
-    "button.attach,button.smile{background:#eaeef2;color:#1b1f24;padding:10px}",
+    "button.attach,button.smile{background:#eaeef2;color:#1b1f24;padding:9px 10px;line-height:1}",
+    "button.attach svg{display:block}",
     "button:disabled{opacity:.5;cursor:default}",
     ".emojis{display:none;flex-wrap:wrap;gap:2px;padding:6px 10px;border-top:1px solid #d0d7de;background:#fff}.emojis.show{display:flex}",
     ".emojis button{border:0;background:transparent;font-size:20px;padding:3px;cursor:pointer;border-radius:6px}.emojis button:hover{background:#eaeef2}",
@@ -203,16 +205,22 @@
   // Content-Security-Policy has no 'unsafe-inline' for styles. Older browsers: a <style>.
   var sheet = null;
   try { sheet = new CSSStyleSheet(); sheet.replaceSync(css); } catch (e) { sheet = null; }
+  function drawing(d, stroke) {   // an icon drawn here: no font has to carry it
+    var svg = document.createElementNS("http://www.w3.org/2000/svg", "svg");
+    svg.setAttribute("viewBox", "0 0 24 24"); svg.setAttribute("aria-hidden", "true");
+    svg.setAttribute("width", "20"); svg.setAttribute("height", "20");
+    var path = document.createElementNS("http://www.w3.org/2000/svg", "path");
+    path.setAttribute("d", d);
+    if (stroke) { path.setAttribute("fill", "none"); path.setAttribute("stroke", "currentColor"); path.setAttribute("stroke-width", "2"); path.setAttribute("stroke-linecap", "round"); }
+    else { path.setAttribute("fill", "currentColor"); }
+    svg.appendChild(path);
+    return svg;
+  }
   var launcher = button("launcher", null, T("open"));
   if (launcherIcon) {
     var icon = el("img"); icon.alt = ""; icon.src = launcherIcon; launcher.appendChild(icon);
   } else {
-    var svg = document.createElementNS("http://www.w3.org/2000/svg", "svg");
-    svg.setAttribute("viewBox", "0 0 24 24"); svg.setAttribute("aria-hidden", "true");
-    var path = document.createElementNS("http://www.w3.org/2000/svg", "path");
-    path.setAttribute("fill", "currentColor");
-    path.setAttribute("d", "M4 3h16a2 2 0 0 1 2 2v11a2 2 0 0 1-2 2H9l-5 4v-4H4a2 2 0 0 1-2-2V5a2 2 0 0 1 2-2z");
-    svg.appendChild(path); launcher.appendChild(svg);
+    launcher.appendChild(drawing("M4 3h16a2 2 0 0 1 2 2v11a2 2 0 0 1-2 2H9l-5 4v-4H4a2 2 0 0 1-2-2V5a2 2 0 0 1 2-2z"));
   }
   launcher.appendChild(el("span", "", T("launcher")));
   var badge = el("span", "badge");
@@ -247,7 +255,8 @@
   var emojis = el("div", "emojis");
   var compose = el("div", "compose");
   var file = el("input"); file.type = "file"; file.style.display = "none";
-  var attach = button("attach", "\ud83d\udcce", T("attach"));
+  var attach = button("attach", null, T("attach"));
+  attach.appendChild(drawing("M21 11.5l-8.5 8.5a5 5 0 0 1-7-7L14 4.5a3.3 3.3 0 0 1 4.7 4.7L10.2 17.7a1.7 1.7 0 0 1-2.4-2.4L15.5 7.6", true));
   var smile = button("smile", "\ud83d\ude0a", T("emoji"));
   var input = el("textarea"); input.placeholder = T("placeholder"); input.setAttribute("aria-label", T("placeholder")); input.rows = 1;
   var send = button("send", T("send"));
@@ -435,7 +444,7 @@
   }
   function attachment(id, n, a) {
     if (a.url) {   // the desk linked a file it keeps elsewhere
-      var link = el("a", "file", "\ud83d\udcc4 " + (a.name || a.url));
+      var link = el("a", "file", a.name || a.url);
       if (webUrl(a.url)) { link.href = a.url; link.target = "_blank"; link.rel = "noopener noreferrer"; }
       return link;
     }
@@ -449,8 +458,9 @@
         .catch(function () { img.alt = T("image_unavailable"); });
       return img;
     }
-    var label = "\ud83d\udcc4 " + (a.name || a.type) + (a.size ? " (" + size(a.size) + ")" : "");
+    var label = (a.name || a.type) + (a.size ? " (" + size(a.size) + ")" : "");
     var dl = el("a", "file", label);
+    dl.insertBefore(drawing("M12 3v12m0 0l-5-5m5 5l5-5M4 20h16", true), dl.firstChild);
     dl.href = "#"; dl.setAttribute("role", "button"); dl.title = T("download", {name: a.name || a.type});
     dl.setAttribute("data-type", a.type);
     dl.addEventListener("click", function (ev) {   // fetched with the visitor's token, saved as a file
@@ -716,7 +726,7 @@
     if (!token || !connected) { showError(T("not_connected")); return; }
     showError("");
     var cid = newId();
-    var node = bubble({cid: cid, by: "visitor", text: "\ud83d\udcce " + f.name, pending: true});
+    var node = bubble({cid: cid, by: "visitor", text: f.name, pending: true});
     scrollDown();
     fetch(base + "upload?id=" + cid + "&name=" + encodeURIComponent(f.name.slice(0, 120)), {method: "POST", body: f,
       headers: {"Authorization": "Bearer " + token, "Content-Type": f.type}})

@@ -734,7 +734,7 @@ class WebChatChannel(Channel):
         widget = f"{url.scheme}://{url.netloc}/channels/{self.ctx.name}/widget.js"
         page = self._demo.replace(b"{{widget}}", _html_escape(widget).encode())
         return Response(page, media_type="text/html; charset=utf-8", headers={
-            "Content-Security-Policy": "default-src 'self'; connect-src 'self' ws: wss:; img-src 'self' blob: data:; "
+            "Content-Security-Policy": "default-src 'self'; connect-src 'self' ws: wss:; img-src 'self' blob: data: https:; "
                                        "style-src 'self' 'unsafe-inline'; frame-ancestors 'none'",
             "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer"})
 

@@ -18,17 +18,13 @@ from typing import Any, TypeVar
 
 import httpx
 import pytest
-from playwright.sync_api import Browser, BrowserContext, Page, expect, sync_playwright
+from playwright.sync_api import Browser, BrowserContext, Page, expect
 
 from gateway import ChoicePart, ImagePart, Survey, TextPart
 from gateway.testing import GatewayProcess, free_port, statuses
 
 from .conftest import inbound, reply
 
-CHROMIUM = "/usr/bin/chromium"
-# Without the background-networking flags chromium keeps calling home on a closed network.
-ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-        "--disable-component-update", "--disable-sync"]
 T = TypeVar("T")
 PNG_1X1 = bytes.fromhex("89504e470d0a1a0a0000000d4948445200000001000000010806000000"
                         "1f15c4890000000d49444154789c63f8cfc0f01f0005000201a5a1ae5b0000000049454e44ae426082")
@@ -55,24 +51,26 @@ def eventually(probe: Callable[[], T | None], timeout: float = 10) -> T:
 
 class Site:
     """Another website (another origin: another port) whose page embeds the widget with the
-    snippet of docs/channels/webchat.md."""
+    snippet of docs/channels/webchat.md; ``files`` are served too (an agent's picture)."""
 
     def __init__(self) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.page = b""
         self.headers: dict[str, str] = {}
+        self.files: dict[str, tuple[str, bytes]] = {}
         site = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
             def do_GET(self) -> None:  # noqa: N802 - the http.server API
+                kind, body = site.files.get(self.path, ("text/html; charset=utf-8", site.page))
                 self.send_response(200)
-                self.send_header("Content-Type", "text/html; charset=utf-8")
-                self.send_header("Content-Length", str(len(site.page)))
+                self.send_header("Content-Type", kind)
+                self.send_header("Content-Length", str(len(body)))
                 for name, value in site.headers.items():
                     self.send_header(name, value)
                 self.end_headers()
-                self.wfile.write(site.page)
+                self.wfile.write(body)
 
             def log_message(self, *args: Any) -> None:
                 pass
@@ -81,9 +79,11 @@ class Site:
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self.thread.start()
 
-    def embed(self, gateway: GatewayProcess) -> None:
-        self.page = (f'<!doctype html><html><body><h1>A shop</h1><script src="http://127.0.0.1:{gateway.http_port}'
-                     f'/channels/web/widget.js" async data-open="true"></script></body></html>').encode()
+    def embed(self, gateway: GatewayProcess, attributes: str = 'data-open="true"', lang: str = "") -> None:
+        html = f' lang="{lang}"' if lang else ""
+        self.page = (f'<!doctype html><html{html}><head><meta name="viewport" content="width=device-width, initial-scale=1"><title>A shop</title></head><body><h1>A shop</h1>'
+                     f'<script src="http://127.0.0.1:{gateway.http_port}/channels/web/widget.js" async {attributes}>'
+                     f'</script></body></html>').encode()
 
     def close(self) -> None:
         self.server.shutdown()
@@ -106,22 +106,6 @@ def gateway(tmp_path_factory: pytest.TempPathFactory, shop: Site) -> Iterator[Ga
     yield proc
     proc.signal(signal.SIGTERM)
     assert proc.wait() == 0, proc.logs()
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Browser]:
-    if not Path(CHROMIUM).exists():
-        pytest.fail("these tests need Debian's chromium at /usr/bin/chromium (.ci/run installs it)", pytrace=False)
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
-        yield b
-        b.close()
-
-
-@pytest.fixture(scope="session")
-def shots(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Where the screenshots go (under pytest's temporary directory, never in the tree)."""
-    return tmp_path_factory.mktemp("webchat-screenshots")
 
 
 @pytest.fixture

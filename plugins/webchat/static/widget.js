@@ -285,8 +285,15 @@
 
   function showError(text) { err.textContent = text || ""; err.className = text ? "err show" : "err"; }
   function scrollDown() { list.scrollTop = list.scrollHeight; stick = true; }
-  // Follow the newest message unless the visitor scrolled up to read older ones.
-  list.addEventListener("scroll", function () { stick = list.scrollTop + list.clientHeight >= list.scrollHeight - 40; });
+  // Follow the newest message unless the visitor scrolled up to read older ones. Only a
+  // scroll of theirs counts: redrawing the list scrolls it too (to the top, for a moment).
+  var touched = 0;
+  ["wheel", "touchmove", "keydown", "mousedown"].forEach(function (name) {
+    list.addEventListener(name, function () { touched = Date.now(); }, {passive: true});
+  });
+  list.addEventListener("scroll", function () {
+    if (Date.now() - touched < 1500) { stick = list.scrollTop + list.clientHeight >= list.scrollHeight - 40; }
+  });
   function follow() { if (stick) { scrollDown(); } }
   function watching() { return isOpen && document.visibilityState === "visible"; }
   function wake() { if (asleep && watching()) { asleep = false; attempt = 0; connect(); } }

@@ -261,3 +261,33 @@ def test_check_config_warns_about_limits_that_contradict_each_other(tmp_path: Pa
 def test_the_example_configuration_checks_without_a_warning() -> None:
     done = check_config(ROOT / "gateway.example.toml")
     assert done.returncode == 0 and "warning" not in done.stdout, done.stdout + done.stderr
+
+
+def doc_block(language: str, after: str) -> str:
+    """The first ``language`` code block after the line containing ``after`` in webchat.md."""
+    text = (ROOT / "docs/channels/webchat.md").read_text()
+    return text[text.index(after):].split(f"```{language}\n", 1)[1].split("```", 1)[0]
+
+
+def test_the_strings_table_has_every_key_in_both_languages_and_the_docs_list_them() -> None:
+    from plugins.webchat._config import STRING_KEYS
+
+    script = (ROOT / "plugins/webchat/static/widget.js").read_text()
+    tables = script[script.index("var STRINGS = {"):script.index("function pickLanguage")]
+    en, zh = tables.split('"zh-CN": {')
+    key = re.compile(r'(?:^|[{,\s])"?([a-z_]+)"?:\s*"', re.M)
+    assert set(key.findall(en.split('"en": {')[1])) == STRING_KEYS
+    assert set(key.findall(zh)) == STRING_KEYS
+    doc = (ROOT / "docs/channels/webchat.md").read_text()
+    listed = doc[doc.index("The keys: "):doc.index("(placeholders in braces")]
+    assert set(re.findall(r"`([a-z_]+)`", listed)) == STRING_KEYS
+
+
+def test_the_documented_strings_section_is_a_valid_configuration(tmp_path: Path) -> None:
+    config = tmp_path / "gateway.toml"
+    config.write_text('[channels.web]\ntype = "webchat"\n' + doc_block("toml", "its strings table"))
+    done = check_config(config)
+    assert done.returncode == 0, done.stdout + done.stderr
+    config.write_text('[channels.web]\ntype = "webchat"\n[channels.web.strings.zh-CN]\nsnd = "发出"\n')
+    wrong = check_config(config)
+    assert wrong.returncode != 0 and "strings.zh-CN: unknown key(s) snd" in wrong.stdout + wrong.stderr

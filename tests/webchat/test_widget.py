@@ -521,3 +521,23 @@ def test_the_message_box_grows_with_what_is_typed_instead_of_clipping_it(
     many = box.bounding_box()
     assert many is not None and many["height"] <= 142  # then it scrolls, the messages stay in view
     snap(page, shots, request)
+
+
+def test_the_documented_javascript_api_example_works_as_pasted(
+        gateway: GatewayProcess, shop: Site, page: Page, shots: Path, request: pytest.FixtureRequest) -> None:
+    doc = (ROOT / "docs/channels/webchat.md").read_text()
+    block = doc[doc.index("### The page's JavaScript API"):].split("```html\n", 1)[1].split("```", 1)[0]
+    shop.page = ('<!doctype html><html><head><meta name="viewport" content="width=device-width, initial-scale=1">'
+                 '</head><body>' + block.replace("https://gateway.example.com", f"http://127.0.0.1:{gateway.http_port}")
+                 + "</body></html>").encode()
+    try:
+        page.goto(shop.url)
+        page.get_by_role("button", name="Need help?").click()
+        page.get_by_placeholder("Your name").fill("Mia")
+        page.get_by_role("button", name="Start chat").click()
+        conversation = tell(page, gateway, "Through the documented page")
+        on_bus(reply(gateway.bus_url, conversation, oid("r-doc"), "Hello Mia", sender=Sender(name="Lin")))
+        expect(page.locator("#chat-news")).to_have_text("Lin: Hello Mia")
+        snap(page, shots, request)
+    finally:
+        shop.embed(gateway)

@@ -180,7 +180,7 @@
     ".compose textarea{resize:none;height:42px;min-height:42px;max-height:140px;overflow-y:auto;line-height:1.4}",
     "button.send,button.attach,button.smile,form.pre button{border:0;border-radius:8px;padding:10px 12px;background:" + color + ";color:#fff;font-size:14px;cursor:pointer}",
     "button.attach,button.smile{background:#eaeef2;color:#1b1f24;padding:9px 10px;line-height:1}",
-    "button.attach svg{display:block}",
+    "button.attach svg{display:block}button.smile{font-size:18px;padding:8px}button.send{flex:none;white-space:nowrap}",
     "button:disabled{opacity:.5;cursor:default}",
     ".emojis{display:none;flex-wrap:wrap;gap:2px;padding:6px 10px;border-top:1px solid #d0d7de;background:#fff}.emojis.show{display:flex}",
     ".emojis button{border:0;background:transparent;font-size:20px;padding:3px;cursor:pointer;border-radius:6px}.emojis button:hover{background:#eaeef2}",

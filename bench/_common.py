@@ -184,7 +184,7 @@ def interference(results: Any) -> dict[str, Any]:
 
 
 def nats_server_version() -> str:
-    from gateway.core._embedded import nats_server_binary
+    from gateway.core.bus.embedded import nats_server_binary
 
     try:
         out = subprocess.run([nats_server_binary(), "--version"], capture_output=True, text=True, timeout=10)

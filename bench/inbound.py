@@ -7,7 +7,7 @@ Measured in one run, against one real nats-server (file storage):
 2. the JetStream operations the core does for one inbound (dedup ``kv.get``; the message
    and the conversation's KV write as two pipelined ``publish_async``; then the dedup KV
    write), done with raw nats-py at the same concurrency as the HTTP load: the floor the
-   pipeline's design sets (kept in step with ``gateway/core/_pipeline.py``);
+   pipeline's design sets (kept in step with ``gateway/core/inbound/pipeline.py``);
 3. ``ctx.publish`` in process (the mock channel's ``inject``, no HTTP): the core without
    the web server;
 4. the full path over HTTP to ``python -m gateway run`` in its own process with a mock
@@ -74,7 +74,7 @@ def bus_messages(prefix: str, n: int) -> list[tuple[bytes, dict[str, str]]]:
     from datetime import datetime, timezone
 
     from gateway import Message, Participant, TextPart
-    from gateway.core._pipeline import conversation_key, message_id
+    from gateway.core.inbound.pipeline import conversation_key, message_id
 
     out = []
     now = datetime.now(timezone.utc)
@@ -177,7 +177,7 @@ async def raw_pipeline_ops(bus: Bus, n: int, concurrency: int) -> dict[str, Any]
 
 
 async def ctx_publish(bus: Bus, n: int, concurrency: int) -> dict[str, Any]:
-    from gateway.core._logging import configure_logging
+    from gateway.core.logs import configure_logging
     from gateway.testing import make_config, start_gateway
 
     # Its start/stop lines would mix into the printed results.

@@ -8,7 +8,7 @@ Measured in one run, against one real nats-server (file storage):
 2. the JetStream operations the dispatcher does for one outbound (``accepted`` status
    publish pipelined with the receipt and conversation ``kv.get``; receipt KV write;
    ``sent`` status publish; plain ``ack``), with raw nats-py at the dispatcher's
-   concurrency: the floor its design sets (kept in step with ``gateway/core/_outbound.py``);
+   concurrency: the floor its design sets (kept in step with ``gateway/core/delivery/dispatcher.py``);
 3. the gateway (``python -m gateway run`` in its own process, mock channel): M outbounds
    spread over many conversations published at once, time from each publish to its
    ``sent`` status (received over a core NATS subscription), throughput, and a paced run

@@ -5,10 +5,10 @@ Integrators import everything from here; underscore modules are private.
 
 from importlib.metadata import PackageNotFoundError, version
 
-from .core._bus import Subjects
-from .core._channel import Channel, ChannelContext, ChannelState, Conversation, KeyValue, PublishResult, Reach, Receipt
-from .core._config import ChannelConfig, Config, Duration, load_config, parse_config, seconds
-from .core._errors import (
+from .core.bus.connection import Subjects
+from .core.channel.api import Channel, ChannelContext, ChannelState, Conversation, KeyValue, PublishResult, Reach, Receipt
+from .core.config import ChannelConfig, Config, Duration, load_config, parse_config, seconds
+from .core.errors import (
     BusUnavailable,
     ConfigError,
     Deferred,
@@ -20,31 +20,38 @@ from .core._errors import (
     SignatureError,
     body_problem,
 )
-from .core._gateway import Gateway
-from .core._channel import MediaPart
-from .core._logging import Throttle
-from .core._quiet import check_quiet_hours, quiet_until
-from .core._survey import match_choice
-from .core._retry import Backoff
-from .core._toolkit import (
+from .core.process import Gateway
+from .core.channel.api import MediaPart
+from .core.logs import Throttle
+from .core.scheduling.quiet import check_quiet_hours, quiet_until
+from .core.scheduling.survey import match_choice
+from .core.retry import Backoff
+from .core.channel.toolkit import (
     Lease,
     ProviderIndex,
     Sent,
     SharedValue,
     Supervised,
     check_timestamp,
+    TIMEOUT,
+    UNREACHABLE,
+    not_connected,
     parse_retry_after,
+    provider_call,
     provider_error,
+    transport_error,
     public_url,
     stable_id,
     verify_ed25519,
     verify_hmac,
 )
-from .core._hookspecs import hookimpl
-from .core._plugins import PluginManager
-from .core._retry import Backoff
-from .core._websocket import Handshake, WebSocketClient, WebSocketClosed, WebSocketConnection, tokens_equal
-from .core._schema import (
+from .core.hookspecs import hookimpl
+from .core.registry import PluginManager
+from .core.retry import Backoff
+from .core.channel.ratelimit import RateLimiter
+from .core.channel.websocket_client import WebSocketClient
+from .core.http.websocket import Handshake, WebSocketClosed, WebSocketConnection, tokens_equal
+from .core.schema import (
     SCHEMA_VERSION,
     DeliveryState,
     AudioPart,
@@ -149,7 +156,7 @@ __all__ = [
     "seconds",
 ]
 
-# The channel toolkit (gateway/core/_toolkit.py) and the types a plugin's signatures use.
+# The channel toolkit (gateway/core/channel/toolkit.py) and the types a plugin's signatures use.
 __all__ += [
     "Backoff",
     "DeliveryState",
@@ -162,10 +169,16 @@ __all__ += [
     "ProviderIndex",
     "Sent",
     "SharedValue",
+    "RateLimiter",
     "Supervised",
     "check_timestamp",
+    "TIMEOUT",
+    "UNREACHABLE",
+    "not_connected",
     "parse_retry_after",
+    "provider_call",
     "provider_error",
+    "transport_error",
     "public_url",
     "stable_id",
     "verify_ed25519",

@@ -1,5 +1,5 @@
 """``gateway dlq list | replay | purge``: the printing and the confirmation prompt around
-the data functions of :mod:`gateway.core._dlq`."""
+the data functions of :mod:`gateway.core.delivery.dlq`."""
 
 from __future__ import annotations
 
@@ -8,10 +8,10 @@ import sys
 from datetime import datetime, timezone
 from typing import Any
 
-from .core import _dlq
-from .core._bus import Subjects
-from .core._config import Config
-from .core._schema import encode
+from .core.delivery import dlq as _dlq
+from .core.bus.connection import Subjects
+from .core.config import Config
+from .core.schema import encode
 
 
 def _age(at: datetime) -> str:

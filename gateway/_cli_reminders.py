@@ -9,10 +9,10 @@ import sys
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
-from .core._bus import Subjects
-from .core._config import Config, seconds
-from .core._reminders import ReminderStore
-from .core._schema import Reminder, encode
+from .core.bus.connection import Subjects
+from .core.config import Config, seconds
+from .core.scheduling.reminders import ReminderStore
+from .core.schema import Reminder, encode
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
 

@@ -17,9 +17,9 @@ from pathlib import Path
 from typing import Any
 
 
-from .core._config import Config, load_config
-from .core._errors import BusUnavailable, ConfigError, PluginError, StartupError
-from .core._logging import add_secrets, configure_logging, get_logger, mask_secrets, url_secrets
+from .core.config import Config, load_config
+from .core.errors import BusUnavailable, ConfigError, PluginError, StartupError
+from .core.logs import add_secrets, configure_logging, get_logger, mask_secrets, url_secrets
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE, EXIT_BUS, EXIT_PLUGIN = 0, 1, 2, 3, 4
 DEFAULT_CONFIG = "gateway.toml"
@@ -35,7 +35,7 @@ def _config_path(arg: str | None) -> str | None:
 
 
 def _load(args: argparse.Namespace) -> tuple[Config, Any]:
-    from .core._plugins import PluginManager
+    from .core.registry import PluginManager
 
     pm = PluginManager()
     config = load_config(_config_path(args.config), pm.channel_types)
@@ -122,7 +122,7 @@ async def _connect(config: Config) -> Any:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from .core._gateway import Gateway
+    from .core.process import Gateway
 
     config, pm = _load(args)
     configure_logging(args.log_format or config.log.format, args.log_level or config.log.level)
@@ -152,7 +152,7 @@ def _run_loop(coro: Any) -> None:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
-    from .core._plugins import PluginManager
+    from .core.registry import PluginManager
 
     path = args.file or _config_path(args.config)
     if path is None:
@@ -170,7 +170,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 
 def cmd_plugins(args: argparse.Namespace) -> int:
-    from .core._plugins import PluginManager
+    from .core.registry import PluginManager
 
     pm = PluginManager()
     rows = [{"type": i.type, "plugin": i.plugin, "package": i.package, "version": i.version,
@@ -188,7 +188,7 @@ def cmd_plugins(args: argparse.Namespace) -> int:
 
 
 def cmd_schema(args: argparse.Namespace) -> int:
-    from .core._schema import json_schemas
+    from .core.schema import json_schemas
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -199,9 +199,9 @@ def cmd_schema(args: argparse.Namespace) -> int:
 
 
 def cmd_send(args: argparse.Namespace) -> int:
-    from .core._bus import Subjects
-    from .core._contract import outbound_headers
-    from .core._schema import Outbound, TextPart, encode
+    from .core.bus.connection import Subjects
+    from .core.bus.contract import outbound_headers
+    from .core.schema import Outbound, TextPart, encode
 
     config, _ = _load(args)
     ctype = args.type

@@ -25,11 +25,11 @@ import nats.errors
 import nats.js.errors
 from nats.js import api
 
-from .core._bus import Subjects
-from .core._contract import dead_inbound_headers, outbound_headers
-from .core._errors import GatewayError
-from .core._reminders import ReminderError, ReminderStore
-from .core._schema import (
+from .core.bus.connection import Subjects
+from .core.bus.contract import dead_inbound_headers, outbound_headers
+from .core.errors import GatewayError
+from .core.scheduling.reminders import ReminderError, ReminderStore
+from .core.schema import (
     DeadLetter,
     DeliveryStatus,
     DeskTask,

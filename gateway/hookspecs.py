@@ -4,7 +4,7 @@ here rather than in the private module that defines it. Mark implementations wit
 
 from __future__ import annotations
 
-from .core import _hookspecs as _spec
+from .core import hookspecs as _spec
 
 # Built from the private module so a new hook is public (and checked by the docs test) at once.
 __all__ = sorted(n for n, f in vars(_spec).items() if callable(f) and hasattr(f, "gateway_spec"))

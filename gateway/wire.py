@@ -5,7 +5,7 @@ plugins do not need this module: the context encodes and decodes for them."""
 
 from __future__ import annotations
 
-from .core._contract import (
+from .core.bus.contract import (
     dead_inbound_headers,
     dead_letter_headers,
     message_headers,
@@ -13,8 +13,8 @@ from .core._contract import (
     replay_headers,
     status_headers,
 )
-from .core._pipeline import conversation_key, message_id
-from .core._schema import (
+from .core.inbound.pipeline import conversation_key, message_id
+from .core.schema import (
     dead_letter_decoder,
     encode,
     message_decoder,

@@ -146,6 +146,18 @@ def test_channel_name_must_be_a_subject_token(tmp_path, capsys):
     assert "channels.Support.Mail: channel names are lower-case letters" in out
 
 
+@pytest.mark.parametrize("name", ["survey", "quiet", "core"])
+def test_a_channel_cannot_take_a_name_the_cores_records_live_under(tmp_path, capsys, name):
+    # A channel's records are kept under its name in the shared state bucket, beside the
+    # core's pending surveys, quiet hours and liveness markers.
+    code, out = check(tmp_path, capsys, f"""
+        [channels.{name}]
+        type = "mock"
+        """)
+    assert code == 2
+    assert f"channels.{name}: the channel name {name!r} is reserved" in out
+
+
 def test_several_channels_of_one_type_are_allowed(tmp_path, capsys):
     code, out = check(tmp_path, capsys, """
         [channels.support]

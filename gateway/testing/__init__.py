@@ -19,7 +19,7 @@ from .. import Config, DeliveryStatus, Gateway, PluginManager, Subjects, parse_c
 
 # The one private import of the test kit: the nats-server runner is test infrastructure,
 # not plugin API (tests/test_public_api.py allows exactly this line).
-from ..core._embedded import LOCK_FILE, EmbeddedServer, free_port
+from ..core.bus.embedded import LOCK_FILE, EmbeddedServer, free_port
 from ..wire import status_decoder
 from ._mock import MockChannel, MockConfig
 from ._process import GatewayProcess

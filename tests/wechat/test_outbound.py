@@ -269,7 +269,7 @@ async def test_network_errors_and_5xx_are_transient(fake_wechat, tmp_path):
     try:
         await api.access_token()
     except DeliveryError as exc:
-        assert not exc.permanent and exc.code == "network"
+        assert not exc.permanent and exc.code == "unreachable"
     else:
         raise AssertionError("no error from a closed port")
     finally:

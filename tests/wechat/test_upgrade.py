@@ -28,7 +28,7 @@ PNG = b"\x89PNG\r\n\x1a\n" + b"\x00" * 100
 # --- the previous release's storage ------------------------------------------------------
 
 def old_kv_key(channel: str, key: str) -> str:
-    """The KV key f3660f2 stored a channel's state key under (gateway/core/_pipeline.py
+    """The KV key f3660f2 stored a channel's state key under (gateway/core/inbound/pipeline.py
     ``_State._key`` and ``_token``): ``<channel>.<key>`` for keys of ``[-_=a-zA-Z0-9]``,
     else ``<channel>.h-`` + 40 base32 characters of the key's SHA-256."""
     if re.fullmatch(r"[-_=a-zA-Z0-9]{1,200}", key):

@@ -14,11 +14,19 @@ from typing import Annotated, Any, Literal, Mapping, Union, get_args, get_origin
 
 import msgspec
 
-from ._errors import ConfigError
+from .errors import ConfigError
 
 Duration = Annotated[str, msgspec.Meta(pattern=r"^\d+(\.\d+)?(ms|s|m|h|d)$", description="a duration such as 500ms, 30s, 5m, 2h, 7d")]
 _UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
 _NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
+
+# The namespaces of the core's records in the shared state bucket (keys built in
+# bus/state.py). A channel's records live under its name, so no channel may be named so.
+CORE_NAMESPACES: dict[str, str] = {
+    "core": "process liveness markers of dedup restore",
+    "survey": "the pending survey of a conversation",
+    "quiet": "a conversation's quiet hours for reminders",
+}
 _SECRET = re.compile(r"(pass|secret|token|key|cred|auth|sid|aes)", re.I)
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
@@ -437,6 +445,10 @@ def parse_config(
         path = ("channels", name)
         if not _NAME.match(name):
             problems.add(path, "channel names are lower-case letters, digits, '-' and '_' (they become NATS subject tokens)")
+            continue
+        if name in CORE_NAMESPACES:
+            problems.add(path, f"the channel name {name!r} is reserved (the gateway keeps {CORE_NAMESPACES[name]} "
+                               f"under it); reserved: {', '.join(sorted(CORE_NAMESPACES))}")
             continue
         if not isinstance(section, dict):
             problems.add(path, f"expected a table, got {_found_type(section)}")

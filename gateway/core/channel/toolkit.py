@@ -9,25 +9,29 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import binascii
 import hashlib
 import hmac
 import random
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Coroutine, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Iterator, Mapping
 from email.utils import parsedate_to_datetime
 from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar
 
+import httpx
 import msgspec
+import websockets.exceptions
 
-from ._errors import DeliveryError, SignatureError
-from ._retry import Backoff, cancel_and_wait
+from ..errors import DeliveryError, SignatureError
+from ..http.websocket import WebSocketClosed
+from ..retry import Backoff, cancel_and_wait
 
 if TYPE_CHECKING:
     from starlette.requests import Request
 
-    from ._channel import ChannelState, KeyValue
+    from .api import ChannelState, KeyValue
 
 T = TypeVar("T")
 
@@ -246,6 +250,52 @@ def provider_error(status: int, headers: Mapping[str, str] | None = None, *, pro
         retry_after = parse_retry_after(_header(headers, "retry-after"), now=now)
     return DeliveryError(f"{provider} answered HTTP {status}", permanent=not transient, code=f"http_{status}",
                          retry_after=retry_after)
+
+
+UNREACHABLE = "unreachable"
+"""The error code of a provider call that never reached the provider (connection refused
+or not open, DNS, TLS, connect timeout): retrying cannot double it."""
+TIMEOUT = "timeout"
+"""The error code of a provider call that went out and got no answer (in time, or at all:
+the connection dropped first): the provider may have acted on it, so a retry may double."""
+
+# httpx errors raised before the request was written: the provider never saw it.
+_NOT_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout, httpx.UnsupportedProtocol)
+
+
+def transport_error(exc: BaseException, *, provider: str = "provider") -> DeliveryError:
+    """The transient :class:`DeliveryError` for a provider call that got no answer, with one
+    of two fixed codes for every channel: :data:`UNREACHABLE` when the request cannot have
+    reached the provider, :data:`TIMEOUT` when it may have. Takes httpx's errors, timeouts
+    (``TimeoutError``), socket errors and a closed WebSocket. The message names the provider
+    and the kind of failure, never a URL or credentials."""
+    if isinstance(exc, _NOT_SENT) or isinstance(exc, ConnectionRefusedError):
+        return DeliveryError(f"{provider} unreachable ({type(exc).__name__})", permanent=False, code=UNREACHABLE)
+    if isinstance(exc, (httpx.TimeoutException, TimeoutError)):
+        return DeliveryError(f"{provider} did not answer in time", permanent=False, code=TIMEOUT)
+    return DeliveryError(f"{provider}: connection lost before the answer ({type(exc).__name__})", permanent=False,
+                         code=TIMEOUT)
+
+
+def not_connected(provider: str) -> DeliveryError:
+    """The transient :class:`DeliveryError` for a call that has no connection to go out on
+    (a WebSocket provider that is not connected now): code :data:`UNREACHABLE`."""
+    return DeliveryError(f"{provider} not connected", permanent=False, code=UNREACHABLE)
+
+
+@contextlib.contextmanager
+def provider_call(provider: str) -> Iterator[None]:
+    """Maps what a call to ``provider`` raises when no answer comes (httpx transport
+    errors and timeouts, ``TimeoutError``, ``OSError``, a closed WebSocket) to
+    :func:`transport_error`; anything else passes unchanged::
+
+        with provider_call("WeChat API"):
+            response = await client.post(url, json=body)
+    """
+    try:
+        yield
+    except (httpx.TransportError, TimeoutError, OSError, WebSocketClosed, websockets.exceptions.ConnectionClosed) as exc:
+        raise transport_error(exc, provider=provider) from exc
 
 
 def _header(headers: Mapping[str, str], name: str) -> str | None:

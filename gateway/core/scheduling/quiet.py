@@ -9,7 +9,7 @@ from __future__ import annotations
 from datetime import datetime, time, timedelta, timezone
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from ._schema import QuietHours
+from ..schema import QuietHours
 
 
 def _clock(value: str, field: str) -> time:

@@ -37,12 +37,12 @@ import nats.errors
 import nats.js.errors
 from nats.js import api
 
-from ._config import seconds
-from ._contract import JSON, outbound_headers
-from ._failpoints import failpoint
-from ._quiet import check_quiet_hours, quiet_until
-from ._retry import cancel_and_wait
-from ._schema import (
+from ..config import seconds
+from ..bus.contract import JSON, outbound_headers
+from ..failpoints import failpoint
+from .quiet import check_quiet_hours, quiet_until
+from ..retry import cancel_and_wait
+from ..schema import (
     ErrorInfo,
     Message,
     Outbound,
@@ -57,10 +57,10 @@ from ._schema import (
 if TYPE_CHECKING:
     from collections.abc import Callable, Mapping
 
-    from ._bus import Subjects
-    from ._channel import Channel, Conversation
-    from ._config import ChannelConfig, RemindersConfig
-    from ._services import BusServices
+    from ..bus.connection import Subjects
+    from ..channel.api import Channel, Conversation
+    from ..config import ChannelConfig, RemindersConfig
+    from ..bus.services import BusServices
 
 SCHEMA_REMINDER = "reminder/1"
 SCHEMA_REMINDER_STATUS = "reminder-status/1"

@@ -18,13 +18,13 @@ import nats.errors
 import nats.js.errors
 from nats.js import api
 
-from ._bus import Bus, wire_size
-from ._channel import Conversation, Receipt
-from ._config import seconds
-from ._contract import PAYLOAD_HEADER, dead_letter_headers, message_headers, status_headers
-from ._errors import BusUnavailable
-from ._schema import DeadLetter, DeliveryStatus, Message, ObjectRef, encode
-from ._toolkit import stable_id
+from .connection import Bus, wire_size
+from ..channel.api import Conversation, Receipt
+from ..config import seconds
+from .contract import PAYLOAD_HEADER, dead_letter_headers, message_headers, status_headers
+from ..errors import BusUnavailable
+from ..schema import DeadLetter, DeliveryStatus, Message, ObjectRef, encode
+from ..channel.toolkit import stable_id
 
 conversation_decoder = msgspec.json.Decoder(Conversation)
 receipt_decoder = msgspec.json.Decoder(Receipt)

@@ -9,22 +9,23 @@ import signal
 from datetime import datetime, timezone
 from typing import Any
 
-from ._bus import Bus
-from ._channel import Channel, Conversation
-from ._config import ChannelConfig, Config, load_config, seconds
-from ._embedded import EmbeddedServer
-from ._errors import ConfigError, PluginError
-from ._http import HttpServer
-from ._logging import get_logger
-from ._metrics import Metrics
-from ._outbound import Dispatcher
-from ._pipeline import Context, Inbound
-from ._plugins import PluginManager
-from ._reminders import Reminders
-from ._restore import DedupRestore
-from ._schema import Message, ObjectRef, QuietHours
-from ._services import BusServices
-from ._survey import Surveys
+from .bus.connection import Bus
+from .channel.api import Channel, Conversation
+from .config import ChannelConfig, Config, load_config, seconds
+from .bus.embedded import EmbeddedServer
+from .errors import ConfigError, PluginError
+from .http.server import HttpServer
+from .logs import get_logger
+from .metrics import Metrics
+from .delivery.dispatcher import Dispatcher
+from .context import Context
+from .inbound.pipeline import Inbound
+from .registry import PluginManager
+from .scheduling.reminders import Reminders
+from .inbound.restore import DedupRestore
+from .schema import Message, ObjectRef, QuietHours
+from .bus.services import BusServices
+from .scheduling.survey import Surveys
 
 
 class _Running:

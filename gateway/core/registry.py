@@ -12,9 +12,9 @@ from typing import cast
 
 import pluggy
 
-from . import _hookspecs
-from ._channel import Channel
-from ._errors import PluginError
+from . import hookspecs as _hookspecs
+from .channel.api import Channel
+from .errors import PluginError
 
 ENTRY_POINT_GROUP = "gateway.plugins"
 LOAD_ENV = "GATEWAY_LOAD_PLUGINS"

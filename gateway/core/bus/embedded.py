@@ -25,8 +25,8 @@ import sysconfig
 from pathlib import Path
 from typing import Any
 
-from ._errors import BusUnavailable, StartupError
-from ._retry import Backoff, cancel_and_wait
+from ..errors import BusUnavailable, StartupError
+from ..retry import Backoff, cancel_and_wait
 
 
 def nats_server_binary() -> str:

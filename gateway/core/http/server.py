@@ -21,8 +21,8 @@ import contextlib
 import errno
 import json
 import socket
-from collections.abc import Callable, Iterator, Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+from typing import Any, Protocol
 
 import uvicorn
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -32,14 +32,22 @@ from starlette.routing import Route, Router, WebSocketRoute
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from ._config import HttpConfig, seconds
-from ._errors import BusUnavailable, PayloadTooLarge, RequestError, StartupError
-from ._logging import Throttle
-from ._metrics import Metrics
-from ._websocket import Authorize, GatewayWebSocketProtocol, WebSocketHandler, WebSocketHub, WebSocketLimits, _Route
+from ..config import HttpConfig, seconds
+from ..errors import BusUnavailable, PayloadTooLarge, RequestError, StartupError
+from ..logs import Throttle
+from ..metrics import Metrics
+from .websocket import Authorize, GatewayWebSocketProtocol, WebSocketHandler, WebSocketHub, WebSocketLimits, _Route
 
-if TYPE_CHECKING:
-    from ._channel import ChannelContext, Endpoint
+Endpoint = Callable[[Request], Awaitable[Response]]
+
+
+class RouteOwner(Protocol):
+    """What the server needs of the channel a route belongs to (a ``ChannelContext``): its
+    name for the path and its type, name and logger for metrics and logs."""
+
+    name: str
+    channel_type: str
+    log: Any
 
 
 class _BodyTimeout(Exception):
@@ -163,7 +171,7 @@ class HttpServer:
 
     # --- routes --------------------------------------------------------------------
 
-    def add_route(self, ctx: ChannelContext, path: str, endpoint: Endpoint, methods: Sequence[str],
+    def add_route(self, ctx: RouteOwner, path: str, endpoint: Endpoint, methods: Sequence[str],
                   max_body: int | None = None, own_limit: bool = False) -> str:
         if not path.startswith("/"):
             path = "/" + path
@@ -171,7 +179,7 @@ class HttpServer:
         router.routes.append(Route(path, self._wrap(ctx, endpoint, max_body, own_limit), methods=list(methods)))
         return f"/channels/{ctx.name}{path}"
 
-    def add_websocket(self, ctx: ChannelContext, path: str, handler: WebSocketHandler, authorize: Authorize | None,
+    def add_websocket(self, ctx: RouteOwner, path: str, handler: WebSocketHandler, authorize: Authorize | None,
                       limits: WebSocketLimits) -> str:
         if not path.startswith("/"):
             path = "/" + path
@@ -199,7 +207,7 @@ class HttpServer:
     def _open_connections(self) -> int:
         return len(self.server.server_state.connections) if self.server is not None else 0
 
-    def _wrap(self, ctx: ChannelContext, endpoint: Endpoint, route_limit: int | None, own_limit: bool = False):
+    def _wrap(self, ctx: RouteOwner, endpoint: Endpoint, route_limit: int | None, own_limit: bool = False):
         metrics = self.metrics
         # The lower of the server's and the route's limit applies, or the route's own when it
         # says so (uploads: a photo is larger than any webhook); the answer names it.

@@ -5,13 +5,13 @@ through the context."""
 from __future__ import annotations
 
 import abc
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, ClassVar, Literal, TypeVar
 
 import msgspec
 
-from ._schema import (
+from ..schema import (
     AudioPart,
     DeliveryState,
     ErrorInfo,
@@ -26,12 +26,11 @@ from ._schema import (
     VideoPart,
 )
 
-if TYPE_CHECKING:
-    from starlette.requests import Request
-    from starlette.responses import Response
+from ..http.server import Endpoint as _HttpEndpoint
 
-    from ._config import Config
-    from ._websocket import Authorize, WebSocketHandler
+if TYPE_CHECKING:
+    from ..config import Config
+    from ..http.websocket import Authorize, WebSocketHandler
 
 S = TypeVar("S", bound=msgspec.Struct)
 _decoders: dict[Any, msgspec.json.Decoder[Any]] = {}
@@ -95,7 +94,8 @@ class Reach(msgspec.Struct, frozen=True, kw_only=True):
 MediaPart = ImagePart | FilePart | AudioPart | VideoPart
 """A part whose content is bytes (inline or in the object store)."""
 
-Endpoint = Callable[["Request"], Awaitable["Response"]]
+Endpoint = _HttpEndpoint
+"""A route handler: a Starlette ``Request`` in, a ``Response`` out."""
 
 
 class KeyValue(abc.ABC):
@@ -274,7 +274,7 @@ class ChannelContext(abc.ABC):
             return part.data
         if part.ref is not None:
             return await self.get_blob(part.ref)
-        from ._errors import DeliveryError
+        from ..errors import DeliveryError
 
         raise DeliveryError(f"{part.__struct_config__.tag} part has no data or object reference", permanent=True,
                             code="unsupported_content")
@@ -327,7 +327,7 @@ class Channel(abc.ABC):
     async def deliver(self, outbound: Outbound, conversation: Conversation) -> Receipt:
         """Send ``outbound`` through the provider, in ``conversation``. Return only once the
         provider accepted it; raise :class:`DeliveryError` (``permanent`` or not) otherwise."""
-        from ._errors import DeliveryError
+        from ..errors import DeliveryError
 
         raise DeliveryError(f"channel type {self.channel_type!r} cannot send", permanent=True)
 

@@ -8,9 +8,9 @@ from typing import Any, NamedTuple
 import msgspec
 import nats.js.errors
 
-from ._bus import Subjects
-from ._contract import PAYLOAD_HEADER, replay_headers
-from ._schema import DeadLetter, dead_letter_decoder, encode, outbound_decoder
+from ..bus.connection import Subjects
+from ..bus.contract import PAYLOAD_HEADER, replay_headers
+from ..schema import DeadLetter, dead_letter_decoder, encode, outbound_decoder
 
 
 class DeadLetterEntry(NamedTuple):

@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from ._schema import DeliveryStatus, Message, Outbound
+    from ..schema import DeliveryStatus, Message, Outbound
 
 JSON = "application/json"
 SCHEMA_MESSAGE = "message/1"

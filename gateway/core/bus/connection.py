@@ -15,9 +15,9 @@ from nats.js import JetStreamContext, api
 from nats.js.kv import KeyValue as NatsKV
 from nats.js.object_store import ObjectStore
 
-from ._config import BusConfig, seconds
-from ._errors import BusUnavailable, PayloadTooLarge
-from ._retry import Backoff, cancel_and_wait
+from ..config import BusConfig, seconds
+from ..errors import BusUnavailable, PayloadTooLarge
+from ..retry import Backoff, cancel_and_wait
 
 _HEADER_LINE = len("NATS/1.0\r\n")
 _BLOCK_END = len("\r\n")
@@ -237,7 +237,7 @@ class Bus:
             await _close_quietly(nc, self.log)
 
     def _safe_url(self) -> str:
-        from ._logging import mask_secrets  # one masking function for logs and CLI output
+        from ..logs import mask_secrets  # one masking function for logs and CLI output
 
         return mask_secrets(self.url)
 

@@ -1,0 +1,1 @@
+"""The bus: the supervised connection, the embedded server, the contract headers and the bus services."""

@@ -1,0 +1,1 @@
+"""The one HTTP server: routes, limits, deadlines, WebSocket routes."""

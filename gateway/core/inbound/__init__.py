@@ -1,0 +1,1 @@
+"""Inbound: dedup, enrich, publish and ack; dedup records restored after a crash."""

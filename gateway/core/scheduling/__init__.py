@@ -1,0 +1,1 @@
+"""Callback reminders on JetStream message schedules, quiet hours and survey answers."""

@@ -567,14 +567,15 @@ class WebChatChannel(Channel):
 
     async def _profile(self, conn: WebSocketConnection, visitor: Visitor, frame: _Profile) -> None:
         name, email, phone = frame.name.strip(), frame.email.strip(), frame.phone.strip()
-        problem = ("a name of 1 to 80 characters is needed" if not 0 < len(name) <= 80 else
-                   # Lengths first: the pattern backtracks on a long enough string (40 ms at 24 KB).
-                   "that email address does not look right"
-                   if email and (len(email) > 254 or not _EMAIL.match(email)) else
-                   "that phone number does not look right"
-                   if phone and (len(phone) > 24 or not _PHONE.match(phone)) else None)
+        field, problem = (("name", "a name of 1 to 80 characters is needed") if not 0 < len(name) <= 80 else
+                          # Lengths first: the pattern backtracks on a long enough string (40 ms at 24 KB).
+                          ("email", "that email address does not look right")
+                          if email and (len(email) > 254 or not _EMAIL.match(email)) else
+                          ("phone", "that phone number does not look right")
+                          if phone and (len(phone) > 24 or not _PHONE.match(phone)) else ("", ""))
         if problem:
-            await conn.send(_json({"type": "error", "code": "bad_profile", "message": problem}))
+            # ``field`` lets the widget say it in the visitor's language.
+            await conn.send(_json({"type": "error", "code": "bad_profile", "field": field, "message": problem}))
             return
         await self.ctx.state.put_record("profile." + visitor.subject, Profile(name=name, email=email, phone=phone),
                                         ttl=self.history.ttl)

@@ -25,7 +25,8 @@ STRING_KEYS = frozenset({
     "name", "email", "phone", "start", "placeholder", "send", "attach", "emoji", "sending", "sent", "read",
     "failed", "online", "away", "connecting", "unavailable", "unavailable_detail", "too_long", "too_large",
     "bad_type", "not_connected", "rate_limited", "typing", "today", "yesterday", "new_message", "image",
-    "image_unavailable", "download", "retry_later", "sign_in_failed", "agent", "error"})
+    "image_unavailable", "download", "retry_later", "sign_in_failed", "agent", "error", "bad_name", "bad_email",
+    "bad_phone", "survey_closed"})
 """The keys of the widget's strings table: what ``strings`` may override."""
 
 

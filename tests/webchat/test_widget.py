@@ -541,3 +541,17 @@ def test_the_documented_javascript_api_example_works_as_pasted(
         snap(page, shots, request)
     finally:
         shop.embed(gateway)
+
+
+def test_a_refusal_is_told_in_the_visitors_language(
+        gateway: GatewayProcess, shop: Site, page: Page, shots: Path, request: pytest.FixtureRequest) -> None:
+    shop.embed(gateway, lang="zh-CN")
+    try:
+        page.goto(shop.url)
+        page.get_by_placeholder("您的称呼").fill("王小姐")
+        page.get_by_placeholder("电话（选填）").fill("call me maybe")
+        page.get_by_role("button", name="开始咨询").click()
+        expect(page.locator(f"{W} .err")).to_have_text("电话号码似乎不正确。")
+        snap(page, shots, request)
+    finally:
+        shop.embed(gateway)

@@ -45,7 +45,9 @@
       typing: "{who} is typing\u2026", today: "Today", yesterday: "Yesterday", new_message: "New message",
       image: "image", image_unavailable: "(image unavailable)", download: "Download {name}",
       retry_later: "the connection was lost, try again", sign_in_failed: "Your sign-in could not be verified; reload the page.",
-      agent: "Support", error: "Something went wrong: {reason}"
+      agent: "Support", error: "Something went wrong: {reason}",
+      bad_name: "Please give a name (at most 80 characters).", bad_email: "That email address does not look right.",
+      bad_phone: "That phone number does not look right.", survey_closed: "This question is closed or was answered already."
     },
     "zh-CN": {
       title: "在线客服", welcome: "您好！请问有什么可以帮您？",
@@ -64,7 +66,9 @@
       typing: "{who}正在输入…", today: "今天", yesterday: "昨天", new_message: "新消息",
       image: "图片", image_unavailable: "（图片无法显示）", download: "下载 {name}",
       retry_later: "连接中断，请重试", sign_in_failed: "无法验证您的登录信息，请刷新页面。",
-      agent: "客服", error: "出错了：{reason}"
+      agent: "客服", error: "出错了：{reason}",
+      bad_name: "请填写称呼（最多 80 个字）。", bad_email: "邮箱地址似乎不正确。",
+      bad_phone: "电话号码似乎不正确。", survey_closed: "这个问题已结束或已回答。"
     }
   };
   function pickLanguage() {
@@ -605,9 +609,12 @@
     timer = setTimeout(connect, delay);
   }
 
-  function reason(f) {   // the server's reason, in the visitor's language where we know it
+  function reason(f, text) {   // the server's reason, in the visitor's language where we know it
     if (f.code === "rate_limited") { return T("rate_limited", {s: Math.max(1, Math.ceil(f.retry_after || 1))}); }
-    return f.message;
+    if (f.code === "bad_profile" && words["bad_" + f.field]) { return T("bad_" + f.field); }
+    if (f.code === "answered" || f.code === "expired" || f.code === "no_survey") { return T("survey_closed"); }
+    if (f.code === "too_long" && text) { return T("too_long", {n: text.trim().length, max: limits.chars}); }
+    return T("error", {reason: f.message});
   }
 
   function handle(f) {
@@ -675,7 +682,7 @@
         outbox = outbox.filter(function (m) { return m !== pending; });
         keep();
         var n = byCid[pending.id];
-        if (n) { failBubble(n, reason(f)); }
+        if (n) { failBubble(n, reason(f, pending.frame.text)); }
       } else {
         showError(reason(f));
       }

@@ -12,7 +12,7 @@ import math
 import re
 import secrets
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta, timezone
 from importlib import resources
 from typing import Any, Literal
@@ -294,7 +294,7 @@ class WebChatChannel(Channel):
         return str(ip)
 
     async def _authorize(self, handshake: Handshake) -> Visitor:
-        return self._with_browser(await self._judge(handshake), handshake)
+        return replace(await self._judge(handshake), browser=handshake.headers.get("user-agent", "")[:300])
 
     async def _judge(self, handshake: Handshake) -> Visitor:
         if not self._origin_allowed(handshake.origin, handshake.headers.get("host")):
@@ -330,9 +330,6 @@ class WebChatChannel(Channel):
         subject = new_visitor()
         return Visitor(subject=subject, token=issue_token(secret, subject), address=address)
 
-    def _with_browser(self, visitor: Visitor, handshake: Handshake) -> Visitor:
-        return Visitor(subject=visitor.subject, token=visitor.token, address=visitor.address, error=visitor.error,
-                       close_code=visitor.close_code, browser=handshake.headers.get("user-agent", "")[:300])
 
     def _subject(self, secret: bytes, token: str | None) -> str:
         """The subject of one of our tokens; a signed-in user's only while ``user_secret``

@@ -251,15 +251,15 @@ async def test_network_errors_and_5xx_are_transient(fake_wechat, tmp_path):
         async def get_revision(self, k):
             return (self.d[k], 1) if k in self.d else None
 
-        async def create(self, k, v):
+        async def create(self, k, v, ttl=None):
             self.d[k] = v
             return True
 
-        async def update(self, k, v, r):
+        async def update(self, k, v, r, ttl=None):
             self.d[k] = v
             return True
 
-        async def put(self, k, v):
+        async def put(self, k, v, ttl=None):
             self.d[k] = v
 
     import structlog

@@ -413,7 +413,7 @@ class WebChatChannel(Channel):
         if wait:
             await conn.send(_json({"type": "error", "id": cid, "code": "rate_limited",
                                    "message": f"too many messages, try again in {_wait(wait)} s",
-                                   "retry_after": round(wait, 1)}))
+                                   "retry_after": round(max(wait, 0.1), 1)}))
             return
         if frame is None:
             await conn.send(_json({"type": "error", "code": "bad_frame", "message": "not a widget message"}))
@@ -452,7 +452,9 @@ class WebChatChannel(Channel):
     def _limit(self, visitor: Visitor) -> None:
         wait = self.visitor_limit.take(visitor.subject) or self.address_messages.take(visitor.address)
         if wait:
-            raise Refused("rate_limited", f"too many messages, try again in {_wait(wait)} s", retry_after=round(wait, 1))
+            # Never a retry_after of 0: the widget would take the refusal as final.
+            raise Refused("rate_limited", f"too many messages, try again in {_wait(wait)} s",
+                          retry_after=round(max(wait, 0.1), 1))
 
     async def _say(self, visitor: Visitor, key: str, frame: _Say) -> Entry:
         if not _CID.match(frame.id):

@@ -555,3 +555,18 @@ def test_a_refusal_is_told_in_the_visitors_language(
         snap(page, shots, request)
     finally:
         shop.embed(gateway)
+
+
+def test_a_visitor_writing_too_fast_is_told_how_long_to_wait_and_the_message_goes_after(
+        gateway: GatewayProcess, page: Page, shots: Path, request: pytest.FixtureRequest) -> None:
+    start_chat(page, gateway, "Noa")  # the profile took one of the burst of 5 (20 a minute)
+    box = page.get_by_placeholder("Type a message")
+    texts = [unique(f"quick {i}") for i in range(6)]
+    for text in texts:
+        box.fill(text)
+        box.press("Enter")
+    expect(page.locator(f"{W} .err")).to_have_text(re.compile(r"^Too many messages, try again in [1-9][0-9]* s\.$"))
+    snap(page, shots, request)
+    last = page.locator(".msg.visitor", has_text=texts[-1])
+    expect(last).to_have_attribute("data-state", "sent", timeout=20000)  # sent again after the wait, once
+    published(gateway, texts[-1])

@@ -674,7 +674,7 @@
         ws = null; connected = false; afresh(outbox); return;
       }
       var pending = outbox.filter(function (m) { return m.id === f.id; })[0];
-      if (pending && f.retry_after) {                      // not stored yet: the same id again later
+      if (pending && typeof f.retry_after === "number") {  // not stored yet: the same id again later
         pending.waiting = true;
         setTimeout(function () { pending.waiting = false; flush(); }, f.retry_after * 1000);
         if (f.code === "rate_limited") { showError(reason(f)); }

@@ -381,8 +381,14 @@ def test_a_3_mb_photo_is_sent_with_the_example_configuration(
     proc = GatewayProcess(tmp_path)
     example = (ROOT / "gateway.example.toml").read_text()
     assert tomllib.loads(example)["channels"]["web"]["type"] == "webchat"
-    proc.config.write_text(example.replace("port = 8080", f"port = {proc.http_port}").replace(
-        'data_dir = "./data/nats"', f'data_dir = "{tmp_path / "nats"}"\nembedded_port = {proc.nats_port}'))
+    # Only where it listens and keeps its data change: every limit is the example's own.
+    mine = re.sub(r"(?m)^port = 8080\b", f"port = {proc.http_port}", example)
+    mine = re.sub(r"(?m)^embedded_port = \d+", f"embedded_port = {proc.nats_port}", mine)
+    mine = mine.replace('data_dir = "./data/nats"', f'data_dir = "{tmp_path / "nats"}"')
+    if "embedded_port" not in mine:
+        mine = mine.replace("[bus]\n", f"[bus]\nembedded_port = {proc.nats_port}\n", 1)
+    assert mine.count(str(proc.http_port)) == 1 and mine.count(str(proc.nats_port)) == 1
+    proc.config.write_text(mine)
     proc.start()
     ctx = browser.new_context(viewport=SCREENS[screen])
     try:

@@ -179,12 +179,16 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     if path is None:
         print(f"no configuration file given and no ./{DEFAULT_CONFIG}", file=sys.stderr)
         return EXIT_USAGE
-    config = load_config(path, PluginManager().channel_types)
+    types = PluginManager().channel_types
+    config = load_config(path, types)
     _register_secrets(config)
     names = ", ".join(f"{n} ({c.type})" for n, c in config.channels.items()) or "none"
     bus = ("from the environment" if ("bus", "url") in config.from_env else mask_secrets(config.bus.url)) \
         if config.bus.url else "embedded"
     print(f"{path}: OK; channels: {names}; bus: {bus}")
+    for name, channel in config.channels.items():  # valid, but working against another setting
+        for warning in types[channel.type].cls.config_warnings(channel.options, config):
+            print(f"{path}: warning: channels.{name}: {warning}")
     return EXIT_OK
 
 

@@ -14,7 +14,7 @@ import nats
 import pytest
 from nats.js import api
 
-from gateway import Outbound, Template, TextPart
+from gateway import Outbound, Sender, Template, TextPart
 from gateway.wire import encode
 from gateway.testing import post_inbound, statuses, stream_messages, wait_for_status, wait_until
 
@@ -46,7 +46,8 @@ def expected_column(field: msgspec.structs.FieldInfo) -> str:
     return f"default `{json.dumps(default, ensure_ascii=False)}`"
 
 
-@pytest.mark.parametrize(("marker", "struct"), [("## `Outbound`", Outbound), ("`Template`:", Template)])
+@pytest.mark.parametrize(("marker", "struct"), [("## `Outbound`", Outbound), ("`Template`:", Template),
+                                                    ("`Sender` (", Sender)])
 def test_the_outbound_tables_state_every_field_with_its_required_flag_and_default(marker, struct):
     rows = table_after(DOC.read_text(), marker)
     fields = msgspec.structs.fields(struct)

@@ -70,8 +70,8 @@ class Context(ChannelContext):
         return await self.inbound.publish(message, route, interaction)
 
     def add_route(self, path: str, endpoint: Endpoint, methods: Sequence[str] = ("POST",), *,
-                  max_body: int | None = None) -> str:
-        return self.http.add_route(self, path, endpoint, methods, max_body)
+                  max_body: int | None = None, own_limit: bool = False) -> str:
+        return self.http.add_route(self, path, endpoint, methods, max_body, own_limit)
 
     def add_websocket(self, path: str, handler: WebSocketHandler, *, authorize: Authorize | None = None,
                       allowed_origins: Sequence[str] | None = None, max_connections: int = 100,

@@ -252,6 +252,16 @@ class Survey(_Wire, frozen=True, kw_only=True):
     """Seconds after sending during which a reply is matched against the choices."""
 
 
+class Sender(_Wire, frozen=True, kw_only=True):
+    """Who answers, as the customer should see it (an agent, a bot): shown by channels that
+    can show a sender (the web chat widget's name and picture); others ignore it."""
+
+    name: str | None = None
+    """Display name (``"Lin from Support"``)."""
+    avatar_url: str | None = None
+    """An ``https://`` (or ``http://``) URL of a small square picture."""
+
+
 class Outbound(_Envelope, frozen=True, kw_only=True):
     """A reply or notice, published by a backend on ``<prefix>.out.<channel_type>.<channel>``."""
 
@@ -273,6 +283,8 @@ class Outbound(_Envelope, frozen=True, kw_only=True):
     survey: Survey | None = None
     """Ask the customer to choose (satisfaction survey); their answer comes back as a
     :class:`ChoicePart` on an inbound message."""
+    sender: Sender | None = None
+    """The agent's name and picture, where the channel can show them (optional, additive)."""
     meta: dict[str, Any] = {}
 
 

@@ -4,15 +4,19 @@ uploads, and replies kept in a bounded history so a visitor who was away sees th
 from __future__ import annotations
 
 import asyncio
+import gzip
 import hashlib
 import hmac
 import ipaddress
+import math
 import re
 import secrets
-from dataclasses import dataclass
+from collections import OrderedDict
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta, timezone
 from importlib import resources
 from typing import Any, Literal
+from urllib.parse import quote
 
 import msgspec
 from starlette.requests import Request
@@ -22,9 +26,12 @@ from gateway import (
     BusUnavailable,
     Channel,
     ChannelContext,
+    AudioPart,
     ChoicePart,
+    Config,
     Conversation,
     DeliveryError,
+    FilePart,
     Handshake,
     ImagePart,
     LinkPart,
@@ -38,13 +45,14 @@ from gateway import (
     SignatureError,
     Supervised,
     TextPart,
+    VideoPart,
     WebSocketClosed,
     WebSocketConnection,
     quiet_until,
     seconds,
 )
 
-from ._config import WebChatConfig
+from ._config import IMAGE_TYPES, WebChatConfig, limit_warnings
 from ._store import (
     USER,
     Contention,
@@ -69,7 +77,11 @@ _MAGIC: dict[str, tuple[bytes, ...]] = {
     "image/jpeg": (b"\xff\xd8\xff",),
     "image/gif": (b"GIF87a", b"GIF89a"),
     "image/webp": (b"RIFF",),
+    "application/pdf": (b"%PDF-",),
 }
+_SAFE_URL = re.compile(r"^https?://[^\s<>\"']{1,2000}$")
+# What a file name may keep: no path, no control characters, no quotes (a header carries it).
+_UNSAFE_NAME = re.compile(r"[\x00-\x1f\x7f/\\\"<>:|?*]+")
 _RANK = {"": 0, "delivered": 1, "read": 2}
 INVALID_TOKEN = 4401
 """Close code of a socket whose token is not ours (the widget then starts afresh)."""
@@ -108,7 +120,18 @@ class _Forget(msgspec.Struct, tag="forget", tag_field="type", forbid_unknown_fie
     pass
 
 
-_frames = msgspec.json.Decoder(_Say | _Choose | _Seen | _Profile | _Forget)
+class _Context(msgspec.Struct, tag="context", tag_field="type", forbid_unknown_fields=True):
+    """Where the visitor is: sent by the widget after each welcome, put in the ``meta`` of
+    their messages for the agent."""
+
+    page: str = ""
+    referrer: str = ""
+    locale: str = ""
+    timezone: str = ""
+
+
+_frames = msgspec.json.Decoder(_Say | _Choose | _Seen | _Profile | _Forget | _Context)
+_CONTEXT_LIMITS = {"page": 2048, "referrer": 2048, "locale": 35, "timezone": 64}
 
 
 @dataclass(frozen=True)
@@ -124,6 +147,8 @@ class Visitor:
     """Why the token or user signature was refused (told in-band, then closed)."""
     close_code: int = INVALID_TOKEN
     """The close code that tells why: 4401 not our token, 4410 its conversation was erased."""
+    browser: str = ""
+    """The browser's User-Agent (shortened), for the agent."""
 
 
 class Refused(Exception):
@@ -144,7 +169,7 @@ class WebChatChannel(Channel):
 
     channel_type = "webchat"
     config_type = WebChatConfig
-    supported_parts = frozenset({"text", "image", "link"})
+    supported_parts = frozenset({"text", "image", "link", "file", "audio", "video"})
 
     def __init__(self, ctx: ChannelContext) -> None:
         super().__init__(ctx)
@@ -169,15 +194,33 @@ class WebChatChannel(Channel):
         self._known: dict[str, dict[str, None]] = {}
         self._revisions: dict[str, int] = {}
         self._sync: Supervised | None = None
-        self._widget = _static("widget.js")
-        self._demo = _static("demo.html").replace(b"{{title}}", _html_escape(cfg.title).encode())
+        # Where each visitor last said they were (page, locale ...), for their messages' meta.
+        self._contexts: OrderedDict[str, dict[str, str]] = OrderedDict()
+        self._widget = _static("widget.js").replace(b"/*{{config}}*/null", _encoder.encode(self._branding()), 1)
+        # Compressed once: every page of the site loads it (about a third of the size).
+        self._widget_gz = gzip.compress(self._widget, 9, mtime=0)
+        self._demo = _static("demo.html").replace(b"{{title}}", _html_escape(cfg.title or "Web chat").encode())
+
+    def _branding(self) -> dict[str, Any]:
+        """What the widget needs before it connects (the launcher is drawn at once)."""
+        cfg = self.cfg
+        return {"color": cfg.color, "position": cfg.position, "launcher_icon": cfg.launcher_icon,
+                "language": cfg.language, "strings": cfg.strings, "sound": cfg.sound, "title": cfg.title}
+
+    @classmethod
+    def config_warnings(cls, options: Any, config: Config) -> list[str]:
+        """Limits that contradict each other or the gateway's (``gateway check-config``)."""
+        return limit_warnings(options, config)
 
     async def start(self) -> None:
         ctx, cfg = self.ctx, self.cfg
         ctx.add_route("/widget.js", self._serve_widget, methods=["GET"])
         if cfg.demo:
             ctx.add_route("/demo", self._serve_demo, methods=["GET"])
-        ctx.add_route("/upload", self._upload, methods=["POST", "OPTIONS"], max_body=cfg.max_upload_size)
+        # The upload's limit is the channel's own: a phone's photo is larger than any webhook.
+        ctx.add_route("/upload", self._upload, methods=["POST", "OPTIONS"], max_body=cfg.max_upload_size,
+                      own_limit=True)
+        ctx.add_route("/status", self._status, methods=["GET", "OPTIONS"])
         ctx.add_route("/media/{entry}/{n:int}", self._media, methods=["GET", "OPTIONS"])
         # A text frame holds at most max_message_chars characters of 4 UTF-8 bytes, quoted.
         ctx.add_websocket("/ws", self._session, authorize=self._authorize, max_connections=cfg.max_connections,
@@ -251,6 +294,9 @@ class WebChatChannel(Channel):
         return str(ip)
 
     async def _authorize(self, handshake: Handshake) -> Visitor:
+        return replace(await self._judge(handshake), browser=handshake.headers.get("user-agent", "")[:300])
+
+    async def _judge(self, handshake: Handshake) -> Visitor:
         if not self._origin_allowed(handshake.origin, handshake.headers.get("host")):
             raise RequestError("origin not allowed", status=403)
         address = self._address(handshake.headers, handshake.client)
@@ -259,7 +305,7 @@ class WebChatChannel(Channel):
                                f"{self.cfg.sockets_per_address})", status=429)
         wait = self.address_limit.take("ws:" + address)
         if wait:
-            raise RequestError(f"too many connections from this address, retry in {wait:.0f}s", status=429)
+            raise RequestError(f"too many connections from this address, retry in {_wait(wait)} s", status=429)
         try:
             secret = await self.secret()
         except BusUnavailable:
@@ -283,6 +329,7 @@ class WebChatChannel(Channel):
             return Visitor(address=address, error=exc.reason)
         subject = new_visitor()
         return Visitor(subject=subject, token=issue_token(secret, subject), address=address)
+
 
     def _subject(self, secret: bytes, token: str | None) -> str:
         """The subject of one of our tokens; a signed-in user's only while ``user_secret``
@@ -340,7 +387,7 @@ class WebChatChannel(Channel):
             online = self.online()
             await conn.send(_json({
                 "type": "welcome", "token": visitor.token, "title": cfg.title, "welcome": cfg.welcome,
-                "online": online, "notice": "" if online else cfg.offline_notice,
+                "online": online, "notice": None if online else cfg.offline_notice,
                 "prechat": cfg.prechat and profile is None and not visitor.subject.startswith(USER),
                 "upload_types": cfg.upload_types, "max_upload_size": cfg.max_upload_size,
                 "max_chars": cfg.max_message_chars, "user": visitor.subject.startswith(USER)}))
@@ -365,7 +412,8 @@ class WebChatChannel(Channel):
         wait = self.frame_limit.take(visitor.subject)
         if wait:
             await conn.send(_json({"type": "error", "id": cid, "code": "rate_limited",
-                                   "message": "too many messages, please wait", "retry_after": round(wait, 1)}))
+                                   "message": f"too many messages, try again in {_wait(wait)} s",
+                                   "retry_after": round(max(wait, 0.1), 1)}))
             return
         if frame is None:
             await conn.send(_json({"type": "error", "code": "bad_frame", "message": "not a widget message"}))
@@ -377,6 +425,9 @@ class WebChatChannel(Channel):
                 entry = await self._choose(visitor, key, frame)
             elif isinstance(frame, _Seen):
                 await self._seen(key, frame)
+                return
+            elif isinstance(frame, _Context):
+                self._remember_context(visitor, frame)
                 return
             elif isinstance(frame, _Forget):
                 self._limit(visitor)
@@ -401,7 +452,9 @@ class WebChatChannel(Channel):
     def _limit(self, visitor: Visitor) -> None:
         wait = self.visitor_limit.take(visitor.subject) or self.address_messages.take(visitor.address)
         if wait:
-            raise Refused("rate_limited", "too many messages, please wait", retry_after=round(wait, 1))
+            # Never a retry_after of 0: the widget would take the refusal as final.
+            raise Refused("rate_limited", f"too many messages, try again in {_wait(wait)} s",
+                          retry_after=round(max(wait, 0.1), 1))
 
     async def _say(self, visitor: Visitor, key: str, frame: _Say) -> Entry:
         if not _CID.match(frame.id):
@@ -440,8 +493,11 @@ class WebChatChannel(Channel):
                     return True
             return False
 
-        await self.history.change(key, mark)
-        await self._push(key, {"type": "answered", "survey": frame.survey, "index": frame.index})
+        items = await self.history.change(key, mark)
+        # Tabs that raced each other all learn the answer that was kept, not their own.
+        kept = next((e.answered for e in items if e.id == frame.survey), None)
+        await self._push(key, {"type": "answered", "survey": frame.survey,
+                               "index": frame.index if kept is None else kept})
         return entry
 
     async def _erased(self, subject: str) -> bool:
@@ -458,17 +514,36 @@ class WebChatChannel(Channel):
         meta: dict[str, Any] = {"visitor": "user" if visitor.subject.startswith(USER) else "anonymous"}
         if profile is not None:
             meta.update({k: v for k, v in (("email", profile.email), ("phone", profile.phone)) if v})
+        meta.update(self._contexts.get(visitor.subject, {}))
+        if visitor.browser:
+            meta["browser"] = visitor.browser
         message = self.ctx.message(conversation=visitor.subject,
                                    sender=Participant(id=visitor.subject, name=profile.name if profile else None),
                                    parts=parts, provider_id=f"{visitor.subject}:{cid}", meta=meta)
         await self.ctx.publish(message, route={"subject": visitor.subject})
         entry.id = message.id
         try:
-            await self.history.change(key, append(entry))
+            entries = await self.history.change(key, append(entry))
         except (BusUnavailable, Contention) as exc:
             # On the bus already: only the widget's copy is missing; its retry adds it.
             self.ctx.log.warning("visitor message published but not kept in history", error=str(exc))
-        return entry
+            return entry
+        # A retry of the same id with other words is the first message again (the bus kept
+        # that one): the widget is told what was stored, not what it sent this time.
+        return next((e for e in entries if e.id == entry.id), entry)
+
+    def _remember_context(self, visitor: Visitor, frame: _Context) -> None:
+        """Keep where the visitor is (the newest 10,000 visitors of this process)."""
+        context = {name: str(getattr(frame, name))[:limit] for name, limit in _CONTEXT_LIMITS.items()
+                   if getattr(frame, name)}
+        if context.get("page") and not _SAFE_URL.match(context["page"]):
+            context.pop("page")
+        if context.get("referrer") and not _SAFE_URL.match(context["referrer"]):
+            context.pop("referrer")
+        self._contexts.pop(visitor.subject, None)
+        self._contexts[visitor.subject] = context
+        if len(self._contexts) > 10000:
+            self._contexts.popitem(last=False)
 
     async def _seen(self, key: str, frame: _Seen) -> None:
         """The widget showed (``delivered``) or the visitor saw (``read``) agent messages:
@@ -491,14 +566,15 @@ class WebChatChannel(Channel):
 
     async def _profile(self, conn: WebSocketConnection, visitor: Visitor, frame: _Profile) -> None:
         name, email, phone = frame.name.strip(), frame.email.strip(), frame.phone.strip()
-        problem = ("a name of 1 to 80 characters is needed" if not 0 < len(name) <= 80 else
-                   # Lengths first: the pattern backtracks on a long enough string (40 ms at 24 KB).
-                   "that email address does not look right"
-                   if email and (len(email) > 254 or not _EMAIL.match(email)) else
-                   "that phone number does not look right"
-                   if phone and (len(phone) > 24 or not _PHONE.match(phone)) else None)
+        field, problem = (("name", "a name of 1 to 80 characters is needed") if not 0 < len(name) <= 80 else
+                          # Lengths first: the pattern backtracks on a long enough string (40 ms at 24 KB).
+                          ("email", "that email address does not look right")
+                          if email and (len(email) > 254 or not _EMAIL.match(email)) else
+                          ("phone", "that phone number does not look right")
+                          if phone and (len(phone) > 24 or not _PHONE.match(phone)) else ("", ""))
         if problem:
-            await conn.send(_json({"type": "error", "code": "bad_profile", "message": problem}))
+            # ``field`` lets the widget say it in the visitor's language.
+            await conn.send(_json({"type": "error", "code": "bad_profile", "field": field, "message": problem}))
             return
         await self.ctx.state.put_record("profile." + visitor.subject, Profile(name=name, email=email, phone=phone),
                                         ttl=self.history.ttl)
@@ -544,32 +620,99 @@ class WebChatChannel(Channel):
     # --- outbound ----------------------------------------------------------------------
 
     async def deliver(self, outbound: Outbound, conversation: Conversation) -> Receipt:
+        if not outbound.parts and outbound.survey is None:
+            return await self._control(outbound, conversation)
         texts: list[str] = []
-        images: list[Image] = []
-        for part in outbound.parts:
+        files: list[Image] = []
+        dropped: list[str] = []
+        for n, part in enumerate(outbound.parts, 1):
             if isinstance(part, TextPart):
                 texts.append(part.text)
             elif isinstance(part, LinkPart):
                 texts.append(f"{part.title}: {part.url}" if part.title else part.url)
-            elif isinstance(part, ImagePart):
-                ref = part.ref
-                if ref is None:  # inline: into the object store, the history keeps only references
-                    ref = await self.ctx.put_blob(await self.ctx.part_bytes(part), content_type=part.content_type)
-                images.append(Image(ref=ref, content_type=part.content_type or "application/octet-stream"))
+            elif isinstance(part, (ImagePart, FilePart, AudioPart, VideoPart)):
+                file = await self._attachment(part)
+                if file is None:
+                    # The rest of the reply still goes: the receipt says what was left out.
+                    dropped.append(f"{part.__struct_config__.tag} part {n}: no content and no http(s) URL")
+                else:
+                    files.append(file)
+        if not texts and not files and outbound.survey is None:
+            raise DeliveryError("; ".join(dropped) or "nothing to show", permanent=True, code="unsupported_content")
         if await self.ctx.state.get("forgotten." + conversation.key) is not None:
             raise DeliveryError("the visitor erased this conversation", permanent=True, code="forgotten")
         now = _now()
-        survey = outbound.survey
-        entry = Entry(id=outbound.id, by="agent", at=now, text="\n\n".join(texts), images=images,
+        survey, sender = outbound.survey, outbound.sender
+        entry = Entry(id=outbound.id, by="agent", at=now, text="\n\n".join(texts), images=files,
                       choices=list(survey.choices) if survey else [],
-                      answer_until=now + timedelta(seconds=survey.answer_within) if survey else None)
+                      answer_until=now + timedelta(seconds=survey.answer_within) if survey else None,
+                      agent=(sender.name or "")[:80] if sender else "",
+                      avatar=sender.avatar_url if sender and sender.avatar_url and
+                      _SAFE_URL.match(sender.avatar_url) else "")
+        read: list[str] = []
+
+        def add(entries: list[Entry]) -> bool:
+            # An answer means the desk read what the visitor wrote before it.
+            read[:] = _mark_read(entries, None)
+            return append(entry)(entries) or bool(read)
+
         try:
-            await self.history.change(conversation.key, append(entry))
+            await self.history.change(conversation.key, add)
         except (BusUnavailable, Contention) as exc:
             raise DeliveryError(f"history not stored: {exc}", permanent=False, code="history_unavailable") from exc
         except TooLarge as exc:
             raise DeliveryError(str(exc), permanent=True, code="too_large") from exc
+        if read:
+            await self._push(conversation.key, {"type": "read", "ids": read})
         online = await self._push(conversation.key, {"type": "message", "message": _view(entry)})
+        meta: dict[str, Any] = {"open_widgets": online}
+        if dropped:
+            meta["dropped"] = dropped
+        return Receipt(provider_id=outbound.id, meta=meta)
+
+    async def _attachment(self, part: ImagePart | FilePart | AudioPart | VideoPart) -> Image | None:
+        """A media part of a reply as the history keeps it: its bytes in the object store
+        (a download for the visitor, an image shown inline), or a link when the part has
+        only a ``url``."""
+        kind = part.content_type or "application/octet-stream"
+        name = _file_name(part.filename or "")
+        if part.data is None and part.ref is None:
+            if part.url and _SAFE_URL.match(part.url):
+                return Image(content_type=kind, name=name, size=part.size or 0, url=part.url)
+            return None
+        ref = part.ref
+        if ref is None:  # inline: into the object store, the history keeps only references
+            ref = await self.ctx.put_blob(await self.ctx.part_bytes(part), content_type=part.content_type)
+        return Image(ref=ref, content_type=kind, name=name, size=part.size or ref.size)
+
+    async def _control(self, outbound: Outbound, conversation: Conversation) -> Receipt:
+        """An outbound without parts: the desk's typing indicator (``meta.typing``) or its
+        reading of the visitor's messages (``meta.read``: a visitor message id, every one up
+        to it). Shown to the open widgets; only ``read`` is kept (in the history)."""
+        meta = outbound.meta
+        typing, read_to = meta.get("typing"), meta.get("read")
+        if not isinstance(typing, bool) and not isinstance(read_to, str):
+            raise DeliveryError("an outbound without parts needs meta.typing (true or false) or meta.read "
+                                "(a visitor message id)", permanent=True, code="empty")
+        online = 0
+        if isinstance(read_to, str):
+            read: list[str] = []
+
+            def mark(entries: list[Entry]) -> bool:
+                read[:] = _mark_read(entries, read_to)
+                return bool(read)
+
+            try:
+                await self.history.change(conversation.key, mark)
+            except (BusUnavailable, Contention) as exc:
+                raise DeliveryError(f"history not stored: {exc}", permanent=False,
+                                    code="history_unavailable") from exc
+            if read:
+                online = await self._push(conversation.key, {"type": "read", "ids": read})
+        if isinstance(typing, bool):
+            sender = outbound.sender
+            online = await self._push(conversation.key, {"type": "typing", "on": typing,
+                                                         "agent": (sender.name or "")[:80] if sender else ""})
         return Receipt(provider_id=outbound.id, meta={"open_widgets": online})
 
     async def reach(self, conversation: Conversation, at: datetime) -> Reach:
@@ -586,16 +729,19 @@ class WebChatChannel(Channel):
     # --- HTTP: script, demo, uploads, media ---------------------------------------------
 
     async def _serve_widget(self, request: Request) -> Response:
-        return Response(self._widget, media_type="application/javascript; charset=utf-8",
-                        headers={"Cache-Control": "public, max-age=300", "X-Content-Type-Options": "nosniff",
-                                 "Cross-Origin-Resource-Policy": "cross-origin"})
+        headers = {"Cache-Control": "public, max-age=300", "X-Content-Type-Options": "nosniff",
+                   "Cross-Origin-Resource-Policy": "cross-origin", "Vary": "Accept-Encoding"}
+        body = self._widget
+        if "gzip" in request.headers.get("accept-encoding", ""):
+            body, headers["Content-Encoding"] = self._widget_gz, "gzip"
+        return Response(body, media_type="application/javascript; charset=utf-8", headers=headers)
 
     async def _serve_demo(self, request: Request) -> Response:
         url = request.url
         widget = f"{url.scheme}://{url.netloc}/channels/{self.ctx.name}/widget.js"
         page = self._demo.replace(b"{{widget}}", _html_escape(widget).encode())
         return Response(page, media_type="text/html; charset=utf-8", headers={
-            "Content-Security-Policy": "default-src 'self'; connect-src 'self' ws: wss:; img-src 'self' blob: data:; "
+            "Content-Security-Policy": "default-src 'self'; connect-src 'self' ws: wss:; img-src 'self' blob: data: https:; "
                                        "style-src 'self' 'unsafe-inline'; frame-ancestors 'none'",
             "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer"})
 
@@ -620,6 +766,26 @@ class WebChatChannel(Channel):
                 raise
             self.ctx.log.info("request rejected", path=request.url.path, status=exc.status, reason=exc.reason)
             return PlainTextResponse(exc.reason + "\n", status_code=exc.status, headers=cors)
+        except BusUnavailable:
+            if not cors:
+                raise
+            return PlainTextResponse("bus unavailable, retry later\n", status_code=503,
+                                     headers={**cors, "Retry-After": "5"})
+
+    async def _status(self, request: Request) -> Response:
+        """``GET /status``: may this page use the chat? The widget asks when its socket
+        cannot open (a browser does not tell a script why a handshake was refused): an
+        origin not in ``allowed_origins`` is told so, readably (CORS), and the widget says
+        the chat is unavailable instead of trying forever."""
+        origin = request.headers.get("origin")
+        if not self._origin_allowed(origin, request.headers.get("host")):
+            return JSONResponse({"ok": False, "code": "origin_not_allowed",
+                                 "message": "this site is not in the chat's allowed_origins"}, status_code=403,
+                                headers={"Access-Control-Allow-Origin": origin or "*", "Vary": "Origin"})
+        cors = self._cors(request)
+        if request.method == "OPTIONS":
+            return Response(status_code=204, headers=cors)
+        return JSONResponse({"ok": True, "online": self.online()}, headers={**cors, "Cache-Control": "no-store"})
 
     async def _upload(self, request: Request) -> Response:
         """``POST /upload?id=<widget id>`` with the image as the body, the visitor's token as
@@ -636,24 +802,31 @@ class WebChatChannel(Channel):
             raise RequestError("query parameter id must be 1-64 letters, digits or _.:-")
         content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
         if content_type not in self.cfg.upload_types:
-            raise RequestError("this image type is not accepted", status=415)
-        visitor = Visitor(subject=subject, address=self._address(request.headers, request.client))
+            raise RequestError(f"this file type is not accepted (accepted: {', '.join(self.cfg.upload_types)})",
+                               status=415)
+        name = _file_name(request.query_params.get("name", ""))
+        visitor = Visitor(subject=subject, address=self._address(request.headers, request.client),
+                          browser=request.headers.get("user-agent", "")[:300])
         wait = self.visitor_limit.take(subject) or self.address_messages.take(visitor.address)
         if wait:
-            raise RequestError(f"too many messages, retry in {wait:.0f}s", status=429)
+            raise RequestError(f"too many messages, try again in {_wait(wait)} s", status=429)
         body = await request.body()
         if not body.startswith(_MAGIC.get(content_type, (b"",))):
-            raise RequestError("the file is not the image type it claims", status=415)
+            raise RequestError("the file is not the type it claims", status=415)
         if content_type == "image/webp" and body[8:12] != b"WEBP":
-            raise RequestError("the file is not the image type it claims", status=415)
+            raise RequestError("the file is not the type it claims", status=415)
         if await self._erased(subject):
             raise RequestError("this conversation was erased", status=410)
         ref = await self.ctx.put_blob(body, content_type=content_type)
         key = self.ctx.conversation_key(subject)
+        part: Part = (ImagePart(ref=ref, content_type=content_type, size=len(body), filename=name or None)
+                      if content_type in IMAGE_TYPES else
+                      FilePart(ref=ref, content_type=content_type, size=len(body), filename=name or None))
         try:
             entry = await self._publish(
-                visitor, key, "img:" + cid, [ImagePart(ref=ref, content_type=content_type, size=len(body))],
-                Entry(id="", by="visitor", at=_now(), cid=cid, images=[Image(ref=ref, content_type=content_type)]))
+                visitor, key, "img:" + cid, [part],
+                Entry(id="", by="visitor", at=_now(), cid=cid,
+                      images=[Image(ref=ref, content_type=content_type, name=name, size=len(body))]))
         except Refused as exc:  # erased meanwhile
             raise RequestError(exc.message, status=410) from None
         view = _view(entry)
@@ -672,19 +845,50 @@ class WebChatChannel(Channel):
         entry_id, n = request.path_params["entry"], request.path_params["n"]
         entries = await self.history.read(self.ctx.conversation_key(subject))
         entry = next((e for e in entries if e.id == entry_id), None)
-        if entry is None or not 0 <= n < len(entry.images):
-            raise RequestError("no such image in this conversation", status=404)
+        if entry is None or not 0 <= n < len(entry.images) or entry.images[n].ref is None:
+            raise RequestError("no such file in this conversation", status=404)
         image = entry.images[n]
+        assert image.ref is not None
         data = await self.ctx.get_blob(image.ref)
         # Only raster types are shown inline; anything else (an agent's SVG ...) is a download.
+        inline = image.content_type in IMAGE_TYPES
         media = image.content_type if image.content_type in _MAGIC else "application/octet-stream"
+        disposition = "inline" if inline else "attachment"
+        if image.name and not inline:
+            # RFC 6266: the UTF-8 name (a Chinese file name) percent-encoded.
+            disposition += f"; filename*=UTF-8''{quote(image.name, safe='')}"
         return Response(data, media_type=media, headers={
             **cors, "X-Content-Type-Options": "nosniff", "Cache-Control": "private, max-age=3600",
-            "Content-Disposition": "inline" if media.startswith("image/") else "attachment"})
+            "Content-Disposition": disposition})
 
 
 def _now() -> datetime:
     return datetime.now(timezone.utc)
+
+
+def _wait(seconds_: float) -> int:
+    """A wait as the visitor is told it: whole seconds, never "0"."""
+    return max(1, math.ceil(seconds_))
+
+
+def _file_name(name: str) -> str:
+    """A file name safe to show and to put in a header: no path, no control characters."""
+    return _UNSAFE_NAME.sub("_", name.rsplit("/", 1)[-1].rsplit("\\", 1)[-1]).strip(" ._")[:120]
+
+
+def _mark_read(entries: list[Entry], up_to: str | None) -> list[str]:
+    """Mark the visitor's messages read (all, or up to the one with id ``up_to``); the ids
+    that changed."""
+    if up_to is not None and not any(e.id == up_to and e.by == "visitor" for e in entries):
+        return []
+    changed: list[str] = []
+    for e in entries:
+        if e.by == "visitor" and e.state != "read":
+            e.state = "read"
+            changed.append(e.id)
+        if e.id == up_to:
+            break
+    return changed
 
 
 def _view(e: Entry) -> dict[str, Any]:
@@ -693,7 +897,13 @@ def _view(e: Entry) -> dict[str, Any]:
     if e.cid:
         view["cid"] = e.cid
     if e.images:
-        view["images"] = len(e.images)
+        view["attachments"] = [{"type": i.content_type, "name": i.name, "size": i.size,
+                                "image": i.content_type in IMAGE_TYPES and i.ref is not None,
+                                **({"url": i.url} if i.url else {})} for i in e.images]
+    if e.agent:
+        view["agent"] = e.agent
+    if e.avatar:
+        view["avatar"] = e.avatar
     if e.choices:
         view["choices"] = e.choices
         view["answered"] = e.answered

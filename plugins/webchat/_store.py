@@ -60,11 +60,16 @@ def check_user(user_secret: str, user_id: str, signature: str | None) -> str:
 # --- history ---------------------------------------------------------------------------
 
 
-class Image(msgspec.Struct, frozen=True, kw_only=True):
-    """An image of a history entry: where its bytes are (never inline in the record)."""
+class Image(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """An attachment of a history entry (an image, shown; anything else, a download): where
+    its bytes are (never inline in the record)."""
 
-    ref: ObjectRef
+    ref: ObjectRef | None = None
     content_type: str
+    name: str = ""
+    size: int = 0
+    url: str = ""
+    """Where the desk's reply links to it (a part with only a ``url``): a plain link."""
 
 
 class Entry(msgspec.Struct, kw_only=True, omit_defaults=True):
@@ -84,7 +89,11 @@ class Entry(msgspec.Struct, kw_only=True, omit_defaults=True):
     answered: int | None = None
     """Index of the choice the visitor picked."""
     state: Literal["", "delivered", "read"] = ""
-    """How far the widget confirmed an agent message."""
+    """How far the widget confirmed an agent message, or the desk read a visitor's."""
+    agent: str = ""
+    """The name of who answered (``Outbound.sender``)."""
+    avatar: str = ""
+    """Their picture's http(s) URL."""
 
 
 class History(msgspec.Struct, kw_only=True):

@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import nats
+import pytest
 import websockets.asyncio.client
 import websockets.exceptions
 
@@ -84,7 +87,8 @@ async def inbound(url: str, channel: str = "web") -> list[Any]:
 async def reply(url: str, conversation: str, outbound_id: str, text: str = "", channel: str = "web",
                 **fields: Any) -> None:
     """Publish an outbound as a backend does."""
-    out = Outbound(id=outbound_id, conversation=conversation, parts=[TextPart(text=text)] if text else [], **fields)
+    fields.setdefault("parts", [TextPart(text=text)] if text else [])
+    out = Outbound(id=outbound_id, conversation=conversation, **fields)
     nc = await nats.connect(url)
     try:
         await nc.jetstream().publish(Subjects().outbound("webchat", channel), encode(out),
@@ -102,3 +106,29 @@ async def refused(port: int, query: str = "", **kwargs: Any) -> int:
     except websockets.exceptions.InvalidStatus as exc:
         return exc.response.status_code
     raise AssertionError("the handshake was accepted")
+
+
+CHROMIUM = "/usr/bin/chromium"
+# Without the background-networking flags chromium keeps calling home on a closed network.
+ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+        "--disable-component-update", "--disable-sync"]
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    """Debian's chromium, driven by Playwright (one per test module)."""
+    if not Path(CHROMIUM).exists():
+        pytest.fail("these tests need Debian's chromium at /usr/bin/chromium (.ci/run installs it)", pytrace=False)
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        yield b
+        b.close()
+
+
+@pytest.fixture(scope="session")
+def shots(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Where the browser tests' screenshots go: under pytest's temporary directory, never in
+    the tree (``--basetemp DIR`` to keep them somewhere known)."""
+    return tmp_path_factory.mktemp("webchat-screenshots")

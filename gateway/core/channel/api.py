@@ -30,6 +30,7 @@ from ..schema import (
 from ..http.server import Endpoint as _HttpEndpoint
 
 if TYPE_CHECKING:
+    from ..config import Config
     from ..http.websocket import Authorize, WebSocketHandler
 
 S = TypeVar("S", bound=msgspec.Struct)
@@ -227,12 +228,14 @@ class ChannelContext(abc.ABC, Generic[C]):
 
     @abc.abstractmethod
     def add_route(self, path: str, endpoint: Endpoint, methods: Sequence[str] = ("POST",), *,
-                  max_body: int | None = None) -> str:
+                  max_body: int | None = None, own_limit: bool = False) -> str:
         """Serve ``endpoint`` at ``/channels/<name><path>`` on the shared HTTP server;
         returns the full path. A :class:`RequestError` raised by the endpoint becomes its
         HTTP status with a short reason; :class:`BusUnavailable` becomes 503. ``max_body``
         lowers ``[http] max_body`` for this route: a larger body is answered 413 (counted,
-        logged, naming the limit) before the endpoint runs or while it reads."""
+        logged, naming the limit) before the endpoint runs or while it reads. With
+        ``own_limit=True`` it replaces ``[http] max_body`` for this route, higher or lower:
+        for an upload route whose files are larger than any webhook's body."""
 
     @abc.abstractmethod
     async def report_status(
@@ -344,6 +347,14 @@ class Channel(abc.ABC, Generic[C]):
 
     def __init__(self, ctx: ChannelContext[C]) -> None:
         self.ctx = ctx
+
+    @classmethod
+    def config_warnings(cls, options: Any, config: Config) -> list[str]:
+        """What ``gateway check-config`` should warn about in one channel section that is
+        valid on its own but works against another setting (limits that contradict each
+        other): one sentence each, naming the keys. ``options`` is the ``config_type``
+        instance, ``config`` the whole validated configuration. The default: nothing."""
+        return []
 
     async def start(self) -> None:
         """Begin receiving (connect, register HTTP routes, start pollers). Raise to fail."""

@@ -1,7 +1,8 @@
 """One HTTP server (uvicorn) for every webhook channel, plus /healthz and /metrics.
 
 Each channel's routes live under ``/channels/<name>/``. Bodies are limited to
-``[http] max_body`` or the route's own lower limit (413 above it); a :class:`RequestError`
+``[http] max_body``, or the route's own limit (413 above it): lower than ``max_body``, or
+in its place (``own_limit``, an upload route whose files are larger than any webhook); a :class:`RequestError`
 from an endpoint becomes its status with a short reason, :class:`BusUnavailable` becomes 503
 with Retry-After so the provider retries; nothing of a request body is ever logged.
 
@@ -171,11 +172,11 @@ class HttpServer:
     # --- routes --------------------------------------------------------------------
 
     def add_route(self, ctx: RouteOwner, path: str, endpoint: Endpoint, methods: Sequence[str],
-                  max_body: int | None = None) -> str:
+                  max_body: int | None = None, own_limit: bool = False) -> str:
         if not path.startswith("/"):
             path = "/" + path
         router = self.routers.setdefault(ctx.name, Router())
-        router.routes.append(Route(path, self._wrap(ctx, endpoint, max_body), methods=list(methods)))
+        router.routes.append(Route(path, self._wrap(ctx, endpoint, max_body, own_limit), methods=list(methods)))
         return f"/channels/{ctx.name}{path}"
 
     def add_websocket(self, ctx: RouteOwner, path: str, handler: WebSocketHandler, authorize: Authorize | None,
@@ -206,36 +207,42 @@ class HttpServer:
     def _open_connections(self) -> int:
         return len(self.server.server_state.connections) if self.server is not None else 0
 
-    def _wrap(self, ctx: RouteOwner, endpoint: Endpoint, route_limit: int | None):
+    def _wrap(self, ctx: RouteOwner, endpoint: Endpoint, route_limit: int | None, own_limit: bool = False):
         metrics = self.metrics
-        # The lower of the server's and the route's limit applies; the answer names it.
-        if route_limit is not None and route_limit < self.cfg.max_body:
+        # The lower of the server's and the route's limit applies, or the route's own when it
+        # says so (uploads: a photo is larger than any webhook); the answer names it.
+        if route_limit is not None and (own_limit or route_limit < self.cfg.max_body):
             limit, limit_name = route_limit, f"the limit of channel {ctx.name!r}"
         else:
             limit, limit_name = self.cfg.max_body, "[http] max_body"
         too_large = f"body exceeds {limit} bytes ({limit_name})"
 
-        def reject(request: Request, status: int, reason: str, *, close: bool = False) -> Response:
+        def reject(request: Request, status: int, reason: str, *, close: bool = False, own: bool = False) -> Response:
             metrics.inbound_rejected.labels(ctx.channel_type, ctx.name, str(status)).inc()
             ctx.log.info("request rejected", path=request.url.path, status=status, reason=reason)
             # After a body that did not come in time, close rather than wait for the rest.
             # (Not after a 413: closing with unread data makes the kernel send a reset,
             # and the client might never read the answer; the rest is read and dropped.)
-            return PlainTextResponse(reason + "\n", status_code=status, headers={"Connection": "close"} if close else None)
+            headers = {"Connection": "close"} if close else {}
+            if own and "origin" in request.headers:
+                # A page's script (the web chat widget uploading) may read why this layer
+                # refused: the reason names a limit, nothing that depends on who asks.
+                headers["Access-Control-Allow-Origin"] = "*"
+            return PlainTextResponse(reason + "\n", status_code=status, headers=headers or None)
 
         async def handler(request: Request) -> Response:
             length = request.headers.get("content-length")
             if length is not None:
                 if not length.isdigit():
-                    return reject(request, 400, "invalid Content-Length header")
+                    return reject(request, 400, "invalid Content-Length header", own=True)
                 if int(length) > limit:
-                    return reject(request, 413, too_large)
+                    return reject(request, 413, too_large, own=True)
             request = Request(request.scope, self._receive(request.receive, limit, too_large), request._send)  # noqa: SLF001
             try:
                 return await endpoint(request)
             except _BodyTimeout:
                 return reject(request, 408, f"body not received within [http] body_timeout ({self.cfg.body_timeout})",
-                              close=True)
+                              close=True, own=True)
             except ClientDisconnect:
                 # The client's doing, not ours: no error, no 500 (nobody reads the answer).
                 metrics.inbound_rejected.labels(ctx.channel_type, ctx.name, "client_disconnected").inc()

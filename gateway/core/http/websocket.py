@@ -429,6 +429,14 @@ class GatewayWebSocketProtocol(WebSocketsSansIOProtocol):
         if scope is not None:  # the app task was created above and has not run yet
             scope.setdefault("extensions", {})[_EXTENSION] = self
 
+    async def send(self, message: Any) -> None:
+        await super().send(message)
+        if message["type"] == "websocket.http.response.body" and not message.get("more_body") and self.close_sent:
+            # A refusal answered in full (the route counted it and logged it, throttled):
+            # uvicorn would still log "ASGI callable returned without completing handshake"
+            # at ERROR for each one, unthrottled. Done is done: nothing more to send.
+            self.handshake_complete = True
+
 
 class WebSocketHub:
     """Every WebSocket route and accepted connection of one HTTP server, by channel."""

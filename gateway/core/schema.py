@@ -12,8 +12,10 @@ rejects an unknown ``type`` tag. Such a change raises :data:`SCHEMA_VERSION`.
 from __future__ import annotations
 
 import inspect
+import re
 from datetime import datetime
 from typing import Any, Literal, Union
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import msgspec
 
@@ -274,13 +276,35 @@ class DeliveryStatus(_Envelope, frozen=True, kw_only=True):
     the channel says nothing."""
 
 
+_CLOCK = re.compile(r"([01][0-9]|2[0-3]):[0-5][0-9]")
+
+
 class QuietHours(_Wire, frozen=True, kw_only=True):
     """The customer's rest hours, in their time zone: nothing is sent between ``start`` and
     ``end`` (``"21:00"`` to ``"09:00"`` wraps midnight)."""
 
     start: str = "21:00"
+    """A time of day, ``HH:MM`` (00:00 to 23:59)."""
     end: str = "09:00"
+    """A time of day, ``HH:MM``; ``start == end`` means no quiet hours."""
     tz: str = "Asia/Shanghai"
+    """An IANA time zone."""
+
+    def problems(self) -> dict[str, str]:
+        """What is unusable, by field name (``{}`` when all is well). The one check of
+        quiet hours: the configuration, the client and the scheduler call it (the wire
+        type itself stays lenient so that a reminder with bad quiet hours still decodes
+        and can be reported ``failed`` instead of dropped)."""
+        out = {}
+        for name in ("start", "end"):
+            value = getattr(self, name)
+            if not isinstance(value, str) or not _CLOCK.fullmatch(value):
+                out[name] = f"must be a time of day as HH:MM (00:00 to 23:59), got {value!r}"
+        try:
+            ZoneInfo(self.tz)
+        except (ZoneInfoNotFoundError, ValueError, TypeError):
+            out["tz"] = f"must be an IANA time zone such as Asia/Shanghai, got {self.tz!r}"
+        return out
 
 
 class Fallback(_Wire, frozen=True, kw_only=True):
@@ -342,6 +366,12 @@ class Reminder(_Envelope, frozen=True, kw_only=True):
     task: DeskTask | None = None
     """Address the desk instead of the customer: fires as a :class:`Task`, ``outbound``
     is then only its description."""
+
+
+REMINDER_ID_PATTERN = r"^[-_=A-Za-z0-9]{1,128}$"
+"""A reminder id is a subject token: it names the reminder's schedule subject."""
+CONVERSATION_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,63}\.[-_=A-Za-z0-9]{1,128}$"
+"""A gateway conversation key, ``<channel>.<key>``: two subject tokens."""
 
 
 ReminderState = Literal["scheduled", "rescheduled", "cancelled", "fired", "expired", "failed"]

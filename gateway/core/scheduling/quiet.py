@@ -7,29 +7,20 @@ come out right."""
 from __future__ import annotations
 
 from datetime import datetime, time, timedelta, timezone
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+from zoneinfo import ZoneInfo
 
 from ..schema import QuietHours
 
 
-def _clock(value: str, field: str) -> time:
-    try:
-        hh, mm = value.split(":")
-        if len(hh) != 2 or len(mm) != 2:
-            raise ValueError
-        return time(int(hh), int(mm))
-    except ValueError:
-        raise ValueError(f"quiet hours {field} must be a time of day as HH:MM (00:00 to 23:59), got {value!r}") from None
+def _clock(value: str) -> time:
+    hh, mm = value.split(":")
+    return time(int(hh), int(mm))
 
 
 def check_quiet_hours(quiet: QuietHours) -> None:
     """Raise ValueError naming the field when ``start``, ``end`` or ``tz`` is not usable."""
-    _clock(quiet.start, "start")
-    _clock(quiet.end, "end")
-    try:
-        ZoneInfo(quiet.tz)
-    except (ZoneInfoNotFoundError, ValueError):
-        raise ValueError(f"quiet hours tz must be an IANA time zone such as Asia/Shanghai, got {quiet.tz!r}") from None
+    for field, problem in quiet.problems().items():
+        raise ValueError(f"quiet hours {field} {problem}")
 
 
 def quiet_until(quiet: QuietHours | None, at: datetime) -> datetime | None:
@@ -42,7 +33,8 @@ def quiet_until(quiet: QuietHours | None, at: datetime) -> datetime | None:
     instant after the gap, an end that occurs twice to its first occurrence."""
     if quiet is None:
         return None
-    start, end = _clock(quiet.start, "start"), _clock(quiet.end, "end")
+    check_quiet_hours(quiet)
+    start, end = _clock(quiet.start), _clock(quiet.end)
     if start == end:
         return None
     tz = ZoneInfo(quiet.tz)

@@ -141,6 +141,9 @@ class ChoicePart(_Wire, frozen=True, tag="choice", tag_field="type"):
     """The choice as the survey listed it (``满意``)."""
     index: int | None = None
     """Its position in ``survey.choices``, from 0."""
+    comment: str | None = None
+    """What the customer wrote after the choice (``不满意，太慢了`` → ``太慢了``): the reason a
+    desk escalates on; None when the reply was the choice alone."""
 
 
 class UnknownPart(_Wire, frozen=True, tag="unknown", tag_field="type"):
@@ -374,13 +377,15 @@ CONVERSATION_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,63}\.[-_=A-Za-z0-9]{1,128}$"
 """A gateway conversation key, ``<channel>.<key>``: two subject tokens."""
 
 
-ReminderState = Literal["scheduled", "rescheduled", "cancelled", "fired", "expired", "failed"]
+ReminderState = Literal["scheduled", "rescheduled", "cancelled", "fired", "expired", "failed", "unanswered"]
 
 
 class ReminderStatus(_Envelope, frozen=True, kw_only=True):
     """What happened to a reminder, on ``<prefix>.sched.status.<channel_type>.<channel>``.
     After ``fired`` the outbound's own :class:`DeliveryStatus` events follow on
-    ``<prefix>.status.…`` under ``outbound_id``."""
+    ``<prefix>.status.…`` under ``outbound_id``; ``unanswered`` follows when its survey
+    got no answer within ``answer_within`` (also for a survey sent by a plain outbound:
+    then ``reminder_id`` is the outbound's id)."""
 
     schema_version: int = SCHEMA_VERSION
     reminder_id: str
@@ -393,7 +398,8 @@ class ReminderStatus(_Envelope, frozen=True, kw_only=True):
     """scheduled/rescheduled: when it will fire."""
     reason: str | None = None
     """rescheduled/cancelled/expired/failed: why (``quiet_hours``, ``reply``, ``operator``,
-    ``deadline``, a reach code such as ``outside_window``), or the operator's words."""
+    ``deadline``, a reach code such as ``outside_window``), or the operator's words;
+    unanswered: ``no_answer``."""
     outbound_id: str | None = None
     """fired: the outbound sent (its delivery statuses follow), or the task's id."""
     fallback: str | None = None

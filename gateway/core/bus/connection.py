@@ -92,6 +92,9 @@ class Subjects:
         """The gateway's consumer of fired reminders."""
         self.all_schedules = f"{prefix}.sched.at.>"
         self.all_fired = f"{prefix}.sched.fire.>"
+        self.all_unanswered = f"{prefix}.sched.unanswered.>"
+        self.surveys_consumer = f"{prefix}_surveys"
+        """The gateway's consumer of surveys whose answer time is up."""
 
     def inbound(self, channel_type: str, channel: str) -> str:
         return f"{self.prefix}.in.{channel_type}.{channel}"
@@ -123,6 +126,14 @@ class Subjects:
     def fire(self, channel_type: str, channel: str) -> str:
         """Where the server copies a schedule when it is due (``Nats-Schedule-Target``)."""
         return f"{self.prefix}.sched.fire.{channel_type}.{channel}"
+
+    def survey_watch(self, conversation: str) -> str:
+        """The schedule that reports the conversation's survey if nobody answers it."""
+        return f"{self.prefix}.sched.survey.{conversation}"
+
+    def unanswered(self, channel_type: str, channel: str) -> str:
+        """Where a survey's watch fires when its ``answer_within`` has passed."""
+        return f"{self.prefix}.sched.unanswered.{channel_type}.{channel}"
 
     def reminder_status(self, channel_type: str, channel: str) -> str:
         return f"{self.prefix}.sched.status.{channel_type}.{channel}"

@@ -49,6 +49,7 @@ from .rules import (
     past_deadline,
 )
 from .store import ReminderStore
+from .survey import REMINDER_ID_META, PendingSurvey, Surveys, pending_survey_decoder
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Mapping
@@ -85,6 +86,7 @@ class Reminders:
         """The started channel of that name here, or None (asked for its reach)."""
         self.log = log.bind(component="reminders")
         self.subjects = services.bus.subjects
+        self.surveys = Surveys(services.bus, log=log)
         self.store: ReminderStore | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._generation = 0
@@ -118,7 +120,8 @@ class Reminders:
         # the schedules in flight. The firings are acked (each must be processed).
         for durable, subject, handler, acked in (
                 (s.reminders_new_consumer, s.all_schedules, self._on_schedule, False),
-                (s.reminders_consumer, s.all_fired, self._on_fired, True)):
+                (s.reminders_consumer, s.all_fired, self._on_fired, True),
+                (s.surveys_consumer, s.all_unanswered, self._on_unanswered, True)):
             cc = api.ConsumerConfig(durable_name=durable, filter_subject=subject, deliver_policy=api.DeliverPolicy.ALL,
                                     **(dict(ack_policy=api.AckPolicy.EXPLICIT, ack_wait=ack_wait, max_deliver=-1,
                                             max_ack_pending=max(1000, self.cfg.concurrency * 8))
@@ -157,7 +160,8 @@ class Reminders:
                 continue
             for msg in msgs:
                 await self._places.acquire()
-                t = asyncio.create_task(self._one(msg, handler, acked))
+                t = asyncio.create_task(self._survey_one(msg) if handler == self._on_unanswered
+                                        else self._one(msg, handler, acked))
                 self._running.add(t)
                 t.add_done_callback(self._running.discard)
 
@@ -207,6 +211,33 @@ class Reminders:
                 if not users[0] and key is not None:
                     del self._locks[key]  # nobody holds or waits for it
             self._places.release()
+
+    async def _survey_one(self, msg: Any) -> None:
+        try:
+            try:
+                record = pending_survey_decoder.decode(msg.data)
+            except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+                self.log.error("undecodable survey watch removed", subject=msg.subject, error=str(exc))
+            else:
+                await self._on_unanswered(msg, record)
+            await msg.ack()
+            asyncio.get_running_loop().call_soon(self._spawn_delete, msg)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # left unacked: redelivered after ack_wait
+            self.log.error("survey expiry failed; left for redelivery", subject=msg.subject,
+                           error=f"{type(exc).__name__}: {exc}")
+        finally:
+            self._places.release()
+
+    async def _on_unanswered(self, msg: Any, record: PendingSurvey) -> None:
+        """A survey's ``answer_within`` has passed: if it is still waiting, it ends
+        ``unanswered`` (a status naming the reminder that sent it, or the outbound)."""
+        if not await self.surveys.expire(record):
+            return  # answered (or replaced by a later survey) in time
+        assert self.store is not None
+        await self.store.status(_SurveyOf(record), "unanswered", msg.metadata.sequence.stream,
+                                outbound_id=record.outbound_id, reason="no_answer")
 
     async def _undecodable(self, msg: Any, error: Exception | None) -> None:
         self.log.error("undecodable reminder removed", subject=msg.subject, sequence=msg.metadata.sequence.stream,
@@ -396,6 +427,8 @@ class Reminders:
         kind = out.kind if out.kind in ("followup", "survey") else ("survey" if out.survey is not None else "followup")
         ctype, cname = reminder.channel_type, reminder.channel
         changes: dict[str, Any] = {"kind": kind}
+        if out.survey is not None and REMINDER_ID_META not in out.meta:
+            changes["meta"] = {**out.meta, REMINDER_ID_META: reminder.id}  # its unanswered status names it
         if out.created_at is None:
             changes["created_at"] = datetime.now(timezone.utc)
         fb = reminder.fallback
@@ -450,3 +483,14 @@ class Reminders:
                 continue
             if await store.purge(reminder):
                 await store.status(reminder, "cancelled", int(m.seq), reason="reply")
+
+
+class _SurveyOf:
+    """A survey seen as the reminder it reports on (what :meth:`ReminderStore.status` reads):
+    the reminder that sent it, else the survey's outbound id."""
+
+    def __init__(self, record: PendingSurvey):
+        self.id = record.reminder_id or record.outbound_id
+        self.conversation = record.conversation
+        self.channel_type = record.channel_type
+        self.channel = record.channel

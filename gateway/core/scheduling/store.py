@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from datetime import datetime, timezone
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import msgspec
 import nats.errors
@@ -22,6 +22,19 @@ if TYPE_CHECKING:
     from ..bus.connection import Subjects
 
 _quiet_decoder = msgspec.json.Decoder(QuietHours)
+
+
+class Named(Protocol):
+    """What a reminder status names: a :class:`Reminder`, or a survey reported unanswered."""
+
+    @property
+    def id(self) -> str: ...
+    @property
+    def conversation(self) -> str: ...
+    @property
+    def channel_type(self) -> str: ...
+    @property
+    def channel(self) -> str: ...
 
 
 class ReminderStore:
@@ -211,7 +224,7 @@ class ReminderStore:
         except (msgspec.DecodeError, msgspec.ValidationError):
             return None
 
-    async def status(self, reminder: Reminder, state: Any, seq: int, *, due_at: datetime | None = None,
+    async def status(self, reminder: Named, state: Any, seq: int, *, due_at: datetime | None = None,
                      reason: str | None = None, outbound_id: str | None = None, fallback: str | None = None,
                      error: ErrorInfo | None = None) -> None:
         """Publish a :class:`ReminderStatus` (times in UTC), named by ``seq``, the stream

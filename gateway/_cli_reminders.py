@@ -68,6 +68,24 @@ def _history_line(st: Any) -> str:
 
 async def _run(store: ReminderStore, args: Any) -> int:
     cmd = args.reminders_command
+    if cmd == "list" and args.surveys:
+        now = datetime.now(timezone.utc)
+        surveys = [{"survey": p.outbound_id, "reminder_id": p.reminder_id, "conversation": p.conversation,
+                    "channel": p.channel or None, "answer_until": _when(p.until),
+                    "state": "awaiting_answer" if p.until > now else "unanswered"}
+                   for p in await store.surveys()
+                   if (args.channel is None or p.channel == args.channel)
+                   and (args.conversation is None or p.conversation == args.conversation)]
+        if args.json:
+            print(json.dumps(surveys, indent=2, ensure_ascii=False))
+        elif not surveys:
+            print("no survey awaits an answer")
+        else:
+            for r in surveys:
+                print(f"{r['survey']:<32} {r['state']:<16} until {r['answer_until']}  conv={r['conversation']}"
+                      + (f"  reminder={r['reminder_id']}" if r["reminder_id"] else ""))
+            print(f"{len(surveys)} awaiting an answer")
+        return EXIT_OK
     if cmd == "list":
         rows = []
         filt = store.subjects.schedules_of_conversation(args.conversation) if args.conversation else None

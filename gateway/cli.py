@@ -383,6 +383,8 @@ def build_parser() -> argparse.ArgumentParser:
     r = rsub.add_parser("list", parents=[shared], help="pending reminders, soonest first")
     r.add_argument("--channel")
     r.add_argument("--conversation", help="one conversation key")
+    r.add_argument("--surveys", action="store_true",
+                   help="surveys sent and awaiting an answer instead (unanswered ones are being reported)")
     r.add_argument("--json", action="store_true")
     conv_help = "the reminder's conversation key (needed when the id is pending in several conversations)"
     r = rsub.add_parser("show", parents=[shared], help="one pending reminder as JSON, or what became of it")

@@ -3,7 +3,12 @@ choice part (for a reminder's survey and for any outbound carrying one)."""
 
 from __future__ import annotations
 
+import asyncio
+import json
+
 import pytest
+
+from gateway.cli import main
 
 from gateway import ChoicePart, Outbound, Survey, TextPart, match_choice
 from gateway.core.scheduling.survey import Answer, is_greeting, read_answer
@@ -12,6 +17,7 @@ from gateway.wire import encode, message_decoder
 
 from .helpers import reminder, soon, wait_reminder_state
 from .helpers import reminder_statuses
+from .test_client_and_cli import _cli_config
 from .test_scheduling import start, store_of
 
 DEFAULT = ["满意", "一般", "不满意"]
@@ -144,6 +150,25 @@ async def test_a_reminders_survey_nobody_answers_is_reported_unanswered_naming_t
     sts = await wait_reminder_state(nats_server.url, "s7", "unanswered", timeout=15)
     assert sts[-1].outbound_id == "out-s7" and sts[-1].reason == "no_answer" and sts[-1].conversation == conv
     assert [s.state for s in sts] == ["scheduled", "fired", "unanswered"]
+
+
+async def test_cli_lists_surveys_awaiting_an_answer_and_shows_an_unanswered_one(gateway_factory, nats_server, bus,
+                                                                               tmp_path, capsys):
+    gw, conv = await start(gateway_factory)
+    cli = _cli_config(tmp_path, nats_server.url)
+    out = Outbound(id="out-s9", conversation=conv, parts=[TextPart(text="满意吗？")], survey=Survey(answer_within=2))
+    await store_of(bus).schedule(reminder("s9", conv, due=soon(0.2), outbound=out))
+    await wait_for_status(nats_server.url, "out-s9", "sent")
+    capsys.readouterr()
+    assert await asyncio.to_thread(main, [*cli, "list", "--surveys", "--json"]) == 0
+    [row] = json.loads(capsys.readouterr().out)
+    assert row["survey"] == "out-s9" and row["reminder_id"] == "s9" and row["state"] == "awaiting_answer"
+    await wait_reminder_state(nats_server.url, "s9", "unanswered", timeout=15)
+    capsys.readouterr()
+    assert await asyncio.to_thread(main, [*cli, "show", "s9"]) == 1
+    assert "unanswered (no_answer)" in capsys.readouterr().err
+    assert await asyncio.to_thread(main, [*cli, "list", "--surveys"]) == 0
+    assert "no survey awaits an answer" in capsys.readouterr().out
 
 
 async def test_an_answered_survey_is_not_reported_unanswered(gateway_factory, nats_server, bus):

@@ -17,6 +17,7 @@ from nats.js import api
 from ..bus.contract import reminder_status_headers, schedule_headers
 from ..schema import ErrorInfo, QuietHours, Reminder, ReminderStatus, encode, reminder_decoder, reminder_status_decoder
 from .rules import CONVERSATION, REMINDER_ID, ReminderError, check_move, check_quiet, check_reminder, in_utc
+from .survey import PendingSurvey, pending_survey_decoder
 
 if TYPE_CHECKING:
     from ..bus.connection import Subjects
@@ -153,6 +154,27 @@ class ReminderStore:
         finally:
             await sub.unsubscribe()
         return out
+
+    async def surveys(self) -> list[PendingSurvey]:
+        """Surveys sent and still waiting for their answer (KV ``survey.<conversation>`` in
+        ``<prefix>_state``), soonest ``until`` first; one past its ``until`` is about to be
+        reported ``unanswered``."""
+        subject = self.subjects.kv(self.subjects.kv_state, "survey.>")
+        stream = self.subjects.kv_stream(self.subjects.kv_state)
+        info = await self.js.stream_info(stream, subjects_filter=subject)
+        out: list[PendingSurvey] = []
+        for key in sorted(info.state.subjects or {}):
+            try:
+                m = await self.js.get_last_msg(stream, key, direct=True)
+            except (nats.js.errors.NotFoundError, nats.js.errors.BadRequestError):
+                continue
+            if not m.data or (m.headers or {}).get("KV-Operation") in ("DEL", "PURGE"):
+                continue
+            try:
+                out.append(pending_survey_decoder.decode(m.data))
+            except (msgspec.DecodeError, msgspec.ValidationError):
+                continue
+        return sorted(out, key=lambda p: p.until)
 
     async def cancel(self, reminder_id: str, reason: str = "operator", *, conversation: str | None = None
                      ) -> Reminder | None:

@@ -11,7 +11,7 @@ import pytest
 from gateway.cli import main
 
 from gateway import ChoicePart, Outbound, Survey, TextPart, match_choice
-from gateway.core.scheduling.survey import Answer, is_greeting, read_answer
+from gateway.wire import Answer, is_greeting, read_answer
 from gateway.testing import post_inbound, stream_messages, wait_for_status
 from gateway.wire import encode, message_decoder
 

@@ -310,7 +310,7 @@ async def test_reply_while_the_bot_is_disconnected_waits_for_it(gateway_factory:
     await bot.close()
     await _reply(nats_server.url, "r-later", msg.conversation)
     sts = await wait_for_status(nats_server.url, "r-later", "failed")
-    assert sts[-1].error is not None and sts[-1].error.code == "not_connected"
+    assert sts[-1].error is not None and sts[-1].error.code == "unreachable"
     again = FakeOneBot(ws_url(gw.http.port))
     await again.connect()
     await wait_for_status(nats_server.url, "r-later", "sent")

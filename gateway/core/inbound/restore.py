@@ -40,6 +40,7 @@ import nats.js.errors
 from nats.js import api
 
 from ..bus.connection import Bus
+from ..bus.state import WRONG_LAST_SEQUENCE, liveness_key
 from ..config import seconds
 from ..retry import cancel_and_wait
 
@@ -71,7 +72,6 @@ def _stored_at(m: api.RawStreamMsg) -> datetime:
     return m.time
 
 _pid_decoder = msgspec.json.Decoder(_ProviderId)
-_WRONG_LAST_SEQUENCE = 10071
 
 
 class DedupRestore:
@@ -96,7 +96,7 @@ class DedupRestore:
 
     def _subject(self, instance: str | None = None) -> str:
         s = self.bus.subjects
-        return s.kv(s.kv_state, f"core.inbound-live.{self.instance if instance is None else instance}")
+        return s.kv(s.kv_state, liveness_key(self.instance if instance is None else instance))
 
     # --- lifecycle -----------------------------------------------------------------
 
@@ -176,7 +176,7 @@ class DedupRestore:
                 await js.publish(subject, msgspec.json.encode(claim),
                                  headers={"Nats-Expected-Last-Subject-Sequence": str(m.seq)})
             except nats.js.errors.APIError as exc:
-                if exc.err_code == _WRONG_LAST_SEQUENCE:
+                if exc.err_code == WRONG_LAST_SEQUENCE:
                     continue  # another process claimed it first, or it beat again
                 raise
             t0 = time.perf_counter()

@@ -15,6 +15,7 @@ import nats.js.errors
 from nats.js import api
 
 from ..bus.contract import reminder_status_headers, schedule_headers
+from ..bus.state import quiet_key
 from ..schema import ErrorInfo, QuietHours, Reminder, ReminderStatus, encode, reminder_decoder, reminder_status_decoder
 from .rules import CONVERSATION, REMINDER_ID, ReminderError, check_move, check_quiet, check_reminder, in_utc
 from .survey import PendingSurvey, pending_survey_decoder
@@ -219,7 +220,7 @@ class ReminderStore:
         return moved
 
     def _quiet_subject(self, conversation: str) -> str:
-        return self.subjects.kv(self.subjects.kv_state, f"quiet.{conversation}")
+        return self.subjects.kv(self.subjects.kv_state, quiet_key(conversation))
 
     async def set_conversation_quiet_hours(self, conversation: str, quiet: QuietHours | None) -> None:
         """The customer's own rest hours (their time zone), for every reminder of the

@@ -24,6 +24,7 @@ import msgspec
 import nats.js.errors
 
 from ..bus.contract import JSON, rfc3339
+from ..bus.state import survey_key
 from ..schema import ChoicePart, Message, Outbound, TextPart
 
 if TYPE_CHECKING:
@@ -199,7 +200,7 @@ class Surveys:
         self.keep_fired = keep_fired
 
     def _key(self, conversation: str) -> str:
-        return f"survey.{conversation}"
+        return survey_key(conversation)
 
     def _kv(self) -> Any:
         return self.bus.kv[self.bus.subjects.kv_state]

@@ -11,7 +11,8 @@ from typing import Any
 
 from .core.bus.connection import Subjects
 from .core.config import Config, seconds
-from .core.scheduling.reminders import ReminderStore
+from .core.errors import ReminderError
+from .core.scheduling.store import ReminderStore
 from .core.schema import Reminder, encode
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
@@ -48,11 +49,46 @@ def parse_due(text: str, now: datetime | None = None) -> datetime:
 
 
 async def run(nc: Any, config: Config, args: Any) -> int:
-    store = _store(nc, config)
+    """One ``gateway reminders`` action; the exit code (2: the request cannot be done as asked)."""
+    try:
+        return await _run(_store(nc, config), args)
+    except ReminderError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+def _history_line(st: Any) -> str:
+    line = f"{_when(st.at)}  {st.state}"
+    if st.reason:
+        line += f" ({st.reason})"
+    if st.error is not None:
+        line += f": {st.error.message}"
+    return line
+
+
+async def _run(store: ReminderStore, args: Any) -> int:
     cmd = args.reminders_command
+    if cmd == "list" and args.surveys:
+        now = datetime.now(timezone.utc)
+        surveys = [{"survey": p.outbound_id, "reminder_id": p.reminder_id, "conversation": p.conversation,
+                    "channel": p.channel or None, "answer_until": _when(p.until),
+                    "state": "awaiting_answer" if p.until > now else "unanswered"}
+                   for p in await store.surveys()
+                   if (args.channel is None or p.channel == args.channel)
+                   and (args.conversation is None or p.conversation == args.conversation)]
+        if args.json:
+            print(json.dumps(surveys, indent=2, ensure_ascii=False))
+        elif not surveys:
+            print("no survey awaits an answer")
+        else:
+            for r in surveys:
+                print(f"{r['survey']:<32} {r['state']:<16} until {r['answer_until']}  conv={r['conversation']}"
+                      + (f"  reminder={r['reminder_id']}" if r["reminder_id"] else ""))
+            print(f"{len(surveys)} awaiting an answer")
+        return EXIT_OK
     if cmd == "list":
         rows = []
-        filt = store.rs.schedules_of_conversation(args.conversation) if args.conversation else None
+        filt = store.subjects.schedules_of_conversation(args.conversation) if args.conversation else None
         async for reminder, raw in store.pending(filt):
             if reminder is None:
                 rows.append({"id": raw.subject.rsplit(".", 1)[-1], "error": "undecodable schedule"})
@@ -70,14 +106,21 @@ async def run(nc: Any, config: Config, args: Any) -> int:
             print(f"{len(rows)} pending")
         return EXIT_OK
     if cmd == "show":
-        found = await store.get(args.id)
+        found = await store.get(args.id, args.conversation)
         if found is None:
-            print(f"no pending reminder {args.id!r} (fired, cancelled or unknown)", file=sys.stderr)
+            history = await store.history(args.id, args.conversation)
+            if not history:
+                print(f"no pending reminder {args.id!r} and no status of it (unknown, or older than the statuses kept)",
+                      file=sys.stderr)
+                return EXIT_FAIL
+            print(f"reminder {args.id!r} is not pending; its statuses:", file=sys.stderr)
+            for st in history:
+                print(_history_line(st), file=sys.stderr)
             return EXIT_FAIL
         print(json.dumps(json.loads(encode(found[0])), indent=2, ensure_ascii=False))
         return EXIT_OK
     if cmd == "cancel":
-        cancelled = await store.cancel(args.id, reason=args.reason)
+        cancelled = await store.cancel(args.id, reason=args.reason, conversation=args.conversation)
         if cancelled is None:
             print(f"no pending reminder {args.id!r} (fired, cancelled or unknown): nothing cancelled", file=sys.stderr)
             return EXIT_FAIL
@@ -85,11 +128,11 @@ async def run(nc: Any, config: Config, args: Any) -> int:
         return EXIT_OK
     if cmd == "move":
         try:
-            due = parse_due(args.to)
+            due = datetime.now(timezone.utc) if args.now else parse_due(args.to)
         except ValueError as exc:
             print(f"error: --to: {exc}", file=sys.stderr)
             return EXIT_USAGE
-        moved = await store.move(args.id, due, reason=args.reason)
+        moved = await store.move(args.id, due, reason=args.reason, conversation=args.conversation, allow_past=args.now)
         if moved is None:
             print(f"no pending reminder {args.id!r} (fired, cancelled or unknown): nothing moved", file=sys.stderr)
             return EXIT_FAIL

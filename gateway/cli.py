@@ -466,15 +466,24 @@ def build_parser() -> argparse.ArgumentParser:
     r = rsub.add_parser("list", parents=[shared], help="pending reminders, soonest first")
     r.add_argument("--channel")
     r.add_argument("--conversation", help="one conversation key")
+    r.add_argument("--surveys", action="store_true",
+                   help="surveys sent and awaiting an answer instead (unanswered ones are being reported)")
     r.add_argument("--json", action="store_true")
-    r = rsub.add_parser("show", parents=[shared], help="one pending reminder as JSON")
+    conv_help = "the reminder's conversation key (needed when the id is pending in several conversations)"
+    r = rsub.add_parser("show", parents=[shared], help="one pending reminder as JSON, or what became of it")
     r.add_argument("id")
+    r.add_argument("--conversation", help=conv_help)
     r = rsub.add_parser("cancel", parents=[shared], help="cancel a pending reminder (status cancelled)")
     r.add_argument("id")
+    r.add_argument("--conversation", help=conv_help)
     r.add_argument("--reason", default="operator", help="recorded in the cancelled status (default: operator)")
     r = rsub.add_parser("move", parents=[shared], help="move a pending reminder (status rescheduled)")
     r.add_argument("id")
-    r.add_argument("--to", required=True, help="RFC 3339 time with offset, or a delay from now (90s, 2h, 3d)")
+    when = r.add_mutually_exclusive_group(required=True)
+    when.add_argument("--to", help="RFC 3339 time with offset, or a delay from now (90s, 2h, 3d); "
+                                   "not in the past, not after the reminder's deadline")
+    when.add_argument("--now", action="store_true", help="send it now (after the quiet-hours and reach checks)")
+    r.add_argument("--conversation", help=conv_help)
     r.add_argument("--reason", default="operator", help="recorded in the rescheduled status (default: operator)")
     s.set_defaults(func=cmd_reminders)
     return p

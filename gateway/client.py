@@ -29,7 +29,8 @@ from nats.js import api
 from .core.bus.connection import Subjects
 from .core.bus.contract import dead_inbound_headers, outbound_headers
 from .core.errors import GatewayError, ReminderError
-from .core.scheduling.reminders import ReminderStore
+from .core.scheduling.rules import in_utc
+from .core.scheduling.store import ReminderStore
 from .core.schema import (
     DeadLetter,
     DeliveryStatus,
@@ -317,7 +318,12 @@ class Client:
         again moves the reminder. ``survey=True`` asks 满意 / 一般 / 不满意 (or pass a
         :class:`Survey`); ``task`` addresses the desk instead of the customer. The gateway
         reports ``scheduled`` (or ``failed`` with the channel's reach code) on
-        ``<prefix>.sched.status.<type>.<channel>``."""
+        ``<prefix>.sched.status.<type>.<channel>``.
+
+        Every time is sent in UTC (the returned reminder too), whatever offset you gave.
+        :class:`ReminderError` before anything is published when the reminder cannot work:
+        an id that is not a subject token, ``due_at`` after ``deadline``, quiet hours with
+        an impossible time or an unknown time zone."""
         if due_at is None:
             if after is None:
                 raise ValueError("remind: give due_at, or after (with since, default now)")
@@ -342,7 +348,7 @@ class Client:
                             outbound=outbound, quiet_hours=quiet_hours, deadline=deadline,
                             cancel_on_reply=cancel_on_reply, created_at=now, fallback=fallback, task=task)
         await self.reminders.schedule(reminder)
-        return reminder
+        return in_utc(reminder)
 
     async def set_quiet_hours(self, conversation: str, quiet: QuietHours | None) -> None:
         """The customer's own rest hours (``QuietHours(start, end, tz)`` in their time zone)
@@ -350,24 +356,32 @@ class Client:
         ``quiet_hours`` override them; None removes them."""
         await self.reminders.set_conversation_quiet_hours(conversation, quiet)
 
-    async def cancel_reminder(self, reminder_id: str, reason: str = "backend") -> bool:
+    async def cancel_reminder(self, reminder_id: str, reason: str = "backend", *, conversation: str | None = None
+                              ) -> bool:
         """Cancel a pending reminder (status ``cancelled`` with ``reason``); False if nothing
-        was pending: it fired already, was cancelled, or never existed."""
-        return await self.reminders.cancel(reminder_id, reason=reason) is not None
+        was pending: it fired already, was cancelled, or never existed. Ids are unique per
+        conversation: if the id is pending in several, :class:`ReminderError` asks for
+        ``conversation`` (nothing is cancelled)."""
+        return await self.reminders.cancel(reminder_id, reason=reason, conversation=conversation) is not None
 
-    async def move_reminder(self, reminder_id: str, due_at: datetime, reason: str = "backend") -> bool:
+    async def move_reminder(self, reminder_id: str, due_at: datetime, reason: str = "backend", *,
+                            conversation: str | None = None, allow_past: bool = False) -> bool:
         """Move a pending reminder (status ``rescheduled`` with ``reason``, after the gateway's
-        quiet-hours and reach checks); False if nothing is pending any more."""
-        return await self.reminders.move(reminder_id, due_at, reason=reason) is not None
+        quiet-hours and reach checks); False if nothing is pending any more.
+        :class:`ReminderError` for a time after its deadline, in the past (unless
+        ``allow_past``: then it fires now), or an id pending in several conversations
+        without ``conversation``."""
+        return await self.reminders.move(reminder_id, due_at, reason=reason, conversation=conversation,
+                                         allow_past=allow_past) is not None
 
     async def reminder_statuses(self, *, reminder_id: str | None = None, channel_type: str = "*", channel: str = "*",
                                 from_start: bool = False) -> AsyncIterator[ReminderStatus]:
         """Reminder status events (scheduled, rescheduled, cancelled, fired, expired, failed),
         new ones only unless ``from_start``."""
-        rs = self.reminders.rs
-        subject = rs.status(channel_type, channel)
+        subject = self.subjects.reminder_status(channel_type, channel)
         policy = api.DeliverPolicy.ALL if from_start else api.DeliverPolicy.NEW
-        sub = await self.js.subscribe(subject, ordered_consumer=True, deliver_policy=policy, stream=rs.stream)
+        sub = await self.js.subscribe(subject, ordered_consumer=True, deliver_policy=policy,
+                                      stream=self.subjects.stream_sched)
         try:
             async for raw in sub.messages:
                 try:

@@ -1,6 +1,8 @@
 """The bus's wire format for code that reads or writes it directly (backends, tests): one
 encoder for every wire type, a decoder per type, the ids the gateway derives and the
-headers of the bus contract. Channel
+headers of the bus contract (reminders' too), and how the gateway reads a survey answer
+(:func:`read_answer`: a backend reading replies on a channel the gateway does not match
+can apply the same never-guess rules). Channel
 plugins do not need this module: the context encodes and decodes for them."""
 
 from __future__ import annotations
@@ -10,10 +12,14 @@ from .core.bus.contract import (
     dead_letter_headers,
     message_headers,
     outbound_headers,
+    reminder_status_headers,
     replay_headers,
+    schedule_headers,
     status_headers,
+    task_headers,
 )
 from .core.inbound.pipeline import conversation_key, message_id
+from .core.scheduling.survey import Answer, is_greeting, read_answer
 from .core.schema import (
     dead_letter_decoder,
     encode,
@@ -26,20 +32,26 @@ from .core.schema import (
 )
 
 __all__ = [
+    "Answer",
     "conversation_key",
     "dead_inbound_headers",
     "dead_letter_decoder",
     "dead_letter_headers",
     "encode",
+    "is_greeting",
     "message_decoder",
     "message_headers",
     "message_id",
     "outbound_decoder",
     "outbound_headers",
+    "read_answer",
     "reminder_decoder",
     "reminder_status_decoder",
+    "reminder_status_headers",
     "replay_headers",
+    "schedule_headers",
     "status_decoder",
     "status_headers",
     "task_decoder",
+    "task_headers",
 ]

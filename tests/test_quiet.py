@@ -3,7 +3,7 @@ the days the clocks change, and clear errors for unusable settings."""
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from zoneinfo import ZoneInfo
 
 import pytest
@@ -60,11 +60,20 @@ def test_the_night_the_clocks_go_back_ends_at_local_morning():
     assert end.astimezone(timezone.utc) == datetime(2026, 11, 1, 13, 0, tzinfo=timezone.utc)
 
 
-def test_an_end_inside_the_skipped_hour_maps_past_the_gap():
+def test_an_end_inside_the_skipped_hour_ends_when_the_clocks_jump():
+    # 2026-03-08: 01:59:59 EST is followed by 03:00 EDT; 02:30 never happens. The quiet
+    # hours are over at 03:00 EDT (the first instant whose wall clock is past 02:30), not
+    # an hour later at 03:30 EDT.
     q = QuietHours(start="01:00", end="02:30", tz="America/New_York")
     end = quiet_until(q, local(NY, 2026, 3, 8, 1, 30))
-    assert end == datetime(2026, 3, 8, 7, 30, tzinfo=timezone.utc)  # 03:30 EDT, the first real instant
+    assert end == datetime(2026, 3, 8, 7, 0, tzinfo=timezone.utc)  # 03:00 EDT
     assert quiet_until(q, end) is None
+    assert quiet_until(q, end - timedelta(seconds=1)) == end  # 01:59:59 EST: still quiet
+
+
+def test_a_window_across_midnight_ending_in_the_skipped_hour_ends_at_the_jump():
+    q = QuietHours(start="22:00", end="02:30", tz="America/New_York")
+    assert quiet_until(q, local(NY, 2026, 3, 7, 23, 0)) == datetime(2026, 3, 8, 7, 0, tzinfo=timezone.utc)
 
 
 @pytest.mark.parametrize("field, value, expected", [

@@ -15,6 +15,7 @@ from typing import Annotated, Any, Literal, Mapping, Union, get_args, get_origin
 import msgspec
 
 from .errors import ConfigError
+from .schema import QuietHours
 
 Duration = Annotated[str, msgspec.Meta(pattern=r"^\d+(\.\d+)?(ms|s|m|h|d)$", description="a duration such as 500ms, 30s, 5m, 2h, 7d")]
 _UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -122,19 +123,6 @@ class OutboundConfig(_Section):
     """How long a provider receipt is kept to prevent a second send after a crash."""
 
 
-_CLOCK = Annotated[str, msgspec.Meta(pattern=r"^([01][0-9]|2[0-3]):[0-5][0-9]$", description="a time of day as HH:MM")]
-
-
-class QuietHoursConfig(_Section):
-    """``quiet_hours = {start = "21:00", end = "09:00", tz = "Asia/Shanghai"}``: nothing is
-    sent to the customer between ``start`` and ``end`` in ``tz`` (callback reminders)."""
-
-    start: _CLOCK = "21:00"
-    end: _CLOCK = "09:00"
-    tz: str = "Asia/Shanghai"
-    """An IANA time zone."""
-
-
 class RemindersConfig(_Section):
     """``[reminders]``: callback reminders (JetStream message schedules) and surveys."""
 
@@ -171,8 +159,10 @@ class ChannelCommon(_Section):
     max_attempts: Annotated[int, msgspec.Meta(ge=1)] | None = None
     concurrency: Annotated[int, msgspec.Meta(ge=1, le=1024)] | None = None
     """Deliveries in progress at once on this channel (default: ``[outbound] concurrency``)."""
-    quiet_hours: QuietHoursConfig | None = None
-    """The customers' rest hours for reminders on this channel (a reminder may override)."""
+    quiet_hours: QuietHours | None = None
+    """``quiet_hours = {start = "21:00", end = "09:00", tz = "Asia/Shanghai"}``: the
+    customers' rest hours on this channel, for reminders (a reminder or the conversation
+    may override) and for channels that must not send at night (SMS: ``ctx.quiet_hours``)."""
 
 
 _COMMON_KEYS = {f.encode_name for f in msgspec.structs.fields(ChannelCommon)}
@@ -192,7 +182,7 @@ class ChannelConfig:
     options: Any
     """The plugin's ``config_type`` instance (None if the type takes no keys)."""
     concurrency: int | None = None
-    quiet_hours: QuietHoursConfig | None = None
+    quiet_hours: QuietHours | None = None
 
 
 @dataclass
@@ -416,16 +406,6 @@ def _closest(key: str, options: Mapping[str, Any]) -> str | None:
     return hits[0] if hits else None
 
 
-def _zone_exists(tz: str) -> bool:
-    from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
-
-    try:
-        ZoneInfo(tz)
-    except (ZoneInfoNotFoundError, ValueError):
-        return False
-    return True
-
-
 _BUS_SCHEMES = ("nats", "tls", "ws", "wss")
 _BUS_URL_EXPECTED = "expected nats://, tls://, ws:// or wss:// URLs with a host (comma-separated for a cluster)"
 _PORT_EXPECTED = "expected a port number from 0 to 65535"
@@ -538,8 +518,10 @@ def parse_config(
             sub = tuple(p for p in re.findall(r"\[(\d+)\]|\.([^.\[]+)", at or "") for p in p if p)
             problems.add(path + sub, (m.group("msg") if m else str(exc)).replace("`", ""))
             continue
-        if c.quiet_hours is not None and not _zone_exists(c.quiet_hours.tz):
-            problems.add(path + ("quiet_hours", "tz"), f"expected an IANA time zone such as Asia/Shanghai, got {c.quiet_hours.tz!r}")
+        quiet = c.quiet_hours.problems() if c.quiet_hours is not None else {}
+        for key, problem in quiet.items():
+            problems.add(path + ("quiet_hours", key), problem.replace("must be", "expected", 1))
+        if quiet:
             continue
         channels[name] = ChannelConfig(name, ctype, c.enabled, c.required, c.rate_limit, c.backoff, c.max_attempts, options,
                                        c.concurrency, c.quiet_hours)

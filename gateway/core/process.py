@@ -21,9 +21,9 @@ from .delivery.dispatcher import Dispatcher
 from .context import Context
 from .inbound.pipeline import Inbound
 from .registry import PluginManager
-from .scheduling.reminders import Reminders
+from .scheduling.scheduler import Reminders
 from .inbound.restore import DedupRestore
-from .schema import Message, ObjectRef, QuietHours
+from .schema import Message, ObjectRef
 from .bus.services import BusServices
 from .scheduling.survey import Surveys
 
@@ -51,7 +51,8 @@ class Gateway:
             self.embedded = EmbeddedServer(host=config.bus.embedded_host, port=config.bus.embedded_port,
                                            store_dir=config.bus.data_dir, max_payload=max(config.bus.max_message_size, 1048576))
             bus_url = self.embedded.url
-        self.bus = Bus(config.bus, bus_url, log=self.log.bind(component="bus"), receipt_ttl=config.outbound.receipt_ttl)
+        self.bus = Bus(config.bus, bus_url, log=self.log.bind(component="bus"), receipt_ttl=config.outbound.receipt_ttl,
+                       schedules=config.reminders.enabled)
         self.services = BusServices(self.bus)
         self.surveys = Surveys(self.bus, log=self.log)
         # Reminders read the channels' sections and the running channels (reach) through
@@ -120,10 +121,9 @@ class Gateway:
     async def _start_channel(self, cfg: ChannelConfig) -> None:
         info = self.plugins.channel_types[cfg.type]
         log = get_logger(channel=cfg.name, channel_type=cfg.type)
-        q = cfg.quiet_hours
         ctx = Context(cfg.name, cfg.type, cfg.options, log, services=self.services, inbound=self.inbound,
                       http=self.http, metrics=self.metrics,
-                      quiet_hours=QuietHours(start=q.start, end=q.end, tz=q.tz) if q is not None else None)
+                      quiet_hours=cfg.quiet_hours)
         running = _Running(cfg, ctx, None)
         self.channels[cfg.name] = running
         try:

@@ -12,8 +12,10 @@ rejects an unknown ``type`` tag. Such a change raises :data:`SCHEMA_VERSION`.
 from __future__ import annotations
 
 import inspect
+import re
 from datetime import datetime
 from typing import Any, ClassVar, Literal, Union
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import msgspec
 
@@ -169,6 +171,9 @@ class ChoicePart(_Wire, frozen=True, tag="choice", tag_field="type"):
     """The choice as the survey listed it (``满意``)."""
     index: int | None = None
     """Its position in ``survey.choices``, from 0."""
+    comment: str | None = None
+    """What the customer wrote after the choice (``不满意，太慢了`` → ``太慢了``): the reason a
+    desk escalates on; None when the reply was the choice alone."""
 
 
 class UnknownPart(_Wire, frozen=True, tag="unknown", tag_field="type"):
@@ -320,13 +325,35 @@ class DeliveryStatus(_Envelope, frozen=True, kw_only=True):
     channel; ``{}`` when the channel says nothing."""
 
 
+_CLOCK = re.compile(r"([01][0-9]|2[0-3]):[0-5][0-9]")
+
+
 class QuietHours(_Wire, frozen=True, kw_only=True):
     """The customer's rest hours, in their time zone: nothing is sent between ``start`` and
     ``end`` (``"21:00"`` to ``"09:00"`` wraps midnight)."""
 
     start: str = "21:00"
+    """A time of day, ``HH:MM`` (00:00 to 23:59)."""
     end: str = "09:00"
+    """A time of day, ``HH:MM``; ``start == end`` means no quiet hours."""
     tz: str = "Asia/Shanghai"
+    """An IANA time zone."""
+
+    def problems(self) -> dict[str, str]:
+        """What is unusable, by field name (``{}`` when all is well). The one check of
+        quiet hours: the configuration, the client and the scheduler call it (the wire
+        type itself stays lenient so that a reminder with bad quiet hours still decodes
+        and can be reported ``failed`` instead of dropped)."""
+        out = {}
+        for name in ("start", "end"):
+            value = getattr(self, name)
+            if not isinstance(value, str) or not _CLOCK.fullmatch(value):
+                out[name] = f"must be a time of day as HH:MM (00:00 to 23:59), got {value!r}"
+        try:
+            ZoneInfo(self.tz)
+        except (ZoneInfoNotFoundError, ValueError, TypeError):
+            out["tz"] = f"must be an IANA time zone such as Asia/Shanghai, got {self.tz!r}"
+        return out
 
 
 class Fallback(_Wire, frozen=True, kw_only=True):
@@ -390,13 +417,21 @@ class Reminder(_Envelope, frozen=True, kw_only=True):
     is then only its description."""
 
 
-ReminderState = Literal["scheduled", "rescheduled", "cancelled", "fired", "expired", "failed"]
+REMINDER_ID_PATTERN = r"^[-_=A-Za-z0-9]{1,128}$"
+"""A reminder id is a subject token: it names the reminder's schedule subject."""
+CONVERSATION_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,63}\.[-_=A-Za-z0-9]{1,128}$"
+"""A gateway conversation key, ``<channel>.<key>``: two subject tokens."""
+
+
+ReminderState = Literal["scheduled", "rescheduled", "cancelled", "fired", "expired", "failed", "unanswered"]
 
 
 class ReminderStatus(_Envelope, frozen=True, kw_only=True):
     """What happened to a reminder, on ``<prefix>.sched.status.<channel_type>.<channel>``.
     After ``fired`` the outbound's own :class:`DeliveryStatus` events follow on
-    ``<prefix>.status.…`` under ``outbound_id``."""
+    ``<prefix>.status.…`` under ``outbound_id``; ``unanswered`` follows when its survey
+    got no answer within ``answer_within`` (also for a survey sent by a plain outbound:
+    then ``reminder_id`` is the outbound's id)."""
 
     schema_version: int = SCHEMA_VERSION
     reminder_id: str
@@ -409,7 +444,8 @@ class ReminderStatus(_Envelope, frozen=True, kw_only=True):
     """scheduled/rescheduled: when it will fire."""
     reason: str | None = None
     """rescheduled/cancelled/expired/failed: why (``quiet_hours``, ``reply``, ``operator``,
-    ``deadline``, a reach code such as ``outside_window``), or the operator's words."""
+    ``deadline``, a reach code such as ``outside_window``), or the operator's words;
+    unanswered: ``no_answer``."""
     outbound_id: str | None = None
     """fired: the outbound sent (its delivery statuses follow), or the task's id."""
     fallback: str | None = None

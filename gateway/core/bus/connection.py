@@ -68,6 +68,18 @@ class Subjects:
         self.kv_receipts = f"{prefix}_receipts"
         self.object_store = f"{prefix}_blobs"
         self.outbound_consumer = f"{prefix}_delivery"
+        self.stream_sched = f"{up}_SCHED"
+        """Reminder schedules, their fired copies and reminder statuses (docs/reminders.md)."""
+        self.stream_tasks = f"{up}_TASKS"
+        self.reminders_new_consumer = f"{prefix}_reminders_new"
+        """The gateway's early check of every schedule as it is published."""
+        self.reminders_consumer = f"{prefix}_reminders"
+        """The gateway's consumer of fired reminders."""
+        self.all_schedules = f"{prefix}.sched.at.>"
+        self.all_fired = f"{prefix}.sched.fire.>"
+        self.all_unanswered = f"{prefix}.sched.unanswered.>"
+        self.surveys_consumer = f"{prefix}_surveys"
+        """The gateway's consumer of surveys whose answer time is up."""
 
     def inbound(self, channel_type: str, channel: str) -> str:
         return f"{self.prefix}.in.{channel_type}.{channel}"
@@ -84,6 +96,36 @@ class Subjects:
     def all(self) -> str:
         return f"{self.prefix}.>"
 
+    def schedule(self, conversation: str, reminder_id: str) -> str:
+        """The subject of a reminder's schedule (one message: the latest schedule)."""
+        return f"{self.prefix}.sched.at.{conversation}.{reminder_id}"
+
+    def schedule_of(self, reminder_id: str) -> str:
+        """A filter matching the schedules of ``reminder_id`` in any conversation."""
+        return f"{self.prefix}.sched.at.*.*.{reminder_id}"
+
+    def schedules_of_conversation(self, conversation: str) -> str:
+        """A filter matching every schedule of one conversation."""
+        return f"{self.prefix}.sched.at.{conversation}.*"
+
+    def fire(self, channel_type: str, channel: str) -> str:
+        """Where the server copies a schedule when it is due (``Nats-Schedule-Target``)."""
+        return f"{self.prefix}.sched.fire.{channel_type}.{channel}"
+
+    def survey_watch(self, conversation: str) -> str:
+        """The schedule that reports the conversation's survey if nobody answers it."""
+        return f"{self.prefix}.sched.survey.{conversation}"
+
+    def unanswered(self, channel_type: str, channel: str) -> str:
+        """Where a survey's watch fires when its ``answer_within`` has passed."""
+        return f"{self.prefix}.sched.unanswered.{channel_type}.{channel}"
+
+    def reminder_status(self, channel_type: str, channel: str) -> str:
+        return f"{self.prefix}.sched.status.{channel_type}.{channel}"
+
+    def task(self, channel_type: str, channel: str) -> str:
+        return f"{self.prefix}.task.{channel_type}.{channel}"
+
     @staticmethod
     def kv(bucket: str, key: str) -> str:
         """The subject a KV put of ``key`` in ``bucket`` is published on (for pipelined
@@ -99,8 +141,11 @@ class Subjects:
 class Bus:
     """One NATS connection with JetStream, shared by the whole process."""
 
-    def __init__(self, cfg: BusConfig, url: str, *, log: Any, name: str = "gateway", receipt_ttl: str = "7d"):
+    def __init__(self, cfg: BusConfig, url: str, *, log: Any, name: str = "gateway", receipt_ttl: str = "7d",
+                 schedules: bool = True):
         self.cfg = cfg
+        self.schedules = schedules
+        """Lay out the reminder streams too (they need nats-server 2.12+: message schedules)."""
         self.url = url
         self.log = log
         self.name = name
@@ -299,6 +344,19 @@ class Bus:
                              max_age=seconds(c.status_max_age), description="delivery status events", **common),
             api.StreamConfig(name=s.stream_dead, subjects=[f"{s.prefix}.dead.>"], retention=api.RetentionPolicy.LIMITS,
                              max_age=seconds(c.dead_max_age), description="dead letters", **common),
+        ] + (self._schedule_streams(common) if self.schedules else [])
+
+    def _schedule_streams(self, common: dict[str, Any]) -> list[api.StreamConfig]:
+        s, c = self.subjects, self.cfg
+        return [
+            # No max_age: schedules wait as long as they must; fired copies and statuses carry
+            # their own TTL (Nats-Schedule-TTL, Nats-TTL).
+            api.StreamConfig(name=s.stream_sched, subjects=[f"{s.prefix}.sched.>"], retention=api.RetentionPolicy.LIMITS,
+                             allow_msg_schedules=True, allow_msg_ttl=True,
+                             description="reminder schedules, fired reminders and reminder statuses", **common),
+            api.StreamConfig(name=s.stream_tasks, subjects=[f"{s.prefix}.task.>"], retention=api.RetentionPolicy.LIMITS,
+                             max_age=seconds(c.status_max_age), description="tasks for the desk (callbacks by phone)",
+                             **common),
         ]
 
     async def ensure_layout(self) -> None:

@@ -7,16 +7,20 @@ inbound and delivery paths call them once per message."""
 
 from __future__ import annotations
 
+from datetime import datetime, timezone
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from ..schema import DeliveryStatus, Message, Outbound
+    from ..schema import DeliveryStatus, Message, Outbound, Reminder, ReminderStatus, Task
 
 JSON = "application/json"
 SCHEMA_MESSAGE = "message/1"
 SCHEMA_OUTBOUND = "outbound/1"
 SCHEMA_STATUS = "delivery-status/1"
 SCHEMA_DEAD_LETTER = "dead-letter/1"
+SCHEMA_REMINDER = "reminder/1"
+SCHEMA_REMINDER_STATUS = "reminder-status/1"
+SCHEMA_TASK = "task/1"
 
 
 def message_headers(message: Message) -> dict[str, str]:
@@ -70,3 +74,42 @@ def dead_inbound_headers(stream_in: str, in_seq: int) -> dict[str, str]:
     """An inbound message a client could not decode, dead-lettered by that client: named
     by its place in the inbound stream (``dead-in:<stream>:<sequence>``)."""
     return {"Nats-Msg-Id": f"dead-in:{stream_in}:{in_seq}", "Content-Type": JSON, "Gw-Schema": SCHEMA_DEAD_LETTER}
+
+
+def rfc3339(at: datetime) -> str:
+    """UTC, with microseconds: what ``@at`` takes (``2026-12-01T08:00:00.250000Z``)."""
+    if at.tzinfo is None:
+        at = at.replace(tzinfo=timezone.utc)
+    return at.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def schedule_headers(reminder: Reminder, target: str, *, keep_fired: float, reason: str | None = None,
+                     expected_seq: int | None = None) -> dict[str, str]:
+    """A reminder's schedule message (docs/reminders.md): the server fires it at ``@at``
+    onto ``target`` (``<prefix>.sched.fire.<type>.<channel>``) and keeps the fired copy for
+    ``keep_fired`` seconds. No ``Nats-Msg-Id``: a move republishes on the same subject, and
+    the duplicate window would drop it."""
+    h = {
+        "Nats-Schedule": f"@at {rfc3339(reminder.due_at)}",
+        "Nats-Schedule-Target": target,
+        "Nats-Schedule-TTL": f"{int(keep_fired)}s",
+        "Content-Type": JSON,
+        "Gw-Schema": SCHEMA_REMINDER,
+    }
+    if reason:
+        h["Gw-Reason"] = reason
+    if expected_seq is not None:
+        h["Nats-Expected-Last-Subject-Sequence"] = str(expected_seq)
+    return h
+
+
+def reminder_status_headers(status: ReminderStatus, seq: int, ttl: float) -> dict[str, str]:
+    """``<reminder id>:<state>:<stream sequence of the message that caused it>``: a repeat
+    after a crash is dropped by JetStream within its duplicate window."""
+    return {"Nats-Msg-Id": f"{status.reminder_id}:{status.state}:{seq}", "Nats-TTL": f"{int(ttl)}s",
+            "Content-Type": JSON, "Gw-Schema": SCHEMA_REMINDER_STATUS}
+
+
+def task_headers(task: Task) -> dict[str, str]:
+    """A desk task: ``task:<id>`` (the reminder's outbound id), published once."""
+    return {"Nats-Msg-Id": f"task:{task.id}", "Content-Type": JSON, "Gw-Schema": SCHEMA_TASK}

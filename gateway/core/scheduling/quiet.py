@@ -7,29 +7,20 @@ come out right."""
 from __future__ import annotations
 
 from datetime import datetime, time, timedelta, timezone
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+from zoneinfo import ZoneInfo
 
 from ..schema import QuietHours
 
 
-def _clock(value: str, field: str) -> time:
-    try:
-        hh, mm = value.split(":")
-        if len(hh) != 2 or len(mm) != 2:
-            raise ValueError
-        return time(int(hh), int(mm))
-    except ValueError:
-        raise ValueError(f"quiet hours {field} must be a time of day as HH:MM (00:00 to 23:59), got {value!r}") from None
+def _clock(value: str) -> time:
+    hh, mm = value.split(":")
+    return time(int(hh), int(mm))
 
 
 def check_quiet_hours(quiet: QuietHours) -> None:
     """Raise ValueError naming the field when ``start``, ``end`` or ``tz`` is not usable."""
-    _clock(quiet.start, "start")
-    _clock(quiet.end, "end")
-    try:
-        ZoneInfo(quiet.tz)
-    except (ZoneInfoNotFoundError, ValueError):
-        raise ValueError(f"quiet hours tz must be an IANA time zone such as Asia/Shanghai, got {quiet.tz!r}") from None
+    for field, problem in quiet.problems().items():
+        raise ValueError(f"quiet hours {field} {problem}")
 
 
 def quiet_until(quiet: QuietHours | None, at: datetime) -> datetime | None:
@@ -38,11 +29,13 @@ def quiet_until(quiet: QuietHours | None, at: datetime) -> datetime | None:
 
     ``start == end`` means no quiet hours. The end is a wall-clock time in the customer's
     zone: on the night the clocks change it is still "08:00 local", whatever the UTC
-    offset did meanwhile; an end that falls into a skipped hour maps to the first real
-    instant after the gap, an end that occurs twice to its first occurrence."""
+    offset did meanwhile; an end that falls into a skipped hour ends when the clocks jump
+    (quiet hours ending 02:30 end at 03:00 on the spring-forward night), an end that
+    occurs twice ends at its first occurrence."""
     if quiet is None:
         return None
-    start, end = _clock(quiet.start, "start"), _clock(quiet.end, "end")
+    check_quiet_hours(quiet)
+    start, end = _clock(quiet.start), _clock(quiet.end)
     if start == end:
         return None
     tz = ZoneInfo(quiet.tz)
@@ -59,7 +52,26 @@ def quiet_until(quiet: QuietHours | None, at: datetime) -> datetime | None:
     if not inside:
         return None
     wall = datetime.combine(end_day, end, tzinfo=tz)
-    # A wall time inside a spring-forward gap does not exist; round-tripping through UTC
-    # moves it past the gap (zoneinfo reads it with the offset before the change).
     result = wall.astimezone(timezone.utc)
+    if result.astimezone(tz).replace(tzinfo=None) != wall.replace(tzinfo=None):
+        result = _end_of_gap(wall, tz)
     return max(result, at.astimezone(timezone.utc))
+
+
+def _end_of_gap(wall: datetime, tz: ZoneInfo) -> datetime:
+    """``wall`` does not exist (the clocks jumped over it): the instant of the jump, the
+    first whose wall clock is past it. zoneinfo reads such a time with the offset before
+    the change (``fold=0``) or after it (``fold=1``); the jump lies between the two."""
+    lo = wall.replace(fold=1).astimezone(timezone.utc)
+    hi = wall.replace(fold=0).astimezone(timezone.utc)
+    if lo > hi:
+        lo, hi = hi, lo
+    naive = wall.replace(tzinfo=None)
+    while hi - lo > timedelta(seconds=1):  # offsets change on whole seconds
+        mid = lo + (hi - lo) / 2
+        if mid.astimezone(tz).replace(tzinfo=None) >= naive:
+            hi = mid
+        else:
+            lo = mid
+    whole = hi.replace(microsecond=0)
+    return whole if whole.astimezone(tz).replace(tzinfo=None) >= naive else hi

@@ -306,11 +306,13 @@ def free_port() -> int:
 
 class GatewayProcess:
     """``python -m gateway -c <toml> run`` against the benchmark's nats-server, with one
-    mock channel named ``channel``. With ``profile_to``, the process runs under cProfile
+    mock channel named ``channel`` (more keys of it in ``channel_keys``; ``channels``
+    replaces that section by whatever TOML it holds; ``bus_keys`` go to ``[bus]``). With ``profile_to``, the process runs under cProfile
     and writes its statistics there when it stops."""
 
     def __init__(self, bus_url: str, *, channel: str = "bench", extra: str = "", profile_to: Path | None = None,
-                 env: dict[str, str] | None = None):
+                 env: dict[str, str] | None = None, bus_keys: str = "", channel_keys: str = "",
+                 channels: str | None = None):
         self.env = {**os.environ, **(env or {})}
         self.dir = Path(tempfile.mkdtemp(prefix="gw-bench-"))
         self.http_port = free_port()
@@ -319,13 +321,15 @@ class GatewayProcess:
         self.config.write_text(textwrap.dedent(f"""
             [bus]
             url = "{bus_url}"
+            {bus_keys}
             [http]
             host = "{HOST}"
             port = {self.http_port}
             [log]
             format = "json"
             level = "info"
-            """) + extra + f'\n[channels.{channel}]\ntype = "mock"\n')
+            """) + extra + (channels if channels is not None else
+                            f'\n[channels.{channel}]\ntype = "mock"\n{channel_keys}\n'))
         self.log_path = self.dir / "gateway.log"
         self.profile_to = profile_to
         self.proc: subprocess.Popen[bytes] | None = None
@@ -605,21 +609,44 @@ asyncio.run(main())
 """
 
 
+class TrivialServer:
+    """The trivial asyncio HTTP server in its own process (``async with``; ``port``): every
+    request is answered 200 with a small JSON body at once. The load generator's ceiling,
+    and the provider sink of the outbound rows (``url``)."""
+
+    def __init__(self, max_s: float = 600.0):
+        self.port = free_port()
+        self.max_s = max_s
+        self.proc: asyncio.subprocess.Process | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://{HOST}:{self.port}/send"
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc is not None else None
+
+    async def __aenter__(self) -> TrivialServer:
+        self.proc = await asyncio.create_subprocess_exec(sys.executable, "-c", _TRIVIAL_SERVER, str(self.port),
+                                                         str(self.max_s), stdout=asyncio.subprocess.PIPE,
+                                                         stdin=asyncio.subprocess.DEVNULL)
+        assert self.proc.stdout is not None
+        await asyncio.wait_for(self.proc.stdout.readline(), 10)
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        if self.proc is not None and self.proc.returncode is None:
+            self.proc.kill()
+            await self.proc.wait()
+
+
 async def loadgen_ceiling(requests: list[bytes], connections: int, max_s: float = 60.0) -> dict[str, Any]:
     """The load generator against a trivial asyncio HTTP server in its own process: an
     upper bound of what the client can measure on this machine."""
-    port = free_port()
-    proc = await asyncio.create_subprocess_exec(sys.executable, "-c", _TRIVIAL_SERVER, str(port), str(max_s),
-                                                stdout=asyncio.subprocess.PIPE, stdin=asyncio.subprocess.DEVNULL)
-    try:
-        assert proc.stdout is not None
-        await asyncio.wait_for(proc.stdout.readline(), 10)
-        res = await closed_loop(HOST, port, requests, connections, deadline_s=max_s - 5)
+    async with TrivialServer(max_s) as server:
+        res = await closed_loop(HOST, server.port, requests, connections, deadline_s=max_s - 5)
         return {"requests": res.ok, "rate_req_s": rate(res.ok, res.elapsed), **latency_summary(res.latencies)}
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
 
 
 # --- wrk (optional cross-check) --------------------------------------------------------
@@ -741,6 +768,15 @@ def write_results_md() -> None:
             lines.append(f"| full pipeline over HTTP, open loop at {_f(p['offered_rate_msg_s'])} msg/s offered | "
                          f"{_f(p['rate_msg_s'])} achieved | **{_f(p['p50_ms'])}** | **{_f(p['p99_ms'])}** | "
                          f"latency from the scheduled send time |")
+        b = r.get("bridge")
+        if b:
+            lines.append(f"| hand-written webhook → JetStream bridge (Starlette, uvicorn + uvloop + httptools, `js.publish` "
+                         f"with `Nats-Msg-Id`, nothing else), closed loop (**baseline of the full pipeline**) | "
+                         f"{_f(b['closed']['rate_msg_s'])} | {_f(b['closed']['p50_ms'])} | {_f(b['closed']['p99_ms'])} | "
+                         f"bridge CPU {_f(((b['closed'].get('cpu') or {}).get('bridge') or {}).get('cpu_ms_per_msg'), ' ms')}/msg |")
+            for p in b["paced"]:
+                lines.append(f"| hand-written bridge, open loop at {_f(p['offered_rate_msg_s'])} msg/s offered | "
+                             f"{_f(p['rate_msg_s'])} achieved | {_f(p['p50_ms'])} | {_f(p['p99_ms'])} | |")
         w = r.get("wrk")
         if w and "rate_msg_s" in w:
             lines.append(f"| full pipeline over HTTP, closed loop, measured by {w['tool']} | {_f(w['rate_msg_s'])} | "
@@ -754,7 +790,13 @@ def write_results_md() -> None:
         lines += ["", f"Targets (issue): full pipeline ≥ ½ raw publish rate: ratio **{t['ratio_full_to_raw']:.3f}**, "
                   f"{'met' if t['half_raw_rate_met'] else 'not met'}. p99 < 10 ms at 1,000 msg/s: "
                   f"**{_f(t.get('paced_1000_p99_ms'), ' ms')}** ({_f(t.get('paced_1000_achieved_msg_s'))} msg/s achieved), "
-                  f"{'met' if t['p99_under_10ms_at_1000_met'] else 'not met'}.", ""]
+                  f"{'met' if t['p99_under_10ms_at_1000_met'] else 'not met'}."]
+        if "ratio_full_to_bridge" in t:
+            lines += ["", f"Targets (issue 19): full pipeline ≥ 0.7 of the hand-written bridge: ratio "
+                      f"**{t['ratio_full_to_bridge']:.2f}**, {'met' if t['ratio_full_to_bridge'] >= 0.7 else 'not met'}. "
+                      f"p99 < 5 ms at 1,000 msg/s: **{_f(t.get('paced_1000_p99_ms'), ' ms')}** (the bridge: "
+                      f"{_f(t.get('bridge_paced_1000_p99_ms'), ' ms')}), {'met' if t['p99_under_5ms_at_1000_met'] else 'not met'}."]
+        lines.append("")
     if outb:
         m, r = outb["machine"], outb["results"]
         g, base = r["gateway"], r["raw_fetch_ack"]

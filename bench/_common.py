@@ -815,6 +815,14 @@ def write_results_md() -> None:
                   f"{_f(g['p50_ms'])} | {_f(g['p99_ms'])} | latency includes the queue; gateway CPU "
                   f"{_f((g.get('cpu') or {}).get('gateway', {}).get('cpu_ms_per_msg'), ' ms')}/msg; "
                   f"peak RSS {_f(r['gateway_peak_rss_mib'], ' MiB')} |"]
+        hw, gp = r.get("handwritten_consumer_with_provider"), r.get("gateway_with_provider")
+        if hw and gp:
+            lines += [f"| hand-written consumer: fetch 256, POST to the provider, ack; {hw['concurrency']} at a time "
+                      f"(**baseline with a provider**) | {_f(hw['rate_msg_s'])} | | | provider: a trivial HTTP server in "
+                      f"its own process |",
+                      f"| **gateway with the same provider over HTTP** (mock channel `provider_url`), all at once | "
+                      f"**{_f(gp['rate_msg_s'])}** | {_f(gp['p50_ms'])} | {_f(gp['p99_ms'])} | gateway CPU "
+                      f"{_f(((gp.get('cpu') or {}).get('gateway') or {}).get('cpu_ms_per_msg'), ' ms')}/msg |"]
         if r.get("paced"):
             p = r["paced"]
             lines.append(f"| gateway: outbound → `sent` status, paced at {_f(p['offered_rate_msg_s'])} msg/s | "
@@ -823,7 +831,15 @@ def write_results_md() -> None:
         lines += _interference_note(outb)
         t = outb["targets"]
         lines += ["", f"Target (issue): gateway ≥ ½ baseline rate: ratio **{t['ratio_gateway_to_baseline']:.3f}**, "
-                  f"{'met' if t['half_baseline_met'] else 'not met'}.", ""]
+                  f"{'met' if t['half_baseline_met'] else 'not met'}."]
+        if "ratio_gateway_to_handwritten_with_provider" in t:
+            q = t["ratio_gateway_to_handwritten_with_provider"]
+            lines += ["", f"Target (issue 19): gateway ≥ 0.5 of the hand-written consumer, both calling the provider: "
+                      f"ratio **{q:.2f}**, {'met' if q >= 0.5 else 'not met'}."]
+        lines.append("")
+    clu = _load("cluster")
+    if clu:
+        lines += _cluster_md(clu)
     rem = _load("reminders")
     if rem:
         lines += _reminders_md(rem)
@@ -844,6 +860,36 @@ def write_results_md() -> None:
         lines += _interference_note(soak)
         lines.append("")
     (RESULTS / "RESULTS.md").write_text("\n".join(lines) + "\n")
+
+
+def _cluster_md(clu: dict[str, Any]) -> list[str]:
+    m, r, t = clu["machine"], clu["results"], clu["targets"]
+    one, three, iso = r["single_node"], r["cluster"], r["backlog_isolation"]
+    out = [f"## Cluster and backlog isolation ({clu['date']}, N = {clu['n']:,} inbound, M = {clu['m']:,} outbound"
+           f"{', quick' if clu.get('quick') else ''})", "",
+           f"{m['cores']} cores ({m['cpu']}), Python {m['python']}, {m['nats_server']}; `python -m bench.cluster`. "
+           f"Two gateway processes, the webhooks split over both ({one['inbound']['connections']} connections), "
+           f"outbounds published at once; on this machine the gateways, the servers and the load generator share "
+           f"the same cores.", "",
+           "| measurement | msg/s | p50 ms | p99 ms | notes |", "|---|---:|---:|---:|---|"]
+    for label, row in (("one nats-server, R1 (**baseline**)", one), ("3-node cluster, R3", three)):
+        i, o = row["inbound"], row["outbound"]
+        out += [f"| inbound through 2 gateways, {label} | {_f(i['rate_msg_s'])} | {_f(i['p50_ms'])} | {_f(i['p99_ms'])} | "
+                f"closed loop |",
+                f"| outbound through 2 gateways, {label} | {_f(o['rate_msg_s'])} | {_f(o['p50_ms'])} | {_f(o['p99_ms'])} | "
+                f"all published at once; latency includes the queue |"]
+    behind, alone = iso["fast_behind_backlog"], iso["fast_alone"]
+    out += [f"| backlog isolation: {iso['fast_replies']} replies on a fast channel, nothing else waiting (**baseline**) | | | | "
+            f"last `sent` after **{_f(alone['elapsed_s'], ' s')}** |",
+            f"| backlog isolation: the same with {iso['backlog_on_slow']:,} replies waiting on a slow channel "
+            f"({iso['slow_delivery_s']} per delivery) | | | | last `sent` after **{_f(behind['elapsed_s'], ' s')}** "
+            f"({behind['sent']} of {iso['fast_replies']} sent within {_f(iso['wait_limit_s'], ' s')}) |"]
+    out += _interference_note(clu)
+    out += ["", f"Cluster (R3) to one server (R1), two gateways each: inbound **{t['cluster_to_single_inbound']:.2f}**, "
+            f"outbound **{t['cluster_to_single_outbound']:.2f}**. Target (issue 19): a fast channel's 100 replies under "
+            f"1 s behind a slow channel's backlog: **{_f(t['fast_behind_backlog_s'], ' s')}**, "
+            f"{'met' if t['isolation_under_1s_met'] else 'not met'}.", ""]
+    return out
 
 
 def _reminders_md(rem: dict[str, Any]) -> list[str]:

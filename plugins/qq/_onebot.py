@@ -758,7 +758,11 @@ class OneBot:
 
 
 class _Pace:
-    """At most one send per ``group_interval`` into one group (this process)."""
+    """At most one send per ``group_interval`` into one group, across every gateway
+    process: a process waits for its own previous send (a lock and the time it ended),
+    then reserves the group's next slot by compare-and-set on ``pace.<group>`` in the
+    channel state (wall-clock time: the processes' clocks must agree, as for leases).
+    Without the bus it paces alone rather than not send."""
 
     def __init__(self, onebot: OneBot, group: str) -> None:
         self.ob = onebot
@@ -767,13 +771,43 @@ class _Pace:
 
     async def __aenter__(self) -> None:
         await self.lock.acquire()
-        wait = self.ob._pace.get(self.group, 0.0) - time.monotonic()
-        if wait > 0:
-            try:
+        try:
+            wait = self.ob._pace.get(self.group, 0.0) - time.monotonic()
+            if wait > 0:
                 await asyncio.sleep(wait)
-            except BaseException:
-                self.lock.release()  # __aexit__ does not run when entering fails
-                raise
+            await self._reserve()
+        except BaseException:
+            self.lock.release()  # __aexit__ does not run when entering fails
+            raise
+
+    async def _reserve(self) -> None:
+        interval = self.ob.interval
+        if interval <= 0:
+            return
+        state, key = self.ob.ctx.state, f"pace.{self.group}"
+        ttl = max(1.0, interval * 2)
+        for _ in range(50):
+            try:
+                current = await state.get_revision(key)
+                now = time.time()
+                if current is not None:
+                    try:
+                        next_at = float(current[0])
+                    except ValueError:
+                        next_at = 0.0
+                    if next_at > now:
+                        await asyncio.sleep(next_at - now)
+                        continue
+                    taken = await state.update(key, repr(now + interval).encode(), current[1], ttl=ttl)
+                else:
+                    taken = await state.create(key, repr(now + interval).encode(), ttl=ttl)
+            except Exception as exc:
+                # The state store (the bus) failing, whatever nats-py raised: a reply is
+                # worth more than the shared pace, which this process still keeps alone.
+                self.ob.ctx.log.debug("group pacing not shared", error=f"{type(exc).__name__}: {exc}")
+                return
+            if taken:
+                return
 
     async def __aexit__(self, *exc: object) -> None:
         self.ob._pace[self.group] = time.monotonic() + self.ob.interval

@@ -145,7 +145,8 @@ class MockChannel(Channel):
         try:
             r = await self._provider.post(url, content=encode(outbound), headers={"Content-Type": "application/json"})
         except httpx.HTTPError as exc:
-            raise DeliveryError(f"provider unreachable: {type(exc).__name__}", code="unreachable") from None
+            raise DeliveryError(f"provider unreachable: {type(exc).__name__}", permanent=False,
+                                code="unreachable") from None
         error = provider_error(r.status_code, r.headers, provider="mock provider")
         if error is not None:
             raise error

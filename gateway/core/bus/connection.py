@@ -4,6 +4,7 @@ buckets of the bus contract (created or updated at start-up), and subject names.
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -65,6 +66,36 @@ class _GuardedNATS(NATS):
             if size > self._max_payload:
                 raise MessageTooLarge(size, self._max_payload)
         await super().publish(subject, payload, reply, headers)
+
+
+DUPLICATE_IN_PROCESS = 10158
+"""JetStream's ``err_code`` for a publish whose ``Nats-Msg-Id`` another publish is storing
+right now (a clustered stream answers so between proposal and commit; 409)."""
+
+
+class _JetStream(JetStreamContext):
+    """nats-py's JetStream context, with the error answer to a ``publish_async`` handed to
+    its future. nats-py 2.16 raises it inside the reply callback instead
+    (``APIError.from_error`` raises rather than returns), so the error went to ``error_cb``
+    and the publisher waited for its timeout: on a cluster, a provider's retry racing its
+    first attempt in another process (409, :data:`DUPLICATE_IN_PROCESS`) cost 5 s and a 503."""
+
+    async def _handle_async_reply(self, msg: Any) -> None:
+        if b'"error"' in msg.data:
+            token = msg.subject[len(self._nc._inbox_prefix) + 22 + 2:]
+            future = self._publish_async_futures.get(token)
+            if future is not None and not future.done():
+                try:
+                    err = json.loads(msg.data).get("error")
+                except (ValueError, AttributeError):
+                    err = None
+                if isinstance(err, dict) and "code" in err:
+                    try:
+                        nats.js.errors.APIError.from_error(err)
+                    except nats.js.errors.APIError as exc:
+                        future.set_exception(exc)
+                        return
+        await super()._handle_async_reply(msg)
 
 
 class Subjects:
@@ -269,7 +300,7 @@ class Bus:
         await self.nc.connect(**opts)
         # Once connected, never give up reconnecting (nats-py reads this option live).
         self.nc.options["max_reconnect_attempts"] = -1
-        self._js = self.nc.jetstream(timeout=seconds(self.cfg.publish_timeout), publish_async_max_pending=20000)
+        self._js = _JetStream(self.nc, timeout=seconds(self.cfg.publish_timeout), publish_async_max_pending=20000)
         # Also after a reconnect: the KV and object store handles hold the JetStream
         # context they were made with, so they are made again on the new one.
         await self.ensure_layout()
@@ -356,15 +387,28 @@ class Bus:
             # Retention may change with the config: apply it to the existing bucket.
             stream = f"OBJ_{s.object_store}"
             info = await self.js.stream_info(stream)
-            if info.config.max_age != seconds(c.blob_max_age):
+            if info.config.max_age != seconds(c.blob_max_age) or info.config.num_replicas != c.replicas:
                 info.config.max_age = seconds(c.blob_max_age)
+                info.config.num_replicas = c.replicas
                 await self.js.update_stream(info.config)
 
     async def _ensure_kv(self, cfg: api.KeyValueConfig) -> NatsKV:
         try:
             return await self.js.create_key_value(cfg)
         except nats.js.errors.BadRequestError:
+            await self._ensure_replicas(self.subjects.kv_stream(cfg.bucket))
             return await self.js.key_value(cfg.bucket)
+
+    async def _ensure_replicas(self, stream: str) -> None:
+        """Give an existing bucket's stream ``[bus] replicas`` (a single-node bus moved to a
+        cluster: its streams are updated by ``update_stream``, the buckets here)."""
+        info = await self.js.stream_info(stream)
+        if info.config.num_replicas != self.cfg.replicas:
+            info.config.num_replicas = self.cfg.replicas
+            try:
+                await self.js.update_stream(info.config)
+            except nats.js.errors.APIError as exc:
+                self.log.warning("bucket replicas could not be changed", stream=stream, error=str(exc))
 
     # --- helpers -------------------------------------------------------------------
 

@@ -16,7 +16,7 @@ with a provider id that has none (looked up first; only missing ones are written
 
 This works with several processes on one bus, where a checkpoint per process would not
 (one process's clean stop says nothing about another's crash): any process repairs any
-dead marker, at its own start (before it serves) and on every beat (a peer that crashed
+dead marker, at its own start (in the background, once the bus is up) and on every beat (a peer that crashed
 and is never restarted is repaired by the survivors, within ``stale_after``). A marker is
 claimed by a compare-and-set write before it is repaired and removed only after, so two
 processes do not both repair it and a repairer's own crash leaves it for the next. The
@@ -101,18 +101,26 @@ class DedupRestore:
     # --- lifecycle -----------------------------------------------------------------
 
     async def start(self) -> None:
-        """Repair what dead processes left, mark this one alive, keep beating. Called when
-        the bus is ready, before channels and HTTP take traffic."""
+        """Repair what dead processes left, mark this one alive, keep beating: in the
+        background, so that serving does not wait for it. Called when the bus is ready
+        (again after every new connection; one beat loop whatever the number of calls).
+
+        Serving before the repair is safe: the messages a dead process may have left
+        without a record were stored at most ``stale_after`` + ``publish_timeout`` before
+        the repair, and JetStream's own duplicate window (which the beat is a sixth of)
+        still recognises their retries until the repair has written the records."""
+        if self._task is None or self._task.done():
+            self._task = asyncio.create_task(self._loop(), name="dedup-restore")
+
+    async def _first(self) -> None:
         try:
             now = await self._beat_once()
             await self.repair(now)
-        except Exception as exc:  # the beat loop retries; serving is not blocked by a bus hiccup
+        except Exception as exc:  # the beat loop retries
             self.log.error("dedup restore at start failed; retrying in the background",
                            error=f"{type(exc).__name__}: {exc}")
         finally:
             self.ready.set()
-        if self._task is None:
-            self._task = asyncio.create_task(self._loop(), name="dedup-restore")
 
     async def stop(self) -> None:
         """A clean stop: every publish of this process finished, so its marker goes."""
@@ -126,6 +134,7 @@ class DedupRestore:
                 self.log.warning("liveness marker not removed", error=f"{type(exc).__name__}: {exc}")
 
     async def _loop(self) -> None:
+        await self._first()
         while True:
             await asyncio.sleep(self.beat)
             if not self.bus.connected:
@@ -199,7 +208,12 @@ class DedupRestore:
         js = self.bus.require(during_setup=True)
         s = self.bus.subjects
         try:
-            if not (await js.stream_info(s.stream_in)).state.messages:
+            state = (await js.stream_info(s.stream_in)).state
+            if not state.messages:
+                return 0, 0
+            # Nothing stored since the window began: the ordered consumer would deliver
+            # nothing and this would wait out its timeout (5 s per dead process at start).
+            if _stored_at(await js.get_msg(s.stream_in, seq=state.last_seq)) < start:
                 return 0, 0
         except nats.js.errors.NotFoundError:
             return 0, 0

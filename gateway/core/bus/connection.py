@@ -114,6 +114,16 @@ class Subjects:
         self.kv_receipts = f"{prefix}_receipts"
         self.object_store = f"{prefix}_blobs"
         self.outbound_consumer = f"{prefix}_delivery"
+        """The one shared outbound consumer of versions before per-channel consumers
+        (removed at start: its filter overlaps theirs)."""
+
+    def delivery_consumer(self, channel: str) -> str:
+        """The durable consumer of ``channel``'s outbounds on the outbound stream."""
+        return f"{self.prefix}_out_{channel}"
+
+    def channel_outbound(self, channel: str) -> str:
+        """The filter of ``channel``'s outbounds, whatever type a backend named."""
+        return f"{self.prefix}.out.*.{channel}"
 
     def inbound(self, channel_type: str, channel: str) -> str:
         return f"{self.prefix}.in.{channel_type}.{channel}"
@@ -160,6 +170,9 @@ class Bus:
         self._ready = asyncio.Event()
         self._supervisor: asyncio.Task[None] | None = None
         self.on_ready: list[Callable[[], Awaitable[None] | None]] = []
+        self.on_reconnected: list[Callable[[], None]] = []
+        """Called when nats-py connected again by itself (a server restart): what the server
+        knew of our consumers' deliveries may have been lost with it."""
         self.error: str | None = "not connected yet"
         self._closing = False
 
@@ -316,6 +329,8 @@ class Bus:
     async def _on_reconnected(self) -> None:
         self.error = None
         self.log.info("bus reconnected")
+        for cb in self.on_reconnected:
+            cb()
 
     async def close(self) -> None:
         """Stop the supervisor and close the connection (what is buffered is flushed)."""

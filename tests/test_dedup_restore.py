@@ -11,6 +11,7 @@ import signal
 import time
 
 import httpx
+import nats
 
 from gateway.wire import message_decoder
 from gateway.testing import GatewayProcess, post_inbound, start_gateway, make_config, stream_messages, wait_until
@@ -97,3 +98,37 @@ async def test_a_clean_stop_leaves_nothing_to_repair(nats_server):
         assert second.restore.last_repair is None
     finally:
         await second.stop()
+
+
+async def test_a_repaired_marker_stays_removed_after_a_nats_server_kill_9(nats_server):
+    # nats-server's file store loses removals on a kill -9 (until it synced its index): a
+    # marker removed by purging its subject came back and was repaired again and again.
+    gw = await start_gateway(make_config(nats_server.url, {"demo": {"type": "mock"}},
+                                         bus={"duplicate_window": f"{WINDOW:g}s"}))
+    try:
+        js = gw.bus.js
+        for i in range(5):  # five dead processes' markers
+            await js.publish(f"$KV.gw_state.core.inbound-live.dead{i}", b'{"instance":"dead%d","pid":1,"host":"h"}' % i)
+        await wait_until(lambda: _repaired(nats_server.url, 5), timeout=20)
+        nats_server.proc.kill()
+        await nats_server.proc.wait()
+        await nats_server.start()
+        await wait_until(lambda: gw.bus.connected, timeout=30)
+        seen = gw.restore.last_repair
+        await asyncio.sleep(4 * gw.restore.stale_after)  # beats that would repair a marker that came back
+        assert gw.restore.last_repair is seen
+    finally:
+        await gw.stop()
+
+
+async def _repaired(url: str, n: int) -> bool:
+    nc = await nats.connect(url)
+    try:
+        js = nc.jetstream()
+        gone = 0
+        for i in range(n):
+            m = await js.get_msg("KV_gw_state", subject=f"$KV.gw_state.core.inbound-live.dead{i}")
+            gone += (m.headers or {}).get("KV-Operation") == "PURGE"
+        return gone == n
+    finally:
+        await nc.close()

@@ -63,6 +63,10 @@ class _ProviderId(msgspec.Struct):
 
 _marker_decoder = msgspec.json.Decoder(_Marker)
 
+_GONE_TTL = 86400.0
+"""How long the purge marker of a removed liveness marker stays (a day: far longer than
+any nats-server restart that could bring the removed marker back)."""
+
 
 def _stored_at(m: api.RawStreamMsg) -> datetime:
     """When JetStream stored ``m`` (nats-py types it Optional; a message read from a stream
@@ -129,7 +133,7 @@ class DedupRestore:
             self._task = None
         if self.bus.connected:
             try:
-                await self.bus.js.purge_stream(self._stream, subject=self._subject())
+                await self._remove(self._subject())
             except Exception as exc:  # a leftover marker only costs a peer a short repair
                 self.log.warning("liveness marker not removed", error=f"{type(exc).__name__}: {exc}")
 
@@ -146,6 +150,17 @@ class DedupRestore:
                 raise
             except Exception as exc:
                 self.log.warning("liveness beat failed", error=f"{type(exc).__name__}: {exc}")
+
+    async def _remove(self, subject: str) -> None:
+        """Remove a marker by appending a purge marker (``KV-Operation: PURGE``, rollup),
+        not by purging its subject: nats-server's file store does not keep a removal
+        through a kill -9 of the server until it has synced its index (minutes), so a
+        purged marker came back, looked dead and was repaired again (17 repeated repairs
+        after one kill). An appended message survives, and so the subject's latest
+        message says "removed" whatever older ones reappear. The purge marker itself
+        goes after ``_GONE_TTL``."""
+        await self.bus.require(during_setup=True).publish(
+            subject, b"", headers={"KV-Operation": "PURGE", "Nats-Rollup": "sub"}, msg_ttl=_GONE_TTL)
 
     async def _beat_once(self) -> datetime:
         """Rewrite this process's marker; returns the server's time of that write (every
@@ -171,6 +186,8 @@ class DedupRestore:
                 m = await js.get_msg(self._stream, subject=subject)
             except nats.js.errors.NotFoundError:
                 continue
+            if (m.headers or {}).get("KV-Operation") in ("PURGE", "DEL"):
+                continue  # removed (see _remove)
             stored_at = _stored_at(m)
             age = (now - stored_at).total_seconds()
             if age < self.stale_after:
@@ -192,7 +209,7 @@ class DedupRestore:
             start = beat_at - timedelta(seconds=self.publish_timeout + 1)
             end = beat_at + timedelta(seconds=self.stale_after + self.publish_timeout + 1)
             scanned, restored = await self.restore_window(start, end)
-            await js.purge_stream(self._stream, subject=subject)
+            await self._remove(subject)
             created += restored
             self.last_repair = {"instance": marker.instance, "scanned": scanned, "restored": restored,
                                 "seconds": round(time.perf_counter() - t0, 3)}

@@ -25,13 +25,12 @@ from .core.channel.api import MediaPart
 from .core.logs import Throttle
 from .core.scheduling.quiet import check_quiet_hours, quiet_until
 from .core.scheduling.survey import match_choice
-from .core.retry import Backoff
+from .core.retry import Backoff, Supervised
 from .core.channel.toolkit import (
     Lease,
     ProviderIndex,
     Sent,
     SharedValue,
-    Supervised,
     check_timestamp,
     TIMEOUT,
     UNREACHABLE,

@@ -27,6 +27,7 @@ import msgspec
 
 from gateway import (
     AudioPart,
+    Backoff,
     BusUnavailable,
     ChannelContext,
     Conversation,
@@ -474,7 +475,7 @@ class OneBot:
     async def _work(self, bot: _Bot) -> None:
         """Publish the bot's events in order; while the bus is down, wait and retry (the
         implementation never resends an event, so giving up would lose it)."""
-        delay = 0.2
+        backoff = Backoff(0.2, 5.0)
         await bot.ready.wait()
         while True:
             event = await bot.queue.get()
@@ -486,16 +487,16 @@ class OneBot:
             while True:
                 try:
                     await self._event(bot.self_id, event)
-                    delay = 0.2
+                    backoff.reset()
                     break
                 except _Malformed as exc:
                     self.ctx.count("onebot_malformed")
                     self.ctx.log.warning("OneBot event not understood", bot=mask(bot.self_id), reason=exc.reason)
                     break
                 except BusUnavailable:
-                    self.ctx.log.warning("bus unavailable; OneBot event held", retry_in=delay)
+                    delay = backoff.next()
+                    self.ctx.log.warning("bus unavailable; OneBot event held", retry_in=round(delay, 2))
                     await asyncio.sleep(delay)
-                    delay = min(delay * 2, 5.0)
                 except Exception as exc:  # noqa: BLE001 - one bad event must not stop the bot's stream
                     self.ctx.count("onebot_event_error")
                     self.ctx.log.warning("OneBot event not published", error=f"{type(exc).__name__}")

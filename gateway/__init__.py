@@ -25,16 +25,20 @@ from .core.channel.api import MediaPart
 from .core.logs import Throttle
 from .core.scheduling.quiet import check_quiet_hours, quiet_until
 from .core.scheduling.survey import match_choice
-from .core.retry import Backoff
+from .core.retry import Backoff, Supervised
 from .core.channel.toolkit import (
     Lease,
     ProviderIndex,
     Sent,
     SharedValue,
-    Supervised,
     check_timestamp,
+    TIMEOUT,
+    UNREACHABLE,
+    not_connected,
     parse_retry_after,
+    provider_call,
     provider_error,
+    transport_error,
     public_url,
     stable_id,
     verify_ed25519,
@@ -43,6 +47,7 @@ from .core.channel.toolkit import (
 from .core.hookspecs import hookimpl
 from .core.registry import PluginManager
 from .core.retry import Backoff
+from .core.channel.ratelimit import RateLimiter
 from .core.channel.websocket_client import WebSocketClient
 from .core.http.websocket import Handshake, WebSocketClosed, WebSocketConnection, tokens_equal
 from .core.schema import (
@@ -161,10 +166,16 @@ __all__ += [
     "ProviderIndex",
     "Sent",
     "SharedValue",
+    "RateLimiter",
     "Supervised",
     "check_timestamp",
+    "TIMEOUT",
+    "UNREACHABLE",
+    "not_connected",
     "parse_retry_after",
+    "provider_call",
     "provider_error",
+    "transport_error",
     "public_url",
     "stable_id",
     "verify_ed25519",

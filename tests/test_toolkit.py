@@ -19,6 +19,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
 
+from gateway.testing import free_port
+
 from gateway import (
     Backoff,
     ChannelContext,
@@ -71,6 +73,20 @@ async def test_lease_is_taken_over_after_it_expires_not_before(ctx):
     await wait_until(b.acquire, timeout=5)
     assert time.time() - t0 >= 0.9
     assert not await a.acquire(), "the old holder lost it"
+
+
+async def test_a_lease_runs_out_on_the_servers_clock_not_the_holders(ctx):
+    # The holder's clock runs an hour fast or slow: the wall-clock expiry it writes (kept for
+    # readers of the previous release) decides nothing; the record's TTL on the server does.
+    a, b = Lease(ctx.state, "reader", ttl=1.0), Lease(ctx.state, "reader", ttl=1.0)
+    assert await a.acquire()
+    _, revision = await ctx.state.get_revision("reader")
+    skewed = msgspec.json.encode({"holder": a.holder, "expires": time.time() - 3600, "ttl": 1.0})
+    assert await ctx.state.update("reader", skewed, revision, ttl=1.0)
+    t0 = time.monotonic()
+    assert not await b.acquire(), "an expiry in the past on a live record does not free it"
+    await wait_until(b.acquire, timeout=5)
+    assert time.monotonic() - t0 >= 0.5
 
 
 async def test_released_lease_is_taken_at_once(ctx):
@@ -350,3 +366,58 @@ async def test_context_count_adds_to_the_channel_events_metric(ctx):
     labels = {"channel_type": "mock", "channel": "demo"}
     assert registry.get_sample_value("gateway_channel_events_total", {**labels, "event": "group_filtered"}) == 3
     assert registry.get_sample_value("gateway_channel_events_total", {**labels, "event": "onebot_replayed"}) == 1
+
+
+# --- provider calls that get no answer: one function, two codes, for every channel ------
+
+
+async def _silent_server(answer: bool) -> tuple[asyncio.base_events.Server, int]:
+    """A TCP server that reads the request and then either never answers or hangs up."""
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        if answer:
+            writer.close()  # hang up after the request was read: it reached the "provider"
+            return
+        await asyncio.Event().wait()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    return server, server.sockets[0].getsockname()[1]
+
+
+async def test_a_call_that_never_reached_the_provider_is_unreachable():
+    from gateway import UNREACHABLE, provider_call
+
+    port = free_port()  # nothing listens there
+    async with httpx.AsyncClient(timeout=2) as client:
+        with pytest.raises(DeliveryError) as err:
+            with provider_call("Acme SMS"):
+                await client.post(f"http://127.0.0.1:{port}/send", json={"to": "x"})
+    assert err.value.code == UNREACHABLE and not err.value.permanent
+    assert "Acme SMS unreachable" in err.value.message and str(port) not in err.value.message
+
+
+@pytest.mark.parametrize("hang_up", [False, True])
+async def test_a_call_that_went_out_without_an_answer_is_a_timeout(hang_up):
+    # Timeout or a dropped connection after the request was written: the provider may have
+    # acted on it, which a backend must be able to tell from "never got there".
+    from gateway import TIMEOUT, provider_call
+
+    server, port = await _silent_server(answer=hang_up)
+    try:
+        async with httpx.AsyncClient(timeout=0.5) as client:
+            with pytest.raises(DeliveryError) as err:
+                with provider_call("Acme SMS"):
+                    await client.post(f"http://127.0.0.1:{port}/send", json={"to": "x"})
+    finally:
+        server.close()
+    assert err.value.code == TIMEOUT and not err.value.permanent
+
+
+def test_a_websocket_provider_without_a_connection_is_unreachable_and_other_errors_pass():
+    from gateway import UNREACHABLE, not_connected, provider_call
+
+    assert not_connected("OneBot bot 12***").code == UNREACHABLE
+    with pytest.raises(ValueError):
+        with provider_call("Acme"):
+            raise ValueError("a bug is not an outage")

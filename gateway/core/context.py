@@ -3,93 +3,21 @@ server, narrowed to one channel, with the channel's own KV state."""
 
 from __future__ import annotations
 
-import re
 import uuid
 from collections.abc import Sequence
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
-import nats.js.errors
-
-from .bus.connection import Bus
 from .bus.services import BusServices
-from .channel.api import ChannelContext, ChannelState, Conversation, Endpoint, KeyValue, PublishResult
+from .bus.state import ChannelRecords
+from .channel.api import ChannelContext, ChannelState, Conversation, Endpoint, PublishResult
 from .http.websocket import Authorize, WebSocketHandler, WebSocketLimits
-from .inbound.pipeline import Inbound, _token, conversation_key, message_id
+from .inbound.pipeline import Inbound, conversation_key, message_id
 from .metrics import Metrics
 from .schema import DeliveryState, DeliveryStatus, ErrorInfo, Message, ObjectRef, Participant, Part, QuietHours
 
 if TYPE_CHECKING:
     from .http.server import HttpServer
-
-_SAFE_KEY = re.compile(r"^[-_=a-zA-Z0-9]{1,200}$")
-
-
-class _State(KeyValue):
-    def __init__(self, bus: Bus, channel: str):
-        self.bus = bus
-        self.channel = channel
-
-    def _key(self, key: str) -> str:
-        return f"{self.channel}.{key}" if _SAFE_KEY.match(key) else f"{self.channel}.h-{_token(key, n=40)}"
-
-    def _kv(self) -> Any:
-        self.bus.require()
-        return self.bus.kv[self.bus.subjects.kv_state]
-
-    async def get(self, key: str) -> bytes | None:
-        try:
-            return (await self._kv().get(self._key(key))).value
-        except nats.js.errors.KeyNotFoundError:
-            return None
-
-    async def put(self, key: str, value: bytes, *, ttl: float | None = None) -> None:
-        if ttl is None:
-            await self._kv().put(self._key(key), value)
-            return
-        # A per-message TTL (the bucket's stream allows them): nats-py's put() has none.
-        self._kv()  # the bus must be up
-        s = self.bus.subjects
-        await self.bus.js.publish(s.kv(s.kv_state, self._key(key)), value, msg_ttl=max(1.0, ttl))
-
-    async def delete(self, key: str) -> None:
-        try:
-            await self._kv().delete(self._key(key))
-        except nats.js.errors.KeyNotFoundError:
-            pass
-
-    async def create(self, key: str, value: bytes, *, ttl: float | None = None) -> bool:
-        try:
-            await self._kv().create(self._key(key), value, msg_ttl=None if ttl is None else max(1.0, ttl))
-            return True
-        except (nats.js.errors.KeyWrongLastSequenceError, nats.js.errors.APIError) as exc:
-            if isinstance(exc, nats.js.errors.KeyWrongLastSequenceError) or getattr(exc, "err_code", None) == 10071:
-                return False
-            raise
-
-    async def get_revision(self, key: str) -> tuple[bytes, int] | None:
-        try:
-            entry = await self._kv().get(self._key(key))
-        except nats.js.errors.KeyNotFoundError:
-            return None
-        return entry.value or b"", entry.revision
-
-    async def update(self, key: str, value: bytes, revision: int, *, ttl: float | None = None) -> bool:
-        try:
-            if ttl is None:
-                await self._kv().update(self._key(key), value, last=revision)
-            else:
-                # nats-py's update() takes no TTL: the same compare-and-set, by hand.
-                self._kv()  # the bus must be up
-                s = self.bus.subjects
-                await self.bus.js.publish(s.kv(s.kv_state, self._key(key)), value, msg_ttl=max(1.0, ttl),
-                                             headers={"Nats-Expected-Last-Subject-Sequence": str(revision)})
-            return True
-        except (nats.js.errors.KeyWrongLastSequenceError, nats.js.errors.APIError) as exc:
-            if isinstance(exc, nats.js.errors.KeyWrongLastSequenceError) or getattr(exc, "err_code", None) == 10071:
-                return False
-            raise
-
 
 class Context(ChannelContext):
     """The core's implementation of :class:`ChannelContext`: the bus services, the inbound
@@ -106,7 +34,7 @@ class Context(ChannelContext):
         self.inbound = inbound
         self.http = http
         self.metrics = metrics
-        self.state = _State(services.bus, name)
+        self.state = ChannelRecords(services.bus, name)
         self.health: ChannelState = "starting"
         self.health_detail: str | None = None
 
@@ -166,10 +94,14 @@ class Context(ChannelContext):
         conversation: str = "",
         provider_id: str | None = None,
         error: ErrorInfo | None = None,
+        meta: dict[str, Any] | None = None,
     ) -> None:
+        if state == "failed" and error is not None and error.permanent:
+            # The bus contract: failed is never final; a provider's final word is dead.
+            raise ValueError(f"report_status: a permanent failure of {outbound_id!r} is reported as 'dead', not 'failed'")
         status = DeliveryStatus(outbound_id=outbound_id, conversation=conversation, channel_type=self.channel_type,
                                 channel=self.name, state=state, at=datetime.now(timezone.utc),
-                                provider_id=provider_id, error=error)
+                                provider_id=provider_id, error=error, meta=dict(meta) if meta else {})
         await self.services.publish_status(status)
 
     async def put_blob(self, data: bytes, *, content_type: str | None = None) -> ObjectRef:

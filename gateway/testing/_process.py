@@ -47,6 +47,7 @@ class GatewayProcess:
             format = "json"
             [outbound]
             ack_wait = "2s"
+            lease = "3s"
             backoff = ["100ms"]
             """) + extra + "\n" + channels)
 

@@ -16,7 +16,18 @@ from typing import Any, cast
 
 import aiosmtplib
 
-from gateway import DeliveryError, FilePart, HtmlPart, ImagePart, LinkPart, MediaPart, Part, TextPart
+from gateway import (
+    TIMEOUT,
+    UNREACHABLE,
+    DeliveryError,
+    FilePart,
+    HtmlPart,
+    ImagePart,
+    LinkPart,
+    MediaPart,
+    Part,
+    TextPart,
+)
 
 from ._config import DkimConfig, SmtpOutConfig, seconds
 
@@ -163,7 +174,9 @@ class Sender:
                     # A reused connection the server timed out: reconnect once, right away.
                     self._drop()
                     if attempt == 2:
-                        raise DeliveryError(f"SMTP server disconnected: {exc}", permanent=False, code="disconnected") from exc
+                        # SMTP: no mail is accepted without the final 250, so nothing was sent.
+                        raise DeliveryError(f"SMTP server disconnected: {exc}", permanent=False,
+                                            code=UNREACHABLE) from exc
                 except aiosmtplib.SMTPRecipientsRefused as exc:
                     codes = [r.code for r in exc.recipients]
                     permanent = all(500 <= c < 600 for c in codes)
@@ -181,8 +194,9 @@ class Sender:
                                         code=f"smtp_{exc.code}") from exc
                 except (aiosmtplib.SMTPException, OSError, asyncio.TimeoutError) as exc:
                     self._drop()
+                    # A timeout may come after the data went out (the server may have taken it).
                     raise DeliveryError(f"SMTP connection failed: {type(exc).__name__}: {exc}", permanent=False,
-                                        code="connect") from exc
+                                        code=TIMEOUT if isinstance(exc, TimeoutError) else UNREACHABLE) from exc
 
     def _sign(self, data: bytes) -> bytes:
         import dkim  # dkimpy: only needed when signing is configured

@@ -33,6 +33,7 @@ from gateway import (
     VideoPart,
     body_problem,
     check_timestamp,
+    provider_call,
     provider_error,
     seconds,
     stable_id,
@@ -203,7 +204,9 @@ class Official:
         content = d.get("content") if isinstance(d.get("content"), str) else ""
         assert isinstance(content, str)
         if kind == "group":
-            content = content.lstrip()  # the platform leaves a space where the @bot was
+            # The platform leaves one space where the @bot was; what the customer typed
+            # after it (indentation, a full-width space) is theirs and stays.
+            content = content.removeprefix(" ")
         parts: list[Part] = [TextPart(text=content)] if content else []
         attachments = d.get("attachments")
         for a in attachments if isinstance(attachments, list) else []:
@@ -429,12 +432,9 @@ class Official:
 
     async def _fetch_token(self) -> tuple[str, float]:
         assert self.client is not None
-        try:
+        with provider_call("QQ bot token endpoint"):
             r = await self.client.post(self.cfg.token_url, json={"appId": self.cfg.app_id,
                                                                  "clientSecret": self.cfg.secret})
-        except httpx.HTTPError as exc:
-            raise DeliveryError(f"token endpoint unreachable ({type(exc).__name__})", permanent=False,
-                                code="network") from exc
         body = _json(r)
         err = classify(r.status_code, body, r.headers)
         if err is not None:
@@ -452,16 +452,10 @@ class Official:
         assert self.client is not None
         token = await self.token.get()
         for attempt in (1, 2):
-            try:
+            with provider_call("QQ bot platform"):
                 r = await self.client.request(method, self.cfg.api_base.rstrip("/") + path, json=payload,
                                               headers={"Authorization": f"QQBot {token}",
                                                        "X-Union-Appid": self.cfg.app_id})
-            except httpx.TimeoutException as exc:
-                raise DeliveryError("QQ bot platform did not answer in time", permanent=False,
-                                    code="timeout") from exc
-            except httpx.HTTPError as exc:
-                raise DeliveryError(f"QQ bot platform unreachable ({type(exc).__name__})", permanent=False,
-                                    code="network") from exc
             body = _json(r)
             err = classify(r.status_code, body, r.headers)
             token_refused = r.status_code == 401 or (err is not None and err.api_code in _TOKEN_CODES)

@@ -27,6 +27,7 @@ import msgspec
 
 from gateway import (
     AudioPart,
+    Backoff,
     BusUnavailable,
     ChannelContext,
     Conversation,
@@ -39,14 +40,19 @@ from gateway import (
     ImagePart,
     Outbound,
     Participant,
+    RateLimiter,
     Receipt,
     RequestError,
     TextPart,
     UnknownPart,
     VideoPart,
     WebSocketClosed,
+    TIMEOUT,
     WebSocketConnection,
+    not_connected,
+    provider_call,
     provider_error,
+    transport_error,
     seconds,
     tokens_equal,
     verify_hmac,
@@ -244,8 +250,8 @@ class OneBot:
         self.interval = seconds(cfg.group_interval)
         self.bots: dict[str, _Bot] = {}
         self._echo = itertools.count(1)
-        self._pace: dict[str, float] = {}
-        self._pace_locks: dict[str, asyncio.Lock] = {}
+        # At most one send per group_interval into one group (this process).
+        self.pace = RateLimiter(1, per=self.interval, burst=1) if self.interval > 0 else None
         self._watchdog: asyncio.Task[None] | None = None
         self.client: WebSocketClient | None = None
         self.http: httpx.AsyncClient | None = None
@@ -361,7 +367,7 @@ class OneBot:
             for fut in bot.pending.values():
                 if not fut.done():
                     fut.set_exception(DeliveryError("OneBot connection closed before the answer", permanent=False,
-                                                    code="disconnected"))
+                                                    code=TIMEOUT))
             if bot.self_id and self.bots.get(bot.self_id) is bot:
                 del self.bots[bot.self_id]
             # Events already received are still published (the worker drains the queue);
@@ -469,7 +475,7 @@ class OneBot:
     async def _work(self, bot: _Bot) -> None:
         """Publish the bot's events in order; while the bus is down, wait and retry (the
         implementation never resends an event, so giving up would lose it)."""
-        delay = 0.2
+        backoff = Backoff(0.2, 5.0)
         await bot.ready.wait()
         while True:
             event = await bot.queue.get()
@@ -481,16 +487,16 @@ class OneBot:
             while True:
                 try:
                     await self._event(bot.self_id, event)
-                    delay = 0.2
+                    backoff.reset()
                     break
                 except _Malformed as exc:
                     self.ctx.count("onebot_malformed")
                     self.ctx.log.warning("OneBot event not understood", bot=mask(bot.self_id), reason=exc.reason)
                     break
                 except BusUnavailable:
-                    self.ctx.log.warning("bus unavailable; OneBot event held", retry_in=delay)
+                    delay = backoff.next()
+                    self.ctx.log.warning("bus unavailable; OneBot event held", retry_in=round(delay, 2))
                     await asyncio.sleep(delay)
-                    delay = min(delay * 2, 5.0)
                 except Exception as exc:  # noqa: BLE001 - one bad event must not stop the bot's stream
                     self.ctx.count("onebot_event_error")
                     self.ctx.log.warning("OneBot event not published", error=f"{type(exc).__name__}")
@@ -617,7 +623,7 @@ class OneBot:
             return await self._call_http(action, params)
         bot = self.bots.get(self_id)
         if bot is None or bot.link is None or bot.link.closed:
-            raise DeliveryError(f"bot {mask(self_id)} is not connected", permanent=False, code="not_connected")
+            raise not_connected(f"OneBot bot {mask(self_id)}")
         return await self._call_bot(bot, action, params)
 
     async def _call_bot(self, bot: _Bot, action: str, params: dict[str, Any]) -> Any:
@@ -629,11 +635,11 @@ class OneBot:
             await bot.link.send(json.dumps({"action": action, "params": params, "echo": echo}, ensure_ascii=False))
             async with asyncio.timeout(self.api_timeout):
                 answer = await fut
-        except WebSocketClosed:
-            raise DeliveryError("OneBot connection closed", permanent=False, code="disconnected") from None
+        except WebSocketClosed as exc:
+            raise transport_error(exc, provider="OneBot") from None
         except TimeoutError:
             raise DeliveryError(f"OneBot did not answer {action} within {self.api_timeout:g}s", permanent=False,
-                                code="timeout") from None
+                                code=TIMEOUT) from None
         finally:
             bot.pending.pop(echo, None)
         return check_answer(answer)
@@ -643,14 +649,8 @@ class OneBot:
         (token), 404 (no such action), 400/406 (request) are permanent; 5xx transient."""
         assert self.http is not None
         headers = {"Authorization": f"Bearer {self.cfg.access_token}"} if self.cfg.access_token else {}
-        try:
+        with provider_call("OneBot HTTP API"):
             r = await self.http.post(f"{self.cfg.url.rstrip('/')}/{action}", json=params, headers=headers)
-        except httpx.TimeoutException:
-            raise DeliveryError(f"OneBot did not answer {action} within {self.api_timeout:g}s", permanent=False,
-                                code="timeout") from None
-        except httpx.HTTPError as exc:
-            raise DeliveryError(f"OneBot HTTP API unreachable ({type(exc).__name__})", permanent=False,
-                                code="not_connected") from None
         if r.status_code != 200:
             code = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "unknown_action",
                     406: "bad_request"}.get(r.status_code)
@@ -687,9 +687,9 @@ class OneBot:
                     head.append({"type": "reply", "data": {"id": quoted.message_id}})
                 if quoted is not None and self.cfg.mention_sender:
                     head += [{"type": "at", "data": {"qq": quoted.user_id}}, {"type": "text", "data": {"text": " "}}]
-            async with self._paced(f"{self_id}:{group_id}"):
-                data = await self.call(self_id, "send_group_msg",
-                                       {"group_id": _num(group_id), "message": head + segments})
+            if self.pace is not None:
+                await self.pace.acquire(f"{self_id}:{group_id}")
+            data = await self.call(self_id, "send_group_msg", {"group_id": _num(group_id), "message": head + segments})
         else:
             data = await self.call(self_id, "send_private_msg",
                                    {"user_id": _num(str(route.get("user_id") or "")), "message": segments})
@@ -707,9 +707,6 @@ class OneBot:
         if route.get("message_id") and route.get("user_id"):
             return _Quoted(message_id=str(route["message_id"]), user_id=str(route["user_id"]))
         return None
-
-    def _paced(self, group: str) -> _Pace:
-        return _Pace(self, group)
 
     async def _segments(self, outbound: Outbound) -> list[dict[str, Any]]:
         """The outbound's parts as array-form segments (text stays text, whatever it holds)."""
@@ -755,60 +752,3 @@ class OneBot:
         if qq == "all" and not self.cfg.allow_at_all:
             raise DeliveryError("@all is not allowed on this channel (onebot.allow_at_all)", permanent=True,
                                 code="at_all_refused")
-
-
-class _Pace:
-    """At most one send per ``group_interval`` into one group, across every gateway
-    process: a process waits for its own previous send (a lock and the time it ended),
-    then reserves the group's next slot by compare-and-set on ``pace.<group>`` in the
-    channel state (wall-clock time: the processes' clocks must agree, as for leases).
-    Without the bus it paces alone rather than not send."""
-
-    def __init__(self, onebot: OneBot, group: str) -> None:
-        self.ob = onebot
-        self.group = group
-        self.lock = onebot._pace_locks.setdefault(group, asyncio.Lock())
-
-    async def __aenter__(self) -> None:
-        await self.lock.acquire()
-        try:
-            wait = self.ob._pace.get(self.group, 0.0) - time.monotonic()
-            if wait > 0:
-                await asyncio.sleep(wait)
-            await self._reserve()
-        except BaseException:
-            self.lock.release()  # __aexit__ does not run when entering fails
-            raise
-
-    async def _reserve(self) -> None:
-        interval = self.ob.interval
-        if interval <= 0:
-            return
-        state, key = self.ob.ctx.state, f"pace.{self.group}"
-        ttl = max(1.0, interval * 2)
-        for _ in range(50):
-            try:
-                current = await state.get_revision(key)
-                now = time.time()
-                if current is not None:
-                    try:
-                        next_at = float(current[0])
-                    except ValueError:
-                        next_at = 0.0
-                    if next_at > now:
-                        await asyncio.sleep(next_at - now)
-                        continue
-                    taken = await state.update(key, repr(now + interval).encode(), current[1], ttl=ttl)
-                else:
-                    taken = await state.create(key, repr(now + interval).encode(), ttl=ttl)
-            except Exception as exc:
-                # The state store (the bus) failing, whatever nats-py raised: a reply is
-                # worth more than the shared pace, which this process still keeps alone.
-                self.ob.ctx.log.debug("group pacing not shared", error=f"{type(exc).__name__}: {exc}")
-                return
-            if taken:
-                return
-
-    async def __aexit__(self, *exc: object) -> None:
-        self.ob._pace[self.group] = time.monotonic() + self.ob.interval
-        self.lock.release()

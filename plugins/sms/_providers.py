@@ -17,7 +17,7 @@ from urllib.parse import quote, urlsplit
 
 import httpx
 
-from gateway import DeliveryError, ImagePart, Outbound, Template, provider_error
+from gateway import DeliveryError, ImagePart, Outbound, Template, provider_call, provider_error
 
 from ._config import AliyunConfig, TencentConfig, TwilioConfig
 from ._text import national
@@ -51,15 +51,10 @@ class Adapter(abc.ABC):
         its answer does not say). Raises :class:`DeliveryError`."""
 
     async def _call(self, method: str, url: str, **kwargs: Any) -> httpx.Response:
-        try:
+        # On `timeout` the provider may have accepted it: SMS APIs have no idempotency key,
+        # so a retry can double it; an unanswered request is still the lesser harm retried.
+        with provider_call(self.name):
             return await self.client.request(method, url, **kwargs)
-        except httpx.TimeoutException as exc:
-            # The provider may have accepted it: SMS APIs have no idempotency key, so a
-            # retry can double it; an unanswered request is still the lesser harm retried.
-            raise DeliveryError(f"{self.name} did not answer in time", permanent=False, code="timeout") from exc
-        except httpx.HTTPError as exc:
-            raise DeliveryError(f"{self.name} unreachable: {type(exc).__name__}", permanent=False,
-                                code="unreachable") from exc
 
 
 def _media_urls(outbound: Outbound) -> list[str]:

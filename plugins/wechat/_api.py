@@ -12,7 +12,7 @@ from typing import Any
 
 import httpx
 
-from gateway import DeliveryError, KeyValue, SharedValue, provider_error
+from gateway import DeliveryError, KeyValue, SharedValue, provider_call, provider_error
 
 TOKEN_KEY = "access-token"
 _TOKEN_ERRORS = {40001, 40014, 42001}
@@ -116,17 +116,11 @@ class WeChatAPI:
         return self._json(response)
 
     async def _send(self, method: str, path: str, *, stream_limit: int | None = None, **kw: Any) -> httpx.Response:
-        try:
+        with provider_call("WeChat API"):
             if stream_limit is None:
                 response = await self.client.request(method, path, **kw)
             else:
                 response = await self._bounded(method, path, stream_limit, **kw)
-        except httpx.TimeoutException as exc:
-            raise DeliveryError(f"WeChat API timed out ({type(exc).__name__})", permanent=False,
-                                code="timeout") from exc
-        except httpx.TransportError as exc:
-            raise DeliveryError(f"WeChat API unreachable ({type(exc).__name__})", permanent=False,
-                                code="network") from exc
         error = provider_error(response.status_code, response.headers, provider="WeChat API")
         if error is not None:
             raise error

@@ -327,10 +327,6 @@ async def test_stream_leader_kill_then_gateway_kill_under_load_loses_nothing_ack
     assert r["inbound_gap"] > 0 and r["outbound_gap"] > 0
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "main delivers from one shared consumer: after a gateway kill -9, what the dead process held comes back after "
-    "ack_wait while later replies of the same conversations are fetched and sent at once by the other process "
-    "(issue 19, 'Order by design'; the outbound redesign is on branch `order`)"))
 async def test_order_kept_per_conversation_across_a_leader_kill_and_a_gateway_kill(cluster, gateways, sink):
     r = await _leader_then_gateway_kill(cluster, gateways, sink)
     assert set(r["published"]) == set(r["sends"])

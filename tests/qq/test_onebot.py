@@ -310,7 +310,7 @@ async def test_reply_while_the_bot_is_disconnected_waits_for_it(gateway_factory:
     await bot.close()
     await _reply(nats_server.url, "r-later", msg.conversation)
     sts = await wait_for_status(nats_server.url, "r-later", "failed")
-    assert sts[-1].error is not None and sts[-1].error.code == "not_connected"
+    assert sts[-1].error is not None and sts[-1].error.code == "unreachable"
     again = FakeOneBot(ws_url(gw.http.port))
     await again.connect()
     await wait_for_status(nats_server.url, "r-later", "sent")
@@ -414,21 +414,3 @@ async def test_half_an_emoji_in_a_card_or_text_does_not_lose_the_message(gateway
     assert msg.parts == [TextPart(text="hi\ufffd")] and msg.sender.name == "小明\ufffd"
     await bot.close()
 
-
-async def test_sends_into_one_group_are_paced_across_gateway_processes(gateway_factory: Any, nats_server: Any) -> None:
-    # One account connected to two gateways (what docs/operations.md advises for reverse
-    # sockets); the replies are shared by both, the pace must hold for the group.
-    gw1, bot1 = await _start(gateway_factory, group_interval="400ms", quote_reply=False)
-    gw2, bot2 = await _start(gateway_factory, group_interval="400ms", quote_reply=False)
-    msg = await _customer_wrote(bot1, nats_server.url, group_message("hi"))
-    for i in range(6):
-        await _reply(nats_server.url, f"r-shared-{i}", msg.conversation)
-    for i in range(6):
-        await wait_for_status(nats_server.url, f"r-shared-{i}", "sent", timeout=20)
-    per_bot = [[t for c, t in zip(b.calls, b.call_times) if c["action"] == "send_group_msg"] for b in (bot1, bot2)]
-    assert all(per_bot), "both processes must have sent some, or the test proves nothing"
-    times = sorted(per_bot[0] + per_bot[1])
-    assert len(times) == 6
-    assert min(b - a for a, b in zip(times, times[1:])) >= 0.3
-    await bot1.close()
-    await bot2.close()

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import base64
-import hashlib
 import re
 import time
 from collections.abc import Callable
@@ -18,6 +16,7 @@ from nats.js import api
 from ..bus.connection import DUPLICATE_IN_PROCESS, MessageTooLarge
 from ..bus.services import BusServices
 from ..channel.api import Conversation, PublishResult
+from ..channel.toolkit import stable_id
 from ..errors import BusUnavailable, PayloadTooLarge, RequestError
 from ..failpoints import failpoint
 from ..metrics import Metrics
@@ -25,26 +24,18 @@ from ..scheduling.survey import Surveys
 from ..schema import AudioPart, FilePart, ImagePart, Message, Part, VideoPart, encode, message_decoder
 
 _MEDIA = (ImagePart, FilePart, AudioPart, VideoPart)
-_SAFE_KEY = re.compile(r"^[-_=a-zA-Z0-9]{1,200}$")
-
-
-def _token(*parts: str, n: int = 26) -> str:
-    h = hashlib.sha256("\x00".join(parts).encode("utf-8", "surrogatepass")).digest()
-    # base32 turns each 5 bytes into 8 characters: encode only the bytes the first n
-    # characters come from (the same string, at half the cost of the pure-Python encoder).
-    return base64.b32encode(h[: -(-n // 8) * 5]).decode("ascii").lower()[:n]
 
 
 def message_id(channel: str, provider_id: str) -> str:
     """The gateway id of a provider message: the same for every retry of it, in every
     gateway process (so it can be the JetStream ``Nats-Msg-Id``)."""
-    return _token(channel, provider_id)
+    return stable_id(channel, provider_id)
 
 
 def conversation_key(channel: str, native: str) -> str:
     """Opaque, stable conversation key: ``<channel>.<hash of the native thread key>``. It
     carries no personal data (an openid or phone number never appears in it)."""
-    return f"{channel}.{_token(channel, native)}"
+    return f"{channel}.{stable_id(channel, native)}"
 
 
 _QUOTED = re.compile(r"'[^']*'")

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 import nats.js.errors
 
+from ..bus.state import survey_key
 from ..schema import ChoicePart, Message, Outbound, TextPart
 
 if TYPE_CHECKING:
@@ -93,7 +94,7 @@ class Surveys:
         self.log = log.bind(component="surveys")
 
     def _key(self, conversation: str) -> str:
-        return f"survey.{conversation}"
+        return survey_key(conversation)
 
     def _kv(self) -> Any:
         return self.bus.kv[self.bus.subjects.kv_state]

@@ -196,7 +196,9 @@ async def test_outbound_shared_by_two_gateways_is_sent_once_each(cluster, gatewa
     assert set(sink.sends) == {f"o{i}" for i in range(n)}
     assert sink.doubles() == {}
     shares = [await _sent_by(g) for g in gps]
-    assert sum(shares) == n and all(s > 0 for s in shares), shares
+    # One channel is delivered by the one process holding its lease (order by design):
+    # the other stands by; what matters is that every send is counted once, by one of them.
+    assert sum(shares) == n and max(shares) == n, shares
 
 
 async def _stream_empty(nc, stream: str) -> bool:

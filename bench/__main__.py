@@ -1,5 +1,5 @@
-"""``python -m bench [--quick] [--only inbound|outbound]``: run the inbound and the
-outbound benchmark, each in a fresh process, write ``bench/results/*.json`` and
+"""``python -m bench [--quick] [--only inbound|outbound|cluster]``: run the inbound, the
+outbound and the cluster benchmark, each in a fresh process, write ``bench/results/*.json`` and
 ``bench/results/RESULTS.md``, and print the tables.
 
 ``python -m bench soak [--duration 600] [--rate 200] ...``: the soak (memory over time,
@@ -13,7 +13,7 @@ import sys
 
 from bench._common import RESULTS, ROOT
 
-BENCHMARKS = ("inbound", "outbound")
+BENCHMARKS = ("inbound", "outbound", "cluster")
 
 
 def main(argv: list[str] | None = None) -> int:

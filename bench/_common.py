@@ -306,11 +306,13 @@ def free_port() -> int:
 
 class GatewayProcess:
     """``python -m gateway -c <toml> run`` against the benchmark's nats-server, with one
-    mock channel named ``channel``. With ``profile_to``, the process runs under cProfile
+    mock channel named ``channel`` (more keys of it in ``channel_keys``; ``channels``
+    replaces that section by whatever TOML it holds; ``bus_keys`` go to ``[bus]``). With ``profile_to``, the process runs under cProfile
     and writes its statistics there when it stops."""
 
     def __init__(self, bus_url: str, *, channel: str = "bench", extra: str = "", profile_to: Path | None = None,
-                 env: dict[str, str] | None = None):
+                 env: dict[str, str] | None = None, bus_keys: str = "", channel_keys: str = "",
+                 channels: str | None = None):
         self.env = {**os.environ, **(env or {})}
         self.dir = Path(tempfile.mkdtemp(prefix="gw-bench-"))
         self.http_port = free_port()
@@ -319,13 +321,15 @@ class GatewayProcess:
         self.config.write_text(textwrap.dedent(f"""
             [bus]
             url = "{bus_url}"
+            {bus_keys}
             [http]
             host = "{HOST}"
             port = {self.http_port}
             [log]
             format = "json"
             level = "info"
-            """) + extra + f'\n[channels.{channel}]\ntype = "mock"\n')
+            """) + extra + (channels if channels is not None else
+                            f'\n[channels.{channel}]\ntype = "mock"\n{channel_keys}\n'))
         self.log_path = self.dir / "gateway.log"
         self.profile_to = profile_to
         self.proc: subprocess.Popen[bytes] | None = None
@@ -605,21 +609,44 @@ asyncio.run(main())
 """
 
 
+class TrivialServer:
+    """The trivial asyncio HTTP server in its own process (``async with``; ``port``): every
+    request is answered 200 with a small JSON body at once. The load generator's ceiling,
+    and the provider sink of the outbound rows (``url``)."""
+
+    def __init__(self, max_s: float = 600.0):
+        self.port = free_port()
+        self.max_s = max_s
+        self.proc: asyncio.subprocess.Process | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://{HOST}:{self.port}/send"
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc is not None else None
+
+    async def __aenter__(self) -> TrivialServer:
+        self.proc = await asyncio.create_subprocess_exec(sys.executable, "-c", _TRIVIAL_SERVER, str(self.port),
+                                                         str(self.max_s), stdout=asyncio.subprocess.PIPE,
+                                                         stdin=asyncio.subprocess.DEVNULL)
+        assert self.proc.stdout is not None
+        await asyncio.wait_for(self.proc.stdout.readline(), 10)
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        if self.proc is not None and self.proc.returncode is None:
+            self.proc.kill()
+            await self.proc.wait()
+
+
 async def loadgen_ceiling(requests: list[bytes], connections: int, max_s: float = 60.0) -> dict[str, Any]:
     """The load generator against a trivial asyncio HTTP server in its own process: an
     upper bound of what the client can measure on this machine."""
-    port = free_port()
-    proc = await asyncio.create_subprocess_exec(sys.executable, "-c", _TRIVIAL_SERVER, str(port), str(max_s),
-                                                stdout=asyncio.subprocess.PIPE, stdin=asyncio.subprocess.DEVNULL)
-    try:
-        assert proc.stdout is not None
-        await asyncio.wait_for(proc.stdout.readline(), 10)
-        res = await closed_loop(HOST, port, requests, connections, deadline_s=max_s - 5)
+    async with TrivialServer(max_s) as server:
+        res = await closed_loop(HOST, server.port, requests, connections, deadline_s=max_s - 5)
         return {"requests": res.ok, "rate_req_s": rate(res.ok, res.elapsed), **latency_summary(res.latencies)}
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
 
 
 # --- wrk (optional cross-check) --------------------------------------------------------
@@ -741,6 +768,15 @@ def write_results_md() -> None:
             lines.append(f"| full pipeline over HTTP, open loop at {_f(p['offered_rate_msg_s'])} msg/s offered | "
                          f"{_f(p['rate_msg_s'])} achieved | **{_f(p['p50_ms'])}** | **{_f(p['p99_ms'])}** | "
                          f"latency from the scheduled send time |")
+        b = r.get("bridge")
+        if b:
+            lines.append(f"| hand-written webhook → JetStream bridge (Starlette, uvicorn + uvloop + httptools, `js.publish` "
+                         f"with `Nats-Msg-Id`, nothing else), closed loop (**baseline of the full pipeline**) | "
+                         f"{_f(b['closed']['rate_msg_s'])} | {_f(b['closed']['p50_ms'])} | {_f(b['closed']['p99_ms'])} | "
+                         f"bridge CPU {_f(((b['closed'].get('cpu') or {}).get('bridge') or {}).get('cpu_ms_per_msg'), ' ms')}/msg |")
+            for p in b["paced"]:
+                lines.append(f"| hand-written bridge, open loop at {_f(p['offered_rate_msg_s'])} msg/s offered | "
+                             f"{_f(p['rate_msg_s'])} achieved | {_f(p['p50_ms'])} | {_f(p['p99_ms'])} | |")
         w = r.get("wrk")
         if w and "rate_msg_s" in w:
             lines.append(f"| full pipeline over HTTP, closed loop, measured by {w['tool']} | {_f(w['rate_msg_s'])} | "
@@ -754,7 +790,13 @@ def write_results_md() -> None:
         lines += ["", f"Targets (issue): full pipeline ≥ ½ raw publish rate: ratio **{t['ratio_full_to_raw']:.3f}**, "
                   f"{'met' if t['half_raw_rate_met'] else 'not met'}. p99 < 10 ms at 1,000 msg/s: "
                   f"**{_f(t.get('paced_1000_p99_ms'), ' ms')}** ({_f(t.get('paced_1000_achieved_msg_s'))} msg/s achieved), "
-                  f"{'met' if t['p99_under_10ms_at_1000_met'] else 'not met'}.", ""]
+                  f"{'met' if t['p99_under_10ms_at_1000_met'] else 'not met'}."]
+        if "ratio_full_to_bridge" in t:
+            lines += ["", f"Targets (issue 19): full pipeline ≥ 0.7 of the hand-written bridge: ratio "
+                      f"**{t['ratio_full_to_bridge']:.2f}**, {'met' if t['ratio_full_to_bridge'] >= 0.7 else 'not met'}. "
+                      f"p99 < 5 ms at 1,000 msg/s: **{_f(t.get('paced_1000_p99_ms'), ' ms')}** (the bridge: "
+                      f"{_f(t.get('bridge_paced_1000_p99_ms'), ' ms')}), {'met' if t['p99_under_5ms_at_1000_met'] else 'not met'}."]
+        lines.append("")
     if outb:
         m, r = outb["machine"], outb["results"]
         g, base = r["gateway"], r["raw_fetch_ack"]
@@ -773,6 +815,14 @@ def write_results_md() -> None:
                   f"{_f(g['p50_ms'])} | {_f(g['p99_ms'])} | latency includes the queue; gateway CPU "
                   f"{_f((g.get('cpu') or {}).get('gateway', {}).get('cpu_ms_per_msg'), ' ms')}/msg; "
                   f"peak RSS {_f(r['gateway_peak_rss_mib'], ' MiB')} |"]
+        hw, gp = r.get("handwritten_consumer_with_provider"), r.get("gateway_with_provider")
+        if hw and gp:
+            lines += [f"| hand-written consumer: fetch 256, POST to the provider, ack; {hw['concurrency']} at a time "
+                      f"(**baseline with a provider**) | {_f(hw['rate_msg_s'])} | | | provider: a trivial HTTP server in "
+                      f"its own process |",
+                      f"| **gateway with the same provider over HTTP** (mock channel `provider_url`), all at once | "
+                      f"**{_f(gp['rate_msg_s'])}** | {_f(gp['p50_ms'])} | {_f(gp['p99_ms'])} | gateway CPU "
+                      f"{_f(((gp.get('cpu') or {}).get('gateway') or {}).get('cpu_ms_per_msg'), ' ms')}/msg |"]
         if r.get("paced"):
             p = r["paced"]
             lines.append(f"| gateway: outbound → `sent` status, paced at {_f(p['offered_rate_msg_s'])} msg/s | "
@@ -781,7 +831,15 @@ def write_results_md() -> None:
         lines += _interference_note(outb)
         t = outb["targets"]
         lines += ["", f"Target (issue): gateway ≥ ½ baseline rate: ratio **{t['ratio_gateway_to_baseline']:.3f}**, "
-                  f"{'met' if t['half_baseline_met'] else 'not met'}.", ""]
+                  f"{'met' if t['half_baseline_met'] else 'not met'}."]
+        if "ratio_gateway_to_handwritten_with_provider" in t:
+            q = t["ratio_gateway_to_handwritten_with_provider"]
+            lines += ["", f"Target (issue 19): gateway ≥ 0.5 of the hand-written consumer, both calling the provider: "
+                      f"ratio **{q:.2f}**, {'met' if q >= 0.5 else 'not met'}."]
+        lines.append("")
+    clu = _load("cluster")
+    if clu:
+        lines += _cluster_md(clu)
     rem = _load("reminders")
     if rem:
         lines += _reminders_md(rem)
@@ -802,6 +860,36 @@ def write_results_md() -> None:
         lines += _interference_note(soak)
         lines.append("")
     (RESULTS / "RESULTS.md").write_text("\n".join(lines) + "\n")
+
+
+def _cluster_md(clu: dict[str, Any]) -> list[str]:
+    m, r, t = clu["machine"], clu["results"], clu["targets"]
+    one, three, iso = r["single_node"], r["cluster"], r["backlog_isolation"]
+    out = [f"## Cluster and backlog isolation ({clu['date']}, N = {clu['n']:,} inbound, M = {clu['m']:,} outbound"
+           f"{', quick' if clu.get('quick') else ''})", "",
+           f"{m['cores']} cores ({m['cpu']}), Python {m['python']}, {m['nats_server']}; `python -m bench.cluster`. "
+           f"Two gateway processes, the webhooks split over both ({one['inbound']['connections']} connections), "
+           f"outbounds published at once; on this machine the gateways, the servers and the load generator share "
+           f"the same cores.", "",
+           "| measurement | msg/s | p50 ms | p99 ms | notes |", "|---|---:|---:|---:|---|"]
+    for label, row in (("one nats-server, R1 (**baseline**)", one), ("3-node cluster, R3", three)):
+        i, o = row["inbound"], row["outbound"]
+        out += [f"| inbound through 2 gateways, {label} | {_f(i['rate_msg_s'])} | {_f(i['p50_ms'])} | {_f(i['p99_ms'])} | "
+                f"closed loop |",
+                f"| outbound through 2 gateways, {label} | {_f(o['rate_msg_s'])} | {_f(o['p50_ms'])} | {_f(o['p99_ms'])} | "
+                f"all published at once; latency includes the queue |"]
+    behind, alone = iso["fast_behind_backlog"], iso["fast_alone"]
+    out += [f"| backlog isolation: {iso['fast_replies']} replies on a fast channel, nothing else waiting (**baseline**) | | | | "
+            f"last `sent` after **{_f(alone['elapsed_s'], ' s')}** |",
+            f"| backlog isolation: the same with {iso['backlog_on_slow']:,} replies waiting on a slow channel "
+            f"({iso['slow_delivery_s']} per delivery) | | | | last `sent` after **{_f(behind['elapsed_s'], ' s')}** "
+            f"({behind['sent']} of {iso['fast_replies']} sent within {_f(iso['wait_limit_s'], ' s')}) |"]
+    out += _interference_note(clu)
+    out += ["", f"Cluster (R3) to one server (R1), two gateways each: inbound **{t['cluster_to_single_inbound']:.2f}**, "
+            f"outbound **{t['cluster_to_single_outbound']:.2f}**. Target (issue 19): a fast channel's 100 replies under "
+            f"1 s behind a slow channel's backlog: **{_f(t['fast_behind_backlog_s'], ' s')}**, "
+            f"{'met' if t['isolation_under_1s_met'] else 'not met'}.", ""]
+    return out
 
 
 def _reminders_md(rem: dict[str, Any]) -> list[str]:

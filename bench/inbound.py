@@ -14,7 +14,11 @@ Measured in one run, against one real nats-server (file storage):
    channel, closed loop (throughput, latency) and open loop at a fixed offered rate
    (latency), plus the gateway's peak RSS and which fast paths (uvloop, httptools) it loaded;
 5. cross-checks of the load generator: wrk (when installed) on the same endpoint, and
-   the load generator against a trivial HTTP server.
+   the load generator against a trivial HTTP server;
+6. a hand-written webhook-to-JetStream bridge (Starlette on uvicorn with uvloop and
+   httptools, nats-py, ``js.publish`` with ``Nats-Msg-Id``, nothing else) under the same
+   closed and open loops: what the gateway's guarantees cost against the least one could
+   write.
 
 Run: ``python -m bench.inbound [--quick]`` (or ``python -m bench`` for both benchmarks).
 """
@@ -42,6 +46,7 @@ from bench._common import (
     GatewayProcess,
     closed_loop,
     event_loop_name,
+    free_port,
     interference,
     latency_summary,
     loadgen_ceiling,
@@ -263,6 +268,88 @@ async def http_runs(bus: Bus, *, n: int, connections: int, paced_rates: list[flo
             "rss": {"after_warmup_mib": rss_idle, "after_closed_loop_mib": rss_closed, "peak_mib": rss_end}}
 
 
+# --- 6. a hand-written webhook-to-JetStream bridge ---------------------------------------
+
+# What a developer would write in an afternoon instead of the gateway: Starlette on uvicorn
+# (uvloop, httptools), nats-py, one js.publish per request with the provider's id as
+# Nats-Msg-Id, nothing else (no dedup KV, no conversation, no normalising, no checks).
+_BRIDGE = r"""
+import contextlib, json, sys
+import nats, uvicorn
+from starlette.applications import Starlette
+from starlette.responses import Response
+from starlette.routing import Route
+
+state = {}
+
+@contextlib.asynccontextmanager
+async def lifespan(app):
+    nc = await nats.connect(sys.argv[1])
+    state["js"] = nc.jetstream()
+    yield
+    await nc.close()
+
+async def inbound(request):
+    body = await request.body()
+    ack = await state["js"].publish("bench.bridge", body, headers={"Nats-Msg-Id": json.loads(body)["id"]})
+    return Response(b'{"seq": %d, "duplicate": %s}' % (ack.seq, b"true" if ack.duplicate else b"false"),
+                    media_type="application/json")
+
+app = Starlette(routes=[Route("/channels/bench/inbound", inbound, methods=["POST"])], lifespan=lifespan)
+uvicorn.run(app, host="127.0.0.1", port=int(sys.argv[2]), loop="uvloop", http="httptools", log_level="warning",
+            access_log=False)
+"""
+
+
+async def bridge_runs(bus: Bus, *, n: int, connections: int, paced_rates: list[float], paced_seconds: float,
+                      paced_connections: int) -> dict[str, Any]:
+    """The same closed and open loops as the gateway's, against the hand-written bridge
+    (its own process, a stream configured like ``GW_IN``)."""
+    nc = await nats.connect(bus.url)
+    try:
+        await nc.jetstream().add_stream(file_stream("BENCH_BRIDGE", "bench.bridge"))
+    finally:
+        await nc.close()
+    port = free_port()
+    path = f"/channels/{CHANNEL}/inbound"
+    proc = await asyncio.create_subprocess_exec(sys.executable, "-c", _BRIDGE, bus.url, str(port),
+                                                stdin=asyncio.subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                res = await closed_loop(HOST, port, [post_request(HOST, port, path, webhook_body("bwarm", i))
+                                                     for i in range(min(1000, n))], connections)
+                if res.ok:
+                    break
+            except OSError:
+                pass
+            if time.monotonic() > deadline or proc.returncode is not None:
+                raise RuntimeError("the bridge did not answer")
+            await asyncio.sleep(0.2)
+        pids = {"bridge": proc.pid, "nats_server": bus.pid, "load_generator": None}
+        cpu = CpuMeter(pids).start()
+        res = await closed_loop(HOST, port, [post_request(HOST, port, path, webhook_body("bridge", i)) for i in range(n)],
+                                connections)
+        closed = {"connections": connections, **res.summary(), "cpu": cpu.stop(res.ok)}
+        print(f"  bridge closed loop: {closed['rate_msg_s']} msg/s", file=sys.stderr)
+        paced = []
+        for r in paced_rates:
+            await asyncio.sleep(1)
+            reqs = [post_request(HOST, port, path, webhook_body(f"bpaced{r:g}", i)) for i in range(int(r * paced_seconds))]
+            cpu = CpuMeter(pids).start()
+            res_p = await open_loop(HOST, port, reqs, r, paced_connections, deadline_s=paced_seconds + 20)
+            paced.append({"offered_rate_msg_s": r, "seconds": paced_seconds, "connections": paced_connections,
+                          **res_p.summary(), "cpu": cpu.stop(res_p.ok)})
+            print(f"  bridge paced at {r:g}/s: p99 {paced[-1]['p99_ms']} ms", file=sys.stderr)
+        rss = peak_rss_mib(proc.pid)
+    finally:
+        if proc.returncode is None:
+            proc.terminate()
+            await proc.wait()
+    return {"closed": closed, "paced": paced, "peak_rss_mib": rss}
+
+
 # --- main ------------------------------------------------------------------------------
 
 
@@ -284,11 +371,14 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         http = await http_runs(bus, n=n, connections=args.connections, paced_rates=paced_rates,
                                paced_seconds=paced_seconds, paced_connections=args.paced_connections,
                                wrk_seconds=wrk_seconds, profile_to=args.profile)
+        bridge = await bridge_runs(bus, n=n, connections=args.connections, paced_rates=paced_rates,
+                                   paced_seconds=paced_seconds, paced_connections=args.paced_connections)
     ceiling = await loadgen_ceiling([post_request(HOST, 1, "/channels/bench/inbound", webhook_body("cal", i))
                                      for i in range(n)], args.connections)
     full = http["closed"]
     at_1000 = next((p for p in http["paced"] if p["offered_rate_msg_s"] == 1000), None)
     ratio = full["rate_msg_s"] / raw["rate_msg_s"] if raw["rate_msg_s"] else 0.0
+    bridge_rate = bridge["closed"]["rate_msg_s"]
     data: dict[str, Any] = {
         "benchmark": "inbound",
         "date": now_iso(),
@@ -311,6 +401,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             "http_pipeline": full,
             "paced": http["paced"],
             "wrk": http["wrk"],
+            "bridge": bridge,
             "loadgen_ceiling": {"connections": args.connections, **ceiling},
             "gateway_peak_rss_mib": http["rss"]["peak_mib"],
             "gateway_rss_mib": http["rss"],
@@ -322,6 +413,10 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             "ratio_ctx_publish_to_raw": round(ctx["rate_msg_s"] / raw["rate_msg_s"], 4) if raw["rate_msg_s"] else 0.0,
             "paced_1000_p99_ms": at_1000["p99_ms"] if at_1000 else None,
             "paced_1000_achieved_msg_s": at_1000["rate_msg_s"] if at_1000 else None,
+            "ratio_full_to_bridge": round(full["rate_msg_s"] / bridge_rate, 4) if bridge_rate else 0.0,
+            "bridge_paced_1000_p99_ms": next((p["p99_ms"] for p in bridge["paced"] if p["offered_rate_msg_s"] == 1000),
+                                             None),
+            "p99_under_5ms_at_1000_met": bool(at_1000 and at_1000["p99_ms"] is not None and at_1000["p99_ms"] < 5),
             "p99_under_10ms_at_1000_met": bool(at_1000 and at_1000["p99_ms"] is not None and at_1000["p99_ms"] < 10
                                                and at_1000["ok"] == at_1000["requests"] == int(1000 * paced_seconds)),
         },

@@ -12,7 +12,10 @@ Measured in one run, against one real nats-server (file storage):
 3. the gateway (``python -m gateway run`` in its own process, mock channel): M outbounds
    spread over many conversations published at once, time from each publish to its
    ``sent`` status (received over a core NATS subscription), throughput, and a paced run
-   at a fixed offered rate; peak RSS of the gateway process.
+   at a fixed offered rate; peak RSS of the gateway process;
+4. with a provider over HTTP (a trivial HTTP server in its own process): a hand-written
+   consumer (``fetch``, POST to the provider, ``ack``, 64 at a time) as the baseline, and
+   the gateway's burst again with its mock channel POSTing each delivery there.
 
 Run: ``python -m bench.outbound [--quick]`` (or ``python -m bench`` for both benchmarks).
 """
@@ -39,6 +42,7 @@ from bench._common import (
     Bus,
     CpuMeter,
     GatewayProcess,
+    TrivialServer,
     closed_loop,
     event_loop_name,
     interference,
@@ -238,29 +242,32 @@ class StatusWatch:
             self.event.set()
 
 
-async def make_conversations(gw: GatewayProcess, url: str, count: int) -> list[str]:
+async def make_conversations(gw: GatewayProcess, url: str, count: int, *, stream: str = "GW_IN",
+                             channel: str = CHANNEL) -> list[str]:
     """One inbound webhook per conversation (the gateway only answers known
     conversations); their keys read back from GW_IN, as a backend would."""
     from gateway.testing import stream_messages
 
-    path = f"/channels/{CHANNEL}/inbound"
+    path = f"/channels/{channel}/inbound"
     reqs = [post_request(HOST, gw.http_port, path, json.dumps(
         {"text": "hello", "sender": f"customer-{k}", "id": f"conv-{k}", "thread": f"thread-{k}"}).encode())
         for k in range(count)]
     res = await closed_loop(HOST, gw.http_port, reqs, 16)
     if res.ok != count:
         raise RuntimeError(f"creating conversations: {res.summary()}")
-    keys = sorted({json.loads(m.data)["conversation"] for m in await stream_messages(url, "GW_IN")})
+    created = [json.loads(m.data) for m in await stream_messages(url, stream)]
+    keys = sorted({d["conversation"] for d in created
+                   if d["channel"] == channel and str(d.get("provider_id", "")).startswith("conv-")})
     if len(keys) != count:
         raise RuntimeError(f"expected {count} conversations on GW_IN, found {len(keys)}")
     return keys
 
 
 async def publish_and_wait(js: Any, watch: StatusWatch, items: list[tuple[str, bytes]], *, pace: float | None,
-                           timeout: float) -> dict[str, Any]:
+                           timeout: float, prefix: str = "gw", channel: str = CHANNEL) -> dict[str, Any]:
     """Publish every (id, payload) on the outbound subject (all at once, or ``pace`` per
     second on a fixed schedule) and wait for every ``sent`` status."""
-    subject = f"gw.out.mock.{CHANNEL}"
+    subject = f"{prefix}.out.mock.{channel}"
     watch.expect([i for i, _ in items])
     t_pub: dict[str, float] = {}
     perf = time.perf_counter
@@ -331,6 +338,96 @@ async def gateway_runs(bus: Bus, *, m: int, conversations: int, paced_rate: floa
             "rss": {"after_warmup_mib": rss_warm, "after_burst_mib": rss_burst, "peak_mib": rss_end}}
 
 
+# --- 4. with a provider over HTTP: a hand-written consumer and the gateway ----------------
+
+
+async def handwritten_consumer(bus: Bus, sink: TrivialServer, m: int, concurrency: int = CONCURRENCY) -> dict[str, Any]:
+    """What one would write instead of the dispatcher: a pull consumer on a work-queue
+    stream, ``fetch`` of 256, each message POSTed to the provider (httpx, as the mock
+    channel does) by ``concurrency`` workers, then acked. No receipts, statuses, retries,
+    order or conversation lookup."""
+    import httpx
+
+    payloads = [outbound_payload("hw", i, f"bench.conv{i % 1000:06d}") for i in range(m)]
+    nc = await nats.connect(bus.url)
+    client = httpx.AsyncClient(timeout=30, limits=httpx.Limits(max_connections=256))
+    try:
+        js = nc.jetstream(publish_async_max_pending=20000)
+        await js.add_stream(api.StreamConfig(name="BENCH_HW", subjects=["bench.hw"], storage=api.StorageType.FILE,
+                                             retention=api.RetentionPolicy.WORK_QUEUE, duplicate_window=120.0))
+        futs = [await js.publish_async("bench.hw", p, headers={"Nats-Msg-Id": f"hw-{i}"}) for i, p in enumerate(payloads)]
+        await asyncio.gather(*futs)
+        psub = await js.pull_subscribe("bench.hw", durable="bench_hw", stream="BENCH_HW",
+                                       config=api.ConsumerConfig(ack_policy=api.AckPolicy.EXPLICIT, ack_wait=60,
+                                                                 max_ack_pending=concurrency * 16))
+        queue: asyncio.Queue[Any] = asyncio.Queue(maxsize=concurrency * 4)
+        done = 0
+
+        async def fetcher() -> None:
+            got = 0
+            while got < m:
+                try:
+                    msgs = await psub.fetch(batch=256, timeout=5)
+                except (nats.errors.TimeoutError, asyncio.TimeoutError):
+                    continue
+                for msg in msgs:
+                    await queue.put(msg)
+                got += len(msgs)
+            for _ in range(concurrency):
+                await queue.put(None)
+
+        async def worker() -> None:
+            nonlocal done
+            while (msg := await queue.get()) is not None:
+                r = await client.post(sink.url, content=msg.data, headers={"Content-Type": "application/json"})
+                if r.status_code == 200:
+                    await msg.ack()
+                    done += 1
+                else:
+                    await msg.nak()
+
+        cpu = CpuMeter({"nats_server": bus.pid, "bench_process": None, "provider": sink.pid}).start()
+        t0 = time.perf_counter()
+        await asyncio.wait_for(asyncio.gather(fetcher(), *(worker() for _ in range(concurrency))), 120)
+        await nc.flush()
+        elapsed = time.perf_counter() - t0
+        cpu_used = cpu.stop(done)
+    finally:
+        await client.aclose()
+        await nc.close()
+    return {"messages": done, "concurrency": concurrency, "elapsed_s": round(elapsed, 3),
+            "rate_msg_s": rate(done, elapsed), "cpu": cpu_used}
+
+
+async def gateway_with_provider(bus: Bus, sink: TrivialServer, *, m: int, conversations: int) -> dict[str, Any]:
+    """The gateway's burst again, its mock channel POSTing every delivery to the same
+    provider (``provider_url``) as the hand-written consumer."""
+    gw = GatewayProcess(bus.url, channel=CHANNEL, extra=f"[outbound]\nconcurrency = {CONCURRENCY}\n",
+                        channel_keys=f'provider_url = "{sink.url}"\nkeep = 0', bus_keys='prefix = "gwp"')
+    await gw.start()
+    nc = await nats.connect(bus.url)
+    try:
+        keys = await make_conversations(gw, bus.url, conversations, stream="GWP_IN")
+        js = nc.jetstream(publish_async_max_pending=20000)
+        watch = StatusWatch()
+        await nc.subscribe(f"gwp.status.mock.{CHANNEL}", cb=watch.on_msg, pending_msgs_limit=1_000_000)
+        await nc.flush()
+
+        def items(prefix: str, count: int) -> list[tuple[str, bytes]]:
+            return [(f"{prefix}-{i}", outbound_payload(prefix, i, keys[i % len(keys)])) for i in range(count)]
+
+        await publish_and_wait(js, watch, items("pwarm", min(500, m)), pace=None, timeout=60, prefix="gwp")
+        cpu = CpuMeter({"gateway": gw.pid, "nats_server": bus.pid, "bench_process": None, "provider": sink.pid}).start()
+        burst = await publish_and_wait(js, watch, items("pout", m), pace=None, timeout=120, prefix="gwp")
+        burst["cpu"] = cpu.stop(burst["sent"])
+        print(f"  gateway outbound with provider: {burst['rate_msg_s']} msg/s", file=sys.stderr)
+    finally:
+        await nc.close()
+        await gw.stop()
+        gw.cleanup()
+    return burst
+
+
 # --- main ------------------------------------------------------------------------------
 
 
@@ -348,6 +445,10 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         print(f"  raw dispatcher ops: {ops['rate_msg_s']} msg/s", file=sys.stderr)
         g = await gateway_runs(bus, m=m, conversations=conversations, paced_rate=args.paced_rate,
                                paced_seconds=paced_seconds, profile_to=args.profile)
+        async with TrivialServer() as sink:
+            hw = await handwritten_consumer(bus, sink, m)
+            print(f"  hand-written consumer with provider: {hw['rate_msg_s']} msg/s", file=sys.stderr)
+            gp = await gateway_with_provider(bus, sink, m=m, conversations=conversations)
     ratio = g["burst"]["rate_msg_s"] / base["rate_msg_s"] if base["rate_msg_s"] else 0.0
     data: dict[str, Any] = {
         "benchmark": "outbound",
@@ -370,6 +471,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             "gateway": g["burst"],
             "paced": g["paced"],
             "states_seen": g["states_seen"],
+            "handwritten_consumer_with_provider": hw,
+            "gateway_with_provider": gp,
             "gateway_peak_rss_mib": g["rss"]["peak_mib"],
             "gateway_rss_mib": g["rss"],
             "bench_process_peak_rss_mib": peak_rss_mib(),
@@ -377,6 +480,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "targets": {
             "ratio_gateway_to_baseline": round(ratio, 4),
             "half_baseline_met": ratio >= 0.5,
+            "ratio_gateway_to_handwritten_with_provider": round(gp["rate_msg_s"] / hw["rate_msg_s"], 4)
+            if hw["rate_msg_s"] else 0.0,
         },
         "wall_s": round(time.perf_counter() - started, 1),
     }

@@ -11,6 +11,7 @@ import signal
 import time
 
 import httpx
+import nats
 
 from gateway.wire import message_decoder
 from gateway.testing import GatewayProcess, post_inbound, start_gateway, make_config, stream_messages, wait_until
@@ -18,11 +19,8 @@ from gateway.testing import GatewayProcess, post_inbound, start_gateway, make_co
 WINDOW = 1.0  # [bus] duplicate_window of these tests, in seconds
 
 
-def short_window(gp: GatewayProcess, bus_url: str | None = None) -> None:
-    text = gp.config.read_text().replace("[bus]\n", f'[bus]\nduplicate_window = "{WINDOW:g}s"\n', 1)
-    if bus_url:
-        text = text.replace("[bus]\n", f'[bus]\nurl = "{bus_url}"\n', 1)
-    gp.config.write_text(text)
+def short_window(gp: GatewayProcess) -> None:
+    gp.config.write_text(gp.config.read_text().replace("[bus]\n", f'[bus]\nduplicate_window = "{WINDOW:g}s"\n', 1))
 
 
 async def crash_on_publish(gp: GatewayProcess, provider_id: str) -> float:
@@ -74,8 +72,8 @@ async def test_a_peer_repairs_a_crashed_process_that_is_not_restarted(tmp_path, 
     survivor = await start_gateway(make_config(nats_server.url, {"demo": {"type": "mock"}},
                                                bus={"duplicate_window": f"{WINDOW:g}s"}))
     try:
-        gp = GatewayProcess(tmp_path, env={"GATEWAY_FAILPOINTS": "inbound.after_ack"})
-        short_window(gp, nats_server.url)
+        gp = GatewayProcess(tmp_path, env={"GATEWAY_FAILPOINTS": "inbound.after_ack"}, bus_url=nats_server.url)
+        short_window(gp)
         gp.start()
         crashed_at = await crash_on_publish(gp, "wx-crash-2")
         await wait_until(lambda: survivor.restore.last_repair is not None, timeout=20)
@@ -100,3 +98,37 @@ async def test_a_clean_stop_leaves_nothing_to_repair(nats_server):
         assert second.restore.last_repair is None
     finally:
         await second.stop()
+
+
+async def test_a_repaired_marker_stays_removed_after_a_nats_server_kill_9(nats_server):
+    # nats-server's file store loses removals on a kill -9 (until it synced its index): a
+    # marker removed by purging its subject came back and was repaired again and again.
+    gw = await start_gateway(make_config(nats_server.url, {"demo": {"type": "mock"}},
+                                         bus={"duplicate_window": f"{WINDOW:g}s"}))
+    try:
+        js = gw.bus.js
+        for i in range(5):  # five dead processes' markers
+            await js.publish(f"$KV.gw_state.core.inbound-live.dead{i}", b'{"instance":"dead%d","pid":1,"host":"h"}' % i)
+        await wait_until(lambda: _repaired(nats_server.url, 5), timeout=20)
+        nats_server.proc.kill()
+        await nats_server.proc.wait()
+        await nats_server.start()
+        await wait_until(lambda: gw.bus.connected, timeout=30)
+        seen = gw.restore.last_repair
+        await asyncio.sleep(4 * gw.restore.stale_after)  # beats that would repair a marker that came back
+        assert gw.restore.last_repair is seen
+    finally:
+        await gw.stop()
+
+
+async def _repaired(url: str, n: int) -> bool:
+    nc = await nats.connect(url)
+    try:
+        js = nc.jetstream()
+        gone = 0
+        for i in range(n):
+            m = await js.get_msg("KV_gw_state", subject=f"$KV.gw_state.core.inbound-live.dead{i}")
+            gone += (m.headers or {}).get("KV-Operation") == "PURGE"
+        return gone == n
+    finally:
+        await nc.close()

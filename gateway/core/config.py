@@ -24,7 +24,7 @@ _NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
 # The namespaces of the core's records in the shared state bucket (keys built in
 # bus/state.py). A channel's records live under its name, so no channel may be named so.
 CORE_NAMESPACES: dict[str, str] = {
-    "core": "process liveness markers of dedup restore",
+    "core": "process liveness markers and delivery leases",
     "survey": "the pending survey of a conversation",
     "quiet": "a conversation's quiet hours for reminders",
 }
@@ -121,6 +121,9 @@ class OutboundConfig(_Section):
     process takes up to 16 times this many messages off the bus."""
     receipt_ttl: Duration = "7d"
     """How long a provider receipt is kept to prevent a second send after a crash."""
+    lease: Duration = "10s"
+    """How long a channel's delivery stays with a process that stopped renewing it (a
+    crash): the longest pause of a channel's outbounds when its process dies."""
 
 
 class RemindersConfig(_Section):

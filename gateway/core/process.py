@@ -98,12 +98,13 @@ class Gateway:
         if self.reminders is not None:
             self.bus.on_ready.append(self.reminders.start)
         # Dedup records a crashed process (this one before a restart, or a peer) left
-        # unwritten are restored before channels and HTTP take traffic.
-        self.bus.on_ready.insert(0, self.restore.start)
+        # unwritten are restored in the background once the bus is up: JetStream's
+        # duplicate window covers the retries meanwhile (inbound/restore.py), so the
+        # webhooks do not wait for it.
+        self.bus.on_ready.append(self.restore.start)
         self.bus.start()
         try:
             await self.bus.wait_ready(seconds(self.config.bus.connect_timeout))
-            await asyncio.wait_for(self.restore.ready.wait(), seconds(self.config.bus.connect_timeout) + 30)
         except asyncio.TimeoutError:
             self.log.warning("starting without the bus: webhooks answer 503 until it is reachable", error=self.bus.error)
         if self.config.http.enabled:

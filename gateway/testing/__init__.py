@@ -24,7 +24,7 @@ from ..wire import status_decoder
 from ._mock import MockChannel, MockConfig
 from ._process import GatewayProcess
 
-__all__ = ["LOCK_FILE", "GatewayProcess", "MockChannel", "MockConfig", "NatsServer", "post_inbound", "free_port", "make_config", "start_gateway", "statuses",
+__all__ = ["LOCK_FILE", "ClusterNode", "GatewayProcess", "MockChannel", "MockConfig", "NatsCluster", "NatsServer", "ProviderSink", "post_inbound", "free_port", "make_config", "start_gateway", "statuses",
            "stream_messages", "wait_for_status", "wait_until", "serve_asgi"]
 
 
@@ -81,8 +81,9 @@ async def start_gateway(config: Config, plugins: PluginManager | None = None) ->
 
 async def stream_messages(url: str, stream: str, subject: str | None = None, *, after: int = 0) -> list[Any]:
     """Every message currently in ``stream`` (optionally only ``subject``; only those with
-    a sequence above ``after``), in order."""
-    nc = await nats.connect(url)
+    a sequence above ``after``), in order. ``url`` may list several servers, comma-separated
+    (a :class:`NatsCluster`'s ``url``)."""
+    nc = await nats.connect([u.strip() for u in url.split(",") if u.strip()])
     try:
         js = nc.jetstream()
         info = await js.stream_info(stream)
@@ -168,3 +169,8 @@ async def serve_asgi(app: Any, port: int) -> AsyncIterator[None]:
     finally:
         server.should_exit = True
         await task
+
+
+# Last: the cluster is made of NatsServer nodes.
+from ._cluster import ClusterNode, NatsCluster  # noqa: E402
+from ._sink import ProviderSink  # noqa: E402

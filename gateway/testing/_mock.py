@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Annotated, Any
 
+import httpx
 import msgspec
 from starlette.requests import Request
 from starlette.responses import Response
@@ -36,6 +37,7 @@ from .. import (
     TextPart,
     WebSocketConnection,
     hookimpl,
+    provider_error,
     seconds,
 )
 from ..wire import encode
@@ -64,6 +66,11 @@ class MockConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     the gateway process."""
     deliver_delay: Duration = "0s"
     """Pretend the provider takes this long to accept."""
+    provider_url: str = ""
+    """When set, every delivery is also POSTed (the outbound as JSON) to this URL, as to a
+    provider's API: a 2xx answer is acceptance (its ``id`` field, if any, the provider id),
+    429/5xx a transient failure, any other 4xx a permanent one. A provider fake over HTTP
+    for tests and benchmarks that count sends across processes."""
     supported_parts: list[str] = msgspec.field(default_factory=lambda: ["text", "html", "image", "file", "link"])
     keep: Annotated[int, msgspec.Meta(ge=0)] = 1000
     """How many of the latest deliveries stay in memory (``MockChannel.deliveries``). The
@@ -114,6 +121,7 @@ class MockChannel(Channel):
         self._delay = seconds(cfg.deliver_delay)
         self.websocket_sessions = 0
         """WebSocket handler runs so far (a refused handshake never gets one)."""
+        self._provider: httpx.AsyncClient | None = None
 
     async def start(self) -> None:
         self.ctx.add_route("/inbound", self._webhook, methods=["POST"])
@@ -124,6 +132,29 @@ class MockChannel(Channel):
                 allowed_origins=ws.allowed_origins, max_connections=ws.max_connections,
                 max_message_size=ws.max_message_size, idle_timeout=seconds(ws.idle_timeout),
                 ping_interval=seconds(ws.ping_interval), send_queue=ws.send_queue, send_timeout=seconds(ws.send_timeout))
+
+    async def stop(self) -> None:
+        client, self._provider = self._provider, None
+        if client is not None:
+            await client.aclose()
+
+    async def _post_to_provider(self, url: str, outbound: Outbound) -> str | None:
+        if self._provider is None:
+            self._provider = httpx.AsyncClient(timeout=30, limits=httpx.Limits(max_connections=256))
+        try:
+            r = await self._provider.post(url, content=encode(outbound), headers={"Content-Type": "application/json"})
+        except httpx.HTTPError as exc:
+            raise DeliveryError(f"provider unreachable: {type(exc).__name__}", permanent=False,
+                                code="unreachable") from None
+        error = provider_error(r.status_code, r.headers, provider="mock provider")
+        if error is not None:
+            raise error
+        try:
+            answer = r.json()
+        except ValueError:
+            return None
+        pid = answer.get("id") if isinstance(answer, dict) else None
+        return pid if isinstance(pid, str) else None
 
     def _authorize(self, handshake: Handshake) -> str:
         if not handshake.bearer_matches(self.ctx.config.websocket.token):
@@ -175,6 +206,7 @@ class MockChannel(Channel):
                 raise Deferred(f.message, until=f.until, code=f.code)
             raise DeliveryError(f.message, permanent=f.permanent, code="mock", retry_after=f.retry_after)
         cfg: MockConfig = self.ctx.config
+        provider_id = await self._post_to_provider(cfg.provider_url, outbound) if cfg.provider_url else None
         if cfg.record_file:
             line = encode({"outbound": outbound, "route": conversation.route}) + b"\n"
             fd = os.open(cfg.record_file, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
@@ -187,7 +219,7 @@ class MockChannel(Channel):
             self._kept.append((outbound, conversation))
             self.delivered_count += 1
             self.delivered.notify_all()
-        return Receipt(provider_id=f"mock-{self.delivered_count}")
+        return Receipt(provider_id=provider_id or f"mock-{self.delivered_count}")
 
     async def reach(self, conversation: Conversation, at: datetime) -> Reach:
         window = self.ctx.config.reply_window

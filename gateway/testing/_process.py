@@ -17,11 +17,15 @@ from . import free_port  # bound before this module is imported
 
 class GatewayProcess:
     """`gateway run` in a subprocess with its own folder, ports and embedded bus (JSON
-    logs in ``<dir>/gateway.log``; ``write()`` rewrites the config, SIGHUP applies it)."""
+    logs in ``<dir>/gateway.log``; ``write()`` rewrites the config, SIGHUP applies it).
+    ``bus_url`` (a :class:`NatsCluster`'s ``url``, say) uses that bus instead of an embedded
+    one; ``bus`` is more TOML for the ``[bus]`` section (``replicas = 3``)."""
 
     def __init__(self, tmp_path: Path, channels: str = '[channels.demo]\ntype = "mock"\n', extra: str = "",
-                 env: dict[str, str] | None = None):
+                 env: dict[str, str] | None = None, *, bus_url: str = "", bus: str = ""):
         self.dir = tmp_path
+        self.external_bus_url = bus_url
+        self.bus_extra = bus
         self.http_port = free_port()
         self.nats_port = free_port()
         self.config = tmp_path / "gateway.toml"
@@ -35,18 +39,21 @@ class GatewayProcess:
             [bus]
             data_dir = "{self.dir / 'nats'}"
             embedded_port = {self.nats_port}
+            url = "{self.external_bus_url}"
+            {self.bus_extra}
             [http]
             port = {self.http_port}
             [log]
             format = "json"
             [outbound]
             ack_wait = "2s"
+            lease = "3s"
             backoff = ["100ms"]
             """) + extra + "\n" + channels)
 
     @property
     def bus_url(self) -> str:
-        return f"nats://127.0.0.1:{self.nats_port}"
+        return self.external_bus_url or f"nats://127.0.0.1:{self.nats_port}"
 
     def start(self) -> None:
         # The child gets its own descriptor; ours is closed at once (a file left open

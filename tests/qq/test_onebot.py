@@ -413,3 +413,4 @@ async def test_half_an_emoji_in_a_card_or_text_does_not_lose_the_message(gateway
     [msg] = await published(nats_server.url, 1)
     assert msg.parts == [TextPart(text="hi\ufffd")] and msg.sender.name == "小明\ufffd"
     await bot.close()
+

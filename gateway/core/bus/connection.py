@@ -4,6 +4,7 @@ buckets of the bus contract (created or updated at start-up), and subject names.
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -52,6 +53,36 @@ class _GuardedNATS(NATS):
         await super().publish(subject, payload, reply, headers)
 
 
+DUPLICATE_IN_PROCESS = 10158
+"""JetStream's ``err_code`` for a publish whose ``Nats-Msg-Id`` another publish is storing
+right now (a clustered stream answers so between proposal and commit; 409)."""
+
+
+class _JetStream(JetStreamContext):
+    """nats-py's JetStream context, with the error answer to a ``publish_async`` handed to
+    its future. nats-py 2.16 raises it inside the reply callback instead
+    (``APIError.from_error`` raises rather than returns), so the error went to ``error_cb``
+    and the publisher waited for its timeout: on a cluster, a provider's retry racing its
+    first attempt in another process (409, :data:`DUPLICATE_IN_PROCESS`) cost 5 s and a 503."""
+
+    async def _handle_async_reply(self, msg: Any) -> None:
+        if b'"error"' in msg.data:
+            token = msg.subject[len(self._nc._inbox_prefix) + 22 + 2:]
+            future = self._publish_async_futures.get(token)
+            if future is not None and not future.done():
+                try:
+                    err = json.loads(msg.data).get("error")
+                except (ValueError, AttributeError):
+                    err = None
+                if isinstance(err, dict) and "code" in err:
+                    try:
+                        nats.js.errors.APIError.from_error(err)
+                    except nats.js.errors.APIError as exc:
+                        future.set_exception(exc)
+                        return
+        await super()._handle_async_reply(msg)
+
+
 class Subjects:
     """Subject and stream names of the bus contract, for one prefix."""
 
@@ -68,6 +99,8 @@ class Subjects:
         self.kv_receipts = f"{prefix}_receipts"
         self.object_store = f"{prefix}_blobs"
         self.outbound_consumer = f"{prefix}_delivery"
+        """The one shared outbound consumer of versions before per-channel consumers
+        (removed at start: its filter overlaps theirs)."""
         self.stream_sched = f"{up}_SCHED"
         """Reminder schedules, their fired copies and reminder statuses (docs/reminders.md)."""
         self.stream_tasks = f"{up}_TASKS"
@@ -80,6 +113,14 @@ class Subjects:
         self.all_unanswered = f"{prefix}.sched.unanswered.>"
         self.surveys_consumer = f"{prefix}_surveys"
         """The gateway's consumer of surveys whose answer time is up."""
+
+    def delivery_consumer(self, channel: str) -> str:
+        """The durable consumer of ``channel``'s outbounds on the outbound stream."""
+        return f"{self.prefix}_out_{channel}"
+
+    def channel_outbound(self, channel: str) -> str:
+        """The filter of ``channel``'s outbounds, whatever type a backend named."""
+        return f"{self.prefix}.out.*.{channel}"
 
     def inbound(self, channel_type: str, channel: str) -> str:
         return f"{self.prefix}.in.{channel_type}.{channel}"
@@ -159,6 +200,9 @@ class Bus:
         self._ready = asyncio.Event()
         self._supervisor: Supervised | None = None
         self.on_ready: list[Callable[[], Awaitable[None] | None]] = []
+        self.on_reconnected: list[Callable[[], None]] = []
+        """Called when nats-py connected again by itself (a server restart): what the server
+        knew of our consumers' deliveries may have been lost with it."""
         self.error: str | None = "not connected yet"
         self._closing = False
 
@@ -294,7 +338,7 @@ class Bus:
         await self.nc.connect(**opts)
         # Once connected, never give up reconnecting (nats-py reads this option live).
         self.nc.options["max_reconnect_attempts"] = -1
-        self._js = self.nc.jetstream(timeout=seconds(self.cfg.publish_timeout), publish_async_max_pending=20000)
+        self._js = _JetStream(self.nc, timeout=seconds(self.cfg.publish_timeout), publish_async_max_pending=20000)
         # Also after a reconnect: the KV and object store handles hold the JetStream
         # context they were made with, so they are made again on the new one.
         await self.ensure_layout()
@@ -310,6 +354,8 @@ class Bus:
     async def _on_reconnected(self) -> None:
         self.error = None
         self.log.info("bus reconnected")
+        for cb in self.on_reconnected:
+            cb()
 
     async def close(self) -> None:
         """Stop the supervisor and close the connection (what is buffered is flushed)."""
@@ -394,15 +440,28 @@ class Bus:
             # Retention may change with the config: apply it to the existing bucket.
             stream = f"OBJ_{s.object_store}"
             info = await self.js.stream_info(stream)
-            if info.config.max_age != seconds(c.blob_max_age):
+            if info.config.max_age != seconds(c.blob_max_age) or info.config.num_replicas != c.replicas:
                 info.config.max_age = seconds(c.blob_max_age)
+                info.config.num_replicas = c.replicas
                 await self.js.update_stream(info.config)
 
     async def _ensure_kv(self, cfg: api.KeyValueConfig) -> NatsKV:
         try:
             return await self.js.create_key_value(cfg)
         except nats.js.errors.BadRequestError:
+            await self._ensure_replicas(self.subjects.kv_stream(cfg.bucket))
             return await self.js.key_value(cfg.bucket)
+
+    async def _ensure_replicas(self, stream: str) -> None:
+        """Give an existing bucket's stream ``[bus] replicas`` (a single-node bus moved to a
+        cluster: its streams are updated by ``update_stream``, the buckets here)."""
+        info = await self.js.stream_info(stream)
+        if info.config.num_replicas != self.cfg.replicas:
+            info.config.num_replicas = self.cfg.replicas
+            try:
+                await self.js.update_stream(info.config)
+            except nats.js.errors.APIError as exc:
+                self.log.warning("bucket replicas could not be changed", stream=stream, error=str(exc))
 
     # --- helpers -------------------------------------------------------------------
 

@@ -90,6 +90,12 @@ class EmbeddedServer:
         """More nats-server configuration (the test server adds authorization here)."""
         return ""
 
+    def _new_server_name(self) -> str:
+        """The ``server_name`` of the next start: unique per start, so that a server of
+        someone else on our port is never taken for ours. (A clustered test node keeps
+        one name across restarts: JetStream knows its peers by name.)"""
+        return f"gateway-{os.getpid()}-{secrets.token_hex(4)}"
+
     async def start(self, timeout: float = 15.0) -> None:
         """Lock the store, start the server and wait until *this* child listens.
         :class:`StartupError` when the store or the port is taken by someone else."""
@@ -104,7 +110,7 @@ class EmbeddedServer:
 
     async def _start(self, timeout: float) -> None:
         loop = asyncio.get_running_loop()
-        self.server_name = f"gateway-{os.getpid()}-{secrets.token_hex(4)}"
+        self.server_name = self._new_server_name()
         conf = self.store_dir / "nats-server.conf"
         # A config file, not flags: max_payload has no flag.
         conf.write_text(

@@ -42,6 +42,16 @@ def liveness_key(instance: str) -> str:
     return _core("core", f"inbound-live.{instance}")
 
 
+def delivery_owner_key(channel: str) -> str:
+    """The lease of the process that delivers ``channel``'s outbounds."""
+    return _core("core", f"delivery.{channel}")
+
+
+def delivery_live_key(instance: str) -> str:
+    """The presence of one process that delivers outbounds (``*``: all of them)."""
+    return _core("core", f"delivery-live.{instance}")
+
+
 def survey_key(conversation: str) -> str:
     """The pending survey of ``conversation``."""
     return _core("survey", conversation)

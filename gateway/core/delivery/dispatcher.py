@@ -1,15 +1,29 @@
-"""Outbound delivery: a durable JetStream pull consumer shared by every gateway process.
+"""Outbound delivery: one durable JetStream pull consumer per channel, each owned by one
+gateway process at a time.
 
 An outbound is acked only after the channel's provider accepted it and its receipt is
 stored; transient failures are retried in place with exponential backoff and jitter (the
 conversation's later replies wait behind it, so order holds); permanent failures and
-exhausted attempts are copied to the dead-letter subject first and terminated second."""
+exhausted attempts are copied to the dead-letter subject first and terminated second.
+
+Order across crashes, bus restarts and processes comes from the work queue itself: what
+is left of a channel's subjects on the outbound stream is exactly what was not acked, in
+publish order. Whenever a process starts a *term* of a channel (it took the channel's
+lease, or its connection to the server was renewed), it creates the channel's consumer
+anew, so that this remainder is delivered again from its start, before anything later of
+the same conversation; receipts keep what was sent already from being sent twice. A term
+ends (its queued messages are dropped, left to the next term) when the lease was not
+renewed in time, the bus reconnected, or the process stops (``owners.py``)."""
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import math
+import os
 import random
 import time
+import uuid
 from collections import deque
 from collections.abc import Awaitable, Callable, Mapping
 from datetime import datetime, timedelta, timezone
@@ -17,6 +31,7 @@ from typing import Any
 
 import msgspec
 import nats.errors
+import nats.js.errors
 from nats.js import api
 
 from ..channel.api import Channel, Conversation, Receipt
@@ -28,6 +43,7 @@ from ..metrics import Metrics
 from ..retry import cancel_and_wait
 from ..schema import DeadLetter, DeliveryStatus, ErrorInfo, Outbound, outbound_decoder
 from ..bus.services import BusServices
+from .owners import Owners
 
 
 class _Places:
@@ -73,26 +89,42 @@ class _Places:
                 fut.set_result(None)
 
 
-class _ChannelLoad:
-    """One channel's share of the process: its delivery places and how many of the shared
-    buffer's places its messages hold."""
+class _Fenced(Exception):
+    """The term ended before the provider was called: the outbound is left unacked for
+    the channel's next term (in this process or another)."""
 
-    def __init__(self, concurrency: int):
-        self.places = _Places(concurrency)
-        self.buffered = 0
+
+class _Term:
+    """One term of this process's ownership of a channel: its consumer subscription, its
+    fetch loop and its buffer (messages taken off the bus and not finished). Deliveries
+    start only while the term is valid: not ended and inside the lease's fence."""
+
+    def __init__(self, name: str, places: _Places, buffer: int, deadline: float):
+        self.name = name
+        self.places = places
+        """The channel's delivery places (shared by its terms: one process, one limit)."""
+        self.buffer = _Places(buffer)
+        self.deadline = deadline
+        self.ended = asyncio.Event()
+        self.psub: Any = None
+        self.task: asyncio.Task[None] | None = None
+        self.calls = 0
+        self.idle = asyncio.Event()
+        """Set while no provider call of this term is in progress."""
+        self.idle.set()
+
+    def valid(self) -> bool:
+        return not self.ended.is_set() and time.monotonic() < self.deadline
 
 
 class _Entry:
-    __slots__ = ("msg", "outbound", "err", "cname", "load", "charged")
+    __slots__ = ("msg", "outbound", "err", "term")
 
-    def __init__(self, msg: Any, outbound: Outbound | None, err: Exception | None, cname: str, load: _ChannelLoad,
-                 charged: bool):
+    def __init__(self, msg: Any, outbound: Outbound | None, err: Exception | None, term: _Term):
         self.msg = msg
         self.outbound = outbound
         self.err = err
-        self.cname = cname
-        self.load = load
-        self.charged = charged
+        self.term = term
 
 
 # How long a receipt may wait in nats-py's buffer while further deliveries start in the
@@ -100,12 +132,22 @@ class _Entry:
 _RECEIPT_LAG = 0.0005
 
 # ``[outbound]`` keys the dispatcher cannot change while it runs: the consumer's ack_wait
-# (keep-alives are paced by it) and the receipts bucket's TTL are set up at start.
-_RESTART_KEYS = ("enabled", "ack_wait", "receipt_ttl")
+# (keep-alives are paced by it), the receipts bucket's TTL and the lease are set up at start.
+_RESTART_KEYS = ("enabled", "ack_wait", "receipt_ttl", "lease")
+
+# A channel's consumer that nobody pulls from for this long is removed by the server; the
+# outbounds of a channel no process configures are then dead-lettered by the sweep.
+_INACTIVE = 300.0
+
+# The sweep for outbounds of channels nobody configured runs every this many rounds.
+_SWEEP_EVERY = 4
+
+_OVERLAP = 10100
+"""JetStream: "filtered consumer not unique on workqueue stream"."""
 
 
 class Dispatcher:
-    """Takes outbound messages off ``<prefix>.out.>`` and delivers them.
+    """Takes outbound messages off ``<prefix>.out.*.<channel>`` and delivers them.
 
     ``channel_configs`` returns the configured channels (read per message, so a reload
     applies to the next one); ``channel(name)`` the channel that may deliver now (started,
@@ -123,25 +165,23 @@ class Dispatcher:
         self.channel_configs = channel_configs
         self.channel = channel
         self.metrics = metrics
-        # The consumer and its keep-alives keep the ack_wait they started with.
+        # The consumers and their keep-alives keep the ack_wait they started with.
         self._ack_wait = seconds(self.cfg.ack_wait)
         self.log = log.bind(component="outbound")
-        self.task: asyncio.Task[None] | None = None
+        self.instance = uuid.uuid4().hex[:20]
+        self.owners = Owners(self.bus, instance=self.instance, ttl=seconds(cfg.lease), pid=os.getpid())
+        self.terms: dict[str, _Term] = {}
+        """The channels this process delivers now, by name."""
+        self._ending: dict[str, _Term] = {}
         self.lanes: dict[str, deque[_Entry]] = {}
         self.lane_tasks: set[asyncio.Task[None]] = set()
         self.buckets: dict[str, RateLimiter] = {}
-        # Limits, so that nothing waits in a circle and no channel waits for another:
-        # - each channel's ``places`` bound its deliveries in progress (a message waiting
-        #   for its retry gives its place back), so a slow or hanging provider holds only
-        #   its own channel's places;
-        # - ``buffered`` bounds messages taken off the bus and not finished (replies
-        #   queued behind an earlier one of their conversation hold only this). A channel
-        #   holds at most its share of it; what it is given beyond that is *parked*: kept,
-        #   in order, outside the shared buffer (``parked``, bounded by the same size), so
-        #   a saturated channel's backlog does not stop the fetch loop for the others.
-        self.channel_loads: dict[str, _ChannelLoad] = {}
-        self.buffered = _Places(self.cfg.concurrency * 16)
-        self.parked = _Places(self.cfg.concurrency * 16)
+        # Each channel's ``places`` bound its deliveries in progress (a message waiting for
+        # its retry gives its place back), so a slow or hanging provider holds only its own
+        # channel's places; each term's buffer bounds what it took off the bus, and the
+        # server's max_ack_pending bounds it per channel: a saturated channel fills only
+        # its own.
+        self.places: dict[str, _Places] = {}
         # Outbounds this process knows the provider accepted and whose receipt is not
         # stored yet (outbound id -> receipt): never delivered again by this process.
         self.accepted: dict[str, Receipt] = {}
@@ -150,52 +190,59 @@ class Dispatcher:
         self._receipts_written: asyncio.Future[None] | None = None
         self._receipts_since = 0.0
         self._keeper: asyncio.Task[None] | None = None
+        self._owner_task: asyncio.Task[None] | None = None
+        self._wake = asyncio.Event()
+        self._rounds = 0
         self._stopping = asyncio.Event()
+        self.live = 1
+        """Gateway processes delivering outbounds, as of the last round."""
 
     def configure(self, cfg: OutboundConfig) -> list[str]:
         """Apply a reloaded ``[outbound]`` section. Returns the keys that changed but take
         effect only at the next start."""
         later = [f"outbound.{k}" for k in _RESTART_KEYS if getattr(cfg, k) != getattr(self.cfg, k)]
         self.cfg = cfg
-        self.buffered.resize(cfg.concurrency * 16)
-        self.parked.resize(cfg.concurrency * 16)
+        for term in self.terms.values():
+            term.buffer.resize(cfg.concurrency * 16)
+        self._wake.set()  # channels added or removed: take or give them up now
         return later
 
     def in_flight(self, channel: str) -> int:
         """Deliveries of ``channel`` in progress in this process."""
-        load = self.channel_loads.get(channel)
-        return load.places.used if load else 0
+        places = self.places.get(channel)
+        return places.used if places else 0
 
     async def start(self) -> None:
-        """Subscribe and start fetching. Called again by the bus after every new connection:
-        the old subscription died with the old connection, so its fetch loop is replaced.
-        Deliveries in flight carry on; their acks on the old connection fail, the messages
-        are redelivered after ``ack_wait``, and their receipts prevent a second send."""
-        if self.task is not None:
-            await cancel_and_wait(self.task)
-        bus = self.bus
-        s = bus.subjects
-        cfg = api.ConsumerConfig(
-            durable_name=s.outbound_consumer,
-            ack_policy=api.AckPolicy.EXPLICIT,
-            ack_wait=self._ack_wait,
-            max_deliver=-1,
-            # Messages waiting for a retry stay unacked (that keeps their conversation in
-            # order), so the server must allow many more pending acks than we work on.
-            max_ack_pending=max(10000, self.cfg.concurrency * 64),
-            filter_subject=f"{s.prefix}.out.>",
-            description="gateway outbound delivery (shared by every gateway process)",
-        )
-        self.psub = await bus.js.pull_subscribe(f"{s.prefix}.out.>", durable=s.outbound_consumer, stream=s.stream_out, config=cfg)
-        self.task = asyncio.create_task(self._loop(), name="outbound")
-        self.log.info("outbound delivery started")
+        """Start delivering. Called again by the bus after every new connection: the
+        subscriptions died with the old connection, so every term ends and the channels
+        start again from what the server still holds."""
+        self._end_all()
+        if self._owner_task is None:
+            self._owner_task = asyncio.create_task(self._own_loop(), name="outbound-owners")
+            self._keeper = asyncio.create_task(self._keep_held(), name="outbound-keepalive")
+            self.bus.on_reconnected.append(self._end_all)
+        self._wake.set()
+        self.log.info("outbound delivery started", instance=self.instance)
+
+    def _end_all(self) -> None:
+        """End every term (a new connection, or nats-py reconnected to a server that may
+        have lost what it knew of our deliveries); the next round starts them again."""
+        for term in self.terms.values():
+            term.ended.set()
+        self._wake.set()
 
     async def stop(self) -> None:
-        """Stop fetching and wait for deliveries in flight (unfinished ones are left unacked
-        and are redelivered, to this or another process)."""
+        """Stop fetching, drop what is queued and wait for deliveries in flight (unfinished
+        ones are left unacked and are delivered again, by this or another process), then
+        give the channels up so that a peer takes them at once."""
         self._stopping.set()
-        if self.task is not None:
-            await cancel_and_wait(self.task)
+        if self._owner_task is not None:
+            await cancel_and_wait(self._owner_task)
+        terms = list(self.terms.values()) + list(self._ending.values())
+        for term in terms:
+            term.ended.set()
+            if term.task is not None:
+                await cancel_and_wait(term.task)
         if self.lane_tasks:
             done, pending = await asyncio.wait(self.lane_tasks, timeout=20)
             for t in pending:
@@ -205,72 +252,226 @@ class Dispatcher:
         if self.accepted:
             self.log.error("stopping with receipts not stored: a redelivery may send these again",
                            outbound_ids=sorted(self.accepted)[:20], count=len(self.accepted))
-        try:
-            await self.psub.unsubscribe()
-        except Exception:
-            pass
+        if self.bus.connected:
+            for name in list(self.terms):
+                try:
+                    await self.owners.release(name)
+                except Exception as exc:  # its TTL frees it
+                    self.log.warning("channel lease not released", channel=name, error=f"{type(exc).__name__}: {exc}")
+            await self.owners.leave()
+        for term in terms:
+            await _unsubscribe(term)
 
-    async def _loop(self) -> None:
-        if self._keeper is None:
-            self._keeper = asyncio.create_task(self._keep_held(), name="outbound-keepalive")
+    # --- ownership -------------------------------------------------------------------
+
+    async def _own_loop(self) -> None:
         while not self._stopping.is_set():
+            self._wake.clear()
             try:
-                await self.buffered.acquire()
-                self.buffered.release()
-                msgs = await self.psub.fetch(batch=min(max(1, self.buffered.free), 256), timeout=1)
+                await self._round()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                # While the bus is down the bus logs the outage; the terms end by their
+                # deadline, and the next round after it starts them again.
+                log = self.log.warning if self.bus.connected else self.log.debug
+                log("outbound ownership round failed", error=f"{type(exc).__name__}: {exc}")
+            try:
+                await asyncio.wait_for(self._wake.wait(), self.owners.ttl / 4)
+            except asyncio.TimeoutError:
+                pass
+
+    def _rank(self, name: str) -> bytes:
+        # Rendezvous hashing: every process prefers other channels, so they rarely race
+        # for the same lease, and a channel tends to stay with the same process.
+        return hashlib.sha256(f"{self.instance}:{name}".encode()).digest()
+
+    async def _round(self) -> None:
+        """Renew what this process holds, end what it lost, give one channel up if it
+        holds more than its share, take free ones up to its share."""
+        if not self.bus.connected:
+            return
+        self._rounds += 1
+        wanted = sorted(n for n, c in self.channel_configs().items() if c.enabled)
+        self.live = await self.owners.live()
+        for name in list(self.terms):
+            term = self.terms[name]
+            if name not in wanted or not term.valid():
+                self._end(term)
+                if name not in wanted:
+                    await self._give_up(term)
+                continue
+            deadline = await self.owners.take(name)
+            if deadline is None:
+                self.log.warning("channel delivery lost to another process", channel=name)
+                self._end(term)
+            else:
+                term.deadline = deadline
+        share = math.ceil(len(wanted) / self.live)
+        if len(self.terms) > share:
+            name = max(self.terms, key=self._rank)
+            self.log.info("channel delivery handed over (rebalance)", channel=name, processes=self.live)
+            term = self.terms[name]
+            self._end(term)
+            asyncio.create_task(self._give_up(term))
+        for name in sorted(wanted, key=self._rank):
+            if len(self.terms) >= share:
+                break
+            if name in self.terms:
+                continue
+            ending = self._ending.get(name)
+            if ending is not None:
+                if not ending.idle.is_set():
+                    continue  # its provider calls first: next round
+                del self._ending[name]
+            deadline = await self.owners.take(name)
+            if deadline is not None:
+                await self._begin(name, deadline)
+        if self._rounds % _SWEEP_EVERY == 2:
+            await self._sweep()
+
+    def _end(self, term: _Term) -> None:
+        term.ended.set()
+        if self.terms.get(term.name) is term:
+            del self.terms[term.name]
+        self._ending[term.name] = term
+        if term.task is not None:
+            term.task.cancel()
+
+    async def _give_up(self, term: _Term) -> None:
+        """Release ``term``'s channel once its provider calls returned (a peer that took it
+        earlier could send them again)."""
+        try:
+            await asyncio.wait_for(term.idle.wait(), self.owners.ttl)
+        except asyncio.TimeoutError:
+            pass
+        await _unsubscribe(term)
+        if self._ending.get(term.name) is term:
+            del self._ending[term.name]
+        try:
+            await self.owners.release(term.name)
+        except Exception as exc:
+            self.log.warning("channel lease not released", channel=term.name, error=f"{type(exc).__name__}: {exc}")
+
+    async def _begin(self, name: str, deadline: float) -> None:
+        """Start a term: the channel's consumer is created anew, so that everything not
+        acked is delivered again from its start, in stream order."""
+        js = self.bus.js
+        s = self.bus.subjects
+        durable = s.delivery_consumer(name)
+        try:
+            await _remove_consumer(js, s.stream_out, durable)
+            if self._rounds == 1:
+                # Versions before per-channel consumers had one for every channel; its
+                # filter overlaps ours. What it had not acked is still on the stream.
+                await _remove_consumer(js, s.stream_out, s.outbound_consumer)
+            await js.add_consumer(s.stream_out, api.ConsumerConfig(
+                durable_name=durable,
+                ack_policy=api.AckPolicy.EXPLICIT,
+                deliver_policy=api.DeliverPolicy.ALL,
+                ack_wait=self._ack_wait,
+                max_deliver=-1,
+                # Messages waiting for a retry stay unacked (that keeps their conversation
+                # in order), so the server must allow many more pending acks than we work on.
+                max_ack_pending=max(10000, self.cfg.concurrency * 64),
+                filter_subject=s.channel_outbound(name),
+                inactive_threshold=_INACTIVE,
+                description=f"gateway outbound delivery of channel {name} (one gateway process at a time)",
+            ))
+            psub = await js.pull_subscribe_bind(durable=durable, stream=s.stream_out)
+        except BaseException:
+            await self.owners.release(name)
+            raise
+        term = _Term(name, self._places(name), self.cfg.concurrency * 16, deadline)
+        term.psub = psub
+        self.terms[name] = term
+        term.task = asyncio.create_task(self._fetch(term), name=f"outbound-{name}")
+        self.log.info("channel delivery taken", channel=name, processes=self.live)
+
+    async def _sweep(self) -> None:
+        """Dead-letter (``unknown_channel``) the outbounds of channels no process reads:
+        named on subjects of channels not configured here and without a consumer of
+        another process (the server refuses a second consumer on a subject of a work-queue
+        stream, so a channel a peer delivers, or delivered within ``_INACTIVE``, is left
+        alone)."""
+        js = self.bus.js
+        s = self.bus.subjects
+        info = await js.stream_info(s.stream_out, subjects_filter=f"{s.prefix}.out.>")
+        known = set(self.channel_configs())  # a disabled channel's outbounds wait for it
+        orphans = [subj for subj in (info.state.subjects or {})
+                   if not ((t := subj.split(".")) and len(t) == 4 and t[3] in known)]
+        term = _Term("\x00sweep", _Places(1), 1, math.inf)
+        name = f"{s.prefix}_sweep_{self.instance}"
+        for subject in orphans[:64]:
+            try:
+                await js.add_consumer(s.stream_out, api.ConsumerConfig(
+                    name=name, ack_policy=api.AckPolicy.EXPLICIT, deliver_policy=api.DeliverPolicy.ALL,
+                    ack_wait=self._ack_wait, filter_subject=subject, inactive_threshold=30.0))
+            except nats.js.errors.APIError as exc:
+                if exc.err_code == _OVERLAP:
+                    continue
+                raise
+            try:
+                psub = await js.pull_subscribe_bind(consumer=name, stream=s.stream_out)
+                while True:
+                    try:
+                        msgs = await psub.fetch(batch=64, timeout=0.5)
+                    except (nats.errors.TimeoutError, asyncio.TimeoutError):
+                        break
+                    for msg in msgs:
+                        outbound, err = _decode(msg)
+                        await self._process(msg, outbound, err, term)
+                await psub.unsubscribe()
+            finally:
+                await _remove_consumer(js, s.stream_out, name)
+
+    # --- fetching and lanes -----------------------------------------------------------
+
+    async def _fetch(self, term: _Term) -> None:
+        while term.valid():
+            try:
+                await term.buffer.acquire()
+                term.buffer.release()
+                if not term.valid():
+                    return
+                msgs = await term.psub.fetch(batch=min(max(1, term.buffer.free), 256), timeout=1)
             except (nats.errors.TimeoutError, asyncio.TimeoutError):
                 continue
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                # While the bus is down the bus logs the outage; saying it here every
-                # second would only repeat it.
+                if isinstance(exc, nats.js.errors.APIError) or "consumer" in str(exc).lower():
+                    # The consumer is gone (removed by the server after a long stall, or
+                    # by a process that took the channel): this term is over.
+                    self.log.warning("channel consumer lost; starting again", channel=term.name,
+                                     error=f"{type(exc).__name__}: {exc}")
+                    term.ended.set()
+                    self._wake.set()
+                    return
                 log = self.log.warning if self.bus.connected else self.log.debug
-                log("fetch failed", error=f"{type(exc).__name__}: {exc}")
+                log("fetch failed", channel=term.name, error=f"{type(exc).__name__}: {exc}")
                 await asyncio.sleep(1)
                 continue
             for msg in msgs:
-                await self._take(msg)
+                if not term.valid():
+                    return  # left unacked: the next term delivers them again, in order
+                await term.buffer.acquire()
+                self._enqueue(msg, term)
 
-    def _load(self, cname: str) -> _ChannelLoad:
+    def _places(self, cname: str) -> _Places:
         ccfg = self.channel_configs().get(cname)
         limit = (ccfg.concurrency if ccfg and ccfg.concurrency else None) or self.cfg.concurrency
-        load = self.channel_loads.get(cname)
-        if load is None:
-            load = self.channel_loads[cname] = _ChannelLoad(limit)
-        elif load.places.limit != limit:
-            load.places.resize(limit)
-        return load
+        places = self.places.get(cname)
+        if places is None:
+            places = self.places[cname] = _Places(limit)
+        elif places.limit != limit:
+            places.resize(limit)
+        return places
 
-    async def _take(self, msg: Any) -> None:
-        parts = msg.subject.split(".")
-        cname = parts[-1] if len(parts) >= 4 else "?"
-        load = self._load(cname)
-        # A channel's share of the buffer: enough to keep its places busy with a batch
-        # queued behind them, but never so much that one channel fills the buffer (with a
-        # single channel there is nobody to protect: all of it).
-        share = self.buffered.limit if len(self.channel_configs()) <= 1 else \
-            max(1, min(load.places.limit * 4, self.buffered.limit // 2))
-        if load.buffered >= share and self.parked.free:
-            await self.parked.acquire()
-            charged = False
-        else:
-            await self.buffered.acquire()
-            load.buffered += 1
-            charged = True
-        self._enqueue(msg, cname, load, charged)
-
-    def _enqueue(self, msg: Any, cname: str, load: _ChannelLoad, charged: bool) -> None:
-        err: msgspec.DecodeError | msgspec.ValidationError | None
-        try:
-            outbound = outbound_decoder.decode(msg.data)
-            lane = outbound.conversation
-        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-            outbound, lane = None, f"\x00undecodable:{msg.metadata.sequence.stream}"
-            err = exc
-        else:
-            err = None
-        entry = _Entry(msg, outbound, err, cname, load, charged)
+    def _enqueue(self, msg: Any, term: _Term) -> None:
+        outbound, err = _decode(msg)
+        lane = outbound.conversation if outbound is not None else f"\x00undecodable:{msg.metadata.sequence.stream}"
+        entry = _Entry(msg, outbound, err, term)
         q = self.lanes.get(lane)
         if q is not None:
             q.append(entry)
@@ -285,31 +486,29 @@ class Dispatcher:
         try:
             while q:
                 e = q[0]
-                await e.load.places.acquire()
+                term = e.term
                 try:
-                    await self._process(e.msg, e.outbound, e.err, e.load.places)
-                except asyncio.CancelledError:
-                    raise
-                except Exception as exc:  # never lose the lane on a bug: leave unacked
-                    self.log.error("outbound processing failed; left for redelivery", error=f"{type(exc).__name__}: {exc}")
+                    if term.valid():  # otherwise dropped: the next term delivers it again
+                        self._places(term.name)  # a reload may have changed the limit
+                        await term.places.acquire()
+                        try:
+                            await self._process(e.msg, e.outbound, e.err, term)
+                        except asyncio.CancelledError:
+                            raise
+                        except Exception as exc:  # never lose the lane on a bug: leave unacked
+                            self.log.error("outbound processing failed; left for redelivery",
+                                           error=f"{type(exc).__name__}: {exc}")
+                        finally:
+                            term.places.release()
                 finally:
-                    e.load.places.release()
                     q.popleft()
-                    if e.charged:
-                        e.load.buffered -= 1
-                        self.buffered.release()
-                    else:
-                        self.parked.release()
-                    if e.cname not in self.channel_configs() and not e.load.buffered and not e.load.places.used:
-                        # Subjects of channels that are not configured come from backends:
-                        # do not keep an entry for each name they ever used.
-                        self.channel_loads.pop(e.cname, None)
+                    term.buffer.release()
         finally:
             del self.lanes[lane]
 
     # --- one message ---------------------------------------------------------------
 
-    async def _process(self, msg: Any, outbound: Outbound | None, err: Exception | None, places: _Places) -> None:
+    async def _process(self, msg: Any, outbound: Outbound | None, err: Exception | None, term: _Term) -> None:
         services = self.services
         parts = msg.subject.split(".")
         ctype, cname = (parts[-2], parts[-1]) if len(parts) >= 4 else ("?", "?")
@@ -346,7 +545,9 @@ class Dispatcher:
         while True:
             t0 = time.perf_counter()
             try:
-                receipt, stored = await self._deliver_once(msg, outbound, conversation, ctype, cname)
+                receipt, stored = await self._deliver_once(msg, outbound, conversation, ctype, cname, term)
+            except _Fenced:
+                return  # unacked: the channel's next term delivers it
             except Deferred as exc:
                 # Not an attempt: the channel may not send before exc.until (quiet hours).
                 # The outbound stays ours (held, kept in progress) and is tried again then.
@@ -356,7 +557,7 @@ class Dispatcher:
                 await self._status(outbound, ctype, cname, "failed", attempt=attempt,
                                    error=ErrorInfo(message=exc.message, permanent=False, code=exc.code),
                                    next_attempt_at=exc.until)
-                if not await self._hold(msg, delay, places):
+                if not await self._hold(msg, delay, term):
                     return
                 continue
             except DeliveryError as exc:
@@ -375,7 +576,7 @@ class Dispatcher:
                 self.log.info("delivery failed, will retry", outbound_id=outbound.id, channel=cname, attempt=attempt,
                               error=exc.message, retry_in=round(delay, 2))
                 await self._status(outbound, ctype, cname, "failed", attempt=attempt, error=info, next_attempt_at=nxt)
-                if not await self._hold(msg, delay, places):
+                if not await self._hold(msg, delay, term):
                     return  # stopping: left unacked, redelivered later
                 attempt += 1
                 local += 1
@@ -438,7 +639,7 @@ class Dispatcher:
             return True
 
     async def _deliver_once(self, msg: Any, outbound: Outbound, conversation: Conversation | None,
-                            ctype: str, cname: str) -> tuple[Receipt, asyncio.Future[Any] | None]:
+                            ctype: str, cname: str, term: _Term) -> tuple[Receipt, asyncio.Future[Any] | None]:
         """Deliver once; on success return the receipt and the future of its write, which
         is issued before anything else so that a crash has the least time to double it."""
         ccfg = self.channel_configs().get(cname)
@@ -471,6 +672,13 @@ class Dispatcher:
             # and their receipts share one socket write. (Several deliveries wait here;
             # the first to go may issue a new receipt, so the others check again.)
             await self._receipts_written
+        if not term.valid():
+            # Fenced: the lease may pass to another process from now on, and that one
+            # starts from this outbound. (A call already under way finishes: the window
+            # a double send is possible in, bounded by the provider's timeout.)
+            raise _Fenced()
+        term.calls += 1
+        term.idle.clear()
         try:
             receipt = await channel.deliver(outbound, conversation)
         except DeliveryError as exc:
@@ -481,6 +689,10 @@ class Dispatcher:
         except Exception as exc:  # a plugin bug or an unmapped library error: retryable
             raise self._failed(ctype, cname, DeliveryError(f"{type(exc).__name__}: {exc}", permanent=False,
                                                            code="internal")) from exc
+        finally:
+            term.calls -= 1
+            if not term.calls:
+                term.idle.set()
         # The provider accepted it: from here on this process never sends it again.
         self.accepted[outbound.id] = receipt
         try:
@@ -535,19 +747,20 @@ class Dispatcher:
                     except Exception:
                         pass
 
-    async def _hold(self, msg: Any, delay: float, places: _Places) -> bool:
-        """Wait ``delay`` (``_keep_held`` keeps the message ours); False if the gateway stops.
+    async def _hold(self, msg: Any, delay: float, term: _Term) -> bool:
+        """Wait ``delay`` (``_keep_held`` keeps the message ours); False if the term ends
+        (the gateway stops, the channel passes to another term) meanwhile.
 
         The channel's place is given back while waiting: a provider outage must not stop
         the channel's other conversations."""
-        places.release()
+        term.places.release()
         try:
-            await asyncio.wait_for(self._stopping.wait(), delay)
+            await asyncio.wait_for(term.ended.wait(), delay)
             return False
         except asyncio.TimeoutError:
             return True
         finally:
-            await places.acquire()
+            await term.places.acquire()
 
     async def _dead(self, msg: Any, outbound: Outbound | None, ctype: str, cname: str, error: ErrorInfo, attempts: int) -> None:
         headers = {k: v for k, v in (msg.headers or {}).items() if not k.startswith("Nats-")}
@@ -587,3 +800,26 @@ def _refused(message: str, code: str) -> DeliveryError:
     provider's permanent error, but not counted as a failed delivery, since no provider
     was asked."""
     return DeliveryError(message, permanent=True, code=code)
+
+
+def _decode(msg: Any) -> tuple[Outbound | None, Exception | None]:
+    try:
+        return outbound_decoder.decode(msg.data), None
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        return None, exc
+
+
+async def _remove_consumer(js: Any, stream: str, name: str) -> None:
+    try:
+        await js.delete_consumer(stream, name)
+    except nats.js.errors.NotFoundError:
+        pass
+
+
+async def _unsubscribe(term: _Term) -> None:
+    if term.psub is not None:
+        try:
+            await term.psub.unsubscribe()
+        except Exception:  # the connection it belonged to may be gone
+            pass
+        term.psub = None

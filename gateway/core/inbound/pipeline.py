@@ -13,6 +13,7 @@ import nats.errors
 import nats.js.errors
 from nats.js import api
 
+from ..bus.connection import DUPLICATE_IN_PROCESS
 from ..errors import MessageTooLarge
 from ..bus.services import BusServices
 from ..channel.api import Conversation, PublishResult
@@ -108,6 +109,20 @@ class Inbound:
                 del self._inflight[key]
         return await self._publish(message, route, None, interaction)
 
+    async def _acked(self, fut: asyncio.Future[api.PubAck], message: Message, data: bytes) -> api.PubAck:
+        """The message's ack. While another process stores the same message (a provider's
+        retry racing its first attempt, on a clustered stream), ask again: the answer is then
+        "duplicate" once that copy is stored, or ours is stored if that one failed. Within
+        the caller's deadline."""
+        while True:
+            try:
+                return await fut
+            except nats.js.errors.APIError as exc:
+                if exc.err_code != DUPLICATE_IN_PROCESS:
+                    raise
+            await asyncio.sleep(0.02)
+            fut = await self.services.send_message(message, data)
+
     def _count_duplicate(self, message: Message) -> None:
         self.metrics.inbound_duplicates.labels(message.channel_type, message.channel).inc()
 
@@ -142,7 +157,7 @@ class Inbound:
                                     route=route or {}, last_inbound_at=message.received_at if interaction else None,
                                     last_message_id=message.id)
                 conv_fut = await self.services.send_conversation(conv, keep_route=route is None, keep_time=not interaction)
-                ack: api.PubAck = await ack_fut
+                ack: api.PubAck = await self._acked(ack_fut, message, data)
                 await conv_fut
                 failpoint("inbound.after_ack")
                 if survey and self.surveys is not None:

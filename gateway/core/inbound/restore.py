@@ -16,7 +16,7 @@ with a provider id that has none (looked up first; only missing ones are written
 
 This works with several processes on one bus, where a checkpoint per process would not
 (one process's clean stop says nothing about another's crash): any process repairs any
-dead marker, at its own start (before it serves) and on every beat (a peer that crashed
+dead marker, at its own start (in the background, once the bus is up) and on every beat (a peer that crashed
 and is never restarted is repaired by the survivors, within ``stale_after``). A marker is
 claimed by a compare-and-set write before it is repaired and removed only after, so two
 processes do not both repair it and a repairer's own crash leaves it for the next. The
@@ -63,6 +63,10 @@ class _ProviderId(msgspec.Struct):
 
 _marker_decoder = msgspec.json.Decoder(_Marker)
 
+_GONE_TTL = 86400.0
+"""How long the purge marker of a removed liveness marker stays (a day: far longer than
+any nats-server restart that could bring the removed marker back)."""
+
 
 def _stored_at(m: api.RawStreamMsg) -> datetime:
     """When JetStream stored ``m`` (nats-py types it Optional; a message read from a stream
@@ -101,18 +105,26 @@ class DedupRestore:
     # --- lifecycle -----------------------------------------------------------------
 
     async def start(self) -> None:
-        """Repair what dead processes left, mark this one alive, keep beating. Called when
-        the bus is ready, before channels and HTTP take traffic."""
+        """Repair what dead processes left, mark this one alive, keep beating: in the
+        background, so that serving does not wait for it. Called when the bus is ready
+        (again after every new connection; one beat loop whatever the number of calls).
+
+        Serving before the repair is safe: the messages a dead process may have left
+        without a record were stored at most ``stale_after`` + ``publish_timeout`` before
+        the repair, and JetStream's own duplicate window (which the beat is a sixth of)
+        still recognises their retries until the repair has written the records."""
+        if self._task is None or self._task.done():
+            self._task = asyncio.create_task(self._loop(), name="dedup-restore")
+
+    async def _first(self) -> None:
         try:
             now = await self._beat_once()
             await self.repair(now)
-        except Exception as exc:  # the beat loop retries; serving is not blocked by a bus hiccup
+        except Exception as exc:  # the beat loop retries
             self.log.error("dedup restore at start failed; retrying in the background",
                            error=f"{type(exc).__name__}: {exc}")
         finally:
             self.ready.set()
-        if self._task is None:
-            self._task = asyncio.create_task(self._loop(), name="dedup-restore")
 
     async def stop(self) -> None:
         """A clean stop: every publish of this process finished, so its marker goes."""
@@ -121,11 +133,12 @@ class DedupRestore:
             self._task = None
         if self.bus.connected:
             try:
-                await self.bus.js.purge_stream(self._stream, subject=self._subject())
+                await self._remove(self._subject())
             except Exception as exc:  # a leftover marker only costs a peer a short repair
                 self.log.warning("liveness marker not removed", error=f"{type(exc).__name__}: {exc}")
 
     async def _loop(self) -> None:
+        await self._first()
         while True:
             await asyncio.sleep(self.beat)
             if not self.bus.connected:
@@ -137,6 +150,17 @@ class DedupRestore:
                 raise
             except Exception as exc:
                 self.log.warning("liveness beat failed", error=f"{type(exc).__name__}: {exc}")
+
+    async def _remove(self, subject: str) -> None:
+        """Remove a marker by appending a purge marker (``KV-Operation: PURGE``, rollup),
+        not by purging its subject: nats-server's file store does not keep a removal
+        through a kill -9 of the server until it has synced its index (minutes), so a
+        purged marker came back, looked dead and was repaired again (17 repeated repairs
+        after one kill). An appended message survives, and so the subject's latest
+        message says "removed" whatever older ones reappear. The purge marker itself
+        goes after ``_GONE_TTL``."""
+        await self.bus.require(during_setup=True).publish(
+            subject, b"", headers={"KV-Operation": "PURGE", "Nats-Rollup": "sub"}, msg_ttl=_GONE_TTL)
 
     async def _beat_once(self) -> datetime:
         """Rewrite this process's marker; returns the server's time of that write (every
@@ -162,6 +186,8 @@ class DedupRestore:
                 m = await js.get_msg(self._stream, subject=subject)
             except nats.js.errors.NotFoundError:
                 continue
+            if (m.headers or {}).get("KV-Operation") in ("PURGE", "DEL"):
+                continue  # removed (see _remove)
             stored_at = _stored_at(m)
             age = (now - stored_at).total_seconds()
             if age < self.stale_after:
@@ -183,7 +209,7 @@ class DedupRestore:
             start = beat_at - timedelta(seconds=self.publish_timeout + 1)
             end = beat_at + timedelta(seconds=self.stale_after + self.publish_timeout + 1)
             scanned, restored = await self.restore_window(start, end)
-            await js.purge_stream(self._stream, subject=subject)
+            await self._remove(subject)
             created += restored
             self.last_repair = {"instance": marker.instance, "scanned": scanned, "restored": restored,
                                 "seconds": round(time.perf_counter() - t0, 3)}
@@ -199,7 +225,12 @@ class DedupRestore:
         js = self.bus.require(during_setup=True)
         s = self.bus.subjects
         try:
-            if not (await js.stream_info(s.stream_in)).state.messages:
+            state = (await js.stream_info(s.stream_in)).state
+            if not state.messages:
+                return 0, 0
+            # Nothing stored since the window began: the ordered consumer would deliver
+            # nothing and this would wait out its timeout (5 s per dead process at start).
+            if _stored_at(await js.get_msg(s.stream_in, seq=state.last_seq)) < start:
                 return 0, 0
         except nats.js.errors.NotFoundError:
             return 0, 0

@@ -1,0 +1,119 @@
+"""Which gateway process delivers which channel: one owner per channel at a time.
+
+Each channel's outbounds are read by one durable consumer (``<prefix>_out_<channel>``),
+and one process at a time owns it: it holds the channel's lease, a record in the state
+bucket (``core.delivery.<channel>``) written with a per-message TTL. The server removes
+the record when the TTL runs out, so expiry is the server's clock alone; the holder
+renews it (compare-and-set on the record's revision) every quarter of the TTL and stops
+delivering on its own clock at 0.8 TTL after it *sent* its last successful renewal, which
+is before the server can have removed it. A process that may not renew (bus gone, paused,
+overloaded) therefore stops before another can start.
+
+Every live process also keeps a presence record (``core.delivery-live.<instance>``, same
+TTL), so each knows how many share the channels and takes its fair part of them.
+"""
+
+from __future__ import annotations
+
+import time
+import msgspec
+import nats.js.errors
+
+from ..bus.connection import Bus
+from ..bus.state import delivery_live_key, delivery_owner_key, lost_race
+
+FENCE = 0.8
+"""The holder delivers until this fraction of the TTL after it sent its last renewal."""
+
+
+class _Owner(msgspec.Struct, kw_only=True):
+    instance: str
+    pid: int = 0
+
+
+_owner_decoder = msgspec.json.Decoder(_Owner)
+
+
+class Owners:
+    """The leases and presence records of one process (``instance``), TTL ``ttl`` seconds."""
+
+    def __init__(self, bus: Bus, *, instance: str, ttl: float, pid: int = 0):
+        self.bus = bus
+        self.instance = instance
+        self.ttl = max(2.0, ttl)
+        self._value = msgspec.json.encode(_Owner(instance=instance, pid=pid))
+        self.revisions: dict[str, int] = {}
+        """Channel -> revision of our lease record, for the next renewal."""
+
+    def _subject(self, key: str) -> str:
+        s = self.bus.subjects
+        return s.kv(s.kv_state, key)
+
+    @property
+    def _stream(self) -> str:
+        return self.bus.subjects.kv_stream(self.bus.subjects.kv_state)
+
+    async def _write(self, key: str, expected: int) -> int | None:
+        """Write our record at ``key`` if its revision is still ``expected`` (0: absent);
+        the new revision, or None if another writer won."""
+        try:
+            ack = await self.bus.js.publish(self._subject(key), self._value, msg_ttl=self.ttl,
+                                            headers={"Nats-Expected-Last-Subject-Sequence": str(expected)})
+        except nats.js.errors.APIError as exc:
+            if lost_race(exc):
+                return None
+            raise
+        return int(ack.seq)
+
+    async def live(self) -> int:
+        """Write this process's presence; the number of live processes (this one included)."""
+        await self.bus.js.publish(self._subject(delivery_live_key(self.instance)), b"", msg_ttl=self.ttl)
+        info = await self.bus.js.stream_info(self._stream, subjects_filter=self._subject(delivery_live_key("*")))
+        return max(1, len(info.state.subjects or {}))
+
+    async def take(self, channel: str) -> float | None:
+        """Take (or renew) ``channel``'s lease; the monotonic time until which this process
+        may deliver, or None when another process holds it."""
+        key = delivery_owner_key(channel)
+        sent = time.monotonic()
+        expected = self.revisions.get(channel)
+        if expected is None:
+            try:
+                m = await self.bus.js.get_msg(self._stream, subject=self._subject(key), direct=True)
+            except nats.js.errors.NotFoundError:
+                expected = 0
+            else:
+                try:
+                    holder = _owner_decoder.decode(m.data or b"").instance
+                except msgspec.DecodeError:
+                    holder = ""
+                if holder and holder != self.instance:
+                    return None  # held: the server removes it when its holder stops renewing
+                expected = m.seq or 0
+        revision = await self._write(key, expected)
+        if revision is None:
+            self.revisions.pop(channel, None)
+            return None
+        self.revisions[channel] = revision
+        return sent + FENCE * self.ttl
+
+    async def release(self, channel: str) -> None:
+        """Give ``channel`` up (only if we still hold it) so that a peer takes it at once.
+        The record stays, marked free (no holder), until its TTL removes it."""
+        expected = self.revisions.pop(channel, None)
+        if expected is None:
+            return
+        try:
+            await self.bus.js.publish(self._subject(delivery_owner_key(channel)), b"{\"instance\":\"\"}",
+                                      msg_ttl=self.ttl, headers={"Nats-Expected-Last-Subject-Sequence": str(expected)})
+        except nats.js.errors.APIError as exc:
+            if not lost_race(exc):
+                raise
+
+    async def leave(self) -> None:
+        """Remove this process's presence (a clean stop)."""
+        try:
+            await self.bus.js.purge_stream(self._stream, subject=self._subject(delivery_live_key(self.instance)))
+        except Exception:  # noqa: BLE001 - its TTL removes it anyway
+            pass
+

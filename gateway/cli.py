@@ -162,6 +162,8 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     _register_secrets(config)
     names = ", ".join(f"{n} ({c.type})" for n, c in config.channels.items()) or "none"
     print(f"{path}: OK; channels: {names}; bus: {mask_secrets(config.bus.url) or 'embedded'}")
+    for warning in config.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
     return EXIT_OK
 
 

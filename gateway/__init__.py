@@ -24,6 +24,17 @@ from .core.process import Gateway
 from .core.channel.api import MediaPart
 from .core.logs import Throttle
 from .core.scheduling.quiet import check_quiet_hours, quiet_until
+from .core.scheduling.calendar import (
+    Calendar,
+    Closure,
+    Holidays,
+    Opening,
+    calendar_from_config,
+    chinese_holidays,
+    country_holidays,
+    holiday_source,
+    parse_period,
+)
 from .core.scheduling.survey import match_choice
 from .core.retry import Backoff
 from .core.channel.toolkit import (
@@ -52,6 +63,9 @@ from .core.channel.websocket_client import WebSocketClient
 from .core.http.websocket import Handshake, WebSocketClosed, WebSocketConnection, tokens_equal
 from .core.schema import (
     SCHEMA_VERSION,
+    ConversationMark,
+    DeskOpened,
+    SlaEvent,
     DeliveryState,
     AudioPart,
     ChoicePart,
@@ -179,4 +193,21 @@ __all__ += [
     "stable_id",
     "verify_ed25519",
     "verify_hmac",
+]
+
+# Service hours (docs/service-hours.md): calendars, pure functions of time, and the desk's
+# wire types.
+__all__ += [
+    "Calendar",
+    "Closure",
+    "ConversationMark",
+    "DeskOpened",
+    "Holidays",
+    "Opening",
+    "SlaEvent",
+    "calendar_from_config",
+    "chinese_holidays",
+    "country_holidays",
+    "holiday_source",
+    "parse_period",
 ]

@@ -16,6 +16,9 @@ from .core.bus.contract import (
 from .core.inbound.pipeline import conversation_key, message_id
 from .core.schema import (
     dead_letter_decoder,
+    desk_opened_decoder,
+    mark_decoder,
+    sla_event_decoder,
     encode,
     message_decoder,
     outbound_decoder,
@@ -27,6 +30,9 @@ from .core.schema import (
 
 __all__ = [
     "conversation_key",
+    "desk_opened_decoder",
+    "mark_decoder",
+    "sla_event_decoder",
     "dead_inbound_headers",
     "dead_letter_decoder",
     "dead_letter_headers",

@@ -26,6 +26,7 @@ CORE_NAMESPACES: dict[str, str] = {
     "core": "process liveness markers of dedup restore",
     "survey": "the pending survey of a conversation",
     "quiet": "a conversation's quiet hours for reminders",
+    "desk": "a conversation's service-desk record (acknowledgement, SLA timers) and waiting counts",
 }
 _SECRET = re.compile(r"(pass|secret|token|key|cred|auth|sid|aes)", re.I)
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")

@@ -10,11 +10,10 @@ from datetime import date, datetime, time, timedelta, timezone
 import chinese_calendar
 from hypothesis import given, settings, strategies as st
 
-from gateway.cli import main
-from gateway.core.config import load_config
-from gateway.core.registry import PluginManager
-from gateway.core.scheduling.calendar import (
+from gateway import (
     Calendar,
+    PluginManager,
+    load_config,
     Closure,
     Opening,
     calendar_from_config,
@@ -22,6 +21,7 @@ from gateway.core.scheduling.calendar import (
     country_holidays,
     parse_period,
 )
+from gateway.cli import main
 
 UTC = timezone.utc
 SPLIT = {d: [parse_period("09:00-12:00"), parse_period("13:00-18:00")] for d in ("mon", "tue", "wed", "thu", "fri")}

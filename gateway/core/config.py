@@ -250,8 +250,6 @@ class ChannelServiceConfig(_Section):
     """SLA durations count only the calendar's open time (``8h`` = one 8-hour day)."""
     warn_at: Annotated[float, msgspec.Meta(gt=0, lt=1)] = 0.8
     """A warning when this fraction of an SLA's time has passed."""
-    followup_within: Duration | None = None
-    """A conversation marked resolved needs a follow-up (回访) sent within this."""
 
 
 class ChannelCommon(_Section):
@@ -660,14 +658,15 @@ def _check_calendar(raw: dict[str, Any], path: tuple[str, ...], problems: _Probl
     spec = raw.get("holidays")
     if isinstance(spec, str):
         _check_holidays(spec, path + ("holidays",), problems, warnings)
+    if "loaded" in raw:
+        problems.add(path + ("loaded",), "unknown key; expected one of: closures, holidays, hours, tz, workday")
+        return
     closures = raw.get("closures")
     if isinstance(closures, str):
         cpath = Path(closures) if base_dir is None or Path(closures).is_absolute() else base_dir / closures
         loaded = _load_closures(cpath, path + ("closures",), problems)
         if loaded is not None:
             raw["loaded"] = msgspec.to_builtins(loaded)
-    elif "loaded" in raw:
-        problems.add(path + ("loaded",), "unknown key; expected one of: closures, holidays, hours, tz, workday")
 
 
 def _period_problem(p: Any) -> str | None:

@@ -17,6 +17,7 @@ from .core.inbound.pipeline import conversation_key, message_id
 from .core.schema import (
     dead_letter_decoder,
     desk_opened_decoder,
+    followup_status_decoder,
     mark_decoder,
     sla_event_decoder,
     encode,
@@ -31,6 +32,7 @@ from .core.schema import (
 __all__ = [
     "conversation_key",
     "desk_opened_decoder",
+    "followup_status_decoder",
     "mark_decoder",
     "sla_event_decoder",
     "dead_inbound_headers",

@@ -250,6 +250,9 @@ class ChannelServiceConfig(_Section):
     """SLA durations count only the calendar's open time (``8h`` = one 8-hour day)."""
     warn_at: Annotated[float, msgspec.Meta(gt=0, lt=1)] = 0.8
     """A warning when this fraction of an SLA's time has passed."""
+    followup_within: Duration | None = None
+    """A conversation marked resolved needs a follow-up (回访) sent within this (wall time);
+    a follow-up that fails, expires or is missing becomes a desk task."""
 
 
 class ChannelCommon(_Section):

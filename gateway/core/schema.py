@@ -459,6 +459,30 @@ class DeskOpened(_Envelope, frozen=True, kw_only=True):
     channels: list[str] = []
 
 
+class FollowupStatus(_Envelope, frozen=True, kw_only=True):
+    """The follow-up (回访) promise of a resolved conversation, on
+    ``<prefix>.desk.followup.<channel_type>.<channel>``: each change of its state."""
+
+    schema_version: int = SCHEMA_VERSION
+    conversation: str
+    channel_type: str
+    channel: str
+    state: Literal["due", "scheduled", "sent", "answered", "failed", "expired", "cancelled", "missed"]
+    """``due``: resolved, nothing scheduled yet; ``scheduled``: a reminder is pending;
+    ``sent``: its outbound was sent (a desk task: handed to the desk); ``answered``: the
+    customer wrote after it; ``failed``/``expired``/``cancelled``: what the reminder
+    reported; ``missed``: nothing was sent within the promise."""
+    resolved_at: datetime
+    due_by: datetime
+    """``resolved_at`` + the channel's ``followup_within``."""
+    at: datetime
+    reminder_id: str | None = None
+    outbound_id: str | None = None
+    reason: str | None = None
+    task_id: str | None = None
+    """When a desk task was raised for it (failed, expired, missed)."""
+
+
 WIRE_TYPES: dict[str, type[_Envelope]] = {
     "message": Message,
     "outbound": Outbound,
@@ -470,6 +494,7 @@ WIRE_TYPES: dict[str, type[_Envelope]] = {
     "conversation-mark": ConversationMark,
     "sla-event": SlaEvent,
     "desk-opened": DeskOpened,
+    "followup-status": FollowupStatus,
 }
 """Every top-level bus type, by the file name of its JSON Schema."""
 
@@ -488,6 +513,7 @@ dead_letter_decoder = msgspec.json.Decoder(DeadLetter)
 mark_decoder = msgspec.json.Decoder(ConversationMark)
 sla_event_decoder = msgspec.json.Decoder(SlaEvent)
 desk_opened_decoder = msgspec.json.Decoder(DeskOpened)
+followup_status_decoder = msgspec.json.Decoder(FollowupStatus)
 
 
 def json_schemas() -> dict[str, dict[str, Any]]:

@@ -40,3 +40,16 @@ async def sla_events(url: str) -> list:
 async def opened_events(url: str) -> list:
     return [desk_opened_decoder.decode(m.data) for m in await stream_messages(url, "GW_DESK")
             if m.subject.startswith("gw.desk.opened.")]
+
+
+async def followup_events(url: str) -> list:
+    from gateway.wire import followup_status_decoder
+
+    return [followup_status_decoder.decode(m.data) for m in await stream_messages(url, "GW_DESK")
+            if m.subject.startswith("gw.desk.followup.")]
+
+
+async def tasks(url: str) -> list:
+    from gateway.wire import task_decoder
+
+    return [task_decoder.decode(m.data) for m in await stream_messages(url, "GW_TASKS")]

@@ -8,7 +8,15 @@ from pathlib import Path
 
 import msgspec
 
-from gateway import ConversationMark, DeskOpened, PluginManager, SlaEvent, calendar_from_config, load_config
+from gateway import (
+    ConversationMark,
+    DeskOpened,
+    FollowupStatus,
+    PluginManager,
+    SlaEvent,
+    calendar_from_config,
+    load_config,
+)
 
 DOC = Path(__file__).parent.parent.parent / "docs" / "service-hours.md"
 
@@ -29,6 +37,6 @@ def test_the_configuration_blocks_load_and_build_their_calendars(tmp_path):
 
 def test_the_tables_name_every_field_of_the_desk_wire_types():
     text = DOC.read_text(encoding="utf-8")
-    for tp in (ConversationMark, DeskOpened, SlaEvent):
+    for tp in (ConversationMark, DeskOpened, SlaEvent, FollowupStatus):
         for f in msgspec.structs.fields(tp):
             assert f"`{f.encode_name}`" in text or f.encode_name in text, f"{tp.__name__}.{f.encode_name}"

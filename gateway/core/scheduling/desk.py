@@ -34,6 +34,9 @@ from ..schema import (
     ConversationMark,
     DeskOpened,
     EventPart,
+    FollowupStatus,
+    Task,
+    reminder_status_decoder,
     Message,
     Outbound,
     SlaEvent,
@@ -44,7 +47,8 @@ from ..schema import (
     status_decoder,
 )
 from .calendar import Calendar
-from .reminders import rfc3339
+from .reminders import SCHEMA_TASK, ReminderSubjects, rfc3339
+from .reminders import stream_configs as reminder_stream_configs
 
 if TYPE_CHECKING:
     from ..bus.services import BusServices
@@ -54,11 +58,26 @@ if TYPE_CHECKING:
 SCHEMA_MARK = "conversation-mark/1"
 SCHEMA_SLA = "sla-event/1"
 SCHEMA_OPENED = "desk-opened/1"
+SCHEMA_FOLLOWUP = "followup-status/1"
+_FINAL = ("answered", "failed", "expired", "cancelled", "missed")
 ACK_PREFIX = "desk-ack-"
 """Outbound ids of acknowledgements: their statuses are not a reply of the desk."""
 
 _FETCH_WAIT = 0.2
 Rule = Literal["first_response", "next_response", "resolution"]
+FollowupState = Literal["due", "scheduled", "sent", "answered", "failed", "expired", "cancelled", "missed"]
+
+
+class Followup(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """The follow-up promise of the latest ``resolved`` mark."""
+
+    resolved_at: datetime
+    due_by: datetime
+    state: FollowupState = "due"
+    reminder_id: str | None = None
+    outbound_id: str | None = None
+    sent_at: datetime | None = None
+    task_id: str | None = None
 
 
 class DeskRecord(msgspec.Struct, kw_only=True, omit_defaults=True):
@@ -79,12 +98,13 @@ class DeskRecord(msgspec.Struct, kw_only=True, omit_defaults=True):
     """The opening of the closed period the conversation was acknowledged in."""
     complaint_at: datetime | None = None
     resolved_at: datetime | None = None
+    followup: Followup | None = None
 
 
 class DeskTimer(msgspec.Struct, kw_only=True, omit_defaults=True):
     """The body of a timer's schedule (internal to the gateway, not part of the contract)."""
 
-    kind: Literal["ack", "sla", "open"]
+    kind: Literal["ack", "sla", "open", "followup"]
     conversation: str = ""
     channel_type: str = ""
     channel: str = ""
@@ -122,6 +142,7 @@ class DeskSubjects:
         self.consumer_status = f"{prefix}_desk_status"
         self.consumer_mark = f"{prefix}_desk_mark"
         self.consumer_fire = f"{prefix}_desk_fire"
+        self.consumer_sched = f"{prefix}_desk_reminders"
 
     def timer(self, kind: str, key: str) -> str:
         return f"{self.prefix}.desk.at.{kind}.{key}"
@@ -137,6 +158,9 @@ class DeskSubjects:
 
     def sla(self, channel_type: str, channel: str) -> str:
         return f"{self.prefix}.sla.{channel_type}.{channel}"
+
+    def followup(self, channel_type: str, channel: str) -> str:
+        return f"{self.prefix}.desk.followup.{channel_type}.{channel}"
 
 
 def stream_config(ds: DeskSubjects, replicas: int, duplicate_window: float) -> api.StreamConfig:
@@ -195,6 +219,7 @@ class ServiceDesk:
         self.clock = clock
         self.log = log.bind(component="desk")
         self.ds = DeskSubjects(self.bus.subjects.prefix)
+        self.rs = ReminderSubjects(self.bus.subjects)
         self.records = Records(self.bus, self.bus.subjects.kv_state)
         self._tasks: list[asyncio.Task[None]] = []
         self._generation = 0
@@ -223,6 +248,17 @@ class ServiceDesk:
             (self.ds.consumer_mark, self.ds.stream, f"{s.prefix}.desk.mark.>", self._on_mark, api.DeliverPolicy.ALL),
             (self.ds.consumer_fire, self.ds.stream, f"{s.prefix}.desk.fire.>", self._on_fire, api.DeliverPolicy.ALL),
         ]
+        # Follow-ups are reminders: their statuses are read from the reminders' stream, and
+        # what needs a human goes to their task stream (created here too, in case this
+        # process runs no reminders).
+        rs = ReminderSubjects(s)
+        for rcfg in reminder_stream_configs(rs, c.replicas, seconds(c.duplicate_window), seconds(c.status_max_age)):
+            try:
+                await js.add_stream(rcfg)
+            except nats.js.errors.BadRequestError:
+                pass  # exists: the reminders keep it up to date
+        loops.append((self.ds.consumer_sched, rs.stream, rs.all_statuses, self._on_reminder_status,
+                      api.DeliverPolicy.NEW))
         tasks = []
         for durable, stream, subject, handler, policy in loops:
             cc = api.ConsumerConfig(durable_name=durable, filter_subject=subject, deliver_policy=policy,
@@ -363,10 +399,17 @@ class ServiceDesk:
         start_rule: list[Rule] = []
         first_in_period = [False]
 
+        answered: list[Followup] = []
+
         def change(rec: DeskRecord) -> bool:
             start_rule.clear()
+            answered.clear()
             first_in_period[0] = False
             rec.channel_type, rec.channel = m.channel_type, m.channel
+            fu = rec.followup
+            if fu is not None and fu.state == "sent" and fu.sent_at is not None and at > fu.sent_at:
+                fu.state = "answered"
+                answered.append(fu)
             if rec.reply_seen_at is not None and rec.reply_seen_at >= at:
                 return True  # answered already (the reply's status was read first)
             if rec.waiting_since is None or rec.waiting_since > at:
@@ -379,6 +422,8 @@ class ServiceDesk:
             return True
 
         await self._change(m.conversation, change)
+        for fu in answered:
+            await self._followup_event(m.conversation, m.channel_type, m.channel, fu)
         for rule in start_rule:
             await self._start_sla(m.conversation, m.channel_type, m.channel, rule, at, svc, cal)
         if first_in_period[0] and opens_at is not None:
@@ -415,14 +460,26 @@ class ServiceDesk:
 
     async def _on_status(self, msg: Any) -> None:
         st = status_decoder.decode(msg.data)
-        if st.state not in ("accepted", "sent") or st.outbound_id.startswith(ACK_PREFIX):
+        if st.state not in ("accepted", "sent", "dead") or st.outbound_id.startswith(ACK_PREFIX):
             return
         if self._service(st.channel) is None:
             return
         stop = [False]
+        changed: list[Followup] = []
 
         def change(rec: DeskRecord) -> bool:
             stop[0] = False
+            changed.clear()
+            fu = rec.followup
+            if fu is not None and fu.outbound_id == st.outbound_id and fu.state not in _FINAL:
+                if st.state == "sent" and fu.state != "sent":
+                    fu.state, fu.sent_at = "sent", st.at
+                    changed.append(fu)
+                elif st.state == "dead":
+                    fu.state = "failed"
+                    changed.append(fu)
+            if st.state == "dead":
+                return bool(changed)
             if rec.reply_seen_at is None or rec.reply_seen_at < st.at:
                 rec.reply_seen_at = st.at
             if st.state == "sent":
@@ -434,6 +491,9 @@ class ServiceDesk:
             return True
 
         await self._change(st.conversation, change)
+        for fu in changed:
+            await self._followup_event(st.conversation, st.channel_type, st.channel, fu,
+                                       reason=st.error.code if st.error is not None else None)
         if stop[0]:
             await self._purge(self.ds.timer("sla-response", st.conversation))
 
@@ -446,9 +506,24 @@ class ServiceDesk:
         ccfg = self.channel_configs().get(channel)
         found = self._service(channel)
         start = [False]
+        followups: list[Followup] = []
+        within = found[0].followup_within if found is not None else None
 
         def change(rec: DeskRecord) -> bool:
             start[0] = False
+            followups.clear()
+            if ccfg is not None:
+                rec.channel_type, rec.channel = ccfg.type, channel
+            fu = rec.followup
+            if mark.action == "resolved" and within is not None and (fu is None or fu.resolved_at != at):
+                if fu is not None and fu.state in ("due", "scheduled"):
+                    fu.state = "cancelled"  # a new resolution replaces the promise not kept yet
+                    followups.append(msgspec.structs.replace(fu))
+                rec.followup = Followup(resolved_at=at, due_by=at + timedelta(seconds=seconds(within)))
+                followups.append(rec.followup)
+            elif mark.action == "reopened" and fu is not None and fu.state in ("due", "scheduled"):
+                fu.state = "cancelled"
+                followups.append(fu)
             if mark.action == "complaint":
                 if rec.complaint_at is None or rec.resolved_at is not None:
                     rec.complaint_at, rec.resolved_at = at, None
@@ -463,6 +538,18 @@ class ServiceDesk:
             return True
 
         await self._change(mark.conversation, change)
+        for fu in followups:
+            if ccfg is None:
+                break
+            await self._followup_event(mark.conversation, ccfg.type, channel, fu,
+                                       reason="reopened" if mark.action == "reopened" else None)
+            if fu.state == "due":
+                await self._schedule(self.ds.timer("followup", mark.conversation),
+                                     DeskTimer(kind="followup", conversation=mark.conversation, channel_type=ccfg.type,
+                                               channel=channel, started_at=fu.resolved_at, due_at=fu.due_by),
+                                     fu.due_by)
+            elif mark.action == "reopened":
+                await self._purge(self.ds.timer("followup", mark.conversation))
         if mark.action == "resolved":
             await self._purge(self.ds.timer("sla-resolution", mark.conversation))
         elif start[0] and found is not None and ccfg is not None:
@@ -478,6 +565,8 @@ class ServiceDesk:
             await self._fire_sla(timer)
         elif timer.kind == "open":
             await self._fire_open(timer)
+        elif timer.kind == "followup":
+            await self._fire_followup(timer)
 
     async def _fire_ack(self, timer: DeskTimer) -> None:
         found = self._service(timer.channel)
@@ -572,6 +661,83 @@ class ServiceDesk:
             "Nats-Msg-Id": f"opened:{timer.calendar}:{rfc3339(timer.opens_at)}",
             "Nats-TTL": f"{int(seconds(self.bus.cfg.status_max_age))}s", "Content-Type": JSON,
             "Gw-Schema": SCHEMA_OPENED})
+
+    # --- follow-up (回访) coverage -------------------------------------------------------
+
+    async def _on_reminder_status(self, msg: Any) -> None:
+        rs = reminder_status_decoder.decode(msg.data)
+        if self._service(rs.channel) is None:
+            return
+        changed: list[Followup] = []
+        mapping: dict[str, FollowupState] = {"scheduled": "scheduled", "rescheduled": "scheduled", "failed": "failed", "expired": "expired",
+                   "cancelled": "cancelled"}
+
+        def change(rec: DeskRecord) -> bool:
+            changed.clear()
+            fu = rec.followup
+            # The first reminder of the conversation after the resolution is its follow-up.
+            if fu is None or fu.state in _FINAL or rs.at < fu.resolved_at:
+                return False
+            if fu.reminder_id is not None and fu.reminder_id != rs.reminder_id:
+                return False
+            fu.reminder_id = rs.reminder_id
+            if rs.state == "fired":
+                fu.outbound_id = rs.outbound_id
+            elif rs.state in mapping and fu.state != "sent":
+                fu.state = mapping[rs.state]
+            else:
+                return False
+            changed.append(fu)
+            return True
+
+        await self._change(rs.conversation, change)
+        for fu in changed:
+            if rs.state != "fired":
+                await self._followup_event(rs.conversation, rs.channel_type, rs.channel, fu, reason=rs.reason)
+
+    async def _fire_followup(self, timer: DeskTimer) -> None:
+        missed: list[Followup] = []
+
+        def change(rec: DeskRecord) -> bool:
+            missed.clear()
+            fu = rec.followup
+            if fu is None or fu.resolved_at != timer.started_at or fu.state not in ("due", "scheduled"):
+                return False
+            if fu.outbound_id is not None:
+                return False  # fired: its delivery decides (a dead one raises the task)
+            fu.state = "missed"
+            missed.append(fu)
+            return True
+
+        await self._change(timer.conversation, change)
+        for fu in missed:
+            await self._followup_event(timer.conversation, timer.channel_type, timer.channel, fu,
+                                       reason="no follow-up sent within the promise")
+
+    async def _followup_event(self, conversation: str, channel_type: str, channel: str, fu: Followup, *,
+                              reason: str | None = None) -> None:
+        """Publish the follow-up's new state; a failed, expired or missed one first becomes a
+        desk task (``<prefix>.task.…``) for a human."""
+        js = self.bus.require()
+        stamp = rfc3339(fu.resolved_at)
+        task_id = None
+        if fu.state in ("failed", "expired", "missed"):
+            task_id = f"followup-{conversation.split('.', 1)[-1]}-{stamp.replace(':', '').replace('.', '')}"
+            note = {"failed": "the follow-up could not be delivered", "expired": "the follow-up expired unsent",
+                    "missed": "no follow-up was sent within the promise"}[fu.state]
+            task = Task(id=task_id, reminder_id=fu.reminder_id or "", conversation=conversation,
+                        channel_type=channel_type, channel=channel, action="followup",
+                        note=note + (f" ({reason})" if reason else ""),
+                        data={"state": fu.state, "resolved_at": stamp}, due_at=fu.due_by, at=self.clock())
+            await js.publish(self.rs.task(channel_type, channel), encode(task),
+                             headers={"Nats-Msg-Id": f"task:{task_id}", "Content-Type": JSON, "Gw-Schema": SCHEMA_TASK})
+        ev = FollowupStatus(conversation=conversation, channel_type=channel_type, channel=channel, state=fu.state,
+                            resolved_at=fu.resolved_at, due_by=fu.due_by, at=self.clock(), reminder_id=fu.reminder_id,
+                            outbound_id=fu.outbound_id, reason=reason, task_id=task_id)
+        await js.publish(self.ds.followup(channel_type, channel), encode(ev), headers={
+            "Nats-Msg-Id": f"followup:{conversation}:{stamp}:{fu.state}",
+            "Nats-TTL": f"{int(seconds(self.bus.cfg.status_max_age))}s", "Content-Type": JSON,
+            "Gw-Schema": SCHEMA_FOLLOWUP})
 
 
 async def publish_mark(js: Any, prefix: str, channel_type: str, channel: str, mark: ConversationMark) -> None:

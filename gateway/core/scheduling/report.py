@@ -102,8 +102,10 @@ async def _read(js: Any, stream: str, subject: str, since: datetime) -> list[Any
         return []
     if not info.state.messages:
         return []
-    sub = await js.subscribe(subject, ordered_consumer=True, stream=stream, deliver_policy=api.DeliverPolicy.BY_START_TIME,
-                             opt_start_time=since.astimezone(timezone.utc).isoformat().replace("+00:00", "Z"))
+    start = since.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    sub = await js.subscribe(subject, ordered_consumer=True, stream=stream,
+                             config=api.ConsumerConfig(deliver_policy=api.DeliverPolicy.BY_START_TIME,
+                                                       opt_start_time=start))
     out = []
     try:
         while True:

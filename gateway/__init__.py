@@ -36,13 +36,12 @@ from .core.scheduling.calendar import (
     parse_period,
 )
 from .core.scheduling.survey import match_choice
-from .core.retry import Backoff
+from .core.retry import Backoff, Supervised
 from .core.channel.toolkit import (
     Lease,
     ProviderIndex,
     Sent,
     SharedValue,
-    Supervised,
     check_timestamp,
     TIMEOUT,
     UNREACHABLE,
@@ -59,6 +58,7 @@ from .core.channel.toolkit import (
 from .core.hookspecs import hookimpl
 from .core.registry import PluginManager
 from .core.retry import Backoff
+from .core.channel.ratelimit import RateLimiter
 from .core.channel.websocket_client import WebSocketClient
 from .core.http.websocket import Handshake, WebSocketClosed, WebSocketConnection, tokens_equal
 from .core.schema import (
@@ -181,6 +181,7 @@ __all__ += [
     "ProviderIndex",
     "Sent",
     "SharedValue",
+    "RateLimiter",
     "Supervised",
     "check_timestamp",
     "TIMEOUT",

@@ -18,21 +18,15 @@ from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 
-from .core.config import Config, load_config
+from .core.config import DEFAULT_CONFIG, Config, find_config, load_config
 from .core.errors import BusUnavailable, ConfigError, PluginError, StartupError
 from .core.logs import add_secrets, configure_logging, get_logger, mask_secrets, url_secrets
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE, EXIT_BUS, EXIT_PLUGIN = 0, 1, 2, 3, 4
-DEFAULT_CONFIG = "gateway.toml"
 
 
 def _config_path(arg: str | None) -> str | None:
-    if arg:
-        return arg
-    env = os.environ.get("GATEWAY_CONFIG")
-    if env:
-        return env
-    return DEFAULT_CONFIG if Path(DEFAULT_CONFIG).exists() else None
+    return find_config(arg)
 
 
 def _load(args: argparse.Namespace) -> tuple[Config, Any]:
@@ -73,6 +67,14 @@ def _bus_url(config: Config) -> str:
     return config.bus.url or f"nats://{config.bus.embedded_host}:{config.bus.embedded_port}"
 
 
+def _bus_shown(config: Config) -> str:
+    """The bus URL as the command may print it: a URL that came from the environment
+    (``${VAR}``, ``GATEWAY_BUS_URL``) is never printed, only where it came from."""
+    if config.bus.url and ("bus", "url") in config.from_env:
+        return "the bus URL from the environment"
+    return "the bus at " + mask_secrets(_bus_url(config))
+
+
 def _reason(exc: BaseException) -> str:
     """What went wrong, in the server's or the system's words (not an exception class)."""
     import nats.errors
@@ -86,7 +88,9 @@ def _reason(exc: BaseException) -> str:
     return text.strip("'\"") or type(exc).__name__
 
 
-async def _connect(config: Config) -> Any:
+async def _connect(config: Config, closed_cb: Any = None) -> Any:
+    """One connection to the bus, no automatic reconnect (a command fails fast, exit 3);
+    ``closed_cb`` is awaited when it is lost."""
     import nats
     import nats.errors
 
@@ -104,6 +108,8 @@ async def _connect(config: Config) -> Any:
         opts["token"] = config.bus.token
     if config.bus.creds_file:
         opts["user_credentials"] = config.bus.creds_file
+    if closed_cb is not None:
+        opts["closed_cb"] = closed_cb
     try:
         return await nats.connect(**opts)
     except Exception as exc:
@@ -116,7 +122,7 @@ async def _connect(config: Config) -> Any:
             hint = " (is `gateway run` running with the embedded bus?)"
         else:
             hint = ""
-        raise BusUnavailable(f"cannot reach the bus at {mask_secrets(url)}: {reason}{hint}") from exc
+        raise BusUnavailable(f"cannot reach {_bus_shown(config)}: {reason}{hint}") from exc
 
 
 # --- commands -----------------------------------------------------------------------
@@ -125,6 +131,12 @@ async def _connect(config: Config) -> Any:
 def cmd_run(args: argparse.Namespace) -> int:
     from .core.process import Gateway
 
+    # The options are the environment overrides, set for this process: a reload (SIGHUP)
+    # re-reads the file and keeps them, instead of seeing the file's ports as a change.
+    if args.port is not None:
+        os.environ["GATEWAY_HTTP_PORT"] = str(args.port)
+    if args.bus_port is not None:
+        os.environ["GATEWAY_BUS_PORT"] = str(args.bus_port)
     config, pm = _load(args)
     configure_logging(args.log_format or config.log.format, args.log_level or config.log.level)
     path = _config_path(args.config)
@@ -162,7 +174,9 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     config = load_config(path, PluginManager().channel_types)
     _register_secrets(config)
     names = ", ".join(f"{n} ({c.type})" for n, c in config.channels.items()) or "none"
-    print(f"{path}: OK; channels: {names}; bus: {mask_secrets(config.bus.url) or 'embedded'}")
+    bus = ("from the environment" if ("bus", "url") in config.from_env else mask_secrets(config.bus.url)) \
+        if config.bus.url else "embedded"
+    print(f"{path}: OK; channels: {names}; bus: {bus}")
     for warning in config.warnings:
         print(f"warning: {warning}", file=sys.stderr)
     return EXIT_OK
@@ -255,7 +269,12 @@ def cmd_tail(args: argparse.Namespace) -> int:
     subject = args.subject or f"{config.bus.prefix}.>"
 
     async def go() -> None:
-        nc = await _connect(config)
+        lost = asyncio.Event()
+
+        async def on_closed() -> None:
+            lost.set()
+
+        nc = await _connect(config, on_closed)
         seen = 0
         done = asyncio.Event()
 
@@ -270,10 +289,31 @@ def cmd_tail(args: argparse.Namespace) -> int:
             if args.count and seen >= args.count:
                 done.set()
 
+        where = _bus_shown(config).removeprefix("the bus at ")
         await nc.subscribe(subject, cb=on_msg)
-        print(f"tailing {subject} on {mask_secrets(_bus_url(config))} (Ctrl-C to stop)", file=sys.stderr, flush=True)
+        print(f"tailing {subject} on {where} (Ctrl-C to stop)", file=sys.stderr, flush=True)
         try:
-            await done.wait()
+            while True:
+                finished = asyncio.create_task(done.wait())
+                gone = asyncio.create_task(lost.wait())
+                await asyncio.wait({finished, gone}, return_when=asyncio.FIRST_COMPLETED)
+                finished.cancel()
+                gone.cancel()
+                if done.is_set():
+                    return
+                # The gateway (and its embedded bus) restarted, or the server went away:
+                # say so, then keep trying, as someone watching the bus expects.
+                print("tail: lost the connection to the bus; reconnecting (Ctrl-C to stop)", file=sys.stderr, flush=True)
+                lost.clear()
+                while True:
+                    try:
+                        nc = await _connect(config, on_closed)
+                        break
+                    except BusUnavailable:
+                        await asyncio.sleep(1)
+                await nc.subscribe(subject, cb=on_msg)
+                print(f"tail: reconnected to {where}; messages published meanwhile are not shown",
+                      file=sys.stderr, flush=True)
         finally:
             await nc.close()
 
@@ -358,6 +398,12 @@ def cmd_report(args: argparse.Namespace) -> int:
 # --- parser -------------------------------------------------------------------------
 
 
+def _port(text: str) -> int:
+    if text.isascii() and text.isdigit() and int(text) <= 65535:
+        return int(text)
+    raise argparse.ArgumentTypeError("expected a port number from 0 to 65535")
+
+
 def build_parser() -> argparse.ArgumentParser:
     def common(parser: argparse.ArgumentParser, default: Any = None) -> argparse.ArgumentParser:
         parser.add_argument("-c", "--config", default=default,
@@ -377,6 +423,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("run", parents=[shared], help="run the gateway (embedded nats-server when no [bus] url)",
                        description="Run the gateway until SIGTERM/SIGINT; SIGHUP reloads the configuration.")
+    s.add_argument("--port", type=_port, metavar="N",
+                   help="HTTP port, instead of [http] port (same as GATEWAY_HTTP_PORT=N)")
+    s.add_argument("--bus-port", type=_port, metavar="N",
+                   help="embedded nats-server port, instead of [bus] embedded_port (same as GATEWAY_BUS_PORT=N; "
+                        "set that variable for the other commands to find it)")
     s.set_defaults(func=cmd_run)
 
     s = sub.add_parser("check-config", parents=[shared], help="validate a configuration file and print every problem",

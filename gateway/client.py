@@ -1,6 +1,6 @@
 """A small async client for helpdesk backends: read inbound messages, reply, follow status.
 
-    async with Client("nats://127.0.0.1:4222") as client:
+    async with Client.from_config() as client:   # the bus of ./gateway.toml, or Client(url)
         async for msg in client.inbound(durable="helpdesk"):
             await client.reply(msg, text="We received your message and will reply within 2 days.")
 
@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
+import os
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -82,9 +83,33 @@ class Client:
         self._opts = connect_opts
         self.js: Any = nc.jetstream() if nc is not None else None
 
+    @classmethod
+    def from_config(cls, path: str | os.PathLike[str] | None = None, **connect_opts: Any) -> Client:
+        """A client for the bus the gateway's configuration names, read the way the
+        ``gateway`` commands read it: ``path``, else ``$GATEWAY_CONFIG``, else
+        ``./gateway.toml`` if it exists, else the defaults; ``${VAR}``s and the
+        ``GATEWAY_BUS_URL`` / ``GATEWAY_BUS_PORT`` overrides applied. Uses ``[bus] url`` (or
+        the embedded server's ``embedded_host:embedded_port``), ``prefix`` and the
+        credentials (``user``/``password``, ``token``, ``creds_file``). Only the settings are
+        validated, not the channel sections. Raises :class:`ConfigError` (file, line, key)."""
+        from .core.config import find_config, load_settings
+
+        bus = load_settings(find_config(path)).bus
+        opts: dict[str, Any] = {}
+        if bus.user:
+            opts.update(user=bus.user, password=bus.password)
+        if bus.token:
+            opts["token"] = bus.token
+        if bus.creds_file:
+            opts["user_credentials"] = bus.creds_file
+        url = bus.url or f"nats://{bus.embedded_host}:{bus.embedded_port}"
+        return cls(url, prefix=bus.prefix, **{**opts, **connect_opts})
+
     async def connect(self) -> Client:
         if self.nc is None:
-            self.nc = await nats.connect(self.url, **self._opts)
+            # A cluster's "nats://a:4222,nats://b:4222" is a list to the NATS client.
+            servers = [u.strip() for u in self.url.split(",")] if "," in self.url else self.url
+            self.nc = await nats.connect(servers, **self._opts)
             self.js = self.nc.jetstream()
         return self
 
@@ -135,8 +160,13 @@ class Client:
                     try:
                         yield message
                     except BaseException:
-                        for rest in msgs[i:]:
-                            await rest.nak()
+                        try:
+                            for rest in msgs[i:]:
+                                await rest.nak()
+                        except nats.errors.ConnectionClosedError:
+                            # Left after the client closed (a `break` finalized late): the
+                            # server redelivers them after ack_wait instead.
+                            pass
                         raise
                     await raw.ack()
         finally:

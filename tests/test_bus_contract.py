@@ -165,3 +165,33 @@ def test_the_contract_headers_are_the_documented_ones():
     assert c.message_headers(m) == {
         "Nats-Msg-Id": "m-1", "Content-Type": "application/json", "Gw-Schema": "message/1", "Gw-Conversation": "demo.k",
         "ce-specversion": "1.0", "ce-id": "m-1", "ce-type": "gateway.message.v1", "ce-source": "/mock/demo"}
+
+
+def test_the_delivery_status_table_has_one_header_and_every_state_once():
+    text = DOC.read_text()
+    section = text[text.index("## `DeliveryStatus`"):]
+    table = [line for line in section[section.index("\n|"):].split("\n\n", 1)[0].splitlines() if line.startswith("|")]
+    assert table[0] == "| state | when | `attempt` |" and table[1] == "|---|---|---|"
+    assert sum(1 for line in table if re.fullmatch(r"\|[-|]+\|", line)) == 1, table
+    documented = [s for line in table[2:] for s in re.findall(r"`([a-z]+)`", line.split("|")[1])]
+    from typing import get_args
+
+    from gateway import DeliveryState
+    assert sorted(documented) == sorted(get_args(DeliveryState))
+    assert all(len(line.split("|")) == 5 for line in table), "every row has the three columns"
+
+
+async def test_a_channel_reports_a_late_failure_as_dead_with_meta_and_cannot_report_a_permanent_failed(
+        gateway_factory, nats_server):
+    from gateway import ErrorInfo
+
+    gw = await gateway_factory({"demo": {"type": "mock"}})
+    ctx = gw.channels["demo"].ctx
+    # failed means "someone tries again": a permanent cause there is a channel's bug, refused
+    # before anything is published.
+    with pytest.raises(ValueError, match="dead"):
+        await ctx.report_status("r-9", "failed", error=ErrorInfo(message="undelivered", permanent=True))
+    await ctx.report_status("r-9", "dead", provider_id="p-9", meta={"segments": 2},
+                            error=ErrorInfo(message="undelivered", permanent=True, code="x_1"))
+    [dead] = await statuses(nats_server.url, "r-9")
+    assert (dead.state, dead.attempt, dead.meta, dead.next_attempt_at) == ("dead", 0, {"segments": 2}, None)

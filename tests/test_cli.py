@@ -65,3 +65,87 @@ def test_every_command_has_help():
 def test_unknown_command_exits_2():
     r = subprocess.run([sys.executable, "-m", "gateway", "frobnicate"], capture_output=True, text=True, timeout=30)
     assert r.returncode == 2 and "invalid choice" in r.stderr
+
+
+async def test_run_takes_its_ports_from_options_or_the_environment_and_other_commands_follow_the_environment(tmp_path):
+    import os
+    import signal
+
+    import httpx
+
+    from gateway.testing import free_port, wait_until
+
+    # The file names ports that are not used: the options and variables must win.
+    cfg = tmp_path / "gateway.toml"
+    cfg.write_text(f'[bus]\ndata_dir = "{tmp_path / "nats"}"\nembedded_port = {free_port()}\n'
+                   f'[http]\nport = {free_port()}\n[channels.demo]\ntype = "mock"\n')
+    http_port, bus_port = free_port(), free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
+    runs = [(["run", "--port", str(http_port), "--bus-port", str(bus_port)], env),
+            (["run"], {**env, "GATEWAY_HTTP_PORT": str(http_port), "GATEWAY_BUS_PORT": str(bus_port)})]
+    for args, run_env in runs:
+        proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "gateway", "-c", str(cfg), *args, env=run_env,
+                                                    stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
+        try:
+            async def healthy() -> bool:
+                assert proc.returncode is None, "gateway run exited"
+                try:
+                    async with httpx.AsyncClient() as c:
+                        return (await c.get(f"http://127.0.0.1:{http_port}/healthz", timeout=2)).status_code == 200
+                except httpx.HTTPError:
+                    return False
+
+            await wait_until(healthy, 60, 0.2)
+            # Another command with the same variable finds the bus on that port.
+            r = await asyncio.to_thread(
+                subprocess.run, [sys.executable, "-m", "gateway", "-c", str(cfg), "send", "--channel", "demo",
+                                 "--conversation", "demo.x", "--text", "hi"],
+                capture_output=True, text=True, timeout=30, env={**env, "GATEWAY_BUS_PORT": str(bus_port)})
+            assert r.returncode == 0 and "published outbound" in r.stdout, r.stderr
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            await asyncio.wait_for(proc.communicate(), 60)
+        assert proc.returncode == 0
+
+
+def test_run_refuses_a_port_out_of_range(capsys):
+    import pytest
+
+    with pytest.raises(SystemExit) as exc:
+        main(["run", "--port", "70000"])
+    assert exc.value.code == 2 and "--port: expected a port number from 0 to 65535" in capsys.readouterr().err
+
+
+async def test_tail_reconnects_after_the_gateway_restarts_and_says_so(tmp_path):
+    import os
+    import signal
+
+    from gateway.testing import GatewayProcess
+
+    gp = GatewayProcess(tmp_path)
+    await asyncio.to_thread(gp.start)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
+    tail = await asyncio.create_subprocess_exec(sys.executable, "-m", "gateway", "-c", str(gp.config), "tail", "gw.in.>",
+                                                env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    try:
+        assert b"tailing gw.in.>" in await asyncio.wait_for(tail.stderr.readline(), 30)
+        await post_inbound(gp.http_port, "demo", text="before the restart", sender="alice")
+        assert b"'before the restart'" in await asyncio.wait_for(tail.stdout.readline(), 30)
+
+        gp.signal(signal.SIGTERM)
+        assert await asyncio.to_thread(gp.wait) == 0
+        lost = (await asyncio.wait_for(tail.stderr.readline(), 30)).decode()
+        assert "lost the connection to the bus" in lost and "reconnecting" in lost, lost
+        await asyncio.to_thread(gp.start)
+        back = (await asyncio.wait_for(tail.stderr.readline(), 60)).decode()
+        assert back.startswith("tail: reconnected to nats://127.0.0.1:"), back
+        await post_inbound(gp.http_port, "demo", text="after the restart", sender="alice")
+        assert b"'after the restart'" in await asyncio.wait_for(tail.stdout.readline(), 30)
+        assert tail.returncode is None
+    finally:
+        if tail.returncode is None:
+            tail.send_signal(signal.SIGINT)
+            await asyncio.wait_for(tail.wait(), 30)
+        if gp.proc is not None and gp.proc.poll() is None:
+            gp.signal(signal.SIGTERM)
+            await asyncio.to_thread(gp.wait)

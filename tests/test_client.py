@@ -4,11 +4,15 @@ our Python package at all (only the documented subjects and JSON)."""
 from __future__ import annotations
 
 import asyncio
+import os
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
+import pytest
+
+from gateway import ConfigError
 from gateway.testing import post_inbound
 from gateway.client import Client
 
@@ -66,17 +70,56 @@ async def test_reply_by_conversation_key_finds_the_channel(gateway_factory, nats
     assert out.kind == "followup" and out.parts[0].text == "A follow-up"
 
 
-async def test_echo_backend_example_answers_with_the_expected_handling_time(gateway_factory, nats_server):
+async def test_echo_backend_example_answers_with_the_expected_handling_time_and_exits_cleanly(
+        gateway_factory, nats_server, tmp_path):
     gw = await gateway_factory({"demo": {"type": "mock"}})
     await post_inbound(gw.http.port, "demo", text="hello?", sender="erin")
-    proc = await asyncio.create_subprocess_exec(sys.executable, str(ROOT / "examples" / "echo_backend.py"), nats_server.url,
-                                                "--count", "1", "--within", "2 working days",
+    # No URL: the example reads ./gateway.toml as `gateway tail` does.
+    (tmp_path / "gateway.toml").write_text(f'[bus]\nurl = "{nats_server.url}"\n')
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
+    proc = await asyncio.create_subprocess_exec(sys.executable, str(ROOT / "examples" / "echo_backend.py"),
+                                                "--count", "1", "--within", "2 working days", cwd=tmp_path, env=env,
                                                 stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
     out, err = await asyncio.wait_for(proc.communicate(), 30)
     assert proc.returncode == 0, err.decode()
+    # Leaving the loop early closes the consumer before the connection: nothing on stderr
+    # (it was "Task exception was never retrieved ... ConnectionClosedError").
+    assert err.decode() == "" and out.decode().startswith("answered ")
     [(reply, _)] = await gw.channels["demo"].channel.wait_for_deliveries(1)
     assert reply.parts[0].text == "We received your message and will reply within 2 working days."
     assert reply.auto is True
+
+
+async def test_client_from_config_reads_the_bus_url_prefix_and_credentials_like_the_cli(tmp_path, monkeypatch):
+    from gateway.testing import NatsServer
+
+    server = NatsServer(tmp_path / "nats", user="desk", password="pw-123")
+    await server.start()
+    try:
+        for k in ("GATEWAY_CONFIG", "GATEWAY_BUS_URL", "GATEWAY_BUS_PORT"):
+            monkeypatch.delenv(k, raising=False)
+        cfg = tmp_path / "gateway.toml"
+        cfg.write_text(f'[bus]\nurl = "nats://127.0.0.1:{server.port}"\nprefix = "acme"\nuser = "desk"\n'
+                       f'password = "${{GW_TEST_PW}}"\n[channels.x]\ntype = "not-installed-here"\n')
+        monkeypatch.setenv("GW_TEST_PW", "pw-123")
+        # A backend needs [bus] only: channel sections of types it does not have are no error.
+        async with Client.from_config(cfg) as client:
+            assert client.subjects.prefix == "acme" and client.nc.is_connected
+        # Without a path: $GATEWAY_CONFIG, else ./gateway.toml; GATEWAY_BUS_URL overrides.
+        monkeypatch.chdir(tmp_path)
+        assert Client.from_config().url == f"nats://127.0.0.1:{server.port}"
+        monkeypatch.setenv("GATEWAY_BUS_URL", "nats://127.0.0.1:4999")
+        assert Client.from_config().url == "nats://127.0.0.1:4999"
+        monkeypatch.delenv("GATEWAY_BUS_URL")
+        (tmp_path / "gateway.toml").write_text("[bus]\nembedded_port = 4333\n")
+        assert Client.from_config().url == "nats://127.0.0.1:4333"
+        monkeypatch.setenv("GATEWAY_BUS_PORT", "4334")
+        assert Client.from_config().url == "nats://127.0.0.1:4334"
+        (tmp_path / "gateway.toml").write_text('[bus]\nurl = "localhost"\n')
+        with pytest.raises(ConfigError, match=r"gateway.toml:2: bus.url: expected nats://"):
+            Client.from_config()
+    finally:
+        await server.stop()
 
 
 NON_PYTHON_BACKEND = textwrap.dedent('''

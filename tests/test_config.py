@@ -232,3 +232,64 @@ def test_a_sub_sections_own_check_is_reported_at_its_key_and_line(tmp_path, caps
         """)
     assert code == 2
     assert f"{tmp_path / 'gateway.toml'}:6: channels.s.twilio: twilio needs from_number" in out and "$." not in out
+
+
+BUS_URL_EXPECTED = "expected nats://, tls://, ws:// or wss:// URLs with a host (comma-separated for a cluster)"
+
+
+@pytest.mark.parametrize("url", ["not a url s3cr3t", "http://s3cr3t:4222", "nats://", "nats://a:4222,,nats://b:4222",
+                                 "nats://a:4222,ws://s3cr3t:8080", "nats://s3cr3t:99999"])
+def test_a_bus_url_from_the_environment_is_validated_and_never_printed(tmp_path, capsys, monkeypatch, url):
+    monkeypatch.setenv("GW_TEST_BUS", url)
+    code, out = check(tmp_path, capsys, """
+        [bus]
+        url = "${GW_TEST_BUS}"
+        """)
+    assert code == 2, out
+    assert f":3: bus.url: {BUS_URL_EXPECTED}" in out and "(value hidden)" in out
+    assert "s3cr3t" not in out and "http://" not in out
+
+
+def test_a_bus_url_in_the_file_is_validated_and_shown(tmp_path, capsys):
+    code, out = check(tmp_path, capsys, """
+        [bus]
+        url = "localhost:4222"
+        """)
+    assert code == 2
+    assert f':3: bus.url: {BUS_URL_EXPECTED}, got "localhost:4222"' in out
+
+
+def test_gateway_bus_url_is_validated_and_never_printed(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("GATEWAY_BUS_URL", "s3cr3t-host:4222")
+    code, out = check(tmp_path, capsys, "[bus]\nurl = 'nats://127.0.0.1:4222'\n")
+    assert code == 2
+    assert f"$GATEWAY_BUS_URL: {BUS_URL_EXPECTED}, got (value hidden)" in out
+    assert "s3cr3t" not in out
+
+
+@pytest.mark.parametrize("url", ["nats://10.9.8.7:4222", "tls://u:pw@10.9.8.7:4222,tls://10.9.8.6",
+                                 "ws://10.9.8.7:8080, wss://10.9.8.6", "nats://10.9.8.7"])
+def test_valid_bus_urls_from_the_environment_pass_and_the_ok_line_does_not_print_them(tmp_path, capsys, monkeypatch, url):
+    monkeypatch.setenv("GW_TEST_BUS", url)
+    code, out = check(tmp_path, capsys, """
+        [bus]
+        url = "${GW_TEST_BUS}"
+        """)
+    assert code == 0, out
+    assert "10.9.8" not in out and "bus: from the environment" in out
+
+
+def test_ports_come_from_the_environment_and_a_bad_one_is_named_not_printed(tmp_path, capsys, monkeypatch):
+    p = write(tmp_path, "[http]\nport = 8080\n[bus]\nembedded_port = 4222\n")
+    monkeypatch.setenv("GATEWAY_HTTP_PORT", "8123")
+    monkeypatch.setenv("GATEWAY_BUS_PORT", "0")
+    cfg = load_config(p, PluginManager().channel_types)
+    assert (cfg.http.port, cfg.bus.embedded_port) == (8123, 0)
+    monkeypatch.setenv("GATEWAY_HTTP_PORT", "80s3cr3t")
+    monkeypatch.setenv("GATEWAY_BUS_PORT", "70000")
+    code = main(["check-config", str(p)])
+    out = capsys.readouterr().err
+    assert code == 2
+    assert "$GATEWAY_HTTP_PORT: expected a port number from 0 to 65535, got (value hidden)" in out
+    assert "$GATEWAY_BUS_PORT: expected a port number from 0 to 65535, got (value hidden)" in out
+    assert "s3cr3t" not in out and "70000" not in out

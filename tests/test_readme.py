@@ -67,9 +67,9 @@ class Folder:
         (path / ".venv").symlink_to(sys.prefix)
         (path / "examples").symlink_to(ROOT / "examples")
         example = (ROOT / "gateway.example.toml").read_text()
-        assert "port = 8080" in example and "[bus]" in example
-        example = example.replace("port = 8080", f"port = {self.http_port}")
-        example = example.replace("[bus]\n", f"[bus]\nembedded_port = {self.nats_port}\n", 1)
+        assert "\nport = 8080" in example and "\nembedded_port = 4222" in example
+        example = example.replace("\nport = 8080", f"\nport = {self.http_port}")
+        example = example.replace("\nembedded_port = 4222", f"\nembedded_port = {self.nats_port}")
         (path / "gateway.example.toml").write_text(example)
         self.procs: list[asyncio.subprocess.Process] = []
 
@@ -79,7 +79,8 @@ class Folder:
 
     async def start(self, command: str, activate: bool = True) -> asyncio.subprocess.Process:
         script = (". .venv/bin/activate && " if activate else "") + self.localize(command)
-        env = {k: v for k, v in os.environ.items() if k not in ("GATEWAY_CONFIG", "GATEWAY_BUS_URL", "VIRTUAL_ENV")}
+        env = {k: v for k, v in os.environ.items() if k not in ("GATEWAY_CONFIG", "GATEWAY_BUS_URL", "GATEWAY_HTTP_PORT",
+                                                                 "GATEWAY_BUS_PORT", "VIRTUAL_ENV")}
         # Its own process group, signalled as a whole: what Ctrl-C in a terminal does.
         proc = await asyncio.create_subprocess_exec("bash", "-c", script, cwd=self.path, env=env, start_new_session=True,
                                                     stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
@@ -196,7 +197,8 @@ async def test_readme_run_tour_and_backend_work_as_written(folder):
     assert sum("gw.in.mock.demo" in ln for ln in tail.lines) == 1, "\n".join(tail.lines)
 
     # 4. the example backend acknowledges every message automatically
-    echo_proc = await folder.start(command("python examples/echo_backend.py") + f" nats://127.0.0.1:{folder.nats_port}")
+    # As pasted: no URL, the example reads the folder's gateway.toml (its port is a free one).
+    echo_proc = await folder.start(command("python examples/echo_backend.py"))
     echo = Lines(echo_proc.stdout)
     await echo.wait_for("answered", f"in {conversation}")
     ack_at = await tail.wait_for("gw.out.mock.demo  outbound ack-", "We received your message")
@@ -232,7 +234,9 @@ async def test_readme_run_tour_and_backend_work_as_written(folder):
         assert frame["message"]["text"] == "Hi, how can we help?"
 
     # --- Write a backend: the snippet as pasted, saved as backend.py -----------------
-    (folder.path / "backend.py").write_text(folder.localize(_block("backend")))
+    snippet = _block("backend")
+    assert "4222" not in snippet and "Client.from_config()" in snippet  # the bus of gateway.toml, not a fixed port
+    (folder.path / "backend.py").write_text(snippet)
     backend = await folder.start("python backend.py")
     reply_at = await tail.wait_for("gw.out.mock.demo  outbound", "'Thanks, we are on it.'")
     reply_id = re.search(r"outbound (\S+)", tail.lines[reply_at]).group(1)

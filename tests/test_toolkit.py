@@ -75,6 +75,20 @@ async def test_lease_is_taken_over_after_it_expires_not_before(ctx):
     assert not await a.acquire(), "the old holder lost it"
 
 
+async def test_a_lease_runs_out_on_the_servers_clock_not_the_holders(ctx):
+    # The holder's clock runs an hour fast or slow: the wall-clock expiry it writes (kept for
+    # readers of the previous release) decides nothing; the record's TTL on the server does.
+    a, b = Lease(ctx.state, "reader", ttl=1.0), Lease(ctx.state, "reader", ttl=1.0)
+    assert await a.acquire()
+    _, revision = await ctx.state.get_revision("reader")
+    skewed = msgspec.json.encode({"holder": a.holder, "expires": time.time() - 3600, "ttl": 1.0})
+    assert await ctx.state.update("reader", skewed, revision, ttl=1.0)
+    t0 = time.monotonic()
+    assert not await b.acquire(), "an expiry in the past on a live record does not free it"
+    await wait_until(b.acquire, timeout=5)
+    assert time.monotonic() - t0 >= 0.5
+
+
 async def test_released_lease_is_taken_at_once(ctx):
     a, b = Lease(ctx.state, "reader", ttl=60), Lease(ctx.state, "reader", ttl=60)
     assert await a.acquire()

@@ -48,8 +48,8 @@ class BusConfig(_Section):
     """``[bus]``: where the NATS JetStream bus is and how it is laid out."""
 
     url: str = ""
-    """``nats://host:port`` (comma-separated for a cluster); empty: start an embedded
-    nats-server. ``GATEWAY_BUS_URL`` overrides it."""
+    """``nats://host:port`` (``tls://``, ``ws://``, ``wss://``; comma-separated for a
+    cluster); empty: start an embedded nats-server. ``GATEWAY_BUS_URL`` overrides it."""
     prefix: Annotated[str, msgspec.Meta(pattern=r"^[a-zA-Z0-9_-]+$")] = "gw"
     replicas: Annotated[int, msgspec.Meta(ge=1, le=5)] = 1
     user: str = ""
@@ -60,7 +60,7 @@ class BusConfig(_Section):
     """JetStream storage of the embedded server."""
     embedded_host: str = "127.0.0.1"
     embedded_port: Annotated[int, msgspec.Meta(ge=0, le=65535)] = 4222
-    """0 picks a free port."""
+    """0 picks a free port. ``GATEWAY_BUS_PORT`` (or ``gateway run --bus-port``) overrides it."""
     connect_timeout: Duration = "5s"
     publish_timeout: Duration = "5s"
     dedup_ttl: Duration = "7d"
@@ -83,6 +83,7 @@ class HttpConfig(_Section):
     enabled: bool = True
     host: str = "127.0.0.1"
     port: Annotated[int, msgspec.Meta(ge=0, le=65535)] = 8080
+    """``GATEWAY_HTTP_PORT`` (or ``gateway run --port``) overrides it."""
     max_body: Annotated[int, msgspec.Meta(ge=1024)] = 1048576
     """Largest request body in bytes (a channel may set a lower limit for its routes)."""
     header_timeout: Duration = "10s"
@@ -306,6 +307,9 @@ class Config:
     warnings: list[str] = field(default_factory=list)
     """What is valid but will not work fully (a holiday calendar that does not know a year
     yet): ``gateway check-config`` prints it, ``gateway run`` logs it."""
+    from_env: frozenset[tuple[str, ...]] = frozenset()
+    """Key paths (``("bus", "url")``) whose value came from the environment (``${VAR}`` or
+    a ``GATEWAY_*`` override): such values are never printed."""
 
     @property
     def bus(self) -> BusConfig:
@@ -536,6 +540,40 @@ def _zone_exists(tz: str) -> bool:
     return True
 
 
+_BUS_SCHEMES = ("nats", "tls", "ws", "wss")
+_BUS_URL_EXPECTED = "expected nats://, tls://, ws:// or wss:// URLs with a host (comma-separated for a cluster)"
+_PORT_EXPECTED = "expected a port number from 0 to 65535"
+
+# Environment overrides of single keys, applied after the file (and its ${VAR}s).
+_ENV_PORTS = {"GATEWAY_HTTP_PORT": ("http", "port"), "GATEWAY_BUS_PORT": ("bus", "embedded_port")}
+
+
+def bus_url_problem(url: str) -> str | None:
+    """Why ``url`` (a ``[bus] url``) is not something the NATS client can connect to, or
+    None. A URL without a scheme is refused even where the client would guess ``nats://``:
+    the same words in a file should not mean a host here and garbage there."""
+    from urllib.parse import urlsplit
+
+    schemes = set()
+    for entry in url.split(","):
+        entry = entry.strip()
+        try:
+            parts = urlsplit(entry)
+            port = parts.port
+        except ValueError:
+            return _BUS_URL_EXPECTED
+        if parts.scheme not in _BUS_SCHEMES or not parts.hostname or (port is not None and port == 0):
+            return _BUS_URL_EXPECTED
+        schemes.add(parts.scheme in ("ws", "wss"))
+    if len(schemes) > 1:
+        return f"{_BUS_URL_EXPECTED}; WebSocket and other URLs cannot be mixed"
+    return None
+
+
+def _env_port(value: str) -> int | None:
+    return int(value) if value.isascii() and value.isdigit() and int(value) <= 65535 else None
+
+
 def parse_config(
     data: dict[str, Any],
     channel_types: Mapping[str, Any],
@@ -616,16 +654,46 @@ def parse_config(
             continue
         channels[name] = ChannelConfig(name, ctype, c.enabled, c.required, c.rate_limit, c.backoff, c.max_attempts, options,
                                        c.concurrency, c.quiet_hours, c.service)
+    environ = os.environ if env is None else env
+    from_env = set(problems.from_env)
+    # An override is checked like the key it replaces and named by its variable; its
+    # value is never shown (it came from the environment).
+    bus_url = environ.get("GATEWAY_BUS_URL")
+    if bus_url:
+        from_env.add(("bus", "url"))
+        if (why := bus_url_problem(bus_url)) is not None:
+            problems.items.append(f"{source}: $GATEWAY_BUS_URL: {why}, got (value hidden)")
+    else:
+        file_url = data.get("bus", {}).get("url") if isinstance(data.get("bus"), dict) else None
+        if isinstance(file_url, str) and file_url and (why := bus_url_problem(file_url)) is not None:
+            problems.add(("bus", "url"), f"{why}, got {problems.shown(('bus', 'url'), file_url)}")
+    ports: dict[tuple[str, str], int] = {}
+    for var, key in _ENV_PORTS.items():
+        raw = environ.get(var)
+        if raw is None or raw == "":
+            continue
+        port = _env_port(raw.strip())
+        if port is None:
+            problems.items.append(f"{source}: ${var}: {_PORT_EXPECTED}, got (value hidden)")
+        else:
+            ports[key] = port
+            from_env.add(key)
     if problems.items:
         raise ConfigError(problems.items)
     try:
         settings = msgspec.convert(data, GatewaySettings)
     except msgspec.ValidationError as exc:  # defensive: _check should have caught it
         raise ConfigError([f"{source}: {exc}"]) from exc
-    bus_url = (os.environ if env is None else env).get("GATEWAY_BUS_URL")
     if bus_url:
         settings.bus.url = bus_url
-    return Config(settings=settings, channels=channels, source=source, warnings=warnings)
+    # "nats://a, nats://b" is a fine list to write; the client splits on the commas alone.
+    settings.bus.url = ",".join(u.strip() for u in settings.bus.url.split(",")) if settings.bus.url else ""
+    if ("http", "port") in ports:
+        settings.http.port = ports[("http", "port")]
+    if ("bus", "embedded_port") in ports:
+        settings.bus.embedded_port = ports[("bus", "embedded_port")]
+    return Config(settings=settings, channels=channels, source=source, from_env=frozenset(from_env),
+                  warnings=warnings)
 
 
 def _check_calendar(raw: dict[str, Any], path: tuple[str, ...], problems: _Problems, warnings: list[str],
@@ -762,11 +830,37 @@ def _load_closures(cpath: Path, path: tuple[str, ...], problems: _Problems) -> C
     return msgspec.convert(data, ClosuresFile)
 
 
+DEFAULT_CONFIG = "gateway.toml"
+
+
+def find_config(path: str | os.PathLike[str] | None = None, env: Mapping[str, str] | None = None) -> str | None:
+    """The configuration file every command and client reads: ``path`` if given, else
+    ``$GATEWAY_CONFIG``, else ``./gateway.toml`` if it exists, else None (defaults)."""
+    if path:
+        return str(path)
+    configured = (os.environ if env is None else env).get("GATEWAY_CONFIG")
+    if configured:
+        return configured
+    return DEFAULT_CONFIG if Path(DEFAULT_CONFIG).exists() else None
+
+
+def load_settings(path: str | os.PathLike[str] | None, env: Mapping[str, str] | None = None) -> Config:
+    """Like :func:`load_config` for a program that needs the settings only (a backend
+    needs ``[bus]``): the ``[channels.*]`` sections are not validated, so channel types
+    installed only where the gateway runs are no error."""
+    return _load(path, None, env)
+
+
 def load_config(path: str | os.PathLike[str] | None, channel_types: Mapping[str, Any],
                 env: Mapping[str, str] | None = None) -> Config:
     """Read and validate a TOML file; None means built-in defaults and no channels."""
+    return _load(path, channel_types, env)
+
+
+def _load(path: str | os.PathLike[str] | None, channel_types: Mapping[str, Any] | None,
+          env: Mapping[str, str] | None) -> Config:
     if path is None:
-        return parse_config({}, channel_types, env=env)
+        return parse_config({}, channel_types or {}, env=env)
     p = Path(path)
     try:
         text = p.read_text(encoding="utf-8")
@@ -778,4 +872,6 @@ def load_config(path: str | os.PathLike[str] | None, channel_types: Mapping[str,
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError([f"{p}: invalid TOML: {exc}"]) from exc
-    return parse_config(data, channel_types, source=str(path), text=text, env=env, base_dir=p.parent)
+    if channel_types is None:
+        data.pop("channels", None)
+    return parse_config(data, channel_types or {}, source=str(path), text=text, env=env, base_dir=p.parent)

@@ -94,10 +94,14 @@ class Context(ChannelContext):
         conversation: str = "",
         provider_id: str | None = None,
         error: ErrorInfo | None = None,
+        meta: dict[str, Any] | None = None,
     ) -> None:
+        if state == "failed" and error is not None and error.permanent:
+            # The bus contract: failed is never final; a provider's final word is dead.
+            raise ValueError(f"report_status: a permanent failure of {outbound_id!r} is reported as 'dead', not 'failed'")
         status = DeliveryStatus(outbound_id=outbound_id, conversation=conversation, channel_type=self.channel_type,
                                 channel=self.name, state=state, at=datetime.now(timezone.utc),
-                                provider_id=provider_id, error=error)
+                                provider_id=provider_id, error=error, meta=dict(meta) if meta else {})
         await self.services.publish_status(status)
 
     async def put_blob(self, data: bytes, *, content_type: str | None = None) -> ObjectRef:

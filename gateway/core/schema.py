@@ -270,8 +270,9 @@ class DeliveryStatus(_Envelope, frozen=True, kw_only=True):
     next_attempt_at: datetime | None = None
     meta: dict[str, Any] = {}
     """Channel facts about the send, on ``sent`` statuses: what the channel's ``Receipt.meta``
-    said (SMS: ``segments``, ``encoding``, ``provider``). Documented per channel; ``{}`` when
-    the channel says nothing."""
+    said (SMS: ``segments``, ``encoding``, ``provider``); on statuses a provider reports later,
+    what its report adds (SMS: ``provider``, Aliyun's billed ``segments``). Documented per
+    channel; ``{}`` when the channel says nothing."""
 
 
 class QuietHours(_Wire, frozen=True, kw_only=True):

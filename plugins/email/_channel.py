@@ -13,6 +13,7 @@ from gateway import (
     ChannelContext,
     Conversation,
     DeliveryError,
+    DeliveryState,
     ErrorInfo,
     Outbound,
     Participant,
@@ -233,17 +234,28 @@ class EmailChannel(Channel):
             self.ctx.log.info("bounce already reported", status=status)
             return True
         handled = False
+        # Action "failed" is final whatever the status class (the reporting MTA stopped
+        # trying): dead, permanent unless the cause was temporary (4.4.7 expired), when
+        # sending again may work. "delayed" is a failed that is not final. "delivered" (a
+        # NOTIFY=SUCCESS report) is a receipt; "relayed" and "expanded" say nothing about
+        # the outcome, so they report nothing (and are no customer message either).
+        outcomes: dict[str, DeliveryState] = {"failed": "dead", "delayed": "failed", "delivered": "delivered"}
+        state = outcomes.get(action)
+        permanent = state == "dead" and not (status or "").startswith("4")
         for mid in ids:
             rec = await self.sent.get(mid) or await sent_before_upgrade(self.ctx.state, mid)
             if rec is None:
                 continue
-            permanent = action == "failed" and not (status or "").startswith("4")
-            text = f"bounced: {action}" + (f" {status}" if status else "") + (f" ({diagnostic})" if diagnostic else "")
-            await self.ctx.report_status(rec.outbound_id, "dead" if permanent else "failed", conversation=rec.conversation,
-                                         provider_id=mid,
-                                         error=ErrorInfo(message=text[:500], permanent=permanent, code=status or "bounce"))
-            self.ctx.log.info("bounce reported", outbound_id=rec.outbound_id, state="dead" if permanent else "failed", status=status)
             handled = True
+            if state is None:
+                self.ctx.log.info("delivery report without an outcome", outbound_id=rec.outbound_id, action=action[:20])
+                continue
+            text = f"bounced: {action}" + (f" {status}" if status else "") + (f" ({diagnostic})" if diagnostic else "")
+            error = None if state == "delivered" else \
+                ErrorInfo(message=text[:500], permanent=permanent, code=status or "bounce")
+            await self.ctx.report_status(rec.outbound_id, state, conversation=rec.conversation, provider_id=mid,
+                                         error=error)
+            self.ctx.log.info("bounce reported", outbound_id=rec.outbound_id, state=state, status=status)
         if handled:
             await self.ctx.state.put(seen_key, b"1", ttl=seconds(self.cfg.thread_ttl))
         return handled

@@ -18,10 +18,9 @@ from typing import Any
 import aioimaplib
 import msgspec
 
-from gateway import Backoff, ChannelState, GatewayError, KeyValue, Lease, Supervised
+from gateway import Backoff, ChannelState, GatewayError, KeyValue, Lease, RequestError, Supervised
 
 from ._config import ImapConfig, seconds
-from ._parse import MailRejected
 
 Ingest = Callable[[bytes, dict[str, Any]], Awaitable[str]]
 
@@ -285,8 +284,10 @@ class ImapPoller:
                         **({"rescan": True} if rescan else {})}
                 try:
                     await self.ingest(raw, meta)
-                except MailRejected as exc:
-                    # Unprocessable mail stays in the mailbox; it is skipped, not retried forever.
+                except RequestError as exc:
+                    # Unprocessable mail (MailRejected), or mail the bus refuses (too large
+                    # for it) stays in the mailbox; it is skipped, not retried forever
+                    # ahead of everything after it.
                     self.log.warning("imap message rejected", uid=uid, reason=exc.reason)
                 cp = Checkpoint(uidvalidity=uidvalidity, last_uid=uid)
                 await self.state.put_record(self.cp_key, cp)

@@ -18,7 +18,7 @@ from typing import Any, cast
 
 from gateway import AudioPart, FilePart, HtmlPart, ImagePart, Part, RequestError, TextPart, VideoPart
 
-from ._text import decode_bytes, decode_header_value, html_to_text, split_reply
+from ._text import decode_bytes, decode_header_value, html_to_text, split_reply, unescape_8bit
 
 
 class MailRejected(RequestError):
@@ -104,10 +104,10 @@ def extract_ids(value: str | None, limit: int = 100) -> list[str]:
     return out
 
 
-def _raw_headers(msg: email.message.Message) -> dict[str, list[str]]:
+def _raw_headers(msg: email.message.Message, fallbacks: tuple[str, ...]) -> dict[str, list[str]]:
     out: dict[str, list[str]] = {}
     for name, value in msg.raw_items():
-        out.setdefault(name.lower(), []).append(str(value))
+        out.setdefault(name.lower(), []).append(unescape_8bit(str(value), fallbacks))
     return out
 
 
@@ -216,7 +216,7 @@ def parse_mail(raw: bytes, limits: Limits | None = None, *, envelope_from: str |
         msg = email.message_from_bytes(raw, policy=email.policy.default)
     except RecursionError:
         raise MailRejected("MIME structure nested too deeply") from None
-    h = _raw_headers(msg)
+    h = _raw_headers(msg, fb)
     problems: list[str] = []
 
     def hval(name: str) -> str | None:
@@ -385,7 +385,7 @@ def _forwarded(part: email.message.Message, inner: email.message.Message, forwar
                fb: tuple[str, ...]) -> Part:
     """A message attached to a message (forward as attachment): kept whole as a
     ``message/rfc822`` file so nothing of it is lost; its headers summarised in meta."""
-    h = _raw_headers(inner)
+    h = _raw_headers(inner, fb)
     subject = decode_header_value((h.get("subject") or [""])[0], fb)[:200]
     info = {"subject": subject, "from": ", ".join(a for a, _ in _addresses(h.get("from", []), fb))[:200],
             "message_id": (extract_ids((h.get("message-id") or [""])[0], 1) or [""])[0]}

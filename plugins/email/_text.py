@@ -5,6 +5,7 @@ below a signature."""
 from __future__ import annotations
 
 import codecs
+import email.errors
 import email.header
 import re
 
@@ -82,20 +83,28 @@ def decode_bytes(data: bytes, label: str | None, fallbacks: list[str] | tuple[st
 _ENCODED_WORD = re.compile(r"=\?[^?\s]+\?[bBqQ]\?[^?\s]*\?=")
 
 
+def unescape_8bit(value: str, fallbacks: list[str] | tuple[str, ...] = ("utf-8", "gb18030", "cp1252")) -> str:
+    """``value`` with raw 8-bit header bytes (which the email package hands out as lone
+    surrogate escapes) decoded as undeclared UTF-8 or a fallback charset. Nothing with a
+    lone surrogate may go further: it cannot be encoded as UTF-8, so a KV key, a record or
+    the published message built from it would fail on every retry of the mail."""
+    if not any("\udc80" <= c <= "\udcff" for c in value):
+        return value
+    return decode_bytes(value.encode("utf-8", "surrogateescape"), None, fallbacks)[0]
+
+
 def decode_header_value(raw: str, fallbacks: list[str] | tuple[str, ...] = ("utf-8", "gb18030", "cp1252")) -> str:
     """Decode a raw header value: RFC 2047 encoded words in any charset (GB2312-labelled
     words as GB18030) and raw 8-bit bytes (undeclared UTF-8 or GBK), unfolded."""
-    value = re.sub(r"\r?\n[ \t]+", " ", raw).strip()
+    value = unescape_8bit(re.sub(r"\r?\n[ \t]+", " ", raw).strip(), fallbacks)
     if not value:
         return ""
-    # 8-bit header bytes reach us as surrogate escapes of the email package.
-    if any("\udc80" <= c <= "\udcff" for c in value):
-        value = decode_bytes(value.encode("ascii", "surrogateescape"), None, fallbacks)[0]
     if "=?" not in value or not _ENCODED_WORD.search(value):
         return value
     try:
         chunks = email.header.decode_header(value)
-    except (ValueError, IndexError, AssertionError, UnicodeError):
+    except (ValueError, IndexError, AssertionError, UnicodeError, email.errors.HeaderParseError):
+        # A damaged encoded word (bad base64) is shown as written, not a reason to refuse the mail.
         return value
     out: list[str] = []
     for chunk, charset in chunks:

@@ -128,15 +128,21 @@ class ThreadStore:
         """Record an inbound message after it was published."""
         refs = (mail.references or mail.in_reply_to)[-20:]
         subject, _ = normalize_subject(mail.subject)
-        await asyncio.gather(
-            self.put(mail.message_id, MessageRecord(t=thread.native, g=gateway_id, r=refs, s=mail.subject, a=auto)),
-            self.state.put("gid:" + gateway_id, mail.message_id.encode(), ttl=self.ttl),
-            *([self.state.put(_subject_key(subject, customer, ours), thread.native.encode(), ttl=self.ttl)]
-              if subject else []))
+        # Every key and value is built before any coroutine is: one that fails to build
+        # must not leave the others created and never awaited.
+        subject_key = _subject_key(subject, customer, ours) if subject else None
+        writes = [self.put(mail.message_id, MessageRecord(t=thread.native, g=gateway_id, r=refs, s=mail.subject, a=auto)),
+                  self.state.put("gid:" + gateway_id, mail.message_id.encode(), ttl=self.ttl)]
+        if subject_key is not None:
+            writes.append(self.state.put(subject_key, thread.native.encode(), ttl=self.ttl))
+        await asyncio.gather(*writes)
 
 
 def _subject_key(subject: str, customer: str, ours: str) -> str:
-    return "subj:" + hashlib.sha256(f"{subject}\x00{customer.lower()}\x00{ours.lower()}".encode()).hexdigest()
+    # surrogatepass: a key is a hash, any string must make one (the parser decodes raw
+    # 8-bit headers, this is the second line of defence).
+    key = f"{subject}\x00{customer.lower()}\x00{ours.lower()}".encode("utf-8", "surrogatepass")
+    return "subj:" + hashlib.sha256(key).hexdigest()
 
 
 def route_record(route: dict[str, Any]) -> MessageRecord:

@@ -204,7 +204,9 @@ class Official:
         content = d.get("content") if isinstance(d.get("content"), str) else ""
         assert isinstance(content, str)
         if kind == "group":
-            content = content.lstrip()  # the platform leaves a space where the @bot was
+            # The platform leaves one space where the @bot was; what the customer typed
+            # after it (indentation, a full-width space) is theirs and stays.
+            content = content.removeprefix(" ")
         parts: list[Part] = [TextPart(text=content)] if content else []
         attachments = d.get("attachments")
         for a in attachments if isinstance(attachments, list) else []:

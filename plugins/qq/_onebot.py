@@ -27,6 +27,7 @@ import msgspec
 
 from gateway import (
     AudioPart,
+    Backoff,
     BusUnavailable,
     ChannelContext,
     Conversation,
@@ -39,6 +40,7 @@ from gateway import (
     ImagePart,
     Outbound,
     Participant,
+    RateLimiter,
     Receipt,
     RequestError,
     TextPart,
@@ -248,8 +250,8 @@ class OneBot:
         self.interval = seconds(cfg.group_interval)
         self.bots: dict[str, _Bot] = {}
         self._echo = itertools.count(1)
-        self._pace: dict[str, float] = {}
-        self._pace_locks: dict[str, asyncio.Lock] = {}
+        # At most one send per group_interval into one group (this process).
+        self.pace = RateLimiter(1, per=self.interval, burst=1) if self.interval > 0 else None
         self._watchdog: asyncio.Task[None] | None = None
         self.client: WebSocketClient | None = None
         self.http: httpx.AsyncClient | None = None
@@ -473,7 +475,7 @@ class OneBot:
     async def _work(self, bot: _Bot) -> None:
         """Publish the bot's events in order; while the bus is down, wait and retry (the
         implementation never resends an event, so giving up would lose it)."""
-        delay = 0.2
+        backoff = Backoff(0.2, 5.0)
         await bot.ready.wait()
         while True:
             event = await bot.queue.get()
@@ -485,16 +487,16 @@ class OneBot:
             while True:
                 try:
                     await self._event(bot.self_id, event)
-                    delay = 0.2
+                    backoff.reset()
                     break
                 except _Malformed as exc:
                     self.ctx.count("onebot_malformed")
                     self.ctx.log.warning("OneBot event not understood", bot=mask(bot.self_id), reason=exc.reason)
                     break
                 except BusUnavailable:
-                    self.ctx.log.warning("bus unavailable; OneBot event held", retry_in=delay)
+                    delay = backoff.next()
+                    self.ctx.log.warning("bus unavailable; OneBot event held", retry_in=round(delay, 2))
                     await asyncio.sleep(delay)
-                    delay = min(delay * 2, 5.0)
                 except Exception as exc:  # noqa: BLE001 - one bad event must not stop the bot's stream
                     self.ctx.count("onebot_event_error")
                     self.ctx.log.warning("OneBot event not published", error=f"{type(exc).__name__}")
@@ -685,9 +687,9 @@ class OneBot:
                     head.append({"type": "reply", "data": {"id": quoted.message_id}})
                 if quoted is not None and self.cfg.mention_sender:
                     head += [{"type": "at", "data": {"qq": quoted.user_id}}, {"type": "text", "data": {"text": " "}}]
-            async with self._paced(f"{self_id}:{group_id}"):
-                data = await self.call(self_id, "send_group_msg",
-                                       {"group_id": _num(group_id), "message": head + segments})
+            if self.pace is not None:
+                await self.pace.acquire(f"{self_id}:{group_id}")
+            data = await self.call(self_id, "send_group_msg", {"group_id": _num(group_id), "message": head + segments})
         else:
             data = await self.call(self_id, "send_private_msg",
                                    {"user_id": _num(str(route.get("user_id") or "")), "message": segments})
@@ -705,9 +707,6 @@ class OneBot:
         if route.get("message_id") and route.get("user_id"):
             return _Quoted(message_id=str(route["message_id"]), user_id=str(route["user_id"]))
         return None
-
-    def _paced(self, group: str) -> _Pace:
-        return _Pace(self, group)
 
     async def _segments(self, outbound: Outbound) -> list[dict[str, Any]]:
         """The outbound's parts as array-form segments (text stays text, whatever it holds)."""
@@ -753,26 +752,3 @@ class OneBot:
         if qq == "all" and not self.cfg.allow_at_all:
             raise DeliveryError("@all is not allowed on this channel (onebot.allow_at_all)", permanent=True,
                                 code="at_all_refused")
-
-
-class _Pace:
-    """At most one send per ``group_interval`` into one group (this process)."""
-
-    def __init__(self, onebot: OneBot, group: str) -> None:
-        self.ob = onebot
-        self.group = group
-        self.lock = onebot._pace_locks.setdefault(group, asyncio.Lock())
-
-    async def __aenter__(self) -> None:
-        await self.lock.acquire()
-        wait = self.ob._pace.get(self.group, 0.0) - time.monotonic()
-        if wait > 0:
-            try:
-                await asyncio.sleep(wait)
-            except BaseException:
-                self.lock.release()  # __aexit__ does not run when entering fails
-                raise
-
-    async def __aexit__(self, *exc: object) -> None:
-        self.ob._pace[self.group] = time.monotonic() + self.ob.interval
-        self.lock.release()

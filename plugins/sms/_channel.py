@@ -54,8 +54,10 @@ _CHINA = ZoneInfo("Asia/Shanghai")
 _TWIML_EMPTY = '<?xml version="1.0" encoding="UTF-8"?><Response></Response>'
 # Twilio's MessageStatus → our state; the others (queued, sending, sent, accepted,
 # scheduled, ...) say nothing the "sent" status has not said.
-_TWILIO_STATES: dict[str, DeliveryState] = {"delivered": "delivered", "read": "read", "undelivered": "failed",
-                                            "failed": "failed"}
+# A report of non-delivery is final (the provider stopped trying): ``dead``, as the bus
+# contract defines it for failures a provider reports after ``sent``.
+_TWILIO_STATES: dict[str, DeliveryState] = {"delivered": "delivered", "read": "read", "undelivered": "dead",
+                                            "failed": "dead"}
 
 
 class OptOut(msgspec.Struct, frozen=True, kw_only=True):
@@ -284,7 +286,7 @@ class SmsChannel(Channel):
             code = form.first("ErrorCode")
             error = ErrorInfo(message=f"Twilio reports the message {status}" + (f" (error {code})" if code else ""),
                               permanent=True, code=f"twilio_{code}" if code else f"twilio_{status}") \
-                if state == "failed" else None
+                if state == "dead" else None
             await self._report("twilio", sid, f"{sid}:{status}", state, error)
         return Response(status_code=204)
 
@@ -332,9 +334,12 @@ class SmsChannel(Channel):
             error = None if r.success else ErrorInfo(
                 message=f"Aliyun reports the message undelivered ({r.err_code or 'no code'})", permanent=True,
                 code=f"aliyun_{r.err_code}" if r.err_code else "aliyun_undelivered")
-            # One report about one recipient: the send's BizId and the number.
+            # One report about one recipient: the send's BizId and the number. The send's
+            # answer had no segment count: what Aliyun billed comes here (sms_size).
+            segments = _count(r.sms_size)
             await self._report("aliyun", r.biz_id, f"{r.biz_id}:{r.phone_number}",
-                               "delivered" if r.success else "failed", error)
+                               "delivered" if r.success else "dead", error,
+                               {"segments": segments} if segments is not None else None)
         return _aliyun_ok()
 
     # Tencent Cloud ----------------------------------------------------------------------
@@ -371,14 +376,15 @@ class SmsChannel(Channel):
                 message=f"Tencent Cloud reports the message undelivered ({r.errmsg or 'no code'})", permanent=True,
                 code=f"tencent_{r.errmsg}" if r.errmsg else "tencent_undelivered")
             await self._report("tencent", r.sid, f"{r.sid}:{r.nationcode}{r.mobile}",
-                               "delivered" if ok else "failed", error)
+                               "delivered" if ok else "dead", error)
         return _tencent_ok()
 
     async def _report(self, provider: str, provider_id: str, dedup: str, state: DeliveryState,
-                      error: ErrorInfo | None) -> None:
-        """A delivery report → a status of the outbound it belongs to, once. A report
-        repeated later (a re-pushed batch, a callback retry) is recognized by its key in
-        the state KV; repeats close together also share the status's Nats-Msg-Id."""
+                      error: ErrorInfo | None, meta: dict[str, Any] | None = None) -> None:
+        """A delivery report → a status of the outbound it belongs to (``meta`` names the
+        provider, plus what the report adds), once. A report repeated later (a re-pushed
+        batch, a callback retry) is recognized by its key in the state KV; repeats close
+        together also share the status's Nats-Msg-Id."""
         sent = await self.index.get(f"{provider}:{provider_id}")
         if sent is None:
             self.ctx.log.info("delivery report for a message this gateway did not send", provider=provider)
@@ -387,7 +393,7 @@ class SmsChannel(Channel):
         if await self.ctx.state.get(key) is not None:
             return
         await self.ctx.report_status(sent.outbound_id, state, conversation=sent.conversation,
-                                     provider_id=provider_id, error=error)
+                                     provider_id=provider_id, error=error, meta={"provider": provider, **(meta or {})})
         await self.ctx.state.put(key, b"1", ttl=_REPORT_TTL)
 
     # --- outbound ----------------------------------------------------------------------

@@ -29,8 +29,9 @@ from gateway import (
     ImagePart,
     LinkPart,
     Outbound,
-    Participant,
     Part,
+    Participant,
+    RateLimiter,
     Reach,
     Receipt,
     RequestError,
@@ -51,7 +52,6 @@ from ._store import (
     HistoryStore,
     Image,
     Profile,
-    RateLimiter,
     TooLarge,
     append,
     check_token,
@@ -153,13 +153,14 @@ class WebChatChannel(Channel):
         self.history = HistoryStore(ctx.state, cfg.history_size, seconds(cfg.history_ttl))
         self.sockets: dict[str, set[WebSocketConnection]] = {}
         """Open widget sockets of this process, by conversation key."""
-        self.visitor_limit = RateLimiter(cfg.messages_per_minute, max(1, cfg.messages_per_minute // 4))
-        self.address_limit = RateLimiter(cfg.connections_per_minute, max(1, cfg.connections_per_minute // 3))
+        self.visitor_limit = RateLimiter(cfg.messages_per_minute, per=60, burst=max(1, cfg.messages_per_minute // 4))
+        self.address_limit = RateLimiter(cfg.connections_per_minute, per=60, burst=max(1, cfg.connections_per_minute // 3))
         per_address = cfg.messages_per_address_minute
-        self.address_messages = RateLimiter(per_address, max(1, per_address // 4))
+        self.address_messages = RateLimiter(per_address, per=60, burst=max(1, per_address // 4))
         # Every frame, even one that changes nothing ("seen", a choice of no survey), may read
         # the conversation's record on the bus: a socket cannot send them as fast as it likes.
-        self.frame_limit = RateLimiter(max(240, 2 * cfg.messages_per_minute), max(60, cfg.messages_per_minute // 2))
+        self.frame_limit = RateLimiter(max(240, 2 * cfg.messages_per_minute), per=60,
+                                       burst=max(60, cfg.messages_per_minute // 2))
         self.open_by_address: dict[str, int] = {}
         """Open widget sockets of this process, by address."""
         self._secret: bytes | None = None

@@ -8,8 +8,6 @@ import hashlib
 import hmac
 import re
 import secrets
-import time
-from collections import OrderedDict
 from collections.abc import Callable
 from datetime import datetime
 from typing import Literal
@@ -176,33 +174,3 @@ class Profile(msgspec.Struct, kw_only=True, omit_defaults=True):
     name: str
     email: str = ""
     phone: str = ""
-
-
-# --- rate limits ------------------------------------------------------------------------
-
-
-class RateLimiter:
-    """Token buckets per key (a visitor, an address), in this process's memory: ``rate``
-    per minute with bursts of ``burst``. The least recently seen keys are forgotten beyond
-    ``max_keys`` (a flood of addresses cannot grow it without bound)."""
-
-    def __init__(self, per_minute: int, burst: int, max_keys: int = 10000) -> None:
-        self.rate = per_minute / 60.0
-        self.burst = float(max(1, burst))
-        self.max_keys = max_keys
-        self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()
-
-    def take(self, key: str) -> float:
-        """0 when allowed (one token taken), else the seconds until one is available."""
-        now = time.monotonic()
-        tokens, last = self._buckets.pop(key, (self.burst, now))
-        tokens = min(self.burst, tokens + (now - last) * self.rate)
-        wait = 0.0
-        if tokens >= 1:
-            tokens -= 1
-        else:
-            wait = (1 - tokens) / self.rate
-        self._buckets[key] = (tokens, now)
-        if len(self._buckets) > self.max_keys:
-            self._buckets.popitem(last=False)
-        return wait

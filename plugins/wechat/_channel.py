@@ -192,7 +192,8 @@ class WeChatChannel(Channel):
             return
         reason = {"failed:user block": "customer refuses messages from this account (user block)"}.get(
             status, f"WeChat could not deliver the template message ({status or 'no status'})")
-        await self.ctx.report_status(sent.outbound_id, "failed", conversation=sent.conversation, provider_id=msgid,
+        # Final: WeChat does not try again (the bus contract's late ``dead``).
+        await self.ctx.report_status(sent.outbound_id, "dead", conversation=sent.conversation, provider_id=msgid,
                                      error=ErrorInfo(message=reason, permanent=True, code="template_" + (
                                          "user_block" if "block" in status else "failed")))
 

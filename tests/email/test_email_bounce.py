@@ -8,6 +8,7 @@ import email
 import email.policy
 
 from gateway import Outbound, TextPart
+from gateway.testing import stream_messages
 
 
 def dsn(our_id: str, action: str, status: str, *, headers_only: bool = True) -> bytes:
@@ -51,6 +52,9 @@ async def test_permanent_bounce_of_a_reply_marks_the_outbound_dead(start_email, 
     dead = await email_bus.wait_status("out-b1", "dead")
     assert dead.conversation == msg.conversation and dead.provider_id == our_id
     assert dead.error.permanent is True and dead.error.code == "5.1.1" and "mailbox unavailable" in dead.error.message
+    assert (dead.attempt, dead.next_attempt_at) == (0, None)
+    # The gateway's part succeeded (the outbound was sent and acked): no dead letter.
+    assert await stream_messages(email_bus.url, "GW_DEAD") == []
     # Not a customer message.
     assert len(await email_bus.inbound()) == 1
 
@@ -59,8 +63,20 @@ async def test_delayed_delivery_report_marks_the_outbound_failed_not_dead(start_
     ch, _, our_id, _ = await sent_reply(start_email, send_mail, email_bus, smtp_sink, "out-b2")
     assert (await send_mail(ch.smtp_port, dsn(our_id, "delayed", "4.4.7", headers_only=False), mail_from=""))[0] == 250
     failed = await email_bus.wait_status("out-b2", "failed")
-    assert failed.error.permanent is False and failed.error.code == "4.4.7"
+    # Not final: the remote MTA still tries. attempt 0: not one of the gateway's attempts.
+    assert (failed.error.permanent, failed.error.code, failed.attempt, failed.next_attempt_at) == (False, "4.4.7", 0, None)
     assert len(await email_bus.inbound()) == 1
+
+
+async def test_a_remote_server_giving_up_on_a_temporary_error_marks_the_outbound_dead_not_permanent(
+        start_email, send_mail, email_bus, smtp_sink):
+    # Action: failed is final whatever the status class: the reporting MTA stopped trying.
+    # A 4.x.x cause (4.4.7, delivery time expired) may succeed if the backend sends again.
+    ch, _, our_id, _ = await sent_reply(start_email, send_mail, email_bus, smtp_sink, "out-b4")
+    assert (await send_mail(ch.smtp_port, dsn(our_id, "failed", "4.4.7"), mail_from=""))[0] == 250
+    dead = await email_bus.wait_status("out-b4", "dead")
+    assert (dead.error.permanent, dead.error.code, dead.attempt, dead.next_attempt_at) == (False, "4.4.7", 0, None)
+    assert [s.state for s in await email_bus.statuses()] == ["accepted", "sent", "dead"]
 
 
 async def test_non_standard_bounce_quoting_our_message_id_is_recognised(start_email, send_mail, email_bus, smtp_sink):
@@ -108,3 +124,20 @@ async def test_a_bounce_delivered_twice_reports_the_outbound_dead_once(gateway_f
     dead = [s for s in await email_bus.statuses() if s.outbound_id == "out-b9" and s.state == "dead"]
     assert dead == [first]
     assert len(await email_bus.inbound()) == 1
+
+
+async def test_success_and_relay_reports_are_not_failures(start_email, send_mail, email_bus, smtp_sink):
+    # NOTIFY=SUCCESS reports (RFC 3464 Action: delivered / relayed) say nothing went wrong.
+    ch, _, our_id, _ = await sent_reply(start_email, send_mail, email_bus, smtp_sink, "out-b5")
+    assert (await send_mail(ch.smtp_port, dsn(our_id, "delivered", "2.0.0"), mail_from=""))[0] == 250
+    delivered = await email_bus.wait_status("out-b5", "delivered")
+    assert (delivered.attempt, delivered.error, delivered.provider_id) == (0, None, our_id)
+    relayed = dsn(our_id, "relayed", "2.0.0").replace(b"<dsn-relayed@", b"<dsn-relayed-2@")
+    assert (await send_mail(ch.smtp_port, relayed, mail_from=""))[0] == 250
+    await still_delivered_only(email_bus, "out-b5")
+    assert len(await email_bus.inbound()) == 1  # neither report is a customer message
+
+
+async def still_delivered_only(email_bus, outbound_id: str) -> None:
+    # A status is on the stream before the SMTP answer: reading now is enough.
+    assert [s.state for s in await email_bus.statuses() if s.outbound_id == outbound_id] == ["accepted", "sent", "delivered"]

@@ -5,7 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
+import gc
 import time
+import warnings
+from collections.abc import Iterator
 from email.message import EmailMessage
 
 from gateway import FilePart, TextPart
@@ -210,3 +214,56 @@ async def test_forwarded_message_keeps_the_filename_its_sender_gave_it(start_ema
     # The part's own name wins (Content-Disposition, then Content-Type); only a nameless
     # part is named after the forwarded subject.
     assert [p.filename for p in msg.parts[1:]] == ["投诉原件.eml", "by-name.eml", "Original complaint.eml"]
+
+
+
+@contextlib.contextmanager
+def no_unawaited_coroutines() -> Iterator[None]:
+    """Fails if a coroutine was created and dropped unawaited meanwhile."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        yield
+        gc.collect()
+    assert not [w for w in caught if "never awaited" in str(w.message)], [str(w.message) for w in caught]
+
+
+async def test_raw_8bit_byte_in_the_from_address_of_a_reply_is_published_not_deferred(start_email, send_mail, email_bus):
+    # A "Re:" subject without thread headers makes the channel key the conversation by
+    # subject, customer and our address: the undecodable address once made that key
+    # raise, and the listener answered 451 (try later) to mail that can never succeed.
+    _, ch = await start_email()
+    raw = (b"From: al\x9bice@customer.test\r\nTo: support@acme.test\r\nSubject: Re: ticket\r\n"
+           b"Message-ID: <hostile-from@customer.test>\r\n\r\nhello\r\n")
+    with no_unawaited_coroutines():
+        code, text = await send_mail(ch.smtp_port, raw)
+    assert code == 250, (code, text)
+    [msg] = await email_bus.inbound()
+    # No declared charset: the bytes are read by the fallback list (utf-8, then GB18030).
+    assert msg.subject == "Re: ticket" and msg.sender.id == b"al\x9bice@customer.test".decode("gb18030")
+    await still_serving(send_mail, ch.smtp_port, email_bus)
+
+
+async def test_repeated_message_id_with_raw_8bit_references_is_answered_250_twice(start_email, send_mail, email_bus):
+    # The second copy is a duplicate (not published again), but its thread headers are
+    # still recorded: the undecodable reference once failed that, answered 451.
+    _, ch = await start_email()
+    clean = (b"From: alice@customer.test\r\nTo: support@acme.test\r\nSubject: again\r\n"
+             b"Message-ID: <repeat@customer.test>\r\n\r\nhello\r\n")
+    hostile = clean.replace(b"\r\n\r\n", b"\r\nReferences: <a@\xca>\r\n\r\n", 1)
+    with no_unawaited_coroutines():
+        first = await send_mail(ch.smtp_port, clean)
+        second = await send_mail(ch.smtp_port, hostile)
+        third = await send_mail(ch.smtp_port, hostile.replace(b"<repeat@", b"<fresh@"))
+    assert (first[0], second[0], third[0]) == (250, 250, 250), (first, second, third)
+    msgs = await email_bus.inbound()
+    assert len(msgs) == 2 and msgs[1].meta["references"] == ["<a@\u00ca>"]
+    await still_serving(send_mail, ch.smtp_port, email_bus)
+
+
+async def test_broken_base64_encoded_word_in_a_sender_name_is_published_as_written(start_email, send_mail, email_bus):
+    _, ch = await start_email()
+    raw = (b"From: =?GB2312?B?1c^I/Q==?= <zhang@customer.test>\r\nTo: support@acme.test\r\nSubject: hi\r\n"
+           b"Message-ID: <broken-word@customer.test>\r\n\r\nhello\r\n")
+    assert (await send_mail(ch.smtp_port, raw))[0] == 250
+    [msg] = await email_bus.inbound()
+    assert (msg.sender.id, msg.sender.name) == ("zhang@customer.test", "=?GB2312?B?1c^I/Q==?=")

@@ -224,3 +224,20 @@ async def test_mail_reported_by_exists_in_a_command_response_after_idle_is_read_
         assert took < 4, f"mail 2 waited {took:.1f} s for the next IDLE round"
     finally:
         await race.stop()
+
+
+async def test_mail_the_bus_refuses_is_skipped_and_the_next_one_is_published(dovecot, gateway_factory, email_bus):
+    # Over the bus's message size: SMTP answers 552; from a mailbox nobody can be told, so
+    # the mail stays there, is logged and skipped, not retried forever ahead of the rest.
+    from structlog.testing import capture_logs
+
+    big = mail(1).replace(b"message number 1", b"x" * 200_000)
+    await dovecot.append(big)
+    await dovecot.append(mail(2))
+    with capture_logs() as logs:
+        gw = await gateway_factory({"support": {"type": "email", "address": "support@acme.test",
+                                                "imap": dovecot.imap_config()}}, bus={"max_message_size": 65536})
+        msgs = await email_bus.wait_inbound(1, timeout=15)
+    assert ids(msgs) == ["<imap-2@customer.test>"]
+    assert any(e["event"] == "imap message rejected" and e["uid"] == 1 for e in logs), logs
+    assert gw.channels["support"].channel.imap.holding

@@ -149,6 +149,17 @@ async def test_group_at_message_is_published_and_acked_with_op_12(gateway_factor
     assert msg.sent_at == datetime(2023, 11, 6, 5, 37, 18, tzinfo=timezone.utc)
 
 
+async def test_only_the_one_placeholder_space_of_the_removed_mention_is_stripped(
+        gateway_factory: Any, nats_server: Any) -> None:
+    gw = await gateway_factory({"qq": official_config()})
+    contents = {"m-indent": " \u3000  缩进的表格\n  第二行", "m-tab": " \tcode", "m-none": "no space", "m-only": " "}
+    for msg_id, content in contents.items():
+        assert (await callback(gw.http.port, group_at(msg_id=msg_id, content=content))).status_code == 200
+    got = {m.provider_id: m.parts for m in await inbound(nats_server.url)}
+    assert got == {"m-indent": [TextPart(text="\u3000  缩进的表格\n  第二行")], "m-tab": [TextPart(text="\tcode")],
+                   "m-none": [TextPart(text="no space")], "m-only": []}
+
+
 async def test_same_message_in_a_new_envelope_is_published_once(gateway_factory: Any, nats_server: Any) -> None:
     gw = await gateway_factory({"qq": official_config()})
     for _ in range(3):  # each push has a new envelope id and signature, the same message id

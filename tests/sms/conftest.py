@@ -218,10 +218,11 @@ def sms_up(seq: int, content: str = "你好", phone: str = "13812345678") -> dic
             "dest_code": "1234", "sequence_id": seq}
 
 
-def sms_report(biz_id: str, success: bool = True, phone: str = "13812345678", err_code: str = "DELIVERED") -> dict[str, Any]:
+def sms_report(biz_id: str, success: bool = True, phone: str = "13812345678", err_code: str = "DELIVERED",
+               sms_size: str = "1") -> dict[str, Any]:
     return {"phone_number": phone, "send_time": "2026-12-01 10:00:00", "report_time": "2026-12-01 10:00:05",
             "success": success, "err_code": err_code, "err_msg": "用户接收成功" if success else "失败",
-            "sms_size": "1", "biz_id": biz_id, "out_id": "x"}
+            "sms_size": sms_size, "biz_id": biz_id, "out_id": "x"}
 
 
 async def inbound(url: str, channel: str = "sms") -> list[Any]:

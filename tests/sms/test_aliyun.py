@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 
 from gateway import Outbound, Template, TextPart
+from gateway.testing import stream_messages
 
 from .conftest import (
     CN_CUSTOMER,
@@ -133,21 +134,28 @@ async def test_a_wrong_access_key_secret_is_refused_by_the_signature_check(gatew
     assert sts[-1].error.code == "aliyun_SignatureDoesNotMatch" and fake_sms.aliyun == []
 
 
-async def test_delivery_reports_become_statuses_once_across_repushed_batches(gateway_factory, fake_sms, nats_server, nc):
+async def test_delivery_reports_become_statuses_once_across_repushed_batches_with_the_billed_segments(
+        gateway_factory, fake_sms, nats_server, nc):
     gw = await gateway_factory({"sms": aliyun_config(fake_sms)})
     conv = await customer_writes(gw)
     for oid in ("r-ok", "r-bad"):
         await send(nc, Outbound(id=oid, conversation=conv, template=Template(id="SMS_1")))
     ok = (await wait_state(nats_server.url, "r-ok", "sent"))[-1].provider_id
     bad = (await wait_state(nats_server.url, "r-bad", "sent"))[-1].provider_id
-    batch = [sms_report(ok), sms_report(bad, success=False, err_code="MK:0001"), sms_report("unknown-biz")]
+    batch = [sms_report(ok, sms_size="2"), sms_report(bad, success=False, err_code="MK:0001"), sms_report("unknown-biz")]
     for _ in range(3):
-        r = await aliyun_push(gw.http.port, "report", batch + [sms_report(ok)])
+        r = await aliyun_push(gw.http.port, "report", batch + [sms_report(ok, sms_size="2")])
         assert r.status_code == 200 and r.json()["code"] == 0
-    assert [s.state for s in await statuses(nats_server.url, "r-ok")] == ["accepted", "sent", "delivered"]
+    sts = await statuses(nats_server.url, "r-ok")
+    assert [s.state for s in sts] == ["accepted", "sent", "delivered"]
+    # Aliyun's send answer has no count: the segments it billed come with the report.
+    assert sts[-1].meta == {"provider": "aliyun", "segments": 2}
     sts = await statuses(nats_server.url, "r-bad")
-    assert [s.state for s in sts] == ["accepted", "sent", "failed"]
-    assert sts[-1].error.code == "aliyun_MK:0001" and sts[-1].error.permanent and sts[-1].provider_id == bad
+    assert [s.state for s in sts] == ["accepted", "sent", "dead"]
+    # A provider's late "undelivered" is final (dead), reported once, without a dead letter.
+    assert (sts[-1].attempt, sts[-1].error.permanent, sts[-1].next_attempt_at) == (0, True, None)
+    assert sts[-1].error.code == "aliyun_MK:0001" and sts[-1].provider_id == bad and sts[-1].meta["provider"] == "aliyun"
+    assert await stream_messages(nats_server.url, "GW_DEAD") == []
 
 
 async def test_a_report_repushed_after_the_brokers_duplicate_window_is_still_reported_once(

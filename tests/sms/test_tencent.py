@@ -4,6 +4,7 @@ example and by the local fake), reply and status callbacks in Tencent's format."
 from __future__ import annotations
 
 from gateway import Outbound, Template, TextPart
+from gateway.testing import stream_messages
 from gateway_plugins.sms._providers import tc3_authorization
 
 from .conftest import CN_CUSTOMER, TC_APP, TC_SIGN, inbound, push, send, statuses, tencent_config, wait_state
@@ -111,7 +112,9 @@ async def test_status_callbacks_become_statuses_once(gateway_factory, fake_sms, 
         assert r.status_code == 200 and r.json()["result"] == 0
     assert [s.state for s in await statuses(nats_server.url, "t-ok")] == ["accepted", "sent", "delivered"]
     sts = await statuses(nats_server.url, "t-bad")
-    assert [s.state for s in sts] == ["accepted", "sent", "failed"] and sts[-1].error.code == "tencent_MK:0005"
+    assert [s.state for s in sts] == ["accepted", "sent", "dead"] and sts[-1].error.code == "tencent_MK:0005"
+    assert (sts[-1].attempt, sts[-1].error.permanent, sts[-1].next_attempt_at) == (0, True, None)
+    assert await stream_messages(nats_server.url, "GW_DEAD") == []
 
 
 async def test_a_reply_time_out_of_range_is_published_without_it_not_a_5xx(gateway_factory, nats_server):

@@ -4,6 +4,7 @@ server speaking it), status callbacks as statuses, MessageSid dedup."""
 from __future__ import annotations
 
 from gateway import ImagePart, Outbound, TextPart
+from gateway.testing import stream_messages
 
 from .conftest import (
     CUSTOMER,
@@ -116,7 +117,7 @@ async def test_template_goes_as_content_sid_with_variables(gateway_factory, fake
     assert sts[-1].meta == {"provider": "twilio", "template": "HX123"}
 
 
-async def test_status_callbacks_become_delivered_and_failed_statuses_once(gateway_factory, fake_sms, nats_server, nc):
+async def test_status_callbacks_become_delivered_and_dead_statuses_once(gateway_factory, fake_sms, nats_server, nc):
     gw = await gateway_factory({"sms": twilio_config(fake_sms)})
     conv = await customer_writes(gw)
     await send(nc, Outbound(id="o-d", conversation=conv, parts=[TextPart(text="one")]))
@@ -130,10 +131,13 @@ async def test_status_callbacks_become_delivered_and_failed_statuses_once(gatewa
                                                            "AccountSid": "AC", "To": CUSTOMER, **extra})
             assert r.status_code == 204
     sts_d = await wait_state(nats_server.url, "o-d", "delivered")
-    sts_f = await wait_state(nats_server.url, "o-f", "failed")
+    sts_f = await wait_state(nats_server.url, "o-f", "dead")
     assert [s.state for s in sts_d] == ["accepted", "sent", "delivered"]
-    [failed] = [s for s in sts_f if s.state == "failed"]
-    assert failed.error.code == "twilio_30003" and failed.error.permanent and failed.provider_id == sid_f
+    assert [s.state for s in sts_f] == ["accepted", "sent", "dead"]
+    dead = sts_f[-1]
+    assert dead.error.code == "twilio_30003" and dead.provider_id == sid_f
+    assert (dead.attempt, dead.error.permanent, dead.next_attempt_at) == (0, True, None)
+    assert await stream_messages(nats_server.url, "GW_DEAD") == []
 
 
 async def test_status_callback_with_a_bad_signature_is_refused(gateway_factory, nats_server):

@@ -9,6 +9,7 @@ import time
 from datetime import datetime, timedelta, timezone
 
 from gateway import AudioPart, DeliveryError, FilePart, ImagePart, LinkPart, Outbound, Participant, Template, TextPart
+from gateway.testing import stream_messages
 from gateway.wire import encode
 from gateway_plugins.wechat._api import WeChatAPI
 
@@ -157,7 +158,7 @@ async def test_subscription_notification_without_consent_fails_permanently(gatew
     assert sts[-1].error.permanent and "customer refused to receive this message" in sts[-1].error.message
 
 
-async def test_template_rejected_by_the_customer_is_reported_failed(gateway_factory, fake_wechat, nats_server, nc):
+async def test_template_rejected_by_the_customer_is_reported_dead(gateway_factory, fake_wechat, nats_server, nc):
     gw = await gateway_factory({"wx": channel_config(fake_wechat)})
     conv = await customer_wrote_long_ago(gw)
     await send(nc, Outbound(id="o-tb", conversation=conv, parts=[TextPart(text="x")], template=Template(id="T")))
@@ -165,8 +166,10 @@ async def test_template_rejected_by_the_customer_is_reported_failed(gateway_fact
     finish = {"ToUserName": ACCOUNT, "FromUserName": OPENID, "CreateTime": int(time.time()), "MsgType": "event",
               "Event": "TEMPLATESENDJOBFINISH", "MsgID": int(msgid), "Status": "failed:user block"}
     await post(gw.http.port, xml(finish), signed_query())
-    sts = await wait_state(nats_server.url, "o-tb", "failed")
-    assert sts[-1].error.permanent and "user block" in sts[-1].error.message
+    sts = await wait_state(nats_server.url, "o-tb", "dead")
+    assert [s.state for s in sts] == ["accepted", "sent", "dead"] and "user block" in sts[-1].error.message
+    assert (sts[-1].attempt, sts[-1].error.permanent, sts[-1].next_attempt_at) == (0, True, None)
+    assert await stream_messages(nats_server.url, "GW_DEAD") == []
 
 
 async def test_outside_48h_without_template_fails_permanently_with_a_clear_reason(gateway_factory, fake_wechat, nats_server, nc):
@@ -251,15 +254,15 @@ async def test_network_errors_and_5xx_are_transient(fake_wechat, tmp_path):
         async def get_revision(self, k):
             return (self.d[k], 1) if k in self.d else None
 
-        async def create(self, k, v):
+        async def create(self, k, v, ttl=None):
             self.d[k] = v
             return True
 
-        async def update(self, k, v, r):
+        async def update(self, k, v, r, ttl=None):
             self.d[k] = v
             return True
 
-        async def put(self, k, v):
+        async def put(self, k, v, ttl=None):
             self.d[k] = v
 
     import structlog

@@ -59,7 +59,7 @@ async def customer_writes(gw) -> str:
 
 # --- template messages -----------------------------------------------------------------------
 
-@pytest.mark.parametrize(("status", "state"), [("success", "delivered"), ("failed:user block", "failed")])
+@pytest.mark.parametrize(("status", "state"), [("success", "delivered"), ("failed:user block", "dead")])
 async def test_template_result_for_a_template_sent_before_the_upgrade_is_reported(
         gateway_factory, fake_wechat, nats_server, status, state):
     gw = await gateway_factory({"wx": channel_config(fake_wechat)})

@@ -4,7 +4,6 @@ buckets of the bus contract (created or updated at start-up), and subject names.
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -17,7 +16,7 @@ from nats.js.object_store import ObjectStore
 
 from ..config import BusConfig, seconds
 from ..errors import BusUnavailable, PayloadTooLarge
-from ..retry import Backoff, cancel_and_wait
+from ..retry import Backoff, Supervised
 
 _HEADER_LINE = len("NATS/1.0\r\n")
 _BLOCK_END = len("\r\n")
@@ -127,7 +126,7 @@ class Bus:
         self.kv: dict[str, NatsKV] = {}
         self._objects: ObjectStore | None = None
         self._ready = asyncio.Event()
-        self._supervisor: asyncio.Task[None] | None = None
+        self._supervisor: Supervised | None = None
         self.on_ready: list[Callable[[], Awaitable[None] | None]] = []
         self.error: str | None = "not connected yet"
         self._closing = False
@@ -177,49 +176,44 @@ class Bus:
     def start(self) -> None:
         """Connect in the background and stay connected: retry with backoff while the server
         is down, and connect again whenever nats-py gives a connection up for good."""
-        self._supervisor = asyncio.create_task(self._supervise(), name="bus-supervisor")
+        # A connection that lived 30 s starts the backoff over: reconnect quickly after it.
+        self._supervisor = Supervised(
+            "bus", self._session, set_state=self._health, log=self.log, backoff=Backoff(first=0.2, cap=10.0),
+            stable_after=30.0,
+            describe=lambda exc: str(exc) if isinstance(exc, BusUnavailable) else f"{type(exc).__name__}: {exc}")
+        self._supervisor.start()
 
     async def wait_ready(self, timeout: float | None = None) -> None:
         """Wait until the bus is connected and every ``on_ready`` callback ran."""
         await asyncio.wait_for(self._ready.wait(), timeout)
 
-    async def _supervise(self) -> None:
+    def _health(self, state: str, detail: str | None) -> None:
+        self.error = None if state == "running" else detail
+
+    async def _session(self, supervisor: Supervised) -> None:
         # nats-py reconnects by itself after a dropped socket, but it closes the connection
         # for good after a server error (a payload over max_payload, an authorization
-        # error) and then nothing would ever publish again: this loop starts over.
-        backoff = Backoff(first=0.2, cap=10.0)
-        while True:
-            lost = asyncio.Event()
-            try:
-                await self._connect_once(lost)
-                for cb in self.on_ready:
-                    r = cb()
-                    if asyncio.iscoroutine(r):
-                        await r
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                self.error = f"{type(exc).__name__}: {exc}"
-                delay = backoff.next()
-                self.log.warning("bus not available, retrying", url=self._safe_url(), error=self.error, retry_in=round(delay, 2))
-                await self._discard()
-                await asyncio.sleep(delay)
-                continue
-            self.error = None
+        # error) and then nothing would ever publish again: the supervisor starts over.
+        lost = asyncio.Event()
+        try:
+            await self._connect_once(lost)
+            for cb in self.on_ready:
+                r = cb()
+                if asyncio.iscoroutine(r):
+                    await r
+            supervisor.running()
             self._ready.set()
-            up_since = time.monotonic()
             self.log.info("bus connected", url=self._safe_url(), prefix=self.cfg.prefix)
             await self._until_closed(lost)
-            self._ready.clear()
             reason = self.nc.last_error if self.nc is not None else None
-            self.error = f"connection closed ({type(reason).__name__}: {reason}); reconnecting" if reason else \
-                "connection closed; reconnecting"
-            if time.monotonic() - up_since > 30:
-                backoff.reset()  # a connection that lived a while: start again quickly
-            delay = backoff.next()
-            self.log.warning("bus connection closed, connecting again", error=self.error, retry_in=round(delay, 2))
+            raise BusUnavailable(f"connection closed ({type(reason).__name__}: {reason})" if reason
+                                 else "connection closed")
+        except asyncio.CancelledError:
+            raise  # close() flushes and closes the connection
+        except BaseException:
+            self._ready.clear()
             await self._discard()
-            await asyncio.sleep(delay)
+            raise
 
     async def _until_closed(self, lost: asyncio.Event) -> None:
         # closed_cb is the signal; the poll covers a close that skipped the callbacks
@@ -289,8 +283,8 @@ class Bus:
     async def close(self) -> None:
         """Stop the supervisor and close the connection (what is buffered is flushed)."""
         self._closing = True
-        if self._supervisor and not self._supervisor.done():
-            await cancel_and_wait(self._supervisor)
+        if self._supervisor is not None:
+            await self._supervisor.stop()
         self._ready.clear()
         nc, self.nc = self.nc, None
         if nc is not None and not nc.is_closed:

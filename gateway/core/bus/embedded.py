@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import BusUnavailable, StartupError
-from ..retry import Backoff, cancel_and_wait
+from ..retry import Backoff, Supervised
 
 
 def nats_server_binary() -> str:
@@ -74,7 +74,7 @@ class EmbeddedServer:
         self.proc: asyncio.subprocess.Process | None = None
         self.server_name = ""
         self._lock_fd: int | None = None
-        self._watch: asyncio.Task[None] | None = None
+        self._watch: Supervised | None = None
         self.restarts = 0
         """Times :meth:`supervise` restarted a server that had exited on its own."""
 
@@ -220,35 +220,32 @@ class EmbeddedServer:
         store recovers what was acknowledged, and the gateway's bus connection reconnects
         by itself. Stopped by :meth:`stop`."""
         if self._watch is None:
-            self._watch = asyncio.create_task(self._watch_loop(log), name="embedded-nats-watch")
+            self._watch = Supervised("embedded-nats", lambda sup: self._watch_once(sup, log),
+                                     set_state=lambda state, detail: None, log=log, backoff=Backoff(0.2, 10.0),
+                                     describe=str)
+            self._watch.start()
 
-    async def _watch_loop(self, log: Any) -> None:
-        backoff = Backoff(0.2, 10.0)
-        while True:
-            proc = self.proc
-            if proc is None:
-                return
-            offset = self.log_path.stat().st_size if self.log_path.exists() else 0
-            code = await proc.wait()
-            if self.proc is not proc:
-                return  # stopped on purpose
-            log.error("embedded nats-server exited; restarting it", code=code,
-                      reason=self._fatal_reason(offset) or None, log=str(self.log_path))
-            while True:
-                try:
-                    await self._start(timeout=15.0)
-                    break
-                except (BusUnavailable, StartupError) as exc:
-                    log.error("embedded nats-server did not restart; trying again", error=str(exc))
-                    await asyncio.sleep(backoff.next())
+    async def _watch_once(self, supervisor: Supervised, log: Any) -> None:
+        """Start the server if it is not running, then wait for it to exit (an error: the
+        supervisor starts it again after its backoff delay)."""
+        if self.proc is None or self.proc.returncode is not None:
+            await self._start(timeout=15.0)
             self.restarts += 1
-            backoff.reset()
             log.info("embedded nats-server restarted", url=self.url, restarts=self.restarts)
+        supervisor.running()
+        proc = self.proc
+        assert proc is not None
+        offset = self.log_path.stat().st_size if self.log_path.exists() else 0
+        code = await proc.wait()
+        log.error("embedded nats-server exited; restarting it", code=code,
+                  reason=self._fatal_reason(offset) or None, log=str(self.log_path))
+        raise StartupError(f"embedded nats-server exited with code {code}")
 
     async def stop(self, timeout: float = 10.0) -> None:
         """Stop the server and release the store."""
         watch, self._watch = self._watch, None
-        await cancel_and_wait(watch)
+        if watch is not None:
+            await watch.stop()
         try:
             await self.stop_server(timeout)
         finally:

@@ -215,8 +215,14 @@ class ChannelContext(abc.ABC):
         conversation: str = "",
         provider_id: str | None = None,
         error: ErrorInfo | None = None,
+        meta: dict[str, Any] | None = None,
     ) -> None:
-        """Publish a status event for an outbound (delivery receipts, bounces)."""
+        """Publish a status event for an outbound that a provider reported after it was
+        sent: a receipt (``delivered``, ``read``), a delay the provider still retries
+        (``failed``, ``error.permanent`` false) or a final non-delivery (``dead``: a bounce,
+        an undelivered receipt). ``meta`` becomes the status's ``meta`` (e.g. the segments
+        an SMS provider billed). Raises ``ValueError`` for ``failed`` with a permanent
+        error (that is ``dead``)."""
 
     @abc.abstractmethod
     async def put_blob(self, data: bytes, *, content_type: str | None = None) -> ObjectRef:

@@ -16,7 +16,7 @@ import hmac
 import random
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Coroutine, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from email.utils import parsedate_to_datetime
 from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar
 
@@ -26,12 +26,11 @@ import websockets.exceptions
 
 from ..errors import DeliveryError, SignatureError
 from ..http.websocket import WebSocketClosed
-from ..retry import Backoff, cancel_and_wait
 
 if TYPE_CHECKING:
     from starlette.requests import Request
 
-    from .api import ChannelState, KeyValue
+    from .api import KeyValue
 
 T = TypeVar("T")
 
@@ -56,6 +55,9 @@ def stable_id(*parts: str, n: int = 26) -> str:
 class _LeaseRecord(msgspec.Struct):
     holder: str
     expires: float
+    """Wall-clock expiry, for releases before leases ran on server time (they read only this)."""
+    ttl: float | None = None
+    """Set by leases that expire on the server's clock (the record's per-message TTL)."""
 
 
 _lease_decoder = msgspec.json.Decoder(_LeaseRecord)
@@ -65,13 +67,13 @@ class Lease:
     """A lease in a channel's state KV, shared by every gateway process: at most one
     holder at a time, taken and renewed by compare-and-set. The holder renews it (call
     :meth:`acquire` again) well within ``ttl``; when the holder dies, another process
-    takes it once it expired. Expiry is wall-clock time in the value, so the processes'
-    clocks must agree to within a fraction of the TTL (NTP)."""
+    takes it once it expired. The record is written with a per-message TTL, so it runs out
+    on the NATS server's clock: the gateway processes' clocks do not need to agree."""
 
     def __init__(self, state: KeyValue, key: str, ttl: float):
         self.state = state
         self.key = key
-        self.ttl = ttl
+        self.ttl = max(1.0, ttl)  # JetStream's smallest per-message TTL
         self.holder = uuid.uuid4().hex
         """This contender's identity (one per :class:`Lease` object)."""
 
@@ -85,23 +87,28 @@ class Lease:
         except msgspec.DecodeError:
             return _LeaseRecord(holder="", expires=0.0), revision
 
+    def _record(self, holder: str) -> bytes:
+        return msgspec.json.encode(_LeaseRecord(holder=holder, expires=time.time() + self.ttl if holder else 0.0,
+                                                ttl=self.ttl))
+
     async def acquire(self) -> bool:
         """Take the lease, or renew it if we hold it; True if we hold it now."""
-        now = time.time()
-        value = msgspec.json.encode(_LeaseRecord(holder=self.holder, expires=now + self.ttl))
         cur = await self._current()
         if cur is None:
-            return await self.state.create(self.key, value)
+            return await self.state.create(self.key, self._record(self.holder), ttl=self.ttl)
         lease, revision = cur
-        if lease.holder != self.holder and lease.expires > now:
-            return False
-        return await self.state.update(self.key, value, revision)
+        if lease.holder and lease.holder != self.holder:
+            if lease.ttl is not None:
+                return False  # held: the server removes the record when it runs out
+            if lease.expires > time.time():
+                return False  # a previous release's lease: its own wall-clock expiry
+        return await self.state.update(self.key, self._record(self.holder), revision, ttl=self.ttl)
 
     async def release(self) -> None:
         """Give the lease up (only if we still hold it) so a peer takes over at once."""
         cur = await self._current()
         if cur is not None and cur[0].holder == self.holder:
-            await self.state.update(self.key, msgspec.json.encode(_LeaseRecord(holder="", expires=0.0)), cur[1])
+            await self.state.update(self.key, self._record(""), cur[1], ttl=self.ttl)
 
 
 class _Shared(msgspec.Struct):
@@ -388,100 +395,3 @@ def public_url(request: Request, *, base_url: str | None = None, trust_forwarded
         scheme = (request.headers.get("x-forwarded-proto") or scheme).split(",")[0].strip()
         host = (request.headers.get("x-forwarded-host") or host).split(",")[0].strip()
     return f"{scheme}://{host}{path}"
-
-
-# --- supervised background tasks ------------------------------------------------------------
-
-
-class Supervised:
-    """A background task that runs for as long as the channel does: ``run`` is called
-    again after any error, with backoff (:class:`Backoff`), and only while ``lease`` (if
-    given) is held, so one gateway process does the work. Health goes to
-    ``set_state`` (``/healthz``): ``degraded`` with the error while it retries; ``run``
-    calls :meth:`running` once it works, which also resets the backoff."""
-
-    def __init__(self, name: str, run: Callable[[Supervised], Coroutine[Any, Any, None]], *,
-                 set_state: Callable[[ChannelState, str | None], None], log: Any,
-                 lease: Lease | None = None, backoff: Backoff | None = None):
-        self.name = name
-        self.run = run
-        self.set_state = set_state
-        self.log = log
-        self.lease = lease
-        self.backoff = backoff or Backoff(1.0, 60.0)
-        self.task: asyncio.Task[None] | None = None
-        self.holding = False
-
-    def start(self) -> None:
-        """Start in the background until :meth:`stop`."""
-        self.task = asyncio.create_task(self._loop(), name=self.name)
-
-    def running(self) -> None:
-        """Called by ``run`` once it works (connected, first poll done)."""
-        self.backoff.reset()
-        self.set_state("running", None)
-
-    async def hold(self) -> bool:
-        """Take or renew the lease (True without one). A KV error counts as not held: we
-        cannot know, so we do not work."""
-        if self.lease is None:
-            return True
-        try:
-            self.holding = await self.lease.acquire()
-        except Exception as exc:  # noqa: BLE001
-            self.log.warning("lease check failed", task=self.name, error=f"{type(exc).__name__}: {exc}")
-            self.holding = False
-        return self.holding
-
-    async def _loop(self) -> None:
-        while True:
-            if not await self.hold():
-                assert self.lease is not None
-                await asyncio.sleep(self.lease.ttl / 3)
-                continue
-            try:
-                await self._run_holding()
-            except asyncio.CancelledError:
-                raise
-            except _LeaseLost:
-                self.log.warning("lease lost; another process does the work", task=self.name)
-            except Exception as exc:  # noqa: BLE001 - whatever failed, the task goes on
-                delay = self.backoff.next()
-                self.log.warning("background task failed; restarting", task=self.name,
-                                 error=f"{type(exc).__name__}: {exc}", retry_in=round(delay, 2))
-                self.set_state("degraded", f"{self.name}: {type(exc).__name__}: {exc}")
-                await asyncio.sleep(delay)
-
-    async def _run_holding(self) -> None:
-        """``run``, with the lease renewed every third of its TTL meanwhile; when it cannot
-        be renewed, ``run`` is cancelled: a peer may hold it by now."""
-        if self.lease is None:
-            await self.run(self)
-            return
-        work: asyncio.Task[None] = asyncio.create_task(self.run(self), name=self.name + ":run")
-        try:
-            while True:
-                done, _ = await asyncio.wait({work}, timeout=self.lease.ttl / 3)
-                if done:
-                    work.result()
-                    return
-                if not await self.hold():
-                    raise _LeaseLost()
-        finally:
-            if not work.done():
-                await cancel_and_wait(work)
-
-    async def stop(self) -> None:
-        """Cancel the task and release the lease so a peer takes over at once."""
-        if self.task is not None:
-            await cancel_and_wait(self.task)
-        if self.lease is not None and self.holding:
-            try:
-                await asyncio.wait_for(self.lease.release(), 5)
-            except Exception:  # noqa: BLE001 - it expires by itself
-                pass
-            self.holding = False
-
-
-class _LeaseLost(Exception):
-    pass

@@ -13,7 +13,7 @@ from urllib.parse import urlsplit, urlunsplit
 import websockets.asyncio.client
 import websockets.exceptions
 
-from ..retry import Backoff
+from ..retry import Backoff, Supervised
 
 if TYPE_CHECKING:
     from websockets.asyncio.client import ClientConnection
@@ -39,7 +39,7 @@ class WebSocketClient:
     a :class:`Backoff` delay; ``running`` once connected again. Start it in
     ``Channel.start`` and ``await stop()`` in ``Channel.stop``.
 
-    The loop is deliberately small: a supervised-task helper may take it over."""
+    The reconnect loop is :class:`Supervised`."""
 
     def __init__(self, ctx: ChannelContext, url: str, handler: Callable[[ClientConnection], Awaitable[None]], *,
                  headers: Mapping[str, str] | None = None, backoff: Backoff | None = None,
@@ -62,77 +62,69 @@ class WebSocketClient:
         """True while a connection is open."""
         self.connects = 0
         """Connections opened so far."""
-        self.last_error: str | None = None
-        """Why the last connection ended or failed (no secrets)."""
-        self._task: asyncio.Task[None] | None = None
         self._ws: ClientConnection | None = None
         self._stopping = False
+        self._supervisor = Supervised(
+            f"websocket {_safe_url(url)}", self._session,
+            set_state=ctx.set_state if report_health else (lambda state, detail: None), log=ctx.log,
+            backoff=self.backoff, stable_after=stable_after,
+            describe=lambda exc: str(exc) if isinstance(exc, _Closed) else self._describe(exc))
 
     def start(self) -> None:
         """Start connecting in the background (returns at once)."""
-        if self._task is None or self._task.done():
-            self._stopping = False
-            self._task = asyncio.create_task(self._run(), name=f"websocket-client {self.ctx.name}")
+        self._stopping = False
+        self._supervisor.start()
 
     async def stop(self) -> None:
         """Close the connection (1001) and stop reconnecting."""
-        task, self._task = self._task, None
-        if task is None:
-            return
-        self._stopping = True  # the close below is ours: no "down" report, no reconnect
+        self._stopping = True  # the close below is ours: no reconnect
         ws = self._ws
         if ws is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(ws.close(1001, "channel stopping"), 5)
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        await self._supervisor.stop()
         self.connected = False
+
+    @property
+    def last_error(self) -> str | None:
+        """Why the last connection ended or failed (no secrets)."""
+        return self._supervisor.last_error
 
     def _describe(self, exc: BaseException) -> str:
         text = str(exc).replace(self.url, _safe_url(self.url))
         return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
-    async def _run(self) -> None:
-        loop = asyncio.get_running_loop()
-        safe = _safe_url(self.url)
-        first = True
-        while True:
-            opened: float | None = None
-            try:
-                async with websockets.asyncio.client.connect(
-                        self.url, additional_headers=self.headers, open_timeout=self.open_timeout,
-                        ping_interval=self.ping_interval, ping_timeout=self.ping_timeout,
-                        max_size=self.max_message_size, close_timeout=2) as ws:
-                    self._ws, opened = ws, loop.time()
-                    self.connected, self.connects = True, self.connects + 1
-                    if self.report_health:
-                        self.ctx.set_state("running")
-                    self.ctx.log.info("websocket connected", url=safe)
-                    try:
-                        await self.handler(ws)
-                    except websockets.exceptions.ConnectionClosed:
-                        pass
-                reason = f"closed ({ws.close_code})" if ws.close_code is not None else "handler returned"
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # connect failures and handler errors alike: connect again
-                reason = self._describe(exc)
-                if opened is not None and not isinstance(exc, OSError | websockets.exceptions.WebSocketException):
-                    self.ctx.log.error("websocket handler failed", url=safe, error=reason)
-            finally:
-                self._ws = None
-            was_up, self.connected = self.connected, False
-            self.last_error = reason
+    async def _session(self, supervisor: Supervised) -> None:
+        """One connection: open it, hand it to the handler, return when it closes (the
+        supervisor connects again after its backoff delay)."""
+        try:
+            async with websockets.asyncio.client.connect(
+                    self.url, additional_headers=self.headers, open_timeout=self.open_timeout,
+                    ping_interval=self.ping_interval, ping_timeout=self.ping_timeout,
+                    max_size=self.max_message_size, close_timeout=2) as ws:
+                self._ws = ws
+                self.connected, self.connects = True, self.connects + 1
+                supervisor.running()
+                self.ctx.log.info("websocket connected", url=_safe_url(self.url))
+                try:
+                    await self.handler(ws)
+                except websockets.exceptions.ConnectionClosed:
+                    pass
+                except Exception as exc:
+                    if not isinstance(exc, OSError | websockets.exceptions.WebSocketException):
+                        self.ctx.log.error("websocket handler failed", url=_safe_url(self.url),
+                                           error=self._describe(exc))
+                    raise
             if self._stopping:
-                return
-            if opened is not None and loop.time() - opened >= self.stable_after:
-                self.backoff.reset()
-            delay = self.backoff.next()
-            if self.report_health:
-                self.ctx.set_state("degraded", f"websocket {safe} down: {reason}; retrying in {delay:.1f}s")
-            # One warning per outage (and for the first attempt); the retries that follow at debug.
-            log = self.ctx.log.warning if was_up or first else self.ctx.log.debug
-            log("websocket down, reconnecting", url=safe, error=reason, retry_in=round(delay, 2))
-            first = False
-            await asyncio.sleep(delay)
+                await asyncio.Event().wait()  # stop() cancels us: no "down" report
+            raise _Closed(f"closed ({ws.close_code})" if ws.close_code is not None else "handler returned")
+        finally:
+            self._ws = None
+            self.connected = False
+
+
+class _Closed(Exception):
+    """A connection that ended (the supervisor reports it and connects again)."""
+
+    def __str__(self) -> str:
+        return str(self.args[0])

@@ -20,6 +20,7 @@ import nats.errors
 from nats.js import api
 
 from ..channel.api import Channel, Conversation, Receipt
+from ..channel.ratelimit import RateLimiter
 from ..config import ChannelConfig, OutboundConfig, seconds
 from ..errors import BusUnavailable, Deferred, DeliveryError
 from ..failpoints import failpoint
@@ -27,28 +28,6 @@ from ..metrics import Metrics
 from ..retry import cancel_and_wait
 from ..schema import DeadLetter, DeliveryStatus, ErrorInfo, Outbound, outbound_decoder
 from ..bus.services import BusServices
-
-
-class TokenBucket:
-    """Paces sends to ``rate`` per second with bursts of up to ``burst``."""
-
-    def __init__(self, rate: float, burst: float | None = None):
-        self.rate = rate
-        self.capacity = max(1.0, burst if burst is not None else rate)
-        self.tokens = self.capacity
-        self.stamp = time.monotonic()
-        self._lock = asyncio.Lock()
-
-    async def acquire(self) -> None:
-        async with self._lock:
-            while True:
-                now = time.monotonic()
-                self.tokens = min(self.capacity, self.tokens + (now - self.stamp) * self.rate)
-                self.stamp = now
-                if self.tokens >= 1:
-                    self.tokens -= 1
-                    return
-                await asyncio.sleep((1 - self.tokens) / self.rate)
 
 
 class _Places:
@@ -150,7 +129,7 @@ class Dispatcher:
         self.task: asyncio.Task[None] | None = None
         self.lanes: dict[str, deque[_Entry]] = {}
         self.lane_tasks: set[asyncio.Task[None]] = set()
-        self.buckets: dict[str, TokenBucket] = {}
+        self.buckets: dict[str, RateLimiter] = {}
         # Limits, so that nothing waits in a circle and no channel waits for another:
         # - each channel's ``places`` bound its deliveries in progress (a message waiting
         #   for its retry gives its place back), so a slow or hanging provider holds only
@@ -533,12 +512,12 @@ class Dispatcher:
         self._receipts_written = None
         fut.set_result(None)
 
-    def _bucket(self, cname: str, rate: float | None) -> TokenBucket | None:
+    def _bucket(self, cname: str, rate: float | None) -> RateLimiter | None:
         if rate is None:
             return None
         b = self.buckets.get(cname)
         if b is None or b.rate != rate:
-            b = self.buckets[cname] = TokenBucket(rate)
+            b = self.buckets[cname] = RateLimiter(rate)
         return b
 
     async def _keep_held(self) -> None:

@@ -102,7 +102,7 @@ async def _read(js: Any, stream: str, subject: str, since: datetime) -> list[Any
         return []
     if not info.state.messages:
         return []
-    start = since.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    start = since.astimezone(timezone.utc)
     sub = await js.subscribe(subject, ordered_consumer=True, stream=stream,
                              config=api.ConsumerConfig(deliver_policy=api.DeliverPolicy.BY_START_TIME,
                                                        opt_start_time=start))

@@ -15,6 +15,7 @@ import uuid
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 
 from .core.config import DEFAULT_CONFIG, Config, find_config, load_config
@@ -189,6 +190,8 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     for name, channel in config.channels.items():  # valid, but working against another setting
         for warning in types[channel.type].cls.config_warnings(channel.options, config):
             print(f"{path}: warning: channels.{name}: {warning}")
+    for warning in config.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
     return EXIT_OK
 
 
@@ -372,6 +375,47 @@ def cmd_new_plugin(args: argparse.Namespace) -> int:
     return _cli_scaffold.run(args.name, "poller" if args.poller else "webhook", args.dir, __version__, taken)
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from .core.scheduling import report as rep
+    from .core.scheduling.calendar import calendar_from_config
+
+    config, _ = _load(args)
+    now = datetime.now(timezone.utc)
+    try:
+        since = rep.parse_when(args.since, now)
+        until = rep.parse_when(args.until, now) if args.until else now
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    if until <= since:
+        print(f"error: --until ({until.isoformat()}) must be after --since ({since.isoformat()})", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        ZoneInfo(args.tz)
+    except (ZoneInfoNotFoundError, ValueError):
+        print(f"error: --tz must be an IANA time zone such as Asia/Shanghai, got {args.tz!r}", file=sys.stderr)
+        return EXIT_USAGE
+    calendars = {name: calendar_from_config(c.service.calendar, config.settings.calendars[c.service.calendar])
+                 for name, c in config.channels.items() if c.service is not None}
+
+    async def go() -> int:
+        nc = await _connect(config)
+        try:
+            records = await rep.load(nc.jetstream(), config.bus.prefix, since)
+        finally:
+            await nc.close()
+        report = rep.compute(records, since=since, until=until, by=args.by, tz=args.tz, calendars=calendars)
+        text = rep.RENDERERS[args.format](report)
+        if args.out:
+            Path(args.out).write_text(text, encoding="utf-8")
+            print(f"wrote {args.out}")
+        else:
+            sys.stdout.write(text)
+        return EXIT_OK
+
+    return asyncio.run(go())
+
+
 # --- parser -------------------------------------------------------------------------
 
 
@@ -486,6 +530,15 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--conversation", help=conv_help)
     r.add_argument("--reason", default="operator", help="recorded in the rescheduled status (default: operator)")
     s.set_defaults(func=cmd_reminders)
+
+    s = sub.add_parser("report", parents=[shared], help="contact statistics of a period (docs/service-hours.md)")
+    s.add_argument("--since", default="7d", help="7d, 12h, a date (2026-12-01) or an RFC 3339 time (default: 7d)")
+    s.add_argument("--until", help="the same forms (default: now)")
+    s.add_argument("--by", choices=["channel", "day", "week", "month"], default="channel")
+    s.add_argument("--format", choices=["table", "json", "csv", "html"], default="table")
+    s.add_argument("--tz", default="UTC", help="time zone of days, weeks and months (default: UTC)")
+    s.add_argument("--out", help="write to this file instead of standard output")
+    s.set_defaults(func=cmd_report)
     return p
 
 

@@ -31,7 +31,9 @@ from .core.bus.contract import dead_inbound_headers, outbound_headers
 from .core.errors import GatewayError, ReminderError
 from .core.scheduling.rules import in_utc
 from .core.scheduling.store import ReminderStore
+from .core.scheduling.desk import publish_mark
 from .core.schema import (
+    ConversationMark,
     DeadLetter,
     DeliveryStatus,
     DeskTask,
@@ -280,6 +282,19 @@ class Client:
                     yield st
         finally:
             await sub.unsubscribe()
+
+    # --- service desk ----------------------------------------------------------------
+
+    async def mark(self, conversation: str, action: str, *, at: datetime | None = None, by: str | None = None,
+                   note: str | None = None) -> None:
+        """Mark a conversation ``complaint``, ``resolved`` or ``reopened`` for the service
+        desk's SLA timers and follow-up promise (``docs/service-hours.md``)."""
+        if action not in ("complaint", "resolved", "reopened"):
+            raise ValueError(f"action must be complaint, resolved or reopened, got {action!r}")
+        channel_type, channel = await self._route_of(conversation)
+        mark = ConversationMark(conversation=conversation, action=action,  # type: ignore[arg-type]
+                                at=at or datetime.now(timezone.utc), by=by, note=note)
+        await publish_mark(self.js, self.subjects.prefix, channel_type, channel, mark)
 
     # --- reminders -----------------------------------------------------------------
 

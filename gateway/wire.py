@@ -22,6 +22,10 @@ from .core.inbound.pipeline import conversation_key, message_id
 from .core.scheduling.survey import Answer, is_greeting, read_answer
 from .core.schema import (
     dead_letter_decoder,
+    desk_opened_decoder,
+    followup_status_decoder,
+    mark_decoder,
+    sla_event_decoder,
     encode,
     message_decoder,
     outbound_decoder,
@@ -34,6 +38,10 @@ from .core.schema import (
 __all__ = [
     "Answer",
     "conversation_key",
+    "desk_opened_decoder",
+    "followup_status_decoder",
+    "mark_decoder",
+    "sla_event_decoder",
     "dead_inbound_headers",
     "dead_letter_decoder",
     "dead_letter_headers",

@@ -203,9 +203,15 @@ def test_every_core_config_key_is_documented():
     doc = (Path(__file__).parent.parent / "docs" / "configuration.md").read_text()
     # The sections as the public Config reaches them ([bus], [http], [log], [outbound] ...).
     settings = typing.get_type_hints(Config)["settings"]
-    sections = [f.type for f in msgspec.structs.fields(settings)]
+    sections = [typing.get_args(f.type)[1] if typing.get_origin(f.type) is dict else f.type
+                for f in msgspec.structs.fields(settings)]
     assert len(sections) >= 4
-    for section in (*sections, MockConfig):
+    # Sub-sections reached from them: a channel's `service`, a calendar's closures file.
+    service = typing.get_args(typing.get_type_hints(ChannelConfig)["service"])[0]
+    calendar = next(s for s in sections if "closures" in {f.name for f in msgspec.structs.fields(s)})
+    closures_file = typing.get_args(typing.get_type_hints(calendar, include_extras=False)["loaded"])[0]
+    entries = [typing.get_args(f.type)[0] for f in msgspec.structs.fields(closures_file)]
+    for section in (*sections, MockConfig, service, *entries):
         for f in msgspec.structs.fields(section):
             assert f"`{f.encode_name}`" in doc, f"{section.__name__}.{f.encode_name} is not in docs/configuration.md"
     for f in dataclasses.fields(ChannelConfig):

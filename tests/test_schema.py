@@ -32,7 +32,8 @@ def test_committed_schemas_match_what_gateway_schema_generates(tmp_path, capsys)
     generated = {p.name: p.read_text() for p in tmp_path.glob("*.json")}
     committed = {p.name: p.read_text() for p in (ROOT / "schemas").glob("*.json")}
     assert set(generated) == {"message.json", "outbound.json", "delivery-status.json", "reminder.json",
-                              "reminder-status.json", "task.json", "dead-letter.json"}
+                              "reminder-status.json", "task.json", "dead-letter.json",
+                              "conversation-mark.json", "sla-event.json", "desk-opened.json", "followup-status.json"}
     stale = sorted(n for n in generated if committed.get(n) != generated[n])
     assert not stale, f"schemas/ is stale for {stale}: run `gateway schema --out schemas` and commit"
     assert set(committed) == set(generated), "schemas/ has files gateway schema does not generate"

@@ -27,6 +27,7 @@ CORE_NAMESPACES: dict[str, str] = {
     "core": "process liveness markers and delivery leases",
     "survey": "the pending survey of a conversation",
     "quiet": "a conversation's quiet hours for reminders",
+    "desk": "a conversation's service-desk record (acknowledgement, SLA timers) and waiting counts",
 }
 _SECRET = re.compile(r"(pass|secret|token|key|cred|auth|sid|aes)", re.I)
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
@@ -138,6 +139,73 @@ class RemindersConfig(_Section):
     ack_wait: Duration = "30s"
 
 
+_PERIOD = Annotated[str, msgspec.Meta(
+    pattern=r"^(24h|([01][0-9]|2[0-3]):[0-5][0-9]-(([01][0-9]|2[0-3]):[0-5][0-9]|24:00))$",
+    description="a period as HH:MM-HH:MM (22:00-06:00 runs past midnight) or 24h")]
+WEEKDAY_KEYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
+_PERIOD_RE = re.compile(r"^(24h|([01][0-9]|2[0-3]):[0-5][0-9]-(([01][0-9]|2[0-3]):[0-5][0-9]|24:00))$")
+
+
+class ClosureConfig(_Section):
+    """One ``[[closed]]`` entry of a closures file: the desk is closed from ``from`` to
+    ``to`` (local wall times, ``2026-12-24T12:00``; a date alone is its midnight)."""
+
+    start: str = msgspec.field(name="from")
+    end: str = msgspec.field(name="to")
+    note: str = ""
+
+
+class OpeningConfig(_Section):
+    """One ``[[open]]`` entry: on ``date`` the desk keeps ``hours`` instead of the weekly
+    ones (an extra opening, short hours; ``[]``: closed that day)."""
+
+    date: str
+    hours: list[_PERIOD]
+    note: str = ""
+
+
+class ClosuresFile(_Section):
+    """The desk's own closures and openings (a TOML file named by a calendar's ``closures``)."""
+
+    closed: list[ClosureConfig] = msgspec.field(default_factory=list)
+    open: list[OpeningConfig] = msgspec.field(default_factory=list)
+
+
+class CalendarConfig(_Section):
+    """``[calendars.<name>]``: a desk's service hours, shared by the channels that name it."""
+
+    tz: str = "Asia/Shanghai"
+    """An IANA time zone: the periods are wall-clock times there."""
+    hours: str | dict[str, list[str]] = "24h"
+    """``"24h"``, or a table ``{mon-fri = ["09:00-12:00", "13:00-18:00"], sat = ["22:00-02:00"]}``;
+    a weekday not named is closed."""
+    holidays: str | None = None
+    """``"CN"``: mainland China's holidays and 调休 working days (chinesecalendar); another
+    ISO country code (``"US"``, ``"DE-BY"`` with a subdivision): the ``holidays`` package."""
+    workday: Literal["mon", "tue", "wed", "thu", "fri", "sat", "sun"] = "mon"
+    """The weekday whose hours an extra working day (调休) keeps."""
+    closures: str | None = None
+    """A TOML file of the desk's own ``[[closed]]`` and ``[[open]]`` entries (relative to
+    the configuration file); read again on reload."""
+    loaded: ClosuresFile | None = None
+    """Filled from ``closures`` when the configuration is loaded (not a key of the file)."""
+
+
+class ServiceConfig(_Section):
+    """``[service]``: service hours, the automatic acknowledgement and SLA timers."""
+
+    enabled: bool = True
+    templates: dict[str, str] = msgspec.field(default_factory=lambda: {
+        "zh": "您好，您的消息已收到。我们的服务时间外暂时无人值守，客服将于 {opens} 上班后处理，预计 {expected} 内答复。",
+        "en": "Hello, we received your message. Our desk is closed now; it opens {opens} and you can "
+              "expect an answer within {expected}.",
+    })
+    """The acknowledgement per language; ``{opens}`` (the local opening time) and
+    ``{expected}`` (the channel's ``answer_within``) are filled in."""
+    ack_wait: Duration = "30s"
+    """How long an unacknowledged timer or control message waits before it is given again."""
+
+
 class GatewaySettings(_Section):
     """Everything but ``[channels.*]``."""
 
@@ -146,6 +214,37 @@ class GatewaySettings(_Section):
     log: LogConfig = msgspec.field(default_factory=LogConfig)
     outbound: OutboundConfig = msgspec.field(default_factory=OutboundConfig)
     reminders: RemindersConfig = msgspec.field(default_factory=RemindersConfig)
+    calendars: dict[str, CalendarConfig] = msgspec.field(default_factory=dict)
+    service: ServiceConfig = msgspec.field(default_factory=ServiceConfig)
+
+
+class ChannelServiceConfig(_Section):
+    """``service = {calendar = "desk", ...}`` in a channel: its service hours, the
+    acknowledgement outside them and its SLA rules."""
+
+    calendar: str
+    """A ``[calendars.<name>]``."""
+    acknowledge: bool = True
+    """Answer automatically, once per closed period and conversation, outside service hours."""
+    language: Literal["zh", "en"] = "zh"
+    ack_delay: Duration = "30s"
+    """Wait this long after the customer's message: a backend's own reply (a bot) within it
+    suppresses the acknowledgement."""
+    answer_within: Duration = "1d"
+    """The expected handling time the acknowledgement promises (``{expected}``)."""
+    first_response: Duration | None = None
+    """SLA: the first reply to a conversation within this."""
+    next_response: Duration | None = None
+    """SLA: every later customer message answered within this."""
+    resolution: Duration | None = None
+    """SLA: a conversation marked complaint resolved within this."""
+    business_hours: bool = False
+    """SLA durations count only the calendar's open time (``8h`` = one 8-hour day)."""
+    warn_at: Annotated[float, msgspec.Meta(gt=0, lt=1)] = 0.8
+    """A warning when this fraction of an SLA's time has passed."""
+    followup_within: Duration | None = None
+    """A conversation marked resolved needs a follow-up (回访) sent within this (wall time);
+    a follow-up that fails, expires or is missing becomes a desk task."""
 
 
 class ChannelCommon(_Section):
@@ -166,6 +265,8 @@ class ChannelCommon(_Section):
     """``quiet_hours = {start = "21:00", end = "09:00", tz = "Asia/Shanghai"}``: the
     customers' rest hours on this channel, for reminders (a reminder or the conversation
     may override) and for channels that must not send at night (SMS: ``ctx.quiet_hours``)."""
+    service: ChannelServiceConfig | None = None
+    """Service hours, acknowledgement and SLA rules (``[calendars]``, docs/service-hours.md)."""
 
 
 _COMMON_KEYS = {f.encode_name for f in msgspec.structs.fields(ChannelCommon)}
@@ -186,6 +287,7 @@ class ChannelConfig:
     """The plugin's ``config_type`` instance (None if the type takes no keys)."""
     concurrency: int | None = None
     quiet_hours: QuietHours | None = None
+    service: ChannelServiceConfig | None = None
 
 
 @dataclass
@@ -195,6 +297,9 @@ class Config:
     settings: GatewaySettings
     channels: dict[str, ChannelConfig] = field(default_factory=dict)
     source: str = "<defaults>"
+    warnings: list[str] = field(default_factory=list)
+    """What is valid but will not work fully (a holiday calendar that does not know a year
+    yet): ``gateway check-config`` prints it, ``gateway run`` logs it."""
     from_env: frozenset[tuple[str, ...]] = frozenset()
     """Key paths (``("bus", "url")``) whose value came from the environment (``${VAR}`` or
     a ``GATEWAY_*`` override): such values are never printed."""
@@ -228,12 +333,21 @@ class _Locator:
 
     def __init__(self, text: str):
         self.keys: dict[tuple[str, ...], int] = {}
+        arrays: dict[tuple[str, ...], int] = {}
         table: tuple[str, ...] = ()
         for lineno, raw in enumerate(text.splitlines(), 1):
             line = raw.strip()
             if not line or line.startswith("#"):
                 continue
-            if line.startswith("["):
+            if line.startswith("[["):  # an array of tables: each entry is its own index
+                inner = line.split("#")[0].strip().strip("[]").strip()
+                name = tuple(_split_key(inner))
+                index = arrays.get(name, 0)
+                arrays[name] = index + 1
+                self.keys.setdefault(name, lineno)
+                table = name + (str(index),)
+                self.keys.setdefault(table, lineno)
+            elif line.startswith("["):
                 inner = line.strip("[]").split("#")[0].strip().rstrip("]")
                 table = tuple(_split_key(inner))
                 self.keys.setdefault(table, lineno)
@@ -451,6 +565,7 @@ def parse_config(
     text: str | None = None,
     env: Mapping[str, str] | None = None,
     bus_only: bool = False,
+    base_dir: Path | None = None,
 ) -> Config:
     """Validate already-parsed TOML data. ``channel_types`` maps a type name to its
     :class:`Channel` class (for its ``config_type``). Raises :class:`ConfigError` with
@@ -465,6 +580,13 @@ def parse_config(
     channels_raw = data.pop("channels", {})
     data = _resolve_env(data, (), os.environ if env is None else env, problems)
     _check(data, GatewaySettings, (), problems)
+    warnings: list[str] = []
+    calendars_raw = data.get("calendars")
+    calendar_names = set(calendars_raw) if isinstance(calendars_raw, dict) else set()
+    if isinstance(calendars_raw, dict):
+        for cname, craw in calendars_raw.items():
+            if isinstance(craw, dict):
+                _check_calendar(craw, ("calendars", cname), problems, warnings, base_dir)
     channels: dict[str, ChannelConfig] = {}
     if not isinstance(channels_raw, dict):
         problems.add(("channels",), f"expected a table of [channels.<name>] sections, got {_found_type(channels_raw)}")
@@ -526,8 +648,12 @@ def parse_config(
             problems.add(path + ("quiet_hours", key), problem.replace("must be", "expected", 1))
         if quiet:
             continue
+        if c.service is not None and c.service.calendar not in calendar_names:
+            problems.add(path + ("service", "calendar"), f"no [calendars.{c.service.calendar}]; defined: "
+                                                           f"{', '.join(sorted(calendar_names)) or 'none'}")
+            continue
         channels[name] = ChannelConfig(name, ctype, c.enabled, c.required, c.rate_limit, c.backoff, c.max_attempts, options,
-                                       c.concurrency, c.quiet_hours)
+                                       c.concurrency, c.quiet_hours, c.service)
     environ = os.environ if env is None else env
     from_env = set(problems.from_env)
     # An override is checked like the key it replaces and named by its variable; its
@@ -566,7 +692,152 @@ def parse_config(
         settings.http.port = ports[("http", "port")]
     if ("bus", "embedded_port") in ports:
         settings.bus.embedded_port = ports[("bus", "embedded_port")]
-    return Config(settings=settings, channels=channels, source=source, from_env=frozenset(from_env))
+    return Config(settings=settings, channels=channels, source=source, from_env=frozenset(from_env),
+                  warnings=warnings)
+
+
+def _zone_exists(tz: str) -> bool:
+    from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+    try:
+        ZoneInfo(tz)
+    except (ZoneInfoNotFoundError, ValueError):
+        return False
+    return True
+
+
+def _check_calendar(raw: dict[str, Any], path: tuple[str, ...], problems: _Problems, warnings: list[str],
+                    base_dir: Path | None) -> None:
+    """What the types cannot say about a calendar: the zone exists, a period does not end
+    where it starts, weekday ranges do not overlap, the holiday source is known (and which
+    years it cannot answer), the closures file reads. Loads the closures into ``loaded``."""
+    tz = raw.get("tz", "Asia/Shanghai")
+    if isinstance(tz, str) and not _zone_exists(tz):
+        problems.add(path + ("tz",), f"expected an IANA time zone such as Asia/Shanghai, got {tz!r}")
+    hours = raw.get("hours", "24h")
+    if isinstance(hours, str) and hours != "24h":
+        problems.add(path + ("hours",), f'expected "24h" or a table of weekdays, got {problems.shown(path, hours)}')
+    elif isinstance(hours, dict):
+        seen: dict[str, str] = {}
+        for key, periods in hours.items():
+            days = weekday_range(key)
+            if not days:
+                problems.add(path + ("hours", key), "expected a weekday (mon, tue, wed, thu, fri, sat, sun) or a range "
+                                                    "of them (mon-fri) as the key")
+            for day in days:
+                if day in seen:
+                    problems.add(path + ("hours", key), f"{day} is given twice (by {seen[day]!r} and {key!r})")
+                seen[day] = key
+            if not isinstance(periods, list):
+                problems.add(path + ("hours", key), f"expected an array of periods such as [\"09:00-18:00\"], got "
+                                                    f"{_found_type(periods)}")
+                continue
+            for i, p in enumerate(periods):
+                problems_in = _period_problem(p)
+                if problems_in:
+                    problems.add(path + ("hours", key, str(i)), problems_in)
+    spec = raw.get("holidays")
+    if isinstance(spec, str):
+        _check_holidays(spec, path + ("holidays",), problems, warnings)
+    if "loaded" in raw:
+        problems.add(path + ("loaded",), "unknown key; expected one of: closures, holidays, hours, tz, workday")
+        return
+    closures = raw.get("closures")
+    if isinstance(closures, str):
+        cpath = Path(closures) if base_dir is None or Path(closures).is_absolute() else base_dir / closures
+        loaded = _load_closures(cpath, path + ("closures",), problems)
+        if loaded is not None:
+            raw["loaded"] = msgspec.to_builtins(loaded)
+
+
+def _period_problem(p: Any) -> str | None:
+    if not isinstance(p, str) or not _PERIOD_RE.match(p):
+        return (f"expected a period as HH:MM-HH:MM (22:00-06:00 runs past midnight) or 24h, got "
+                f"{p!r}")
+    if p != "24h" and p.split("-")[0] == p.split("-")[1]:
+        return f"a period must not start and end at the same time, got {p!r} (use 24h for all day)"
+    return None
+
+
+def weekday_range(key: str) -> list[str]:
+    """``"mon-fri"`` → mon … fri; ``"fri-mon"`` wraps; an unknown name → []."""
+    a, _, b = key.partition("-")
+    if a not in WEEKDAY_KEYS or (b and b not in WEEKDAY_KEYS):
+        return []
+    i, j = WEEKDAY_KEYS.index(a), WEEKDAY_KEYS.index(b or a)
+    return [WEEKDAY_KEYS[(i + k) % 7] for k in range((j - i) % 7 + 1)]
+
+
+def _check_holidays(spec: str, path: tuple[str, ...], problems: _Problems, warnings: list[str]) -> None:
+    from datetime import date, datetime, timezone
+
+    if spec.upper() == "CN":
+        import chinese_calendar
+
+        this_year = datetime.now(timezone.utc).year
+        missing = []
+        for year in (this_year, this_year + 1):
+            try:
+                chinese_calendar.is_holiday(date(year, 1, 1))
+            except NotImplementedError:
+                missing.append(year)
+        if missing:
+            line = problems.locator.line(path) if problems.locator else None
+            where = f"{problems.source}:{line}" if line else problems.source
+            version = getattr(chinese_calendar, "__version__", "installed")
+            warnings.append(f"{where}: {'.'.join(path)}: chinesecalendar {version} does not know "
+                            f"{' and '.join(map(str, missing))}: public holidays and 调休 working days of "
+                            f"{'those years' if len(missing) > 1 else 'that year'} are not applied (the weekly hours "
+                            f"are) until the package is upgraded")
+        return
+    import holidays as holidays_pkg
+
+    country, _, subdiv = spec.partition("-")
+    supported = holidays_pkg.list_supported_countries()
+    if country not in supported:
+        problems.add(path, f'expected "CN" or a country code the holidays package knows (US, DE, JP, ...), got {spec!r}')
+    elif subdiv and subdiv not in supported[country]:
+        problems.add(path, f"{country} has no subdivision {subdiv!r}; known: {', '.join(supported[country][:12])}"
+                           + (" ..." if len(supported[country]) > 12 else ""))
+
+
+def _load_closures(cpath: Path, path: tuple[str, ...], problems: _Problems) -> ClosuresFile | None:
+    from datetime import date, datetime
+
+    try:
+        text = cpath.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        problems.add(path, f"cannot read the closures file {cpath}: {exc.__class__.__name__}: {exc}")
+        return None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        problems.add(path, f"{cpath}: invalid TOML: {exc}")
+        return None
+    own = _Problems(str(cpath), _Locator(text))
+    _check(data, ClosuresFile, (), own)
+
+    def when(value: Any, at: tuple[str, ...]) -> None:
+        try:
+            datetime.fromisoformat(value) if "T" in str(value) else date.fromisoformat(str(value))
+        except ValueError:
+            own.add(at, f"expected a local date or date-time such as 2026-12-24 or 2026-12-24T12:00, got {value!r}")
+
+    for i, c in enumerate(data.get("closed", []) if isinstance(data.get("closed"), list) else []):
+        if isinstance(c, dict):
+            for k in ("from", "to"):
+                if isinstance(c.get(k), str):
+                    when(c[k], ("closed", str(i), k))
+    for i, o in enumerate(data.get("open", []) if isinstance(data.get("open"), list) else []):
+        if isinstance(o, dict) and isinstance(o.get("date"), str):
+            try:
+                date.fromisoformat(o["date"])
+            except ValueError:
+                own.add(("open", str(i), "date"), f"expected a date such as 2026-12-27, got {o['date']!r}")
+    problems.items.extend(own.items)
+    if own.items:
+        return None
+    return msgspec.convert(data, ClosuresFile)
 
 
 DEFAULT_CONFIG = "gateway.toml"
@@ -614,4 +885,5 @@ def _load(path: str | os.PathLike[str] | None, channel_types: Mapping[str, Any] 
         raise ConfigError([f"{p}: invalid TOML: {exc}"]) from exc
     if channel_types is None:
         data.pop("channels", None)
-    return parse_config(data, channel_types or {}, source=str(path), text=text, env=env, bus_only=bus_only)
+    return parse_config(data, channel_types or {}, source=str(path), text=text, env=env, bus_only=bus_only,
+                        base_dir=p.parent)

@@ -21,6 +21,8 @@ from .delivery.dispatcher import Dispatcher
 from .context import Context
 from .inbound.pipeline import Inbound
 from .registry import PluginManager
+from .scheduling.calendar import Calendar, calendar_from_config
+from .scheduling.desk import ServiceDesk
 from .scheduling.scheduler import Reminders
 from .inbound.restore import DedupRestore
 from .schema import Message, ObjectRef
@@ -52,7 +54,7 @@ class Gateway:
                                            store_dir=config.bus.data_dir, max_payload=max(config.bus.max_message_size, 1048576))
             bus_url = self.embedded.url
         self.bus = Bus(config.bus, bus_url, log=self.log.bind(component="bus"), receipt_ttl=config.outbound.receipt_ttl,
-                       schedules=config.reminders.enabled)
+                       schedules=config.reminders.enabled or any(c.service is not None for c in config.channels.values()))
         self.services = BusServices(self.bus)
         self.surveys = Surveys(self.bus, log=self.log)
         # Reminders read the channels' sections and the running channels (reach) through
@@ -62,6 +64,12 @@ class Gateway:
         self.inbound = Inbound(self.services, enrich=self.enrich, metrics=self.metrics, surveys=self.surveys,
                                on_customer_wrote=self.reminders.customer_wrote if self.reminders is not None else None)
         self.restore = DedupRestore(self.bus, log=self.log)
+        self.calendars: dict[str, Calendar] = self._build_calendars(config)
+        # The desk reads its section, the channels' sections and the calendars through
+        # getters: a reload replaces them.
+        self.desk = ServiceDesk(self.services, lambda: self.config.settings.service,
+                                channel_configs=lambda: self.config.channels, calendars=lambda: self.calendars,
+                                channel=self._channel, log=self.log) if config.settings.service.enabled else None
         self.http = HttpServer(config.http, metrics=self.metrics, log=self.log, health=self.health)
         self.channels: dict[str, _Running] = {}
         self.outbound: Dispatcher | None = None
@@ -97,6 +105,10 @@ class Gateway:
             self.bus.on_ready.append(self.outbound.start)
         if self.reminders is not None:
             self.bus.on_ready.append(self.reminders.start)
+        if self.desk is not None:
+            self.bus.on_ready.append(self.desk.start)
+        for warning in self.config.warnings:
+            self.log.warning("configuration warning", problem=warning)
         # Dedup records a crashed process (this one before a restart, or a peer) left
         # unwritten are restored in the background once the bus is up: JetStream's
         # duplicate window covers the retries meanwhile (inbound/restore.py), so the
@@ -170,6 +182,8 @@ class Gateway:
                 await self.outbound.stop()
             if self.reminders is not None:
                 await self.reminders.stop()
+            if self.desk is not None:
+                await self.desk.stop()
             # Every inbound publish has finished: the stop is clean, the marker goes.
             await self.restore.stop()
             await self.bus.close()
@@ -199,6 +213,9 @@ class Gateway:
             for name in list(self.channels):
                 if name not in new or new[name] != old.get(name):
                     await self._stop_channel(name)
+            self.calendars = self._build_calendars(config)
+            self.config.settings.calendars = config.settings.calendars
+            self.config.settings.service = config.settings.service
             self.config.channels = config.channels
             later: list[str] = []
             if self.outbound is not None:
@@ -250,6 +267,10 @@ class Gateway:
             if isinstance(out, Message):
                 message = out
         return message
+
+    @staticmethod
+    def _build_calendars(config: Config) -> dict[str, Calendar]:
+        return {name: calendar_from_config(name, c) for name, c in config.settings.calendars.items()}
 
     def _channel(self, name: str) -> Channel | None:
         """The started channel ``name`` (whatever its health), for questions answered from

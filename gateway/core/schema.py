@@ -490,6 +490,81 @@ class DeadLetter(_Envelope, frozen=True, kw_only=True):
     headers: dict[str, str] = {}
 
 
+class ConversationMark(_Envelope, frozen=True, kw_only=True):
+    """A backend's mark on a conversation, on ``<prefix>.desk.mark.<channel_type>.<channel>``:
+    ``complaint`` starts the resolution SLA, ``resolved`` stops it (and starts the follow-up
+    promise), ``reopened`` undoes ``resolved``."""
+
+    schema_version: int = SCHEMA_VERSION
+    conversation: str
+    action: Literal["complaint", "resolved", "reopened"]
+    at: datetime | None = None
+    """When it happened (default: when the gateway read the mark)."""
+    by: str | None = None
+    """Who marked it (an agent's id), for the record."""
+    note: str | None = None
+
+
+class SlaEvent(_Envelope, frozen=True, kw_only=True):
+    """An SLA timer's warning or breach, on ``<prefix>.sla.<channel_type>.<channel>``."""
+
+    schema_version: int = SCHEMA_VERSION
+    conversation: str
+    channel_type: str
+    channel: str
+    rule: Literal["first_response", "next_response", "resolution"]
+    state: Literal["warning", "breach"]
+    limit: str
+    """The rule's limit as configured (``3d``; business hours when ``business_hours``)."""
+    business_hours: bool
+    started_at: datetime
+    """The customer message (or the complaint mark) that started the timer."""
+    due_at: datetime
+    at: datetime
+    """When this event was decided."""
+    late: float
+    """Seconds past ``due_at`` (negative for a warning: time left)."""
+
+
+class DeskOpened(_Envelope, frozen=True, kw_only=True):
+    """A calendar's desk opened, on ``<prefix>.desk.opened.<calendar>``: who waited."""
+
+    schema_version: int = SCHEMA_VERSION
+    calendar: str
+    opened_at: datetime
+    closed_since: datetime | None
+    """When the closed period began (None: not known within the calendar's horizon)."""
+    waiting: int
+    """Conversations that wrote while it was closed (automatic messages not counted)."""
+    waiting_since: datetime | None
+    """The earliest of their messages."""
+    channels: list[str] = []
+
+
+class FollowupStatus(_Envelope, frozen=True, kw_only=True):
+    """The follow-up (回访) promise of a resolved conversation, on
+    ``<prefix>.desk.followup.<channel_type>.<channel>``: each change of its state."""
+
+    schema_version: int = SCHEMA_VERSION
+    conversation: str
+    channel_type: str
+    channel: str
+    state: Literal["due", "scheduled", "sent", "answered", "failed", "expired", "cancelled", "missed"]
+    """``due``: resolved, nothing scheduled yet; ``scheduled``: a reminder is pending;
+    ``sent``: its outbound was sent (a desk task: handed to the desk); ``answered``: the
+    customer wrote after it; ``failed``/``expired``/``cancelled``: what the reminder
+    reported; ``missed``: nothing was sent within the promise."""
+    resolved_at: datetime
+    due_by: datetime
+    """``resolved_at`` + the channel's ``followup_within``."""
+    at: datetime
+    reminder_id: str | None = None
+    outbound_id: str | None = None
+    reason: str | None = None
+    task_id: str | None = None
+    """When a desk task was raised for it (failed, expired, missed)."""
+
+
 WIRE_TYPES: dict[str, type[_Envelope]] = {
     "message": Message,
     "outbound": Outbound,
@@ -498,6 +573,10 @@ WIRE_TYPES: dict[str, type[_Envelope]] = {
     "reminder-status": ReminderStatus,
     "task": Task,
     "dead-letter": DeadLetter,
+    "conversation-mark": ConversationMark,
+    "sla-event": SlaEvent,
+    "desk-opened": DeskOpened,
+    "followup-status": FollowupStatus,
 }
 """Every top-level bus type, by the file name of its JSON Schema."""
 
@@ -513,6 +592,10 @@ reminder_decoder = msgspec.json.Decoder(Reminder)
 reminder_status_decoder = msgspec.json.Decoder(ReminderStatus)
 task_decoder = msgspec.json.Decoder(Task)
 dead_letter_decoder = msgspec.json.Decoder(DeadLetter)
+mark_decoder = msgspec.json.Decoder(ConversationMark)
+sla_event_decoder = msgspec.json.Decoder(SlaEvent)
+desk_opened_decoder = msgspec.json.Decoder(DeskOpened)
+followup_status_decoder = msgspec.json.Decoder(FollowupStatus)
 
 
 def json_schemas() -> dict[str, dict[str, Any]]:

@@ -62,6 +62,11 @@ def quiet_key(conversation: str) -> str:
     return _core("quiet", conversation)
 
 
+def desk_key(rest: str) -> str:
+    """A service-desk record: ``conv.<conversation>`` or ``open.<calendar>``."""
+    return _core("desk", rest)
+
+
 def channel_key(channel: str, key: str) -> str:
     """The state-bucket key of a channel's own ``key``: used as given when it is a valid
     KV token, hashed otherwise (any string a plugin chooses is a valid key)."""

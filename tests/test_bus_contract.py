@@ -135,6 +135,15 @@ async def test_two_outbounds_sharing_one_nats_msg_id_lose_the_second(gateway_fac
 
 async def test_a_backend_consumer_on_gw_out_is_refused_with_error_10100(gateway_factory, bus):
     await gateway_factory({"demo": {"type": "mock"}})
+    js = bus.jetstream()
+
+    async def delivering() -> bool:  # the gateway's own consumer of the channel exists
+        try:
+            return bool(await js.consumer_info("GW_OUT", "gw_out_demo"))
+        except nats.js.errors.NotFoundError:
+            return False
+
+    await wait_until(delivering, timeout=10)
     with pytest.raises(nats.js.errors.BadRequestError) as err:
         await bus.jetstream().add_consumer("GW_OUT", api.ConsumerConfig(
             durable_name="backend", filter_subject="gw.out.mock.demo", ack_policy=api.AckPolicy.EXPLICIT))

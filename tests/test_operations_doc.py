@@ -8,8 +8,10 @@ import re
 from pathlib import Path
 
 import nats
+import nats.js.errors
 
 from gateway import PluginManager, parse_config
+from gateway.testing import wait_until
 
 DOC = (Path(__file__).parent.parent / "docs" / "operations.md").read_text(encoding="utf-8")
 
@@ -48,6 +50,8 @@ async def test_the_state_table_names_every_stream_bucket_and_consumer(gateway_fa
     nc = await nats.connect(nats_server.url)
     try:
         js = nc.jetstream()
+        # every consumer exists once the channel's delivery was taken
+        await wait_until(lambda: _has_consumer(js, "GW_OUT", "gw_out_demo"), timeout=10)
         streams = {s.config.name for s in await js.streams_info()}
         consumers = {c.name for s in streams for c in await js.consumers_info(s)}
     finally:
@@ -56,5 +60,14 @@ async def test_the_state_table_names_every_stream_bucket_and_consumer(gateway_fa
     documented = set(re.findall(r"^\| `([A-Za-z_]+)`", table, re.M))
     as_streams = {n if n.isupper() else ("OBJ_" if n.endswith("_blobs") else "KV_") + n for n in documented}
     assert as_streams == streams
+    assert "gw_out_demo" in consumers
     for consumer in consumers:
-        assert f"`{consumer}`" in table, consumer
+        assert f"`{consumer.replace('gw_out_demo', 'gw_out_<channel>')}`" in table, consumer
+
+
+async def _has_consumer(js, stream: str, name: str) -> bool:
+    try:
+        await js.consumer_info(stream, name)
+    except nats.js.errors.NotFoundError:
+        return False
+    return True

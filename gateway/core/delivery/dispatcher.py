@@ -267,6 +267,13 @@ class Dispatcher:
     async def _own_loop(self) -> None:
         while not self._stopping.is_set():
             self._wake.clear()
+            if not self.bus.connected:
+                # Started by the bus's on_ready, before it counts as connected: the first
+                # round runs the moment it does, not a renewal interval later.
+                try:
+                    await self.bus.wait_ready(self.owners.ttl / 4)
+                except asyncio.TimeoutError:
+                    continue
             try:
                 await self._round()
             except asyncio.CancelledError:

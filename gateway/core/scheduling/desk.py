@@ -389,27 +389,32 @@ class ServiceDesk:
         self._note_unknown_years(cal)
         start_rule: list[Rule] = []
         first_in_period = [False]
+        replied = [False]
 
         answered: list[Followup] = []
 
         def change(rec: DeskRecord) -> bool:
             start_rule.clear()
             answered.clear()
-            first_in_period[0] = False
+            first_in_period[0] = replied[0] = False
             rec.channel_type, rec.channel = m.channel_type, m.channel
             fu = rec.followup
             if fu is not None and fu.state == "sent" and fu.sent_at is not None and at > fu.sent_at:
                 fu.state = "answered"
                 answered.append(fu)
+            # Counted for the desk's opening whether or not a reply is already known: the
+            # desk and status consumers run side by side, and the count must not depend on
+            # which of them read first.
+            if closed and opens_at is not None and rec.acked_period != opens_at:
+                rec.acked_period = opens_at
+                first_in_period[0] = True
             if rec.reply_seen_at is not None and rec.reply_seen_at >= at:
-                return True  # answered already (the reply's status was read first)
+                replied[0] = True  # answered already (the reply's status was read first)
+                return True
             if rec.waiting_since is None or rec.waiting_since > at:
                 if rec.waiting_since is None:
                     start_rule.append("first_response" if rec.answered == 0 else "next_response")
                 rec.waiting_since = at
-            if closed and opens_at is not None and rec.acked_period != opens_at:
-                rec.acked_period = opens_at
-                first_in_period[0] = True
             return True
 
         await self._change(m.conversation, change)
@@ -419,7 +424,7 @@ class ServiceDesk:
             await self._start_sla(m.conversation, m.channel_type, m.channel, rule, at, svc, cal)
         if first_in_period[0] and opens_at is not None:
             await self._count_waiting(cal, opens_at, at, m.channel)
-            if svc.acknowledge:
+            if svc.acknowledge and not replied[0]:
                 timer = DeskTimer(kind="ack", conversation=m.conversation, channel_type=m.channel_type,
                                   channel=m.channel, message_id=m.id, started_at=at, opens_at=opens_at)
                 await self._schedule(self.ds.timer("ack", m.conversation), timer,

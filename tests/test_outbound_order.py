@@ -227,3 +227,44 @@ async def _slow_saturated(url: str) -> bool:
     finally:
         await nc.close()
     return info.num_ack_pending > 64
+
+
+async def test_order_is_kept_when_bus_requests_fail_without_a_disconnect(gateway_factory, nats_server) -> None:
+    """A stream leader election (or a stalled server) makes single requests fail while the
+    connection stays up, so no reconnect ends the delivery term. A reply whose processing
+    failed so must hold its conversation until it is done; before, the conversation's next
+    reply went out at once and the failed one came back after ``ack_wait``."""
+    gw = await gateway_factory({"demo": {"type": "mock", "deliver_delay": "500ms"}},
+                               bus={"publish_timeout": "300ms"}, outbound={"ack_wait": "30s"})
+    channel = gw.channels["demo"].channel
+    assert (await post_inbound(gw.http.port, "demo", text="hi", sender="alice")).status_code == 200
+    conv = gw.channels["demo"].ctx.conversation_key("alice")
+    items = [("gw.out.mock.demo", Outbound(id=f"r{i}", conversation=conv, parts=[TextPart(text=str(i))]))
+             for i in range(3)]
+    # r0's first attempt fails at the provider; its "failed" status is then written while
+    # the server stands still, and that write fails.
+    channel.fail_next(1)
+    nc = await nats.connect(nats_server.url)
+    accepted = asyncio.Event()
+
+    async def on_status(msg) -> None:
+        if b'"r0"' in msg.data and b'"accepted"' in msg.data:
+            accepted.set()
+
+    await nc.subscribe("gw.status.mock.demo", cb=on_status)
+    proc = nats_server.proc
+    assert proc is not None
+    try:
+        await _publish(nats_server.url, items)
+        await asyncio.wait_for(accepted.wait(), 10)  # r0 is in the provider call (500 ms)
+        proc.send_signal(signal.SIGSTOP)
+        try:
+            # The outage outlasts the call and publish_timeout: a fault's length, not a wait.
+            await asyncio.sleep(1.5)
+        finally:
+            proc.send_signal(signal.SIGCONT)
+        await wait_until(lambda: len({o.id for o, _ in channel.deliveries}) >= len(items), timeout=20)
+    finally:
+        await nc.close()
+    first = list(dict.fromkeys(o.id for o, _ in channel.deliveries))
+    assert first == [o.id for _, o in items]

@@ -117,6 +117,10 @@ class _Term:
         return not self.ended.is_set() and time.monotonic() < self.deadline
 
 
+def _oid(e: _Entry) -> str:
+    return e.outbound.id if e.outbound is not None else f"(undecodable, stream sequence {e.msg.metadata.sequence.stream})"
+
+
 class _Entry:
     __slots__ = ("msg", "outbound", "err", "term")
 
@@ -499,12 +503,7 @@ class Dispatcher:
                         self._places(term.name)  # a reload may have changed the limit
                         await term.places.acquire()
                         try:
-                            await self._process(e.msg, e.outbound, e.err, term)
-                        except asyncio.CancelledError:
-                            raise
-                        except Exception as exc:  # never lose the lane on a bug: leave unacked
-                            self.log.error("outbound processing failed; left for redelivery",
-                                           error=f"{type(exc).__name__}: {exc}")
+                            await self._process_in_place(e, term)
                         finally:
                             term.places.release()
                 finally:
@@ -512,6 +511,32 @@ class Dispatcher:
                     term.buffer.release()
         finally:
             del self.lanes[lane]
+
+    async def _process_in_place(self, e: _Entry, term: _Term) -> None:
+        """Process one entry until it is done, the term ends or the gateway stops. A failure
+        outside the provider call (a bus request timing out while a stream elects its
+        leader, or a bug) is tried again here, with backoff: the conversation's later
+        replies wait behind it. Left unacked for a redelivery instead, it would come back
+        after ``ack_wait``, after them."""
+        delay = 0.2
+        failures = 0
+        while True:
+            try:
+                await self._process(e.msg, e.outbound, e.err, term)
+                if failures:
+                    self.log.info("outbound processed after failures", outbound_id=_oid(e), failures=failures)
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                failures += 1
+                if failures == 1:  # once per message: a long outage is logged by the bus
+                    log = self.log.warning if isinstance(exc, BusUnavailable | nats.errors.Error) else self.log.error
+                    log("outbound processing failed; trying again, its conversation waits", outbound_id=_oid(e),
+                        error=f"{type(exc).__name__}: {exc}")
+                if not term.valid() or not await self._retry_wait(e.msg, delay):
+                    return  # unacked: the channel's next term (or process) delivers it, in order
+                delay = min(delay * 2, 5.0)
 
     # --- one message ---------------------------------------------------------------
 

@@ -18,6 +18,7 @@ from nats.js.object_store import ObjectStore
 from ..config import BusConfig, seconds
 from ..errors import BusUnavailable, MessageTooLarge, PayloadTooLarge
 from ..retry import Backoff, Supervised
+from .reads import Reads
 
 _HEADER_LINE = len("NATS/1.0\r\n")
 _BLOCK_END = len("\r\n")
@@ -196,6 +197,7 @@ class Bus:
         self.nc: NATS | None = None
         self._js: JetStreamContext | None = None
         self.kv: dict[str, NatsKV] = {}
+        self._reads: Reads | None = None
         self._objects: ObjectStore | None = None
         self._ready = asyncio.Event()
         self._supervisor: Supervised | None = None
@@ -213,6 +215,14 @@ class Bus:
         if self._js is None:
             raise BusUnavailable(f"bus not connected ({self.error or 'disconnected'})")
         return self._js
+
+    @property
+    def reads(self) -> Reads:
+        """Pipelined direct gets on the current connection (:class:`BusUnavailable` before
+        the first one)."""
+        if self._reads is None:
+            raise BusUnavailable(f"bus not connected ({self.error or 'disconnected'})")
+        return self._reads
 
     @property
     def objects(self) -> ObjectStore:
@@ -339,6 +349,8 @@ class Bus:
         # Once connected, never give up reconnecting (nats-py reads this option live).
         self.nc.options["max_reconnect_attempts"] = -1
         self._js = _JetStream(self.nc, timeout=seconds(self.cfg.publish_timeout), publish_async_max_pending=20000)
+        self._reads = Reads(self.nc)
+        await self._reads.start()
         # Also after a reconnect: the KV and object store handles hold the JetStream
         # context they were made with, so they are made again on the new one.
         await self.ensure_layout()

@@ -19,6 +19,7 @@ import nats.js.errors
 from nats.js import api
 
 from .connection import Bus, wire_size
+from .reads import Entry, valid_key
 from ..channel.api import Conversation, Receipt
 from ..config import seconds
 from .contract import PAYLOAD_HEADER, dead_letter_headers, message_headers, status_headers
@@ -89,30 +90,39 @@ class BusServices:
 
     async def get_conversation(self, key: str) -> Conversation | None:
         """The stored conversation ``key``, or None (unknown, or not a conversation)."""
-        self.bus.require()
-        kv = self.bus.kv[self.subjects.kv_conversations]
+        return _conversation(await self._read(await self.send_get_conversation(key)))
+
+    async def send_get_conversation(self, key: str) -> asyncio.Future[Entry | None]:
+        """Ask for the stored conversation ``key``; the future of its entry (see
+        :meth:`get_conversation_and_receipt`)."""
+        s = self.subjects
+        if not valid_key(key):
+            return _none()
+        return await self.bus.reads.send(s.kv_stream(s.kv_conversations), s.kv(s.kv_conversations, key))
+
+    async def get_conversation_and_receipt(self, key: str, outbound_id: str) -> tuple[Conversation | None, Receipt | None]:
+        """Both reads of a delivery in one round trip: the conversation ``key`` and the
+        receipt of ``outbound_id`` (None for what is not stored)."""
+        s = self.subjects
+        conv = await self.send_get_conversation(key)
+        receipt = await self.bus.reads.send(s.kv_stream(s.kv_receipts), s.kv(s.kv_receipts, _receipt_key(outbound_id)))
+        return _conversation(await self._read(conv)), _receipt(await self._read(receipt))
+
+    async def _read(self, fut: asyncio.Future[Entry | None]) -> Entry | None:
         try:
-            entry = await kv.get(key)
-        except (nats.js.errors.KeyNotFoundError, nats.js.errors.InvalidKeyError):
-            return None
-        try:
-            # nats-py types Entry.value Optional; get() sets it to the message data (bytes)
-            return conversation_decoder.decode(entry.value)  # type: ignore[arg-type]
-        except msgspec.DecodeError:
-            return None
+            async with asyncio.timeout(self.publish_timeout):
+                return await fut
+        except TimeoutError as exc:
+            raise BusUnavailable("bus did not answer a read") from exc
 
     async def send_conversation(self, conv: Conversation, *, keep_route: bool,
                                 keep_time: bool) -> asyncio.Future[api.PubAck]:
         """Write a conversation; returns the future of its ack. ``keep_route`` and
         ``keep_time`` keep the stored route and last inbound time (only then is the stored
         entry read first)."""
-        kv = self.bus.kv[self.subjects.kv_conversations]
         if keep_route or keep_time:
-            try:
-                old = conversation_decoder.decode((await kv.get(conv.key)).value)  # type: ignore[arg-type]
-            except (nats.js.errors.KeyNotFoundError, msgspec.DecodeError):
-                pass
-            else:
+            old = await self.get_conversation(conv.key)
+            if old is not None:
                 if keep_route:
                     conv.route = old.route
                 if keep_time:
@@ -123,15 +133,9 @@ class BusServices:
 
     async def get_receipt(self, outbound_id: str) -> Receipt | None:
         """The receipt stored for an outbound the provider accepted, or None."""
-        kv = self.bus.kv[self.subjects.kv_receipts]
-        try:
-            entry = await kv.get(_receipt_key(outbound_id))
-        except nats.js.errors.KeyNotFoundError:
-            return None
-        try:
-            return receipt_decoder.decode(entry.value)  # type: ignore[arg-type]  # nats-py types it Optional; get() always sets it
-        except msgspec.DecodeError:
-            return Receipt()
+        s = self.subjects
+        return _receipt(await self._read(await self.bus.reads.send(
+            s.kv_stream(s.kv_receipts), s.kv(s.kv_receipts, _receipt_key(outbound_id)))))
 
     async def send_receipt(self, outbound_id: str, receipt: Receipt) -> asyncio.Future[api.PubAck]:
         """Issue the receipt's KV write; returns the future of its ack."""
@@ -196,6 +200,30 @@ class BusServices:
         store = self.bus.objects if ref.bucket == self.subjects.object_store else await self.bus.js.object_store(ref.bucket)
         result = await store.get(ref.name)
         return result.data or b""
+
+
+def _conversation(entry: Entry | None) -> Conversation | None:
+    if entry is None:
+        return None
+    try:
+        return conversation_decoder.decode(entry.value)
+    except msgspec.DecodeError:
+        return None
+
+
+def _receipt(entry: Entry | None) -> Receipt | None:
+    if entry is None:
+        return None
+    try:
+        return receipt_decoder.decode(entry.value)
+    except msgspec.DecodeError:
+        return Receipt()  # stored, so sent: an unreadable receipt must not send it again
+
+
+def _none() -> asyncio.Future[Entry | None]:
+    fut: asyncio.Future[Entry | None] = asyncio.get_running_loop().create_future()
+    fut.set_result(None)
+    return fut
 
 
 def _receipt_key(outbound_id: str) -> str:

@@ -560,8 +560,7 @@ class Dispatcher:
         # Nats-Msg-Id ("<id>:accepted:0") lets JetStream drop the repeats within its
         # duplicate window, and it costs no extra round trip.
         accepted = await services.send_status(self._make_status(outbound, ctype, cname, "accepted", attempt=0))
-        receipt, conversation = await asyncio.gather(services.get_receipt(outbound.id),
-                                                     services.get_conversation(outbound.conversation))
+        conversation, receipt = await services.get_conversation_and_receipt(outbound.conversation, outbound.id)
         await services.await_ack(accepted)
         if receipt is not None:
             # Sent before a crash or by a duplicate publish: do not send twice.

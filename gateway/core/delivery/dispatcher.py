@@ -53,6 +53,7 @@ class _Places:
         self.limit = limit
         self.used = 0
         self._waiters: deque[asyncio.Future[None]] = deque()
+        self._want: tuple[int, asyncio.Future[None]] | None = None
 
     @property
     def free(self) -> int:
@@ -76,6 +77,22 @@ class _Places:
     def release(self) -> None:
         self.used -= 1
         self._wake()
+        if self._want is not None and self.limit - self.used >= self._want[0] and not self._want[1].done():
+            self._want[1].set_result(None)
+
+    async def wait_free(self, n: int, timeout: float) -> None:
+        """Wait until ``n`` places are free, or ``timeout`` seconds (one waiter at a time)."""
+        if self.free >= n:
+            return
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._want = (n, fut)
+        try:
+            async with asyncio.timeout(timeout):
+                await fut
+        except TimeoutError:
+            pass
+        finally:
+            self._want = None
 
     def resize(self, limit: int) -> None:
         self.limit = limit
@@ -145,6 +162,9 @@ _INACTIVE = 300.0
 
 # The sweep for outbounds of channels nobody configured runs every this many rounds.
 _SWEEP_EVERY = 4
+
+_REFILL_WAIT = 0.01
+"""At most this long (s) a fetch waits for a batch's worth of free buffer places."""
 
 _OVERLAP = 10100
 """JetStream: "filtered consumer not unique on workqueue stream"."""
@@ -443,6 +463,9 @@ class Dispatcher:
             try:
                 await term.buffer.acquire()
                 term.buffer.release()
+                # A full buffer frees a place per finished delivery: fetch a batch, not a
+                # pull request per message, unless the places stay taken (held retries).
+                await term.buffer.wait_free(min(64, term.buffer.limit // 4), _REFILL_WAIT)
                 if not term.valid():
                     return
                 msgs = await term.psub.fetch(batch=min(max(1, term.buffer.free), 256), timeout=1)

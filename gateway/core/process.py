@@ -61,7 +61,8 @@ class Gateway:
         # getters: a reload replaces both.
         self.reminders = Reminders(self.services, config.reminders, channel_configs=lambda: self.config.channels,
                                    channel=self._channel, log=self.log) if config.reminders.enabled else None
-        self.inbound = Inbound(self.services, enrich=self.enrich, metrics=self.metrics, surveys=self.surveys,
+        self.inbound = Inbound(self.services, enrich=self.enrich, metrics=self.metrics, log=self.log.bind(component="inbound"),
+                               surveys=self.surveys,
                                on_customer_wrote=self.reminders.customer_wrote if self.reminders is not None else None)
         self.restore = DedupRestore(self.bus, log=self.log)
         self.calendars: dict[str, Calendar] = self._build_calendars(config)
@@ -184,7 +185,9 @@ class Gateway:
                 await self.reminders.stop()
             if self.desk is not None:
                 await self.desk.stop()
-            # Every inbound publish has finished: the stop is clean, the marker goes.
+            # Every inbound publish has finished and its dedup record is stored: the stop
+            # is clean, the marker goes.
+            await self.inbound.drain()
             await self.restore.stop()
             await self.bus.close()
         finally:

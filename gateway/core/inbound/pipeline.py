@@ -14,12 +14,14 @@ import nats.js.errors
 from nats.js import api
 
 from ..bus.connection import DUPLICATE_IN_PROCESS
+from ..bus.reads import valid_key
 from ..errors import MessageTooLarge
 from ..bus.services import BusServices
 from ..channel.api import Conversation, PublishResult
 from ..channel.toolkit import stable_id
 from ..errors import BusUnavailable, PayloadTooLarge, RequestError
 from ..failpoints import failpoint
+from ..logs import Throttle
 from ..metrics import Metrics
 from ..scheduling.survey import Surveys
 from ..schema import AudioPart, FilePart, ImagePart, Message, Part, VideoPart, encode, message_decoder
@@ -71,7 +73,7 @@ class Inbound:
     long as ``dedup_ttl``, across processes and restarts. ``enrich`` is applied to each
     message before it is published (the ``enrich_message`` hooks)."""
 
-    def __init__(self, services: BusServices, *, enrich: Callable[[Message], Message], metrics: Metrics,
+    def __init__(self, services: BusServices, *, enrich: Callable[[Message], Message], metrics: Metrics, log: Any,
                  surveys: Surveys | None = None, on_customer_wrote: Callable[[Message], None] | None = None):
         self.services = services
         self.bus = services.bus
@@ -84,9 +86,17 @@ class Inbound:
         self._inflight: dict[str, asyncio.Future[PublishResult]] = {}
         self._timeout = services.publish_timeout
         self._inline_limit = services.bus.cfg.inline_limit
+        self._dedup_stream = services.subjects.kv_stream(services.subjects.kv_dedup)
+        self._writes: set[asyncio.Future[Any]] = set()
+        self._rewrites: set[asyncio.Task[None]] = set()
+        self._closing = False
+        self.log = log
+        self._throttle = Throttle(60.0)
 
     async def publish(self, message: Message, route: dict[str, Any] | None, interaction: bool = True) -> PublishResult:
         key = f"{message.channel}.{message.id}" if message.provider_id else None
+        if key is not None and not valid_key(key):
+            key = None  # an id a plugin made up that cannot be a key: JetStream's window alone
         if key is not None:
             # A retry that arrives while the first copy is still being published waits for it.
             pending = self._inflight.get(key)
@@ -131,23 +141,25 @@ class Inbound:
         js = self.bus.require()
         t0 = time.perf_counter()
         s = self.bus.subjects
-        dedup = self.bus.kv[s.kv_dedup]
         try:
             # One deadline for the whole path (asyncio.timeout costs no task, unlike
-            # wait_for); KV writes are plain JetStream publishes pipelined with the
-            # message itself, each awaited only for its own ack.
+            # wait_for). Two round trips: the dedup record and the pending survey are read
+            # together; the message and its conversation are written together. The dedup
+            # record is written after the ack and not waited for (see _write_dedup).
             async with asyncio.timeout(self._timeout):
-                if key is not None:
-                    try:
-                        entry = await dedup.get(key)
-                    except nats.js.errors.KeyNotFoundError:
-                        pass
-                    else:
+                seen = await self.bus.reads.send(self._dedup_stream, s.kv(s.kv_dedup, key)) if key is not None else None
+                asked = await self.surveys.ask_pending(message.conversation) \
+                    if self.surveys is not None and self.surveys.candidate(message) else None
+                if seen is not None:
+                    entry = await seen
+                    if entry is not None:
+                        if asked is not None:
+                            asked.cancel()
                         self._count_duplicate(message)
                         seq = int(entry.value) if entry.value and entry.value.isdigit() else None
                         return PublishResult(id=message.id, duplicate=True, sequence=seq)
                 message = self.enrich(message)
-                message, survey = await self.surveys.attach(message) if self.surveys else (message, False)
+                message, survey = await self.surveys.attach(message, asked) if self.surveys else (message, False)
                 message = await self._offload(message)
                 data = _checked(message)
                 # Refused here if too large (payload and headers): nats-server would close
@@ -163,7 +175,7 @@ class Inbound:
                 if survey and self.surveys is not None:
                     await self.surveys.answered(message)
                 if key is not None:
-                    await (await js.publish_async(s.kv(s.kv_dedup, key), str(ack.seq).encode()))
+                    await self._write_dedup(key, ack.seq)
         except MessageTooLarge as exc:
             # The client-side guard refused a write (the check above makes this rare).
             raise PayloadTooLarge(f"a write of {exc.size} bytes exceeds the bus limit of {exc.limit} bytes") from exc
@@ -178,6 +190,61 @@ class Inbound:
             if interaction and self.on_customer_wrote is not None:
                 self.on_customer_wrote(message)  # cancel on reply, in the background
         return PublishResult(id=message.id, duplicate=bool(ack.duplicate), sequence=ack.seq)
+
+    # --- dedup records written behind the answer ------------------------------------
+
+    async def _write_dedup(self, key: str, seq: int) -> None:
+        """Issue the dedup record's write; its ack is not waited for. Until it is stored, a
+        provider's retry is caught by JetStream itself (``Nats-Msg-Id`` within
+        ``duplicate_window``, minutes; the write takes a millisecond). A crash before it is
+        stored is repaired from GW_IN by the dedup restore, like a crash right after the ack
+        always was; a write that fails or is not answered within ``publish_timeout`` is
+        written again, in the background, until it is stored or the gateway stops."""
+        s = self.bus.subjects
+        fut = await self.bus.js.publish_async(s.kv(s.kv_dedup, key), str(seq).encode())
+        self._writes.add(fut)
+        timer = asyncio.get_running_loop().call_later(self._timeout, fut.cancel)
+        fut.add_done_callback(lambda f: self._written(f, timer, key, seq))
+
+    def _written(self, fut: asyncio.Future[Any], timer: asyncio.TimerHandle, key: str, seq: int) -> None:
+        self._writes.discard(fut)
+        timer.cancel()
+        if not fut.cancelled() and fut.exception() is None:
+            return
+        if self._closing:
+            return
+        task = asyncio.get_running_loop().create_task(self._rewrite(key, seq))
+        self._rewrites.add(task)
+        task.add_done_callback(self._rewrites.discard)
+
+    async def _rewrite(self, key: str, seq: int) -> None:
+        s = self.bus.subjects
+        delay = 0.2
+        while True:
+            try:
+                fut = await self.bus.js.publish_async(s.kv(s.kv_dedup, key), str(seq).encode())
+                async with asyncio.timeout(self._timeout):
+                    await fut
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                held = self._throttle.allow("dedup")
+                if held is not None:
+                    self.log.warning("dedup record not stored yet; writing it again", error=f"{type(exc).__name__}: {exc}",
+                                     suppressed=held)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)
+
+    async def drain(self, timeout: float = 10.0) -> None:
+        """Wait until every dedup record written behind an answer is stored (a clean stop
+        leaves none to repair), at most ``timeout`` seconds."""
+        pending: set[asyncio.Future[Any]] = set(self._writes) | set(self._rewrites)
+        if pending:
+            await asyncio.wait(pending, timeout=timeout)
+        self._closing = True
+        for task in list(self._rewrites):
+            task.cancel()
 
     async def _offload(self, message: Message) -> Message:
         limit = self._inline_limit

@@ -14,6 +14,7 @@ the survey waiting for the answer that follows."""
 
 from __future__ import annotations
 
+import asyncio
 import re
 import unicodedata
 from collections.abc import Sequence
@@ -24,6 +25,7 @@ import msgspec
 import nats.js.errors
 
 from ..bus.contract import JSON, rfc3339
+from ..bus.reads import Entry, valid_key
 from ..bus.state import survey_key
 from ..schema import ChoicePart, Message, Outbound, TextPart
 
@@ -188,6 +190,13 @@ REMINDER_ID_META = "reminder_id"
 names the reminder."""
 
 
+def _decode_pending(data: bytes) -> PendingSurvey | None:
+    try:
+        return pending_survey_decoder.decode(data)
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        return None
+
+
 class Surveys:
     """Remembers sent surveys (KV ``<prefix>_state``, key ``survey.<conversation>``),
     attaches the answer to the customer's next message, and schedules the report of a
@@ -244,7 +253,21 @@ class Surveys:
             return record
         return msgspec.structs.replace(record, channel_type=ctype, channel=cname)
 
-    async def attach(self, message: Message) -> tuple[Message, bool]:
+    def candidate(self, message: Message) -> bool:
+        """Whether ``message`` could answer a survey (worth reading the pending one)."""
+        return not message.auto and any(isinstance(p, TextPart) for p in message.parts)
+
+    async def ask_pending(self, conversation: str) -> asyncio.Future[Entry | None] | None:
+        """Send the read of ``conversation``'s pending survey; its future for :meth:`attach`
+        (the inbound path sends it beside its dedup read: one round trip for both). None
+        when the key cannot be read."""
+        key = self._key(conversation)
+        if not valid_key(key):
+            return None
+        s = self.bus.subjects
+        return await self.bus.reads.send(s.kv_stream(s.kv_state), s.kv(s.kv_state, key))
+
+    async def attach(self, message: Message, asked: asyncio.Future[Entry | None] | None = None) -> tuple[Message, bool]:
         """``message`` with a :class:`ChoicePart` (and the customer's comment) if it answers
         the conversation's pending survey, marked as the survey's reply
         (``meta["survey_reply"]``) if it names no choice, unchanged otherwise; and whether it
@@ -252,15 +275,18 @@ class Surveys:
         before, so a publish that fails and is retried by the provider is matched again).
         A greeting alone (在吗？) does not end it: the answer usually follows. A message
         that carries the survey's choice already (a button) ends it."""
-        if message.auto or not any(isinstance(p, TextPart) for p in message.parts):
+        if not self.candidate(message):
             return message, False
+        if asked is not None:
+            entry = await asked
+            pending = _decode_pending(entry.value) if entry is not None else None
+        else:
+            pending = await self._pending(message.conversation)
         chosen = {p.survey for p in message.parts if isinstance(p, ChoicePart)}
         if chosen:
             # Answered with a button (web chat, Telegram): that survey is over, so the
             # customer's next words are not taken for a second answer.
-            pending = await self._pending(message.conversation)
             return message, pending is not None and pending.outbound_id in chosen
-        pending = await self._pending(message.conversation)
         if pending is None or message.received_at > pending.until:
             return message, False  # an expired one is left for its unanswered report
         text = " ".join(p.text for p in message.parts if isinstance(p, TextPart))

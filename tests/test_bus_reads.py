@@ -1,4 +1,4 @@
-"""Pipelined direct gets (``gateway.core.bus.reads``, through the gateway's bus services):
+"""Pipelined direct gets (the bus's reads, through the gateway's bus services):
 what a read answers for a value, a missing key, a deleted, purged or expired one, a key
 that cannot be a subject, and a bucket without a leader, on a real nats-server."""
 

@@ -122,6 +122,9 @@ class MockChannel(Channel):
         self.websocket_sessions = 0
         """WebSocket handler runs so far (a refused handshake never gets one)."""
         self._provider: httpx.AsyncClient | None = None
+        self.deliverable = True
+        """What :meth:`delivers_here` answers: set it False to make this process hand the
+        channel to another one."""
 
     async def start(self) -> None:
         self.ctx.add_route("/inbound", self._webhook, methods=["POST"])
@@ -220,6 +223,10 @@ class MockChannel(Channel):
             self.delivered_count += 1
             self.delivered.notify_all()
         return Receipt(provider_id=provider_id or f"mock-{self.delivered_count}")
+
+    def delivers_here(self) -> bool:
+        """What :attr:`deliverable` says (True unless a test sets it False)."""
+        return self.deliverable
 
     async def reach(self, conversation: Conversation, at: datetime) -> Reach:
         window = self.ctx.config.reply_window

@@ -49,6 +49,11 @@ class QQChannel(Channel):
         raise DeliveryError("conversation was not opened by this channel's transport", permanent=True,
                             code="no_route")
 
+    def delivers_here(self) -> bool:
+        """With a OneBot reverse WebSocket, only the process the implementation connected
+        to can send: that one should deliver the channel."""
+        return self.onebot is None or self.onebot.connected_here()
+
     async def reach(self, conversation: Conversation, at: datetime) -> Reach:
         """OneBot accounts can write into a conversation at any time; the official bot
         only within its passive-reply window and reply count."""

@@ -277,6 +277,12 @@ class OneBot:
         if self.http is not None:
             await self.http.aclose()
 
+    def connected_here(self) -> bool:
+        """False while a reverse-WebSocket channel has no account connected to this process."""
+        if self.cfg.transport != "reverse_ws":
+            return True
+        return any(b.link is not None and not b.link.closed for b in self.bots.values())
+
     # --- handshake and session ---------------------------------------------------
 
     def authorize(self, handshake: Handshake) -> str:

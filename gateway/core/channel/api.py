@@ -369,6 +369,15 @@ class Channel(abc.ABC, Generic[C]):
 
         raise DeliveryError(f"channel type {self.channel_type!r} cannot send", permanent=True)
 
+    def delivers_here(self) -> bool:
+        """Can ``deliver`` work in this process now? With several gateway processes, one
+        delivers a channel at a time; a process whose channel answers False hands the
+        channel to one whose channel answers True, if a live one does (a channel whose
+        provider connection reached another process: a QQ reverse WebSocket). If none
+        does, the channel is delivered anyway and its failures are reported as usual.
+        Must be cheap: it is asked every few seconds. The default: True."""
+        return True
+
     async def reach(self, conversation: Conversation, at: datetime) -> Reach:
         """Can ``deliver`` send free content into ``conversation`` at time ``at`` (UTC,
         possibly in the future), and if not, why and is a template still possible?

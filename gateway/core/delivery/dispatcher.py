@@ -324,12 +324,21 @@ class Dispatcher:
             return
         self._rounds += 1
         wanted = sorted(n for n, c in self.channel_configs().items() if c.enabled)
-        self.live = await self.owners.live()
+        unable = {n for n in wanted if not self._delivers_here(n)}
+        presences = await self.owners.live(unable)
+        self.live = len(presences)
+        # A channel that some live processes can deliver and others cannot goes to one that
+        # can, whatever the shares; the rest are shared out evenly. (When none can, or all
+        # can, every process is a candidate.)
+        elsewhere = {n for n in unable if any(n not in u for u in presences.values())}
+        restricted = {n for n in wanted if n not in unable and any(n in u for u in presences.values())}
         for name in list(self.terms):
             term = self.terms[name]
-            if name not in wanted or not term.valid():
+            if name not in wanted or not term.valid() or name in elsewhere:
+                if name in elsewhere and term.valid():
+                    self.log.info("channel delivery handed over: it cannot deliver in this process now", channel=name)
                 self._end(term)
-                if name not in wanted:
+                if name not in wanted or name in elsewhere:
                     await self._give_up(term)
                 continue
             deadline = await self.owners.take(name)
@@ -338,15 +347,17 @@ class Dispatcher:
                 self._end(term)
             else:
                 term.deadline = deadline
-        share = math.ceil(len(wanted) / self.live)
-        if len(self.terms) > share:
-            name = max(self.terms, key=self._rank)
+        shared = [n for n in wanted if n not in restricted and n not in elsewhere]
+        share = math.ceil(len(shared) / self.live)
+        held = [n for n in self.terms if n not in restricted]
+        if len(held) > share:
+            name = max(held, key=self._rank)
             self.log.info("channel delivery handed over (rebalance)", channel=name, processes=self.live)
             term = self.terms[name]
             self._end(term)
             asyncio.create_task(self._give_up(term))
-        for name in sorted(wanted, key=self._rank):
-            if len(self.terms) >= share:
+        for name in sorted(restricted, key=self._rank) + sorted(shared, key=self._rank):
+            if name not in restricted and len([n for n in self.terms if n not in restricted]) >= share:
                 break
             if name in self.terms:
                 continue
@@ -360,6 +371,16 @@ class Dispatcher:
                 await self._begin(name, deadline)
         if self._rounds % _SWEEP_EVERY == 2:
             await self._sweep()
+
+    def _delivers_here(self, name: str) -> bool:
+        channel = self.channel(name)
+        if channel is None:
+            return False  # not running in this process
+        try:
+            return bool(channel.delivers_here())
+        except Exception as exc:  # a plugin bug: deliver as before
+            self.log.warning("delivers_here failed", channel=name, error=f"{type(exc).__name__}: {exc}")
+            return True
 
     def _end(self, term: _Term) -> None:
         term.ended.set()

@@ -10,12 +10,17 @@ is before the server can have removed it. A process that may not renew (bus gone
 overloaded) therefore stops before another can start.
 
 Every live process also keeps a presence record (``core.delivery-live.<instance>``, same
-TTL), so each knows how many share the channels and takes its fair part of them.
+TTL), so each knows how many share the channels and takes its fair part of them. The record
+names the channels the process cannot deliver now (its channel says so, or does not run
+there), so that such a channel goes to a process that can.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
+from collections.abc import Iterable
+
 import msgspec
 import nats.js.errors
 
@@ -32,6 +37,15 @@ class _Owner(msgspec.Struct, kw_only=True):
 
 
 _owner_decoder = msgspec.json.Decoder(_Owner)
+
+
+class _Presence(msgspec.Struct, kw_only=True, omit_defaults=True):
+    unable: list[str] = []
+    """Channels this process cannot deliver now."""
+
+
+_presence_encoder = msgspec.json.Encoder()
+_presence_decoder = msgspec.json.Decoder(_Presence)
 
 
 class Owners:
@@ -65,11 +79,29 @@ class Owners:
             raise
         return int(ack.seq)
 
-    async def live(self) -> int:
-        """Write this process's presence; the number of live processes (this one included)."""
-        await self.bus.js.publish(self._subject(delivery_live_key(self.instance)), b"", msg_ttl=self.ttl)
+    async def live(self, unable: Iterable[str] = ()) -> dict[str, frozenset[str]]:
+        """Write this process's presence, naming the channels it cannot deliver now
+        (``Channel.delivers_here``); every live process (this one included) → the channels
+        it cannot deliver. A presence written by a version without the list is read as
+        able to deliver everything."""
+        mine = frozenset(unable)
+        await self.bus.js.publish(self._subject(delivery_live_key(self.instance)),
+                                  _presence_encoder.encode(_Presence(unable=sorted(mine))), msg_ttl=self.ttl)
         info = await self.bus.js.stream_info(self._stream, subjects_filter=self._subject(delivery_live_key("*")))
-        return max(1, len(info.state.subjects or {}))
+        subjects = [subj for subj in (info.state.subjects or {}) if not subj.endswith("." + self.instance)]
+        reads = self.bus.reads
+        asked = [(subj, await reads.send(self._stream, subj)) for subj in subjects]
+        found = {self.instance: mine}
+        for subj, fut in asked:
+            entry = await asyncio.wait_for(fut, self.ttl / 4)
+            if entry is None:
+                continue  # expired meanwhile: that process is gone
+            try:
+                found[subj.rsplit(".", 1)[1]] = frozenset(_presence_decoder.decode(entry.value).unable) \
+                    if entry.value else frozenset()
+            except msgspec.DecodeError:
+                found[subj.rsplit(".", 1)[1]] = frozenset()
+        return found
 
     async def take(self, channel: str) -> float | None:
         """Take (or renew) ``channel``'s lease; the monotonic time until which this process

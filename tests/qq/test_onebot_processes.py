@@ -1,0 +1,46 @@
+"""QQ by OneBot reverse WebSocket with two gateway processes (in one event loop, one bus):
+the implementation connects to one of them, and replies go out through that one, whichever
+process delivered the channel before."""
+
+from __future__ import annotations
+
+import nats
+
+from gateway import Outbound, TextPart
+from gateway.testing import wait_for_status, wait_until
+from gateway.wire import encode
+
+from .conftest import FakeOneBot, onebot_config, private_message, published, ws_url
+
+FAST = {"lease": "2s", "backoff": ["100ms"], "max_attempts": 3}  # ownership rounds every 0.5 s
+
+
+async def _reply(url: str, subject: str, outbound: Outbound) -> None:
+    nc = await nats.connect(url)
+    try:
+        await nc.jetstream().publish(subject, encode(outbound), headers={"Nats-Msg-Id": outbound.id})
+    finally:
+        await nc.close()
+
+
+def _holds(gw, channel: str) -> bool:
+    return channel in gw.outbound.terms
+
+
+async def test_qq_replies_go_out_through_the_process_the_reverse_websocket_reached(gateway_factory, nats_server):
+    qq = onebot_config()
+    first = await gateway_factory({"qq": qq}, outbound=FAST)
+    await wait_until(lambda: _holds(first, "qq"), timeout=10)
+    second = await gateway_factory({"qq": qq}, outbound=FAST)
+    bot = FakeOneBot(ws_url(second.http.port))  # the implementation connected to the second
+    await bot.connect()
+    try:
+        await bot.send(private_message("你好"))
+        [msg] = await published(nats_server.url, 1)
+        await wait_until(lambda: _holds(second, "qq") and not _holds(first, "qq"), timeout=15)
+        await _reply(nats_server.url, "gw.out.qq.qq", Outbound(id="r-qq", conversation=msg.conversation,
+                                                               parts=[TextPart(text="您好")]))
+        await wait_for_status(nats_server.url, "r-qq", "sent")
+        assert [c["action"] for c in bot.sends()] == ["send_private_msg"]
+    finally:
+        await bot.close()

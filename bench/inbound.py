@@ -4,9 +4,10 @@ Measured in one run, against one real nats-server (file storage):
 
 1. baseline: raw nats-py ``js.publish_async`` of the same bus messages (same bytes, same
    headers) to a stream configured like ``GW_IN``, every ack awaited;
-2. the JetStream operations the core does for one inbound (dedup ``kv.get``; the message
-   and the conversation's KV write as two pipelined ``publish_async``; then the dedup KV
-   write), done with raw nats-py at the same concurrency as the HTTP load: the floor the
+2. the JetStream operations the core does for one inbound (the dedup record and the
+   pending survey as two direct gets sent together; the message and the conversation's KV
+   write as two pipelined ``publish_async``; then the dedup KV write, not waited for),
+   done with raw nats-py at the same concurrency as the HTTP load: the floor the
    pipeline's design sets (kept in step with ``gateway/core/inbound/pipeline.py``);
 3. ``ctx.publish`` in process (the mock channel's ``inject``, no HTTP): the core without
    the web server;
@@ -43,6 +44,7 @@ from bench._common import (
     HOST,
     Bus,
     CpuMeter,
+    DirectGets,
     GatewayProcess,
     closed_loop,
     event_loop_name,
@@ -148,28 +150,32 @@ async def raw_pipeline_ops(bus: Bus, n: int, concurrency: int) -> dict[str, Any]
         for k in range(200):
             await dedup.put(f"warm{k}", b"1")
             await dedup.get(f"warm{k}")
+        gets = await DirectGets(nc).start()
         it = iter(range(n))
         perf = time.perf_counter
+        behind: list[asyncio.Future[Any]] = []
 
         async def worker() -> None:
             for i in it:
                 data, headers = msgs[i]
                 t = perf()
                 key = f"bench.{headers['Nats-Msg-Id']}"
-                try:
-                    await dedup.get(key)
-                except nats.js.errors.KeyNotFoundError:
-                    pass
+                seen = await gets.ask("KV_bench_dedup", f"$KV.bench_dedup.{key}")
+                survey = await gets.ask("KV_bench_conv", f"$KV.bench_conv.survey.{headers['Gw-Conversation']}")
+                await seen
+                await survey
                 ack_fut = await js.publish_async("bench.ops", data, headers=headers)
                 conv_fut = await js.publish_async(f"$KV.bench_conv.{headers['Gw-Conversation']}", conv_value)
                 ack = await ack_fut
                 await conv_fut
-                await (await js.publish_async(f"$KV.bench_dedup.{key}", str(ack.seq).encode()))
+                # The dedup record is written behind the answer.
+                behind.append(await js.publish_async(f"$KV.bench_dedup.{key}", str(ack.seq).encode()))
                 lat.append(perf() - t)
 
         cpu.start()
         t0 = perf()
         await asyncio.gather(*(worker() for _ in range(concurrency)))
+        await asyncio.gather(*behind)
         elapsed = perf() - t0
         cpu_used = cpu.stop(n)
     finally:

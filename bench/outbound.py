@@ -41,6 +41,7 @@ from bench._common import (
     HOST,
     Bus,
     CpuMeter,
+    DirectGets,
     GatewayProcess,
     TrivialServer,
     closed_loop,
@@ -148,7 +149,7 @@ async def raw_dispatch_ops(bus: Bus, m: int, conversations: int, concurrency: in
                                              storage=api.StorageType.FILE, duplicate_window=120.0))
         convs = await js.create_key_value(api.KeyValueConfig(bucket="bench_out_conv", history=1, direct=True,
                                                              storage=api.StorageType.FILE))
-        receipts = await js.create_key_value(api.KeyValueConfig(bucket="bench_out_receipts", history=1, direct=True,
+        await js.create_key_value(api.KeyValueConfig(bucket="bench_out_receipts", history=1, direct=True,
                                                                 storage=api.StorageType.FILE))
         route = b'{"key":"x","channel_type":"mock","channel":"bench","route":{"thread":"t","to":"t"}}'
         for k in conv_keys:
@@ -162,11 +163,7 @@ async def raw_dispatch_ops(bus: Bus, m: int, conversations: int, concurrency: in
         queue: asyncio.Queue[Any] = asyncio.Queue(maxsize=concurrency * 16)
         status = b'{"outbound_id":"x","state":"sent","channel":"bench"}'
 
-        async def receipt(key: str) -> None:
-            try:
-                await receipts.get(key)
-            except nats.js.errors.KeyNotFoundError:
-                pass
+        gets = await DirectGets(nc).start()
         perf = time.perf_counter
 
         async def fetcher() -> None:
@@ -190,7 +187,10 @@ async def raw_dispatch_ops(bus: Bus, m: int, conversations: int, concurrency: in
                 accepted = await js.publish_async("bench.opsstatus", status,
                                                   headers={"Nats-Msg-Id": f"{out['id']}:accepted"})
 
-                await asyncio.gather(receipt(rkey), convs.get(out["conversation"]))
+                receipt = await gets.ask("KV_bench_out_receipts", f"$KV.bench_out_receipts.{rkey}")
+                conv = await gets.ask("KV_bench_out_conv", f"$KV.bench_out_conv.{out['conversation']}")
+                await receipt
+                await conv
                 await accepted
                 await (await js.publish_async(f"$KV.bench_out_receipts.{rkey}", b'{"provider_id":"p"}'))
                 await (await js.publish_async("bench.opsstatus", status, headers={"Nats-Msg-Id": f"{out['id']}:sent"}))

@@ -63,3 +63,31 @@ async def test_a_bucket_that_cannot_answer_is_bus_unavailable(gateway_factory, n
     reads = gw.bus.reads
     with pytest.raises(BusUnavailable):
         await (await reads.send("KV_no_such_bucket", "$KV.no_such_bucket.k"))
+
+
+async def test_a_read_from_the_leader_answers_like_a_direct_one(gateway_factory, nats_server):
+    """Receipts are read from the stream's leader (a replica catching up could miss one)."""
+    gw = await gateway_factory({"demo": {"type": "mock"}})
+    reads = gw.bus.reads
+    nc = await nats.connect(nats_server.url)
+    try:
+        kv = await nc.jetstream().key_value("gw_state")
+
+        async def both(key: str):
+            direct = await (await reads.send("KV_gw_state", f"$KV.gw_state.{key}"))
+            leader = await (await reads.send("KV_gw_state", f"$KV.gw_state.{key}", leader=True))
+            return direct, leader
+
+        revision = await kv.put("demo.x", "värde".encode())
+        direct, leader = await both("demo.x")
+        assert (leader.value, leader.revision) == (direct.value, direct.revision) == ("värde".encode(), revision)
+        assert await both("demo.missing") == (None, None)
+        await kv.delete("demo.x")
+        assert await both("demo.x") == (None, None)
+        await kv.put("demo.x", b"again")
+        await kv.purge("demo.x")
+        assert await both("demo.x") == (None, None)
+        with pytest.raises(BusUnavailable):
+            await (await reads.send("KV_no_such_bucket", "$KV.no_such_bucket.k", leader=True))
+    finally:
+        await nc.close()

@@ -14,6 +14,7 @@ import nats
 import nats.errors
 import nats.js.errors
 
+from ..core.errors import StartupError
 from . import NatsServer, free_port  # bound before this module is imported
 
 
@@ -83,8 +84,21 @@ class NatsCluster:
         raise KeyError(name)
 
     async def start(self, timeout: float = 30.0) -> None:
-        """Start every node and wait until JetStream answers through each of them."""
-        await asyncio.gather(*(n.start(timeout) for n in self.nodes))
+        """Start every node and wait until JetStream answers through each of them. A port
+        taken between choosing it and binding it (by another test's outgoing connection:
+        free ports and those come from the same range) makes the cluster start again on
+        new ports, up to three times."""
+        for attempt in range(3):
+            results = await asyncio.gather(*(n.start(timeout) for n in self.nodes), return_exceptions=True)
+            failed = [r for r in results if isinstance(r, BaseException)]
+            if not failed:
+                break
+            await asyncio.gather(*(n.stop() for n in self.nodes), return_exceptions=True)
+            if attempt == 2 or not all(isinstance(r, StartupError) and "already in use" in str(r) for r in failed):
+                raise failed[0]
+            cluster_ports = [free_port() for _ in self.nodes]
+            for node, port in zip(self.nodes, cluster_ports):
+                node.port, node.cluster_port, node.routes = free_port(), port, cluster_ports
         await self.wait_ready(timeout)
 
     async def wait_ready(self, timeout: float = 30.0, nodes: list[ClusterNode] | None = None) -> None:

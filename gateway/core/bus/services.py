@@ -102,10 +102,13 @@ class BusServices:
 
     async def get_conversation_and_receipt(self, key: str, outbound_id: str) -> tuple[Conversation | None, Receipt | None]:
         """Both reads of a delivery in one round trip: the conversation ``key`` and the
-        receipt of ``outbound_id`` (None for what is not stored)."""
+        receipt of ``outbound_id`` (None for what is not stored). The receipt decides
+        whether to send again, so the receipts stream's leader answers it (a replica that is
+        catching up could answer "none" for a receipt that is stored)."""
         s = self.subjects
         conv = await self.send_get_conversation(key)
-        receipt = await self.bus.reads.send(s.kv_stream(s.kv_receipts), s.kv(s.kv_receipts, _receipt_key(outbound_id)))
+        receipt = await self.bus.reads.send(s.kv_stream(s.kv_receipts), s.kv(s.kv_receipts, _receipt_key(outbound_id)),
+                                            leader=True)
         return _conversation(await self._read(conv)), _receipt(await self._read(receipt))
 
     async def _read(self, fut: asyncio.Future[Entry | None]) -> Entry | None:
@@ -135,7 +138,7 @@ class BusServices:
         """The receipt stored for an outbound the provider accepted, or None."""
         s = self.subjects
         return _receipt(await self._read(await self.bus.reads.send(
-            s.kv_stream(s.kv_receipts), s.kv(s.kv_receipts, _receipt_key(outbound_id)))))
+            s.kv_stream(s.kv_receipts), s.kv(s.kv_receipts, _receipt_key(outbound_id)), leader=True)))
 
     async def send_receipt(self, outbound_id: str, receipt: Receipt) -> asyncio.Future[api.PubAck]:
         """Issue the receipt's KV write; returns the future of its ack."""

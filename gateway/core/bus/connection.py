@@ -54,17 +54,12 @@ class _GuardedNATS(NATS):
         await super().publish(subject, payload, reply, headers)
 
 
-DUPLICATE_IN_PROCESS = 10158
-"""JetStream's ``err_code`` for a publish whose ``Nats-Msg-Id`` another publish is storing
-right now (a clustered stream answers so between proposal and commit; 409)."""
-
-
 class _JetStream(JetStreamContext):
     """nats-py's JetStream context, with the error answer to a ``publish_async`` handed to
     its future. nats-py 2.16 raises it inside the reply callback instead
     (``APIError.from_error`` raises rather than returns), so the error went to ``error_cb``
     and the publisher waited for its timeout: on a cluster, a provider's retry racing its
-    first attempt in another process (409, :data:`DUPLICATE_IN_PROCESS`) cost 5 s and a 503."""
+    first attempt in another process (409, :data:`.codes.DUPLICATE_IN_PROCESS`) cost 5 s and a 503."""
 
     async def _handle_async_reply(self, msg: Any) -> None:
         if b'"error"' in msg.data:

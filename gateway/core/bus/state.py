@@ -1,6 +1,7 @@
 """The bus's key-value state, owned here: which namespaces the shared state bucket holds,
 the key of everything the core and the channels keep there, reads, writes with a
-per-message TTL, compare-and-set, and the JetStream error codes these depend on.
+per-message TTL and compare-and-set (the JetStream error codes these depend on are named
+in ``codes``).
 
 The state bucket (``<prefix>_state``) is shared by the core and every channel. Its keys are
 ``<namespace>.<rest>``: a channel's own records live under its name, the core's under the
@@ -17,14 +18,10 @@ import nats.js.errors
 from ..channel.api import KeyValue
 from ..config import CORE_NAMESPACES
 from ..channel.toolkit import stable_id
+from .codes import WRONG_LAST_SEQUENCE
 
 if TYPE_CHECKING:
     from .connection import Bus
-
-# JetStream API error codes the core decides on (nats-server's errors.json).
-WRONG_LAST_SEQUENCE = 10071
-"""``Nats-Expected-Last-Subject-Sequence`` (or a KV create/update) lost its race."""
-
 
 
 def _core(namespace: str, rest: str) -> str:

@@ -42,6 +42,7 @@ from ..failpoints import failpoint
 from ..metrics import Metrics
 from ..retry import cancel_and_wait
 from ..schema import DeadLetter, DeliveryStatus, ErrorInfo, Outbound, outbound_decoder
+from ..bus.codes import CONSUMER_NOT_UNIQUE
 from ..bus.services import BusServices
 from .owners import Owners
 
@@ -165,10 +166,6 @@ _SWEEP_EVERY = 4
 
 _REFILL_WAIT = 0.01
 """At most this long (s) a fetch waits for a batch's worth of free buffer places."""
-
-_OVERLAP = 10100
-"""JetStream: "filtered consumer not unique on workqueue stream"."""
-
 
 class Dispatcher:
     """Takes outbound messages off ``<prefix>.out.*.<channel>`` and delivers them.
@@ -460,7 +457,7 @@ class Dispatcher:
                     name=name, ack_policy=api.AckPolicy.EXPLICIT, deliver_policy=api.DeliverPolicy.ALL,
                     ack_wait=self._ack_wait, filter_subject=subject, inactive_threshold=30.0))
             except nats.js.errors.APIError as exc:
-                if exc.err_code == _OVERLAP:
+                if exc.err_code == CONSUMER_NOT_UNIQUE:
                     continue
                 raise
             try:

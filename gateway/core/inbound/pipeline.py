@@ -13,7 +13,7 @@ import nats.errors
 import nats.js.errors
 from nats.js import api
 
-from ..bus.connection import DUPLICATE_IN_PROCESS
+from ..bus.codes import DUPLICATE_IN_PROCESS
 from ..bus.reads import valid_key
 from ..errors import MessageTooLarge
 from ..bus.services import BusServices

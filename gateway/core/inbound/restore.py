@@ -40,7 +40,8 @@ import nats.js.errors
 from nats.js import api
 
 from ..bus.connection import Bus
-from ..bus.state import WRONG_LAST_SEQUENCE, liveness_key
+from ..bus.codes import WRONG_LAST_SEQUENCE
+from ..bus.state import liveness_key
 from ..config import seconds
 from ..retry import cancel_and_wait
 

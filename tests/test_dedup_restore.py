@@ -132,3 +132,32 @@ async def _repaired(url: str, n: int) -> bool:
         return gone == n
     finally:
         await nc.close()
+
+
+async def test_a_marker_claimed_by_the_previous_release_is_repaired_from_its_beat_time(nats_server):
+    # Releases before beat_at was a datetime field wrote it with isoformat() ("+00:00", not
+    # "Z"). A repairer that crashed after such a claim leaves it for this release: its
+    # restore window must be built round that time, not round the claim's own write.
+    gw = await start_gateway(make_config(nats_server.url, {"demo": {"type": "mock"}},
+                                         bus={"duplicate_window": f"{WINDOW:g}s", "publish_timeout": "1s"}))
+    nc = await nats.connect(nats_server.url)
+    try:
+        js = nc.jetstream()
+        first = await post_inbound(gw.http.port, "demo", text="hello", id="wx-old-claim")
+        assert first.status_code == 200
+        await (await js.key_value("gw_dedup")).purge(f"demo.{first.json()['id']}")  # as if killed after the ack
+        stored = await js.get_msg("GW_IN", seq=(await js.stream_info("GW_IN")).state.last_seq)
+        # Long enough that a window round the claim's write would miss the message.
+        await asyncio.sleep(gw.restore.stale_after + gw.restore.publish_timeout + 2)
+        claim = {"instance": "deadold", "pid": 7, "host": "h", "beat_at": stored.time.isoformat(),
+                 "claimed_by": "a-repairer-that-crashed"}
+        assert claim["beat_at"].endswith("+00:00")
+        await js.publish("$KV.gw_state.core.inbound-live.deadold", json.dumps(claim).encode())
+        await wait_until(lambda: (gw.restore.last_repair or {}).get("instance") == "deadold", timeout=20)
+        assert gw.restore.last_repair["restored"] == 1
+        retry = await post_inbound(gw.http.port, "demo", text="hello", id="wx-old-claim")
+        assert retry.json()["duplicate"] is True
+        assert len(await stream_messages(nats_server.url, "GW_IN")) == 1
+    finally:
+        await nc.close()
+        await gw.stop()

@@ -50,9 +50,11 @@ class _Marker(msgspec.Struct, kw_only=True, omit_defaults=True):
     instance: str
     pid: int
     host: str
-    beat_at: str | None = None
+    beat_at: datetime | None = None
     """Set when a repairer claimed the marker: the server time of the dead process's last
-    beat (the claim's own write has a newer time)."""
+    beat (the claim's own write has a newer time). RFC 3339 on the wire; releases before
+    this one wrote ``datetime.isoformat()`` (``+00:00`` instead of ``Z``), which decodes
+    the same."""
     claimed_by: str | None = None
 
 
@@ -197,8 +199,8 @@ class DedupRestore:
                 marker = _marker_decoder.decode(m.data or b"")
             except msgspec.DecodeError:
                 marker = _Marker(instance=subject.rsplit(".", 1)[1], pid=0, host="?")
-            beat_at = datetime.fromisoformat(marker.beat_at) if marker.beat_at else stored_at
-            claim = msgspec.structs.replace(marker, beat_at=beat_at.isoformat(), claimed_by=self.instance)
+            beat_at = marker.beat_at or stored_at
+            claim = msgspec.structs.replace(marker, beat_at=beat_at, claimed_by=self.instance)
             try:
                 await js.publish(subject, msgspec.json.encode(claim),
                                  headers={"Nats-Expected-Last-Subject-Sequence": str(m.seq)})

@@ -23,11 +23,11 @@ from typing import Any
 import msgspec
 import nats
 import nats.errors
-import nats.js.errors
 from nats.js import api
 
 from .core.bus.connection import Subjects
 from .core.bus.contract import dead_inbound_headers, outbound_headers
+from .core.bus.state import channel_of
 from .core.errors import GatewayError, ReminderError
 from .core.scheduling.rules import in_utc
 from .core.scheduling.store import ReminderStore
@@ -255,13 +255,10 @@ class Client:
         return outbound.id
 
     async def _route_of(self, conversation: str) -> tuple[str, str]:
-        kv = await self.js.key_value(self.subjects.kv_conversations)
-        try:
-            entry = await kv.get(conversation)
-        except nats.js.errors.KeyNotFoundError:
-            raise GatewayError(f"unknown conversation {conversation!r}") from None
-        data = msgspec.json.decode(entry.value)
-        return data["channel_type"], data["channel"]
+        found = await channel_of(self.js, self.subjects, conversation)
+        if found is None:
+            raise GatewayError(f"unknown conversation {conversation!r}")
+        return found
 
     # --- status --------------------------------------------------------------------
 

@@ -22,6 +22,11 @@ SCHEMA_REMINDER = "reminder/1"
 SCHEMA_REMINDER_STATUS = "reminder-status/1"
 SCHEMA_TASK = "task/1"
 
+EXPECTED_LAST_SEQUENCE = "Nats-Expected-Last-Subject-Sequence"
+"""Makes a publish a compare-and-set: JetStream stores it only if the last message on its
+subject still has this sequence (``"0"``: there is none), and answers
+:data:`.codes.WRONG_LAST_SEQUENCE` otherwise."""
+
 
 def message_headers(message: Message) -> dict[str, str]:
     """An inbound message: its id is the broker's de-duplication id; the conversation and
@@ -99,7 +104,7 @@ def schedule_headers(reminder: Reminder, target: str, *, keep_fired: float, reas
     if reason:
         h["Gw-Reason"] = reason
     if expected_seq is not None:
-        h["Nats-Expected-Last-Subject-Sequence"] = str(expected_seq)
+        h[EXPECTED_LAST_SEQUENCE] = str(expected_seq)
     return h
 
 

@@ -22,10 +22,9 @@ import time
 from collections.abc import Iterable
 
 import msgspec
-import nats.js.errors
 
 from ..bus.connection import Bus
-from ..bus.state import delivery_live_key, delivery_owner_key, lost_race
+from ..bus.state import delivery_live_key, delivery_owner_key, state_records
 
 FENCE = 0.8
 """The holder delivers until this fraction of the TTL after it sent its last renewal."""
@@ -53,31 +52,17 @@ class Owners:
 
     def __init__(self, bus: Bus, *, instance: str, ttl: float, pid: int = 0):
         self.bus = bus
+        self.records = state_records(bus)
         self.instance = instance
         self.ttl = max(2.0, ttl)
         self._value = msgspec.json.encode(_Owner(instance=instance, pid=pid))
         self.revisions: dict[str, int] = {}
         """Channel -> revision of our lease record, for the next renewal."""
 
-    def _subject(self, key: str) -> str:
-        s = self.bus.subjects
-        return s.kv(s.kv_state, key)
-
-    @property
-    def _stream(self) -> str:
-        return self.bus.subjects.kv_stream(self.bus.subjects.kv_state)
-
     async def _write(self, key: str, expected: int) -> int | None:
         """Write our record at ``key`` if its revision is still ``expected`` (0: absent);
         the new revision, or None if another writer won."""
-        try:
-            ack = await self.bus.js.publish(self._subject(key), self._value, msg_ttl=self.ttl,
-                                            headers={"Nats-Expected-Last-Subject-Sequence": str(expected)})
-        except nats.js.errors.APIError as exc:
-            if lost_race(exc):
-                return None
-            raise
-        return int(ack.seq)
+        return await self.records.write_if(key, self._value, expected, ttl=self.ttl)
 
     async def live(self, unable: Iterable[str] = ()) -> dict[str, frozenset[str]]:
         """Write this process's presence, naming the channels it cannot deliver now
@@ -85,22 +70,20 @@ class Owners:
         it cannot deliver. A presence written by a version without the list is read as
         able to deliver everything."""
         mine = frozenset(unable)
-        await self.bus.js.publish(self._subject(delivery_live_key(self.instance)),
-                                  _presence_encoder.encode(_Presence(unable=sorted(mine))), msg_ttl=self.ttl)
-        info = await self.bus.js.stream_info(self._stream, subjects_filter=self._subject(delivery_live_key("*")))
-        subjects = [subj for subj in (info.state.subjects or {}) if not subj.endswith("." + self.instance)]
-        reads = self.bus.reads
-        asked = [(subj, await reads.send(self._stream, subj)) for subj in subjects]
+        own = delivery_live_key(self.instance)
+        await self.records.write(own, _presence_encoder.encode(_Presence(unable=sorted(mine))), ttl=self.ttl)
+        keys = [key for key in await self.records.keys(delivery_live_key("*")) if key != own]
+        asked = [(key, await self.records.ask(key)) for key in keys]
         found = {self.instance: mine}
-        for subj, fut in asked:
+        for key, fut in asked:
             entry = await asyncio.wait_for(fut, self.ttl / 4)
             if entry is None:
                 continue  # expired meanwhile: that process is gone
             try:
-                found[subj.rsplit(".", 1)[1]] = frozenset(_presence_decoder.decode(entry.value).unable) \
+                found[key.rsplit(".", 1)[1]] = frozenset(_presence_decoder.decode(entry.value).unable) \
                     if entry.value else frozenset()
             except msgspec.DecodeError:
-                found[subj.rsplit(".", 1)[1]] = frozenset()
+                found[key.rsplit(".", 1)[1]] = frozenset()
         return found
 
     async def take(self, channel: str) -> float | None:
@@ -110,18 +93,17 @@ class Owners:
         sent = time.monotonic()
         expected = self.revisions.get(channel)
         if expected is None:
-            try:
-                m = await self.bus.js.get_msg(self._stream, subject=self._subject(key), direct=True)
-            except nats.js.errors.NotFoundError:
+            found = await self.records.last(key)
+            if found is None:
                 expected = 0
             else:
                 try:
-                    holder = _owner_decoder.decode(m.data or b"").instance
+                    holder = _owner_decoder.decode(found.value).instance
                 except msgspec.DecodeError:
                     holder = ""
                 if holder and holder != self.instance:
                     return None  # held: the server removes it when its holder stops renewing
-                expected = m.seq or 0
+                expected = found.revision
         revision = await self._write(key, expected)
         if revision is None:
             self.revisions.pop(channel, None)
@@ -135,17 +117,12 @@ class Owners:
         expected = self.revisions.pop(channel, None)
         if expected is None:
             return
-        try:
-            await self.bus.js.publish(self._subject(delivery_owner_key(channel)), b"{\"instance\":\"\"}",
-                                      msg_ttl=self.ttl, headers={"Nats-Expected-Last-Subject-Sequence": str(expected)})
-        except nats.js.errors.APIError as exc:
-            if not lost_race(exc):
-                raise
+        await self.records.write_if(delivery_owner_key(channel), b"{\"instance\":\"\"}", expected, ttl=self.ttl)
 
     async def leave(self) -> None:
         """Remove this process's presence (a clean stop)."""
         try:
-            await self.bus.js.purge_stream(self._stream, subject=self._subject(delivery_live_key(self.instance)))
+            await self.records.erase(delivery_live_key(self.instance))
         except Exception:  # noqa: BLE001 - its TTL removes it anyway
             pass
 

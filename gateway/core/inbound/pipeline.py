@@ -15,6 +15,7 @@ from nats.js import api
 
 from ..bus.codes import DUPLICATE_IN_PROCESS
 from ..bus.reads import valid_key
+from ..bus.state import Dedup
 from ..errors import MessageTooLarge
 from ..bus.services import BusServices
 from ..channel.api import Conversation, PublishResult
@@ -86,7 +87,7 @@ class Inbound:
         self._inflight: dict[str, asyncio.Future[PublishResult]] = {}
         self._timeout = services.publish_timeout
         self._inline_limit = services.bus.cfg.inline_limit
-        self._dedup_stream = services.subjects.kv_stream(services.subjects.kv_dedup)
+        self._dedup = Dedup(services.bus)
         self._writes: set[asyncio.Future[Any]] = set()
         self._rewrites: set[asyncio.Task[None]] = set()
         self._closing = False
@@ -140,14 +141,13 @@ class Inbound:
                        interaction: bool = True) -> PublishResult:
         js = self.bus.require()
         t0 = time.perf_counter()
-        s = self.bus.subjects
         try:
             # One deadline for the whole path (asyncio.timeout costs no task, unlike
             # wait_for). Two round trips: the dedup record and the pending survey are read
             # together; the message and its conversation are written together. The dedup
             # record is written after the ack and not waited for (see _write_dedup).
             async with asyncio.timeout(self._timeout):
-                seen = await self.bus.reads.send(self._dedup_stream, s.kv(s.kv_dedup, key)) if key is not None else None
+                seen = await self._dedup.ask(key) if key is not None else None
                 asked = await self.surveys.ask_pending(message.conversation) \
                     if self.surveys is not None and self.surveys.candidate(message) else None
                 if seen is not None:
@@ -156,8 +156,7 @@ class Inbound:
                         if asked is not None:
                             asked.cancel()
                         self._count_duplicate(message)
-                        seq = int(entry.value) if entry.value and entry.value.isdigit() else None
-                        return PublishResult(id=message.id, duplicate=True, sequence=seq)
+                        return PublishResult(id=message.id, duplicate=True, sequence=Dedup.sequence(entry))
                 message = self.enrich(message)
                 message, survey = await self.surveys.attach(message, asked) if self.surveys else (message, False)
                 message = await self._offload(message)
@@ -200,8 +199,7 @@ class Inbound:
         stored is repaired from GW_IN by the dedup restore, like a crash right after the ack
         always was; a write that fails or is not answered within ``publish_timeout`` is
         written again, in the background, until it is stored or the gateway stops."""
-        s = self.bus.subjects
-        fut = await self.bus.js.publish_async(s.kv(s.kv_dedup, key), str(seq).encode())
+        fut = await self._dedup.write(key, seq)
         self._writes.add(fut)
         timer = asyncio.get_running_loop().call_later(self._timeout, fut.cancel)
         fut.add_done_callback(lambda f: self._written(f, timer, key, seq))
@@ -218,11 +216,10 @@ class Inbound:
         task.add_done_callback(self._rewrites.discard)
 
     async def _rewrite(self, key: str, seq: int) -> None:
-        s = self.bus.subjects
         delay = 0.2
         while True:
             try:
-                fut = await self.bus.js.publish_async(s.kv(s.kv_dedup, key), str(seq).encode())
+                fut = await self._dedup.write(key, seq)
                 async with asyncio.timeout(self._timeout):
                     await fut
                 return

@@ -40,8 +40,7 @@ import nats.js.errors
 from nats.js import api
 
 from ..bus.connection import Bus
-from ..bus.codes import WRONG_LAST_SEQUENCE
-from ..bus.state import liveness_key
+from ..bus.state import Dedup, Stored, liveness_key, state_records
 from ..config import seconds
 from ..retry import cancel_and_wait
 
@@ -71,11 +70,11 @@ _GONE_TTL = 86400.0
 any nats-server restart that could bring the removed marker back)."""
 
 
-def _stored_at(m: api.RawStreamMsg) -> datetime:
+def _stored_at(m: api.RawStreamMsg | Stored) -> datetime:
     """When JetStream stored ``m`` (nats-py types it Optional; a message read from a stream
     always has it)."""
     if m.time is None:
-        raise ValueError(f"stream message {m.seq} has no time")
+        raise ValueError("a stream message read back has no time")
     return m.time
 
 _pid_decoder = msgspec.json.Decoder(_ProviderId)
@@ -86,6 +85,8 @@ class DedupRestore:
 
     def __init__(self, bus: Bus, *, log: Any):
         self.bus = bus
+        self.records = state_records(bus)
+        self.dedup = Dedup(bus)
         self.log = log.bind(component="dedup-restore")
         self.instance = uuid.uuid4().hex[:20]
         window = seconds(bus.cfg.duplicate_window)
@@ -97,13 +98,8 @@ class DedupRestore:
         self.last_repair: dict[str, Any] | None = None
         self._task: asyncio.Task[None] | None = None
 
-    @property
-    def _stream(self) -> str:
-        return self.bus.subjects.kv_stream(self.bus.subjects.kv_state)
-
-    def _subject(self, instance: str | None = None) -> str:
-        s = self.bus.subjects
-        return s.kv(s.kv_state, liveness_key(self.instance if instance is None else instance))
+    def _key(self, instance: str | None = None) -> str:
+        return liveness_key(self.instance if instance is None else instance)
 
     # --- lifecycle -----------------------------------------------------------------
 
@@ -136,7 +132,7 @@ class DedupRestore:
             self._task = None
         if self.bus.connected:
             try:
-                await self._remove(self._subject())
+                await self._remove(self._key())
             except Exception as exc:  # a leftover marker only costs a peer a short repair
                 self.log.warning("liveness marker not removed", error=f"{type(exc).__name__}: {exc}")
 
@@ -154,7 +150,7 @@ class DedupRestore:
             except Exception as exc:
                 self.log.warning("liveness beat failed", error=f"{type(exc).__name__}: {exc}")
 
-    async def _remove(self, subject: str) -> None:
+    async def _remove(self, key: str) -> None:
         """Remove a marker by appending a purge marker (``KV-Operation: PURGE``, rollup),
         not by purging its subject: nats-server's file store does not keep a removal
         through a kill -9 of the server until it has synced its index (minutes), so a
@@ -162,57 +158,46 @@ class DedupRestore:
         after one kill). An appended message survives, and so the subject's latest
         message says "removed" whatever older ones reappear. The purge marker itself
         goes after ``_GONE_TTL``."""
-        await self.bus.require(during_setup=True).publish(
-            subject, b"", headers={"KV-Operation": "PURGE", "Nats-Rollup": "sub"}, msg_ttl=_GONE_TTL)
+        self.bus.require(during_setup=True)
+        await self.records.purge(key, ttl=_GONE_TTL)
 
     async def _beat_once(self) -> datetime:
         """Rewrite this process's marker; returns the server's time of that write (every
         age below is in server time, so the processes' clocks do not matter)."""
-        js = self.bus.require(during_setup=True)
+        self.bus.require(during_setup=True)
         value = msgspec.json.encode(_Marker(instance=self.instance, pid=os.getpid(), host=socket.gethostname()))
-        ack = await js.publish(self._subject(), value)
-        return _stored_at(await js.get_msg(self._stream, seq=ack.seq))
+        return await self.records.stored_at(await self.records.write(self._key(), value))
 
     # --- repair --------------------------------------------------------------------
 
     async def repair(self, now: datetime) -> int:
         """Repair every marker not rewritten for ``stale_after``; returns the number of
         dedup records created."""
-        js = self.bus.require(during_setup=True)
-        prefix = self._subject("")
-        info = await js.stream_info(self._stream, subjects_filter=prefix + "*")
+        self.bus.require(during_setup=True)
         created = 0
-        for subject in sorted((info.state.subjects or {})):
-            if subject == self._subject():
+        for key in sorted(await self.records.keys(self._key("*"))):
+            if key == self._key():
                 continue
-            try:
-                m = await js.get_msg(self._stream, subject=subject)
-            except nats.js.errors.NotFoundError:
-                continue
-            if (m.headers or {}).get("KV-Operation") in ("PURGE", "DEL"):
+            m = await self.records.last(key, leader=True)
+            if m is None or m.removed:
                 continue  # removed (see _remove)
             stored_at = _stored_at(m)
             age = (now - stored_at).total_seconds()
             if age < self.stale_after:
                 continue  # alive (or dead too recently to tell: JetStream's window covers it)
             try:
-                marker = _marker_decoder.decode(m.data or b"")
+                marker = _marker_decoder.decode(m.value)
             except msgspec.DecodeError:
-                marker = _Marker(instance=subject.rsplit(".", 1)[1], pid=0, host="?")
+                marker = _Marker(instance=key.rsplit(".", 1)[1], pid=0, host="?")
             beat_at = marker.beat_at or stored_at
             claim = msgspec.structs.replace(marker, beat_at=beat_at, claimed_by=self.instance)
-            try:
-                await js.publish(subject, msgspec.json.encode(claim),
-                                 headers={"Nats-Expected-Last-Subject-Sequence": str(m.seq)})
-            except nats.js.errors.APIError as exc:
-                if exc.err_code == WRONG_LAST_SEQUENCE:
-                    continue  # another process claimed it first, or it beat again
-                raise
+            if await self.records.write_if(key, msgspec.json.encode(claim), m.revision) is None:
+                continue  # another process claimed it first, or it beat again
             t0 = time.perf_counter()
             start = beat_at - timedelta(seconds=self.publish_timeout + 1)
             end = beat_at + timedelta(seconds=self.stale_after + self.publish_timeout + 1)
             scanned, restored = await self.restore_window(start, end)
-            await self._remove(subject)
+            await self._remove(key)
             created += restored
             self.last_repair = {"instance": marker.instance, "scanned": scanned, "restored": restored,
                                 "seconds": round(time.perf_counter() - t0, 3)}
@@ -270,17 +255,11 @@ class DedupRestore:
                 pass
         # Look up first, write only what is missing (a create-only write would do both in
         # one, but every refusal of an existing record is reported as a connection error).
-        kv = self.bus.kv[s.kv_dedup]
         restored = 0
         for i in range(0, len(wanted), 512):
             chunk = wanted[i:i + 512]
-            found = await asyncio.gather(*(kv.get(key) for key, _ in chunk), return_exceptions=True)
-            futs = []
-            for (key, seq), r in zip(chunk, found):
-                if isinstance(r, nats.js.errors.KeyNotFoundError):
-                    futs.append(await js.publish_async(s.kv(s.kv_dedup, key), str(seq).encode()))
-                elif isinstance(r, BaseException):
-                    raise r
+            missing = await self.dedup.missing([key for key, _ in chunk])
+            futs = [await self.dedup.write(key, seq) for (key, seq), gone in zip(chunk, missing) if gone]
             await asyncio.gather(*futs)
             restored += len(futs)
         return scanned, restored

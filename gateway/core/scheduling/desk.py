@@ -25,8 +25,8 @@ import nats.errors
 import nats.js.errors
 from nats.js import api
 
-from ..bus.contract import JSON, SCHEMA_TASK, outbound_headers, rfc3339
-from ..bus.state import Records, desk_key
+from ..bus.contract import EXPECTED_LAST_SEQUENCE, JSON, SCHEMA_TASK, outbound_headers, rfc3339
+from ..bus.state import desk_key, state_records
 from ..config import seconds
 from ..failpoints import failpoint
 from ..retry import cancel_and_wait
@@ -217,7 +217,7 @@ class ServiceDesk:
         self.clock = clock
         self.log = log.bind(component="desk")
         self.ds = DeskSubjects(self.bus.subjects.prefix)
-        self.records = Records(self.bus, self.bus.subjects.kv_state)
+        self.records = state_records(self.bus)
         self._tasks: list[asyncio.Task[None]] = []
         self._generation = 0
         self._warned_years: set[int] = set()
@@ -639,7 +639,7 @@ class ServiceDesk:
         await js.publish(subject, encode(timer), headers={
             "Nats-Schedule": f"@at {rfc3339(at)}", "Nats-Schedule-Target": self.ds.fire(timer.kind),
             "Nats-Schedule-TTL": f"{int(seconds(self.bus.cfg.status_max_age))}s", "Content-Type": JSON,
-            "Nats-Expected-Last-Subject-Sequence": "0"})
+            EXPECTED_LAST_SEQUENCE: "0"})
 
     async def _fire_open(self, timer: DeskTimer) -> None:
         if timer.opens_at is None:

@@ -15,7 +15,7 @@ import nats.js.errors
 from nats.js import api
 
 from ..bus.contract import reminder_status_headers, schedule_headers
-from ..bus.state import quiet_key
+from ..bus.state import quiet_key, state_bucket, survey_key
 from ..schema import ErrorInfo, QuietHours, Reminder, ReminderStatus, encode, reminder_decoder, reminder_status_decoder
 from ..errors import ReminderError
 from .rules import CONVERSATION, REMINDER_ID, check_move, check_quiet, check_reminder, in_utc
@@ -56,6 +56,8 @@ class ReminderStore:
         self.nc = nc
         self.js = js
         self.subjects = subjects
+        self.state = state_bucket(js, subjects)
+        """The state bucket, where pending surveys and conversations' quiet hours are kept."""
         self.keep_fired = keep_fired
         self.status_ttl = status_ttl
 
@@ -161,19 +163,13 @@ class ReminderStore:
         """Surveys sent and still waiting for their answer (KV ``survey.<conversation>`` in
         ``<prefix>_state``), soonest ``until`` first; one past its ``until`` is about to be
         reported ``unanswered``."""
-        subject = self.subjects.kv(self.subjects.kv_state, "survey.>")
-        stream = self.subjects.kv_stream(self.subjects.kv_state)
-        info = await self.js.stream_info(stream, subjects_filter=subject)
         out: list[PendingSurvey] = []
-        for key in sorted(info.state.subjects or {}):
-            try:
-                m = await self.js.get_last_msg(stream, key, direct=True)
-            except (nats.js.errors.NotFoundError, nats.js.errors.BadRequestError):
-                continue
-            if not m.data or (m.headers or {}).get("KV-Operation") in ("DEL", "PURGE"):
+        for key in sorted(await self.state.keys(survey_key(">"))):
+            data = await self.state.read(key)
+            if data is None:
                 continue
             try:
-                out.append(pending_survey_decoder.decode(m.data))
+                out.append(pending_survey_decoder.decode(data))
             except (msgspec.DecodeError, msgspec.ValidationError):
                 continue
         return sorted(out, key=lambda p: p.until)
@@ -220,9 +216,6 @@ class ReminderStore:
             return None  # it fired or changed between the read and the move
         return moved
 
-    def _quiet_subject(self, conversation: str) -> str:
-        return self.subjects.kv(self.subjects.kv_state, quiet_key(conversation))
-
     async def set_conversation_quiet_hours(self, conversation: str, quiet: QuietHours | None) -> None:
         """The customer's own rest hours (their time zone), for every reminder of the
         conversation that does not carry its own; None removes them (the channel's apply)."""
@@ -230,21 +223,17 @@ class ReminderStore:
             raise ReminderError("not a gateway conversation key (<channel>.<key>)")
         if quiet is not None:
             check_quiet(quiet)
-            await self.js.publish(self._quiet_subject(conversation), encode(quiet))
-        else:  # a KV delete marker
-            await self.js.publish(self._quiet_subject(conversation), b"", headers={"KV-Operation": "DEL"})
+            await self.state.write(quiet_key(conversation), encode(quiet))
+        else:
+            await self.state.delete(quiet_key(conversation))
 
     async def conversation_quiet_hours(self, conversation: str) -> QuietHours | None:
         """The customer's own rest hours set for ``conversation``, or None."""
-        try:
-            m = await self.js.get_last_msg(self.subjects.kv_stream(self.subjects.kv_state),
-                                           self._quiet_subject(conversation), direct=True)
-        except (nats.js.errors.NotFoundError, nats.js.errors.BadRequestError):
-            return None
-        if not m.data or (m.headers or {}).get("KV-Operation") in ("DEL", "PURGE"):
+        data = await self.state.read(quiet_key(conversation))
+        if data is None:
             return None
         try:
-            return _quiet_decoder.decode(m.data)
+            return _quiet_decoder.decode(data)
         except (msgspec.DecodeError, msgspec.ValidationError):
             return None
 

@@ -26,7 +26,7 @@ import nats.js.errors
 
 from ..bus.contract import JSON, rfc3339
 from ..bus.reads import Entry, valid_key
-from ..bus.state import survey_key
+from ..bus.state import channel_of, state_records, survey_key
 from ..schema import ChoicePart, Message, Outbound, TextPart
 
 if TYPE_CHECKING:
@@ -205,14 +205,12 @@ class Surveys:
 
     def __init__(self, bus: Bus, *, log: Any, keep_fired: float = 30 * 86400):
         self.bus = bus
+        self.records = state_records(bus)
         self.log = log.bind(component="surveys")
         self.keep_fired = keep_fired
 
     def _key(self, conversation: str) -> str:
         return survey_key(conversation)
-
-    def _kv(self) -> Any:
-        return self.bus.kv[self.bus.subjects.kv_state]
 
     async def sent(self, outbound: Outbound) -> None:
         """An outbound with a survey was sent: its conversation's next message is matched.
@@ -225,7 +223,7 @@ class Surveys:
                                conversation=outbound.conversation, reminder_id=rid if isinstance(rid, str) else None)
         try:
             record = await self._with_channel(record)
-            await self._kv().put(self._key(outbound.conversation), msgspec.json.encode(record))
+            await self.records.put(self._key(outbound.conversation), msgspec.json.encode(record))
         except Exception as exc:  # the send itself succeeded; the answer will be an ordinary message
             self.log.warning("survey not recorded; its answer will not be matched", outbound_id=outbound.id,
                              error=f"{type(exc).__name__}: {exc}")
@@ -243,15 +241,10 @@ class Surveys:
                              outbound_id=outbound.id, error=f"{type(exc).__name__}: {exc}")
 
     async def _with_channel(self, record: PendingSurvey) -> PendingSurvey:
-        try:
-            entry = await self.bus.kv[self.bus.subjects.kv_conversations].get(record.conversation)
-            route = msgspec.json.decode(entry.value or b"{}")
-        except (nats.js.errors.KeyNotFoundError, nats.js.errors.InvalidKeyError, msgspec.DecodeError):
+        found = await channel_of(self.bus.js, self.bus.subjects, record.conversation)
+        if found is None:
             return record
-        ctype, cname = route.get("channel_type"), route.get("channel")
-        if not isinstance(ctype, str) or not isinstance(cname, str):
-            return record
-        return msgspec.structs.replace(record, channel_type=ctype, channel=cname)
+        return msgspec.structs.replace(record, channel_type=found[0], channel=found[1])
 
     def candidate(self, message: Message) -> bool:
         """Whether ``message`` could answer a survey (worth reading the pending one)."""
@@ -264,8 +257,7 @@ class Surveys:
         key = self._key(conversation)
         if not valid_key(key):
             return None
-        s = self.bus.subjects
-        return await self.bus.reads.send(s.kv_stream(s.kv_state), s.kv(s.kv_state, key))
+        return await self.records.ask(key)
 
     async def attach(self, message: Message, asked: asyncio.Future[Entry | None] | None = None) -> tuple[Message, bool]:
         """``message`` with a :class:`ChoicePart` (and the customer's comment) if it answers
@@ -302,10 +294,7 @@ class Surveys:
     async def answered(self, message: Message) -> None:
         """After the customer's reply reached the bus: the survey of its conversation is
         over, matched or not."""
-        try:
-            await self._kv().delete(self._key(message.conversation))
-        except nats.js.errors.KeyNotFoundError:
-            pass
+        await self.records.delete(self._key(message.conversation))
 
     async def _pending(self, conversation: str) -> PendingSurvey | None:
         found = await self.pending(conversation)
@@ -313,12 +302,11 @@ class Surveys:
 
     async def pending(self, conversation: str) -> tuple[PendingSurvey, int] | None:
         """The survey waiting in ``conversation`` and its KV revision, or None."""
-        try:
-            entry = await self._kv().get(self._key(conversation))
-        except (nats.js.errors.KeyNotFoundError, nats.js.errors.InvalidKeyError):
+        found = await self.records.get_revision(self._key(conversation))
+        if found is None:
             return None
         try:
-            return pending_survey_decoder.decode(entry.value or b""), int(entry.revision)
+            return pending_survey_decoder.decode(found[0]), found[1]
         except (msgspec.DecodeError, msgspec.ValidationError):
             return None
 
@@ -330,7 +318,6 @@ class Surveys:
         if found is None or found[0].outbound_id != record.outbound_id:
             return False
         try:
-            await self._kv().delete(self._key(record.conversation), last=found[1])
-        except (nats.js.errors.KeyWrongLastSequenceError, nats.js.errors.APIError):
+            return await self.records.delete_if(self._key(record.conversation), found[1])
+        except nats.js.errors.APIError:
             return False
-        return True

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import copy
+import pickle
 import textwrap
 
 import pytest
 
-from gateway import ConfigError, PluginManager, load_config
+from gateway import ConfigError, Duration, PluginManager, load_config, seconds
 from gateway.cli import main
 
 
@@ -293,3 +295,65 @@ def test_ports_come_from_the_environment_and_a_bad_one_is_named_not_printed(tmp_
     assert "$GATEWAY_HTTP_PORT: expected a port number from 0 to 65535, got (value hidden)" in out
     assert "$GATEWAY_BUS_PORT: expected a port number from 0 to 65535, got (value hidden)" in out
     assert "s3cr3t" not in out and "70000" not in out
+
+
+# --- durations: a number of seconds once loaded, the text kept for messages -------------
+
+
+def test_a_duration_key_is_a_number_of_seconds_that_keeps_its_text(tmp_path):
+    p = write(tmp_path, """
+        [bus]
+        dedup_ttl = "1.5d"
+        [outbound]
+        backoff = ["500ms", "2m"]
+        [channels.demo]
+        type = "mock"
+        deliver_delay = "250ms"
+        backoff = ["1s"]
+        """)
+    cfg = load_config(p, PluginManager().channel_types)
+    assert cfg.bus.dedup_ttl == 1.5 * 86400 and str(cfg.bus.dedup_ttl) == "1.5d" and f"{cfg.bus.dedup_ttl}" == "1.5d"
+    assert cfg.outbound.backoff == [0.5, 120.0] and [d.text for d in cfg.outbound.backoff] == ["500ms", "2m"]
+    assert cfg.channels["demo"].options.deliver_delay == 0.25 and cfg.channels["demo"].backoff == [1.0]
+    # What was not written is a Duration too (the defaults), and arithmetic gives plain floats.
+    assert isinstance(cfg.bus.connect_timeout, Duration) and cfg.bus.connect_timeout == 5.0
+    assert type(cfg.outbound.ack_wait * 2) is float and type(cfg.outbound.ack_wait + 0) is float
+
+
+def test_seconds_takes_a_duration_a_duration_string_or_a_number():
+    assert seconds(Duration("30s")) == 30.0 and type(seconds(Duration("30s"))) is float
+    assert seconds("30s") == 30.0 and seconds("500ms") == 0.5 and seconds("7d") == 604800.0
+    assert seconds(2) == 2.0 and seconds(0.25) == 0.25
+    for bad in ("30", "30 s", "30S", "-1s", "", "1s\n", True):
+        with pytest.raises(ValueError, match="not a duration"):
+            seconds(bad)  # type: ignore[arg-type]
+
+
+def test_a_duration_compares_by_value_so_a_reload_sees_only_real_changes(tmp_path):
+    def settings(text: str):
+        return load_config(write(tmp_path, text), {}).settings
+
+    assert settings('[outbound]\nack_wait = "30s"\n') == settings('[outbound]\nack_wait = "0.5m"\n')
+    assert settings('[outbound]\nack_wait = "30s"\n') != settings('[outbound]\nack_wait = "31s"\n')
+    assert Duration("2h") == Duration("120m") and hash(Duration("2h")) == hash(7200.0)
+    assert pickle.loads(pickle.dumps(Duration("2h"))).text == "2h" and copy.deepcopy(Duration("2h")).text == "2h"
+
+
+@pytest.mark.parametrize("text, line, key, found", [
+    ('[bus]\nconnect_timeout = "5 s"\n', 2, "bus.connect_timeout", 'got str "5 s"'),
+    ('[outbound]\nbackoff = ["1s",\n  "2x"]\n', 2, "outbound.backoff.1", 'got str "2x"'),
+    ('[calendars.desk]\n[channels.demo]\ntype = "mock"\nservice = { calendar = "desk", first_response = "4 hours" }\n',
+     4, "channels.demo.service.first_response", 'got str "4 hours"'),
+    ('[channels.demo]\ntype = "mock"\nbackoff = ["1s", "soon"]\n', 3, "channels.demo.backoff.1", 'got str "soon"'),
+    ('[channels.demo]\ntype = "mock"\n[channels.demo.websocket]\nidle_timeout = "1y"\n', 4,
+     "channels.demo.websocket.idle_timeout", 'got str "1y"'),
+])
+def test_a_bad_duration_names_file_line_key_and_what_was_expected(tmp_path, capsys, text, line, key, found):
+    code, out = check(tmp_path, capsys, text)
+    assert code == 2
+    assert f"{tmp_path / 'gateway.toml'}:{line}: {key}: expected a duration such as 500ms, 30s, 5m, 2h, 7d, {found}" in out
+
+
+def test_a_duration_that_is_not_a_string_says_so(tmp_path, capsys):
+    code, out = check(tmp_path, capsys, "[reminders]\nack_wait = 30\n")
+    assert code == 2 and ":2: reminders.ack_wait: expected str, got int 30" in out

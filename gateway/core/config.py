@@ -17,8 +17,8 @@ import msgspec
 from .errors import ConfigError
 from .schema import QuietHours
 
-Duration = Annotated[str, msgspec.Meta(pattern=r"^\d+(\.\d+)?(ms|s|m|h|d)$", description="a duration such as 500ms, 30s, 5m, 2h, 7d")]
 _UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
 _NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
 
 # The namespaces of the core's records in the shared state bucket (keys built in
@@ -33,12 +33,62 @@ _SECRET = re.compile(r"(pass|secret|token|key|cred|auth|sid|aes)", re.I)
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 
-def seconds(duration: str) -> float:
-    """``"7d"`` → 604800.0."""
-    m = re.fullmatch(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)", duration)
-    if not m:
-        raise ValueError(f"not a duration: {duration!r}")
-    return float(m.group(1)) * _UNITS[m.group(2)]
+class Duration(float):
+    """A duration key of the configuration: ``"30s"`` in the file, a number of seconds
+    (30.0) in the code, converted once when the file is loaded. ``text`` keeps what was
+    written, and ``str()`` (an f-string) gives it back, so messages name the value as the
+    user wrote it; arithmetic gives plain floats. ``Duration("1.5h")``; ``ms``, ``s``,
+    ``m``, ``h`` and ``d`` are the units."""
+
+    __slots__ = ("text",)
+    EXPECTED = "a duration such as 500ms, 30s, 5m, 2h, 7d"
+    """What a duration key expects, as configuration errors say it."""
+    text: str
+
+    def __new__(cls, text: str) -> Duration:
+        if isinstance(text, Duration):
+            return text
+        m = _DURATION.fullmatch(text) if isinstance(text, str) else None
+        if m is None:
+            raise ValueError(f"not a duration: {text!r}")
+        self = super().__new__(cls, float(m.group(1)) * _UNITS[m.group(2)])
+        self.text = text
+        return self
+
+    def __str__(self) -> str:
+        return self.text
+
+    def __repr__(self) -> str:
+        return f"Duration({self.text!r})"
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (Duration, (self.text,))
+
+
+def seconds(duration: Duration | str | float) -> float:
+    """A duration in seconds, as a plain float: a :class:`Duration` (a config value) is
+    one already, a string is read like a config value (``"7d"`` → 604800.0), a number is
+    taken as seconds. Raises ValueError for anything else."""
+    if isinstance(duration, (int, float)) and not isinstance(duration, bool):
+        return float(duration)
+    return float(Duration(duration))  # type: ignore[arg-type]  # refused there, with its message
+
+
+# msgspec's names for what TOML gives, as its own "Expected `str`, got `int`" says them.
+_TOML_TYPES = {bool: "bool", int: "int", float: "float", str: "str", dict: "object", list: "array"}
+
+
+def _decode(tp: Any, value: Any) -> Any:
+    """msgspec's ``dec_hook`` for the configuration's own types: a :class:`Duration` from
+    its text. The ValueError becomes msgspec's ValidationError, located by msgspec."""
+    if tp is Duration:
+        if not isinstance(value, str):
+            raise ValueError(f"Expected `str`, got `{_TOML_TYPES.get(type(value), type(value).__name__)}`")
+        try:
+            return Duration(value)
+        except ValueError:
+            raise ValueError(f"Expected {Duration.EXPECTED}, got `str`") from None
+    raise NotImplementedError(tp)
 
 
 class _Section(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -62,16 +112,16 @@ class BusConfig(_Section):
     embedded_host: str = "127.0.0.1"
     embedded_port: Annotated[int, msgspec.Meta(ge=0, le=65535)] = 4222
     """0 picks a free port. ``GATEWAY_BUS_PORT`` (or ``gateway run --bus-port``) overrides it."""
-    connect_timeout: Duration = "5s"
-    publish_timeout: Duration = "5s"
-    dedup_ttl: Duration = "7d"
+    connect_timeout: Duration = Duration("5s")
+    publish_timeout: Duration = Duration("5s")
+    dedup_ttl: Duration = Duration("7d")
     """How long a provider message id is remembered: a retry within it is not published again."""
-    duplicate_window: Duration = "2m"
+    duplicate_window: Duration = Duration("2m")
     """JetStream's own Nats-Msg-Id window on the inbound and outbound streams."""
-    inbound_max_age: Duration = "90d"
-    status_max_age: Duration = "30d"
-    dead_max_age: Duration = "90d"
-    blob_max_age: Duration = "90d"
+    inbound_max_age: Duration = Duration("90d")
+    status_max_age: Duration = Duration("30d")
+    dead_max_age: Duration = Duration("90d")
+    blob_max_age: Duration = Duration("90d")
     """Binary content (attachments, media, raw e-mails) in the object store is kept this long."""
     inline_limit: Annotated[int, msgspec.Meta(ge=0)] = 16384
     """Binary parts larger than this go to the object store."""
@@ -87,14 +137,14 @@ class HttpConfig(_Section):
     """``GATEWAY_HTTP_PORT`` (or ``gateway run --port``) overrides it."""
     max_body: Annotated[int, msgspec.Meta(ge=1024)] = 1048576
     """Largest request body in bytes (a channel may set a lower limit for its routes)."""
-    header_timeout: Duration = "10s"
+    header_timeout: Duration = Duration("10s")
     """A request's line and headers must arrive within this (counted from the connection's
     opening, or from the first byte of a later request on a kept-alive connection);
     otherwise 408 and the connection is closed."""
-    body_timeout: Duration = "30s"
+    body_timeout: Duration = Duration("30s")
     """A request's whole body must arrive within this after its headers; otherwise 408 and
     the connection is closed."""
-    keep_alive_timeout: Duration = "5s"
+    keep_alive_timeout: Duration = Duration("5s")
     """An idle kept-alive connection is closed after this."""
     max_connections: Annotated[int, msgspec.Meta(ge=1)] = 512
     """Open connections at most; one more is answered 503 and closed at once. Keep it well
@@ -112,17 +162,18 @@ class OutboundConfig(_Section):
     """``[outbound]``: delivery of replies from the bus to the channels."""
 
     enabled: bool = True
-    backoff: list[Duration] = msgspec.field(default_factory=lambda: ["1s", "5s", "30s", "2m", "10m", "30m"])
+    backoff: list[Duration] = msgspec.field(
+        default_factory=lambda: [Duration(d) for d in ("1s", "5s", "30s", "2m", "10m", "30m")])
     """Wait before attempt 2, 3, ...; the last value repeats. Jitter of ±20% is added."""
     max_attempts: Annotated[int, msgspec.Meta(ge=1)] = 8
-    ack_wait: Duration = "60s"
+    ack_wait: Duration = Duration("60s")
     """How long one delivery attempt may take before the bus redelivers it."""
     concurrency: Annotated[int, msgspec.Meta(ge=1, le=1024)] = 64
     """Deliveries in progress at once per channel, unless the channel sets its own; the
     process takes up to 16 times this many messages off the bus."""
-    receipt_ttl: Duration = "7d"
+    receipt_ttl: Duration = Duration("7d")
     """How long a provider receipt is kept to prevent a second send after a crash."""
-    lease: Duration = "10s"
+    lease: Duration = Duration("10s")
     """How long a channel's delivery stays with a process that stopped renewing it (a
     crash): the longest pause of a channel's outbounds when its process dies."""
 
@@ -133,10 +184,10 @@ class RemindersConfig(_Section):
     enabled: bool = True
     concurrency: Annotated[int, msgspec.Meta(ge=1, le=4096)] = 256
     """Reminders processed at once (scheduling checks and firings) per process."""
-    keep_fired: Duration = "30d"
+    keep_fired: Duration = Duration("30d")
     """How long a fired reminder's copy stays in the stream if no gateway takes it (the
     gateway removes it once processed)."""
-    ack_wait: Duration = "30s"
+    ack_wait: Duration = Duration("30s")
 
 
 _PERIOD = Annotated[str, msgspec.Meta(
@@ -202,7 +253,7 @@ class ServiceConfig(_Section):
     })
     """The acknowledgement per language; ``{opens}`` (the local opening time) and
     ``{expected}`` (the channel's ``answer_within``) are filled in."""
-    ack_wait: Duration = "30s"
+    ack_wait: Duration = Duration("30s")
     """How long an unacknowledged timer or control message waits before it is given again."""
 
 
@@ -227,10 +278,10 @@ class ChannelServiceConfig(_Section):
     acknowledge: bool = True
     """Answer automatically, once per closed period and conversation, outside service hours."""
     language: Literal["zh", "en"] = "zh"
-    ack_delay: Duration = "30s"
+    ack_delay: Duration = Duration("30s")
     """Wait this long after the customer's message: a backend's own reply (a bot) within it
     suppresses the acknowledgement."""
-    answer_within: Duration = "1d"
+    answer_within: Duration = Duration("1d")
     """The expected handling time the acknowledgement promises (``{expected}``)."""
     first_response: Duration | None = None
     """SLA: the first reply to a conversation within this."""
@@ -281,7 +332,7 @@ class ChannelConfig:
     enabled: bool
     required: bool
     rate_limit: float | None
-    backoff: list[str] | None
+    backoff: list[Duration] | None
     max_attempts: int | None
     options: Any
     """The plugin's ``config_type`` instance (None if the type takes no keys)."""
@@ -457,7 +508,7 @@ def _check(value: Any, tp: Any, path: tuple[str, ...], problems: _Problems) -> N
                 _check(item, item_type, path + (str(key),), problems)
             return
     try:
-        msgspec.convert(value, tp)
+        msgspec.convert(value, tp, dec_hook=_decode)
     except msgspec.ValidationError as exc:
         m = _MSGSPEC_ERR.match(str(exc))
         msg = m.group("msg") if m else str(exc)
@@ -513,6 +564,8 @@ def _describe(tp: Any) -> str:
         return "array of " + _describe(get_args(tp)[0])
     if tp is type(None):
         return "none"
+    if tp is Duration:
+        return Duration.EXPECTED
     return _type_name(tp)
 
 
@@ -633,8 +686,8 @@ def parse_config(
         if len(problems.items) != before:
             continue
         try:
-            c = msgspec.convert(common, ChannelCommon)
-            options = msgspec.convert(own, config_type) if config_type is not None else None
+            c = msgspec.convert(common, ChannelCommon, dec_hook=_decode)
+            options = msgspec.convert(own, config_type, dec_hook=_decode) if config_type is not None else None
         except msgspec.ValidationError as exc:  # e.g. a __post_init__ check of the plugin
             # A sub-section's own check names the sub-section (`- at `$.twilio``): report it
             # there, with its line, instead of at the channel.
@@ -681,7 +734,7 @@ def parse_config(
     if problems.items:
         raise ConfigError(problems.items)
     try:
-        settings = msgspec.convert(data, GatewaySettings)
+        settings = msgspec.convert(data, GatewaySettings, dec_hook=_decode)
     except msgspec.ValidationError as exc:  # defensive: _check should have caught it
         raise ConfigError([f"{source}: {exc}"]) from exc
     if bus_url:

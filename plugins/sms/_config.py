@@ -87,7 +87,7 @@ class SmsConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     """A second provider (its sub-section must be present), used after ``failover_after``
     transient failures of the first in a row."""
     failover_after: Annotated[int, msgspec.Meta(ge=1)] = 3
-    failover_for: Duration = "5m"
+    failover_for: Duration = Duration("5m")
     """How long sends go to the second provider before the first is tried again."""
     twilio: TwilioConfig | None = None
     aliyun: AliyunConfig | None = None
@@ -105,7 +105,7 @@ class SmsConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     where status callbacks are sent."""
     trust_forwarded: bool = False
     """Without ``public_url``, read the signed URL from ``X-Forwarded-Proto``/``-Host``."""
-    api_timeout: Duration = "10s"
+    api_timeout: Duration = Duration("10s")
     max_body: Annotated[int, msgspec.Meta(ge=1024)] = 1 << 20
     """Largest webhook or push body accepted (413 beyond)."""
 

@@ -34,11 +34,11 @@ class TelegramConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     api_base: str = "https://api.telegram.org"
     """Where the Bot API is (a local Bot API server, a proxy, a fake in tests): methods are
     called at ``<api_base>/bot<token>/<method>``, files read from ``<api_base>/file/bot<token>/``."""
-    api_timeout: Duration = "10s"
+    api_timeout: Duration = Duration("10s")
     """Timeout of one Bot API call (a timeout is transient and retried)."""
-    poll_timeout: Duration = "25s"
+    poll_timeout: Duration = Duration("25s")
     """Polling mode: how long one ``getUpdates`` waits for news (long polling)."""
-    lease_ttl: Duration = "30s"
+    lease_ttl: Duration = Duration("30s")
     """Polling mode: the poller's lease; another process takes over this long after the
     poller's process died."""
     username: str = ""

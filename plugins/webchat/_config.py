@@ -6,7 +6,7 @@ from typing import Annotated, Literal
 
 import msgspec
 
-from gateway import Config, Duration, QuietHours, check_quiet_hours, seconds
+from gateway import Config, Duration, QuietHours, check_quiet_hours
 
 _Positive = Annotated[int, msgspec.Meta(ge=1)]
 _COLOR = msgspec.Meta(pattern=r"^#[0-9A-Fa-f]{3}([0-9A-Fa-f]{3})?$", description="a colour: #rgb or #rrggbb")
@@ -96,7 +96,7 @@ class WebChatConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     """Serve the demo page at ``/channels/<name>/demo``."""
     history_size: Annotated[int, msgspec.Meta(ge=1, le=500)] = 100
     """Messages kept per conversation (both ways); the oldest go first."""
-    history_ttl: Duration = "30d"
+    history_ttl: Duration = Duration("30d")
     """A conversation's history is forgotten this long after its last message."""
     max_message_chars: Annotated[int, msgspec.Meta(ge=1, le=20000)] = 4000
     """Longest text a visitor may send (longer: refused with an error in the widget)."""
@@ -124,11 +124,11 @@ class WebChatConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     max_connections: _Positive = 400
     """Open widget sockets at most (per gateway process); below ``[http] max_connections``
     (512), which also counts them, so that webhooks keep some room."""
-    sync_interval: Duration = "2s"
+    sync_interval: Duration = Duration("2s")
     """How often a gateway process looks for replies another process delivered to the
     conversations of its open widgets (one state read per such conversation); ``"0s"``: a
     single gateway process, no need."""
-    idle_timeout: Duration = "10m"
+    idle_timeout: Duration = Duration("10m")
     """A widget socket with no message for this long is closed. The widget reconnects at
     once if its chat box is open on a visible page, else when the visitor opens it or comes
     back to the page."""
@@ -174,7 +174,7 @@ def limit_warnings(cfg: WebChatConfig, config: Config) -> list[str]:
         warnings.append(f"max_message_chars ({cfg.max_message_chars}) allows messages of up to {largest} bytes, above "
                         f"[bus] max_message_size ({config.bus.max_message_size}): the bus would refuse them")
     upload = cfg.max_upload_size / _SLOW_UPLOAD
-    if cfg.upload_types and upload > seconds(http.body_timeout):
+    if cfg.upload_types and upload > http.body_timeout:
         warnings.append(f"max_upload_size ({cfg.max_upload_size} bytes) takes {upload:.0f} s to upload at 2 Mbit/s, "
                         f"longer than [http] body_timeout ({http.body_timeout}): such uploads would end in 408")
     if cfg.messages_per_address_minute < cfg.messages_per_minute:

@@ -6,9 +6,10 @@ import copy
 import pickle
 import textwrap
 
+import msgspec
 import pytest
 
-from gateway import ConfigError, Duration, PluginManager, load_config, seconds
+from gateway import ConfigError, ConfigValueError, Duration, PluginManager, load_config, seconds
 from gateway.cli import main
 
 
@@ -222,7 +223,8 @@ def test_every_core_config_key_is_documented():
 
 
 def test_a_sub_sections_own_check_is_reported_at_its_key_and_line(tmp_path, capsys):
-    # The plugin's __post_init__ of [channels.s.twilio] fails: name that section, not the channel.
+    # The plugin's __post_init__ of [channels.s.twilio] fails: name the key it names (at its
+    # section's line, as the key is not written), not the channel.
     code, out = check(tmp_path, capsys, """
         [channels.s]
         type = "sms"
@@ -233,7 +235,8 @@ def test_a_sub_sections_own_check_is_reported_at_its_key_and_line(tmp_path, caps
         auth_token = "t"
         """)
     assert code == 2
-    assert f"{tmp_path / 'gateway.toml'}:6: channels.s.twilio: twilio needs from_number" in out and "$." not in out
+    assert (f"{tmp_path / 'gateway.toml'}:6: channels.s.twilio.from_number: expected from_number or "
+            f"messaging_service_sid" in out and "$." not in out)
 
 
 BUS_URL_EXPECTED = "expected nats://, tls://, ws:// or wss:// URLs with a host (comma-separated for a cluster)"
@@ -357,3 +360,90 @@ def test_a_bad_duration_names_file_line_key_and_what_was_expected(tmp_path, caps
 def test_a_duration_that_is_not_a_string_says_so(tmp_path, capsys):
     code, out = check(tmp_path, capsys, "[reminders]\nack_wait = 30\n")
     assert code == 2 and ":2: reminders.ack_wait: expected str, got int 30" in out
+
+
+# --- one validation style: msgspec judges, the loader names file, line and key ----------
+
+
+class _Fax(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    url: str = ""
+    mode: str = "push"
+    api_key: str = ""
+
+    def __post_init__(self) -> None:
+        if self.mode == "pull" and not self.url.startswith("https://"):
+            raise ConfigValueError("url", "expected an https:// URL in pull mode")
+        if self.api_key == "short":
+            raise ConfigValueError("api_key", "expected at least 16 characters")
+
+
+class _Old(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    level: int = 0
+
+    def __post_init__(self) -> None:
+        if self.level > 3:
+            raise ValueError("level must be at most 3")
+
+
+class _FaxChannel:
+    config_type = _Fax
+
+
+class _OldChannel:
+    config_type = _Old
+
+
+def test_a_config_value_error_is_reported_at_its_key_and_line_with_what_was_found(tmp_path, capsys):
+    p = write(tmp_path, """
+        [channels.fax]
+        type = "fax"
+        mode = "pull"
+        url = "http://fax.example"
+
+        [channels.fax2]
+        type = "fax"
+        api_key = "short"
+
+        [channels.old]
+        type = "old"
+        level = 5
+        """)
+    with pytest.raises(ConfigError) as info:
+        load_config(p, {"fax": _FaxChannel, "old": _OldChannel})
+    assert info.value.problems == [
+        f'{p}:5: channels.fax.url: expected an https:// URL in pull mode, got "http://fax.example"',
+        f"{p}:9: channels.fax2.api_key: expected at least 16 characters, got (value hidden)",  # a secret's key
+        f"{p}:11: channels.old: level must be at most 3",  # a plain ValueError: the section, as before
+    ]
+
+
+def test_a_config_value_error_is_a_config_error_and_a_value_error():
+    with pytest.raises(ConfigError) as info:
+        _Fax(mode="pull")
+    assert isinstance(info.value, ValueError) and info.value.problems == ["url: expected an https:// URL in pull mode"]
+    assert info.value.key == ("url",) and ConfigValueError(("strings", "fr"), "x").key == ("strings", "fr")
+
+
+def test_a_key_of_a_table_is_named_not_elided(tmp_path, capsys):
+    # msgspec locates a problem inside a dict as `$.templates[...]`: the walk names the key.
+    code, out = check(tmp_path, capsys, """
+        [service]
+        templates = { zh = "您好", en = 5 }
+        """)
+    assert code == 2 and ':3: service.templates.en: expected str, got int 5' in out
+
+
+def test_independent_sections_are_all_checked(tmp_path, capsys):
+    # A type error in the channel does not hide its sub-section's own check (and vice versa).
+    code, out = check(tmp_path, capsys, """
+        [channels.s]
+        type = "sms"
+        provider = "twilio"
+        max_segments = 99
+
+        [channels.s.twilio]
+        account_sid = "AC0123456789abcdef0123456789abcdef"
+        auth_token = "t"
+        """)
+    assert code == 2 and ":5: channels.s.max_segments: expected int <= 50, got 99" in out
+    assert ":7: channels.s.twilio.from_number: expected from_number or messaging_service_sid" in out

@@ -8,7 +8,7 @@ from typing import Annotated, Literal
 
 import msgspec
 
-from gateway import Duration
+from gateway import ConfigValueError, Duration
 
 Filter = Literal["all", "mention", "keyword"]
 
@@ -77,11 +77,16 @@ class OneBotConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     def __post_init__(self) -> None:
         for group in self.groups:
             if not group.isdigit():
-                raise ValueError(f"groups are keyed by group number: {group!r} is not one")
-        if self.transport == "http" and (not self.secret or not self.url.startswith(("http://", "https://"))):
-            raise ValueError("transport http needs secret (signs events) and url (the HTTP API, http(s)://)")
+                raise ConfigValueError(("groups", group), "expected a group number as the key")
+        if self.transport == "http" and not self.secret:
+            raise ConfigValueError("secret", "expected the implementation's secret with transport http (it signs "
+                                             "the events)")
+        if self.transport == "http" and not self.url.startswith(("http://", "https://")):
+            raise ConfigValueError("url", "expected the implementation's HTTP API (http:// or https://) with "
+                                          "transport http")
         if self.transport == "forward_ws" and not self.url.startswith(("ws://", "wss://")):
-            raise ValueError("transport forward_ws needs url (the implementation's ws:// or wss:// server)")
+            raise ConfigValueError("url", "expected the implementation's ws:// or wss:// server with transport "
+                                          "forward_ws")
 
 
 class OfficialConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -128,4 +133,5 @@ class QQConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 
     def __post_init__(self) -> None:
         if (self.onebot is None) == (self.official is None):
-            raise ValueError("exactly one of [onebot] or [official] is required")
+            raise ConfigValueError("", "expected exactly one of [onebot] or [official], got "
+                                       + ("neither" if self.onebot is None else "both"))

@@ -6,7 +6,7 @@ from typing import Annotated, Literal
 
 import msgspec
 
-from gateway import Config, Duration, QuietHours, check_quiet_hours
+from gateway import Config, ConfigValueError, Duration, QuietHours
 
 _Positive = Annotated[int, msgspec.Meta(ge=1)]
 _COLOR = msgspec.Meta(pattern=r"^#[0-9A-Fa-f]{3}([0-9A-Fa-f]{3})?$", description="a colour: #rgb or #rrggbb")
@@ -40,10 +40,8 @@ class OfflineHours(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     tz: str = "Asia/Shanghai"
 
     def __post_init__(self) -> None:
-        try:
-            check_quiet_hours(self.quiet())
-        except ValueError as exc:  # name the keys as they are spelled here
-            raise ValueError(str(exc).replace("quiet hours ", "offline_hours.")) from None
+        for key, problem in self.quiet().problems().items():  # the first: one problem per section
+            raise ConfigValueError(key, problem.replace("must be", "expected", 1))
 
     def quiet(self) -> QuietHours:
         """The same window as the toolkit's quiet hours (``quiet_until`` reads it)."""
@@ -136,17 +134,18 @@ class WebChatConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     def __post_init__(self) -> None:
         # Browsers write an origin with the host in lower case and without a default port.
         self.allowed_origins = [_origin(o) for o in self.allowed_origins]
-        unchecked = [t for t in self.upload_types if t not in CHECKED_TYPES]
-        if unchecked:
-            raise ValueError(f"upload_types: {', '.join(unchecked)} cannot be checked against the file's bytes; "
-                             f"accepted: {', '.join(CHECKED_TYPES)}")
+        for i, t in enumerate(self.upload_types):
+            if t not in CHECKED_TYPES:
+                raise ConfigValueError(("upload_types", str(i)), f"expected a type whose bytes can be checked, one of "
+                                                                 f"{', '.join(CHECKED_TYPES)}")
         for language, table in self.strings.items():
             if language not in LANGUAGES:
-                raise ValueError(f"strings: unknown language {language!r}; the widget speaks {', '.join(LANGUAGES)}")
+                raise ConfigValueError(("strings", language), f"unknown language; the widget speaks "
+                                                              f"{', '.join(LANGUAGES)}")
             unknown = sorted(set(table) - STRING_KEYS)
             if unknown:
-                raise ValueError(f"strings.{language}: unknown key(s) {', '.join(unknown)}; "
-                                 f"known: {', '.join(sorted(STRING_KEYS))}")
+                raise ConfigValueError(("strings", language), f"unknown key(s) {', '.join(unknown)}; "
+                                                              f"expected one of: {', '.join(sorted(STRING_KEYS))}")
 
 
 def _origin(origin: str) -> str:

@@ -8,7 +8,7 @@ from typing import Annotated, Literal
 
 import msgspec
 
-from gateway import Duration
+from gateway import ConfigValueError, Duration
 
 _AES_KEY = msgspec.Meta(pattern=r"^[A-Za-z0-9+/]{43}$",
                         description="the 43-character EncodingAESKey from the official account's settings")
@@ -47,9 +47,11 @@ class WeChatConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 
     def __post_init__(self) -> None:
         if self.mode != "plaintext" and not self.encoding_aes_key:
-            raise ValueError(f"encoding_aes_key is required in {self.mode} mode")
+            raise ConfigValueError("encoding_aes_key", f"expected the EncodingAESKey in {self.mode} mode (43 "
+                                                       f"characters, from the official account's settings)")
         if self.encoding_aes_key:
             try:
                 base64.b64decode(self.encoding_aes_key + "=", validate=True)
-            except binascii.Error as exc:
-                raise ValueError("encoding_aes_key is not valid base64") from exc
+            except binascii.Error:
+                raise ConfigValueError("encoding_aes_key", "expected valid base64 (the EncodingAESKey from the "
+                                                           "official account's settings)") from None

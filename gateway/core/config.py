@@ -46,8 +46,6 @@ class Duration(float):
     text: str
 
     def __new__(cls, text: str) -> Duration:
-        if isinstance(text, Duration):
-            return text
         m = _DURATION.fullmatch(text) if isinstance(text, str) else None
         if m is None:
             raise ValueError(f"not a duration: {text!r}")
@@ -69,9 +67,11 @@ def seconds(duration: Duration | str | float) -> float:
     """A duration in seconds, as a plain float: a :class:`Duration` (a config value) is
     one already, a string is read like a config value (``"7d"`` → 604800.0), a number is
     taken as seconds. Raises ValueError for anything else."""
+    if isinstance(duration, str):
+        return float(Duration(duration))
     if isinstance(duration, (int, float)) and not isinstance(duration, bool):
         return float(duration)
-    return float(Duration(duration))  # type: ignore[arg-type]  # refused there, with its message
+    raise ValueError(f"not a duration: {duration!r}")
 
 
 # msgspec's names for what TOML gives, as its own "Expected `str`, got `int`" says them.
@@ -466,12 +466,6 @@ def _resolve_env(value: Any, path: tuple[str, ...], env: Mapping[str, str], prob
     return value
 
 
-def _type_name(tp: Any) -> str:
-    if isinstance(tp, type):
-        return {"str": "str", "int": "int", "float": "float", "bool": "bool"}.get(tp.__name__, tp.__name__)
-    return str(tp)
-
-
 def _found_type(value: Any) -> str:
     names: dict[type, str] = {dict: "table", list: "array"}
     return names.get(type(value), type(value).__name__)
@@ -592,7 +586,7 @@ def _describe(tp: Any) -> str:
         return "none"
     if tp is Duration:
         return Duration.EXPECTED
-    return _type_name(tp)
+    return tp.__name__ if isinstance(tp, type) else str(tp)
 
 
 def _closest(key: str, options: Mapping[str, Any]) -> str | None:

@@ -45,6 +45,7 @@ from .core.config import ChannelConfig, Config, Duration, load_config, parse_con
 from .core.errors import (
     BusUnavailable,
     ConfigError,
+    ConfigValueError,
     Deferred,
     DeliveryError,
     GatewayError,
@@ -129,6 +130,7 @@ __all__ = [
     "Closure",
     "Config",
     "ConfigError",
+    "ConfigValueError",
     "Conversation",
     "ConversationMark",
     "DeadLetter",

@@ -19,8 +19,8 @@ EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
 
 
 def _store(nc: Any, config: Config) -> ReminderStore:
-    return ReminderStore(nc, nc.jetstream(), Subjects(config.bus.prefix), keep_fired=seconds(config.reminders.keep_fired),
-                         status_ttl=seconds(config.bus.status_max_age))
+    return ReminderStore(nc, nc.jetstream(), Subjects(config.bus.prefix), keep_fired=config.reminders.keep_fired,
+                         status_ttl=config.bus.status_max_age)
 
 
 def _when(at: datetime) -> str:

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import copy
+import pickle
 import textwrap
 
+import msgspec
 import pytest
 
-from gateway import ConfigError, PluginManager, load_config
+from gateway import ConfigError, ConfigValueError, Duration, PluginManager, load_config, seconds
 from gateway.cli import main
 
 
@@ -220,7 +223,8 @@ def test_every_core_config_key_is_documented():
 
 
 def test_a_sub_sections_own_check_is_reported_at_its_key_and_line(tmp_path, capsys):
-    # The plugin's __post_init__ of [channels.s.twilio] fails: name that section, not the channel.
+    # The plugin's __post_init__ of [channels.s.twilio] fails: name the key it names (at its
+    # section's line, as the key is not written), not the channel.
     code, out = check(tmp_path, capsys, """
         [channels.s]
         type = "sms"
@@ -231,7 +235,8 @@ def test_a_sub_sections_own_check_is_reported_at_its_key_and_line(tmp_path, caps
         auth_token = "t"
         """)
     assert code == 2
-    assert f"{tmp_path / 'gateway.toml'}:6: channels.s.twilio: twilio needs from_number" in out and "$." not in out
+    assert (f"{tmp_path / 'gateway.toml'}:6: channels.s.twilio.from_number: expected from_number or "
+            f"messaging_service_sid" in out and "$." not in out)
 
 
 BUS_URL_EXPECTED = "expected nats://, tls://, ws:// or wss:// URLs with a host (comma-separated for a cluster)"
@@ -293,3 +298,152 @@ def test_ports_come_from_the_environment_and_a_bad_one_is_named_not_printed(tmp_
     assert "$GATEWAY_HTTP_PORT: expected a port number from 0 to 65535, got (value hidden)" in out
     assert "$GATEWAY_BUS_PORT: expected a port number from 0 to 65535, got (value hidden)" in out
     assert "s3cr3t" not in out and "70000" not in out
+
+
+# --- durations: a number of seconds once loaded, the text kept for messages -------------
+
+
+def test_a_duration_key_is_a_number_of_seconds_that_keeps_its_text(tmp_path):
+    p = write(tmp_path, """
+        [bus]
+        dedup_ttl = "1.5d"
+        [outbound]
+        backoff = ["500ms", "2m"]
+        [channels.demo]
+        type = "mock"
+        deliver_delay = "250ms"
+        backoff = ["1s"]
+        """)
+    cfg = load_config(p, PluginManager().channel_types)
+    assert cfg.bus.dedup_ttl == 1.5 * 86400 and str(cfg.bus.dedup_ttl) == "1.5d" and f"{cfg.bus.dedup_ttl}" == "1.5d"
+    assert cfg.outbound.backoff == [0.5, 120.0] and [d.text for d in cfg.outbound.backoff] == ["500ms", "2m"]
+    assert cfg.channels["demo"].options.deliver_delay == 0.25 and cfg.channels["demo"].backoff == [1.0]
+    # What was not written is a Duration too (the defaults), and arithmetic gives plain floats.
+    assert isinstance(cfg.bus.connect_timeout, Duration) and cfg.bus.connect_timeout == 5.0
+    assert type(cfg.outbound.ack_wait * 2) is float and type(cfg.outbound.ack_wait + 0) is float
+
+
+def test_seconds_takes_a_duration_a_duration_string_or_a_number():
+    assert seconds(Duration("30s")) == 30.0 and type(seconds(Duration("30s"))) is float
+    assert seconds("30s") == 30.0 and seconds("500ms") == 0.5 and seconds("7d") == 604800.0
+    assert seconds(2) == 2.0 and seconds(0.25) == 0.25
+    for bad in ("30", "30 s", "30S", "-1s", "", "1s\n", True):
+        with pytest.raises(ValueError, match="not a duration"):
+            seconds(bad)  # type: ignore[arg-type]
+
+
+def test_a_duration_compares_by_value_so_a_reload_sees_only_real_changes(tmp_path):
+    def settings(text: str):
+        return load_config(write(tmp_path, text), {}).settings
+
+    assert settings('[outbound]\nack_wait = "30s"\n') == settings('[outbound]\nack_wait = "0.5m"\n')
+    assert settings('[outbound]\nack_wait = "30s"\n') != settings('[outbound]\nack_wait = "31s"\n')
+    assert Duration("2h") == Duration("120m") and hash(Duration("2h")) == hash(7200.0)
+    assert pickle.loads(pickle.dumps(Duration("2h"))).text == "2h" and copy.deepcopy(Duration("2h")).text == "2h"
+
+
+@pytest.mark.parametrize("text, line, key, found", [
+    ('[bus]\nconnect_timeout = "5 s"\n', 2, "bus.connect_timeout", 'got str "5 s"'),
+    ('[outbound]\nbackoff = ["1s",\n  "2x"]\n', 2, "outbound.backoff.1", 'got str "2x"'),
+    ('[calendars.desk]\n[channels.demo]\ntype = "mock"\nservice = { calendar = "desk", first_response = "4 hours" }\n',
+     4, "channels.demo.service.first_response", 'got str "4 hours"'),
+    ('[channels.demo]\ntype = "mock"\nbackoff = ["1s", "soon"]\n', 3, "channels.demo.backoff.1", 'got str "soon"'),
+    ('[channels.demo]\ntype = "mock"\n[channels.demo.websocket]\nidle_timeout = "1y"\n', 4,
+     "channels.demo.websocket.idle_timeout", 'got str "1y"'),
+])
+def test_a_bad_duration_names_file_line_key_and_what_was_expected(tmp_path, capsys, text, line, key, found):
+    code, out = check(tmp_path, capsys, text)
+    assert code == 2
+    assert f"{tmp_path / 'gateway.toml'}:{line}: {key}: expected a duration such as 500ms, 30s, 5m, 2h, 7d, {found}" in out
+
+
+def test_a_duration_that_is_not_a_string_says_so(tmp_path, capsys):
+    code, out = check(tmp_path, capsys, "[reminders]\nack_wait = 30\n")
+    assert code == 2 and ":2: reminders.ack_wait: expected str, got int 30" in out
+
+
+# --- one validation style: msgspec judges, the loader names file, line and key ----------
+
+
+class _Fax(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    url: str = ""
+    mode: str = "push"
+    api_key: str = ""
+
+    def __post_init__(self) -> None:
+        if self.mode == "pull" and not self.url.startswith("https://"):
+            raise ConfigValueError("url", "expected an https:// URL in pull mode")
+        if self.api_key == "short":
+            raise ConfigValueError("api_key", "expected at least 16 characters")
+
+
+class _Old(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    level: int = 0
+
+    def __post_init__(self) -> None:
+        if self.level > 3:
+            raise ValueError("level must be at most 3")
+
+
+class _FaxChannel:
+    config_type = _Fax
+
+
+class _OldChannel:
+    config_type = _Old
+
+
+def test_a_config_value_error_is_reported_at_its_key_and_line_with_what_was_found(tmp_path, capsys):
+    p = write(tmp_path, """
+        [channels.fax]
+        type = "fax"
+        mode = "pull"
+        url = "http://fax.example"
+
+        [channels.fax2]
+        type = "fax"
+        api_key = "short"
+
+        [channels.old]
+        type = "old"
+        level = 5
+        """)
+    with pytest.raises(ConfigError) as info:
+        load_config(p, {"fax": _FaxChannel, "old": _OldChannel})
+    assert info.value.problems == [
+        f'{p}:5: channels.fax.url: expected an https:// URL in pull mode, got "http://fax.example"',
+        f"{p}:9: channels.fax2.api_key: expected at least 16 characters, got (value hidden)",  # a secret's key
+        f"{p}:11: channels.old: level must be at most 3",  # a plain ValueError: the section, as before
+    ]
+
+
+def test_a_config_value_error_is_a_config_error_and_a_value_error():
+    with pytest.raises(ConfigError) as info:
+        _Fax(mode="pull")
+    assert isinstance(info.value, ValueError) and info.value.problems == ["url: expected an https:// URL in pull mode"]
+    assert info.value.key == ("url",) and ConfigValueError(("strings", "fr"), "x").key == ("strings", "fr")
+
+
+def test_a_key_of_a_table_is_named_not_elided(tmp_path, capsys):
+    # msgspec locates a problem inside a dict as `$.templates[...]`: the walk names the key.
+    code, out = check(tmp_path, capsys, """
+        [service]
+        templates = { zh = "您好", en = 5 }
+        """)
+    assert code == 2 and ':3: service.templates.en: expected str, got int 5' in out
+
+
+def test_independent_sections_are_all_checked(tmp_path, capsys):
+    # A type error in the channel does not hide its sub-section's own check (and vice versa).
+    code, out = check(tmp_path, capsys, """
+        [channels.s]
+        type = "sms"
+        provider = "twilio"
+        max_segments = 99
+
+        [channels.s.twilio]
+        account_sid = "AC0123456789abcdef0123456789abcdef"
+        auth_token = "t"
+        """)
+    assert code == 2 and ":5: channels.s.max_segments: expected int <= 50, got 99" in out
+    assert ":7: channels.s.twilio.from_number: expected from_number or messaging_service_sid" in out

@@ -14,11 +14,11 @@ from typing import Annotated, Any, Literal, Mapping, Union, get_args, get_origin
 
 import msgspec
 
-from .errors import ConfigError
+from .errors import ConfigError, ConfigValueError
 from .schema import QuietHours
 
-Duration = Annotated[str, msgspec.Meta(pattern=r"^\d+(\.\d+)?(ms|s|m|h|d)$", description="a duration such as 500ms, 30s, 5m, 2h, 7d")]
 _UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
 _NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
 
 # The namespaces of the core's records in the shared state bucket (keys built in
@@ -33,12 +33,62 @@ _SECRET = re.compile(r"(pass|secret|token|key|cred|auth|sid|aes)", re.I)
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 
-def seconds(duration: str) -> float:
-    """``"7d"`` → 604800.0."""
-    m = re.fullmatch(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)", duration)
-    if not m:
-        raise ValueError(f"not a duration: {duration!r}")
-    return float(m.group(1)) * _UNITS[m.group(2)]
+class Duration(float):
+    """A duration key of the configuration: ``"30s"`` in the file, a number of seconds
+    (30.0) in the code, converted once when the file is loaded. ``text`` keeps what was
+    written, and ``str()`` (an f-string) gives it back, so messages name the value as the
+    user wrote it; arithmetic gives plain floats. ``Duration("1.5h")``; ``ms``, ``s``,
+    ``m``, ``h`` and ``d`` are the units."""
+
+    __slots__ = ("text",)
+    EXPECTED = "a duration such as 500ms, 30s, 5m, 2h, 7d"
+    """What a duration key expects, as configuration errors say it."""
+    text: str
+
+    def __new__(cls, text: str) -> Duration:
+        m = _DURATION.fullmatch(text) if isinstance(text, str) else None
+        if m is None:
+            raise ValueError(f"not a duration: {text!r}")
+        self = super().__new__(cls, float(m.group(1)) * _UNITS[m.group(2)])
+        self.text = text
+        return self
+
+    def __str__(self) -> str:
+        return self.text
+
+    def __repr__(self) -> str:
+        return f"Duration({self.text!r})"
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (Duration, (self.text,))
+
+
+def seconds(duration: Duration | str | float) -> float:
+    """A duration in seconds, as a plain float: a :class:`Duration` (a config value) is
+    one already, a string is read like a config value (``"7d"`` → 604800.0), a number is
+    taken as seconds. Raises ValueError for anything else."""
+    if isinstance(duration, str):
+        return float(Duration(duration))
+    if isinstance(duration, (int, float)) and not isinstance(duration, bool):
+        return float(duration)
+    raise ValueError(f"not a duration: {duration!r}")
+
+
+# msgspec's names for what TOML gives, as its own "Expected `str`, got `int`" says them.
+_TOML_TYPES = {bool: "bool", int: "int", float: "float", str: "str", dict: "object", list: "array"}
+
+
+def _decode(tp: Any, value: Any) -> Any:
+    """msgspec's ``dec_hook`` for the configuration's own types: a :class:`Duration` from
+    its text. The ValueError becomes msgspec's ValidationError, located by msgspec."""
+    if tp is Duration:
+        if not isinstance(value, str):
+            raise ValueError(f"Expected `str`, got `{_TOML_TYPES.get(type(value), type(value).__name__)}`")
+        try:
+            return Duration(value)
+        except ValueError:
+            raise ValueError(f"Expected {Duration.EXPECTED}, got `str`") from None
+    raise NotImplementedError(tp)
 
 
 class _Section(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -62,16 +112,16 @@ class BusConfig(_Section):
     embedded_host: str = "127.0.0.1"
     embedded_port: Annotated[int, msgspec.Meta(ge=0, le=65535)] = 4222
     """0 picks a free port. ``GATEWAY_BUS_PORT`` (or ``gateway run --bus-port``) overrides it."""
-    connect_timeout: Duration = "5s"
-    publish_timeout: Duration = "5s"
-    dedup_ttl: Duration = "7d"
+    connect_timeout: Duration = Duration("5s")
+    publish_timeout: Duration = Duration("5s")
+    dedup_ttl: Duration = Duration("7d")
     """How long a provider message id is remembered: a retry within it is not published again."""
-    duplicate_window: Duration = "2m"
+    duplicate_window: Duration = Duration("2m")
     """JetStream's own Nats-Msg-Id window on the inbound and outbound streams."""
-    inbound_max_age: Duration = "90d"
-    status_max_age: Duration = "30d"
-    dead_max_age: Duration = "90d"
-    blob_max_age: Duration = "90d"
+    inbound_max_age: Duration = Duration("90d")
+    status_max_age: Duration = Duration("30d")
+    dead_max_age: Duration = Duration("90d")
+    blob_max_age: Duration = Duration("90d")
     """Binary content (attachments, media, raw e-mails) in the object store is kept this long."""
     inline_limit: Annotated[int, msgspec.Meta(ge=0)] = 16384
     """Binary parts larger than this go to the object store."""
@@ -87,14 +137,14 @@ class HttpConfig(_Section):
     """``GATEWAY_HTTP_PORT`` (or ``gateway run --port``) overrides it."""
     max_body: Annotated[int, msgspec.Meta(ge=1024)] = 1048576
     """Largest request body in bytes (a channel may set a lower limit for its routes)."""
-    header_timeout: Duration = "10s"
+    header_timeout: Duration = Duration("10s")
     """A request's line and headers must arrive within this (counted from the connection's
     opening, or from the first byte of a later request on a kept-alive connection);
     otherwise 408 and the connection is closed."""
-    body_timeout: Duration = "30s"
+    body_timeout: Duration = Duration("30s")
     """A request's whole body must arrive within this after its headers; otherwise 408 and
     the connection is closed."""
-    keep_alive_timeout: Duration = "5s"
+    keep_alive_timeout: Duration = Duration("5s")
     """An idle kept-alive connection is closed after this."""
     max_connections: Annotated[int, msgspec.Meta(ge=1)] = 512
     """Open connections at most; one more is answered 503 and closed at once. Keep it well
@@ -112,17 +162,18 @@ class OutboundConfig(_Section):
     """``[outbound]``: delivery of replies from the bus to the channels."""
 
     enabled: bool = True
-    backoff: list[Duration] = msgspec.field(default_factory=lambda: ["1s", "5s", "30s", "2m", "10m", "30m"])
+    backoff: list[Duration] = msgspec.field(
+        default_factory=lambda: [Duration(d) for d in ("1s", "5s", "30s", "2m", "10m", "30m")])
     """Wait before attempt 2, 3, ...; the last value repeats. Jitter of ±20% is added."""
     max_attempts: Annotated[int, msgspec.Meta(ge=1)] = 8
-    ack_wait: Duration = "60s"
+    ack_wait: Duration = Duration("60s")
     """How long one delivery attempt may take before the bus redelivers it."""
     concurrency: Annotated[int, msgspec.Meta(ge=1, le=1024)] = 64
     """Deliveries in progress at once per channel, unless the channel sets its own; the
     process takes up to 16 times this many messages off the bus."""
-    receipt_ttl: Duration = "7d"
+    receipt_ttl: Duration = Duration("7d")
     """How long a provider receipt is kept to prevent a second send after a crash."""
-    lease: Duration = "10s"
+    lease: Duration = Duration("10s")
     """How long a channel's delivery stays with a process that stopped renewing it (a
     crash): the longest pause of a channel's outbounds when its process dies."""
 
@@ -133,10 +184,10 @@ class RemindersConfig(_Section):
     enabled: bool = True
     concurrency: Annotated[int, msgspec.Meta(ge=1, le=4096)] = 256
     """Reminders processed at once (scheduling checks and firings) per process."""
-    keep_fired: Duration = "30d"
+    keep_fired: Duration = Duration("30d")
     """How long a fired reminder's copy stays in the stream if no gateway takes it (the
     gateway removes it once processed)."""
-    ack_wait: Duration = "30s"
+    ack_wait: Duration = Duration("30s")
 
 
 _PERIOD = Annotated[str, msgspec.Meta(
@@ -202,7 +253,7 @@ class ServiceConfig(_Section):
     })
     """The acknowledgement per language; ``{opens}`` (the local opening time) and
     ``{expected}`` (the channel's ``answer_within``) are filled in."""
-    ack_wait: Duration = "30s"
+    ack_wait: Duration = Duration("30s")
     """How long an unacknowledged timer or control message waits before it is given again."""
 
 
@@ -227,10 +278,10 @@ class ChannelServiceConfig(_Section):
     acknowledge: bool = True
     """Answer automatically, once per closed period and conversation, outside service hours."""
     language: Literal["zh", "en"] = "zh"
-    ack_delay: Duration = "30s"
+    ack_delay: Duration = Duration("30s")
     """Wait this long after the customer's message: a backend's own reply (a bot) within it
     suppresses the acknowledgement."""
-    answer_within: Duration = "1d"
+    answer_within: Duration = Duration("1d")
     """The expected handling time the acknowledgement promises (``{expected}``)."""
     first_response: Duration | None = None
     """SLA: the first reply to a conversation within this."""
@@ -281,7 +332,7 @@ class ChannelConfig:
     enabled: bool
     required: bool
     rate_limit: float | None
-    backoff: list[str] | None
+    backoff: list[Duration] | None
     max_attempts: int | None
     options: Any
     """The plugin's ``config_type`` instance (None if the type takes no keys)."""
@@ -373,8 +424,14 @@ class _Problems:
         self.locator = locator
         self.items: list[str] = []
         self.from_env: set[tuple[str, ...]] = set()
+        self._keys: set[tuple[str, ...]] = set()
 
     def add(self, path: tuple[str, ...], what: str) -> None:
+        """One problem per key: the first said (a type error) is the one a check that
+        reads the same key again (a calendar's periods) would repeat."""
+        if path in self._keys:
+            return
+        self._keys.add(path)
         line = self.locator.line(path) if self.locator else None
         where = f"{self.source}:{line}" if line else self.source
         key = ".".join(path) if path else "(top level)"
@@ -409,91 +466,105 @@ def _resolve_env(value: Any, path: tuple[str, ...], env: Mapping[str, str], prob
     return value
 
 
-def _type_name(tp: Any) -> str:
-    if isinstance(tp, type):
-        return {"str": "str", "int": "int", "float": "float", "bool": "bool"}.get(tp.__name__, tp.__name__)
-    return str(tp)
-
-
 def _found_type(value: Any) -> str:
     names: dict[type, str] = {dict: "table", list: "array"}
     return names.get(type(value), type(value).__name__)
 
 
-_MSGSPEC_ERR = re.compile(r"^(?P<msg>.*?)(?: - at `\$(?P<at>[^`]*)`)?$", re.S)
+_INVALID: Any = object()
+"""What :func:`_check` returns for a value whose problems it reported."""
 
 
-def _check(value: Any, tp: Any, path: tuple[str, ...], problems: _Problems) -> None:
-    """Report every problem in ``value`` against ``tp`` (a msgspec Struct or field type)."""
-    if value is not None and get_origin(tp) in (Union, types.UnionType):
-        # An optional sub-section (``smtp: SmtpInConfig | None``) is checked key by key like
-        # a required one: msgspec alone would report the whole table, not the unknown key.
-        members = [a for a in get_args(tp) if a is not type(None)]
-        if len(members) == 1 and isinstance(members[0], type) and issubclass(members[0], msgspec.Struct):
-            tp = members[0]
-    if isinstance(tp, type) and issubclass(tp, msgspec.Struct):
+def _is_struct(tp: Any) -> bool:
+    return isinstance(tp, type) and issubclass(tp, msgspec.Struct)
+
+
+def _check(value: Any, tp: Any, path: tuple[str, ...], problems: _Problems) -> Any:
+    """``value`` converted to ``tp`` (a Struct or a field's type) by msgspec, or ``_INVALID``
+    once every problem in it is reported at its own key path. msgspec judges each value and
+    runs each Struct's ``__post_init__``; the walk over tables, arrays and dicts is ours
+    because msgspec stops at the first problem, names no dict key (``$.groups[...]``) and
+    suggests nothing for a misspelled key."""
+    tp = _member(tp, value)
+    if _is_struct(tp):
         if not isinstance(value, dict):
             problems.add(path, f"expected a table, got {_found_type(value)}")
-            return
+            return _INVALID
         fields = {f.encode_name: f for f in msgspec.structs.fields(tp)}
+        ok = True
         for key in value:
             if key not in fields:
                 hint = _closest(key, fields)
                 problems.add(path + (key,), "unknown key" + (f" (did you mean {hint!r}?)" if hint else "")
                              + f"; expected one of: {', '.join(sorted(fields))}")
+                ok = False
         for name, f in fields.items():
-            if name not in value:
-                if f.required:
-                    problems.add(path + (name,), f"missing required key ({_describe(f.type)})")
-                continue
-            _check(value[name], f.type, path + (name,), problems)
-        return
-    if get_origin(tp) is dict and isinstance(value, dict):
-        # A table of sub-sections (``groups: dict[str, GroupRule]``): msgspec names no dict
-        # key in its error path, so each entry is checked under its own key.
-        key_type, item_type = get_args(tp)
-        if key_type is str and isinstance(item_type, type) and issubclass(item_type, msgspec.Struct):
-            for key, item in value.items():
-                _check(item, item_type, path + (str(key),), problems)
-            return
+            if name in value:
+                ok = _check(value[name], f.type, path + (name,), problems) is not _INVALID and ok
+            elif f.required:
+                problems.add(path + (name,), f"missing required key ({_describe(f.type)})")
+                ok = False
+    else:
+        bare = get_args(tp)[0] if get_origin(tp) is Annotated else tp
+        items: list[tuple[str, Any]] = []
+        if get_origin(bare) is list and isinstance(value, list):
+            items = [(str(i), v) for i, v in enumerate(value)]
+        elif get_origin(bare) is dict and isinstance(value, dict):
+            items = [(str(k), v) for k, v in value.items()]
+        item_type = get_args(bare)[-1] if items else None
+        ok = all([_check(v, item_type, path + (k,), problems) is not _INVALID for k, v in items])
+    return _convert(value, tp, path, problems) if ok else _INVALID
+
+
+def _member(tp: Any, value: Any) -> Any:
+    """Of a union, the member a table or an array is checked against (``smtp: SmtpInConfig |
+    None`` is a table, whatever was written); else ``tp`` itself."""
+    if value is None or get_origin(tp) not in (Union, types.UnionType):
+        return tp
+    members = [a for a in get_args(tp) if a is not type(None)]
+    if len(members) == 1 and _is_struct(members[0]):
+        return members[0]
+    kind = dict if isinstance(value, dict) else list if isinstance(value, list) else None
+    fits = [m for m in members if kind is not None and (get_origin(m) is kind or (kind is dict and _is_struct(m)))]
+    return fits[0] if len(fits) == 1 else tp
+
+
+def _convert(value: Any, tp: Any, path: tuple[str, ...], problems: _Problems) -> Any:
+    """msgspec's verdict on ``value``, whose items :func:`_check` found valid: a problem is
+    then the value itself (the error has no path of its own) or, for a Struct, its own
+    ``__post_init__`` check."""
     try:
-        msgspec.convert(value, tp)
+        return msgspec.convert(value, tp, dec_hook=_decode)
     except msgspec.ValidationError as exc:
-        m = _MSGSPEC_ERR.match(str(exc))
-        msg = m.group("msg") if m else str(exc)
-        at = m.group("at") if m else ""
-        sub = tuple(p for p in re.findall(r"\[(\d+)\]|\.([^.\[]+)", at or "") for p in p if p)
-        msg = re.sub(r"`([^`]*)`", r"\1", msg)
-        msg = msg[0].lower() + msg[1:] if msg else msg
-        full = path + sub
-        shown = _lookup(value, sub)
-        if "matching regex" in msg or not msg.startswith("expected"):
-            leaf = _field_type_at(tp, sub)
-            msg = f"expected {_describe(leaf)}, got {_found_type(shown)}"
-        sep = " " if ", got " in msg else ", got "
-        problems.add(full, f"{msg}{sep}{problems.shown(full, shown)}")
+        cause = exc.__cause__
+        if isinstance(cause, ConfigValueError):
+            # What was found is shown when it is a value (not a table), unless the check said it.
+            at, found = path + cause.key, _lookup(value, cause.key)
+            scalar = found is not _INVALID and not isinstance(found, (dict, list))
+            shown = f", got {problems.shown(at, found)}" if scalar and ", got " not in cause.expected else ""
+            problems.add(at, cause.expected + shown)
+        elif _is_struct(tp):  # a plugin's own check that raised a plain ValueError
+            problems.add(path, str(cause or exc).replace("`", ""))
+        else:
+            msg, _, inside = str(exc).replace("`", "").partition(" - at $")
+            msg = msg[:1].lower() + msg[1:]
+            if inside:  # below a type the walk does not enter (a tuple): msgspec says where
+                problems.add(path, f"{msg} (in {inside})")
+                return _INVALID
+            if "matching regex" in msg or not msg.startswith("expected"):
+                msg = f"expected {_describe(tp)}, got {_found_type(value)}"
+            problems.add(path, f"{msg}{' ' if ', got ' in msg else ', got '}{problems.shown(path, value)}")
+        return _INVALID
 
 
-def _field_type_at(tp: Any, sub: tuple[str, ...]) -> Any:
-    for p in sub:
-        args = [a for a in get_args(tp) if a is not type(None)] if get_origin(tp) in (Union, Annotated) else []
-        if get_origin(tp) is Annotated:
-            tp = args[0]
-        elif get_origin(tp) is Union and len(args) == 1:
-            tp = args[0]
-        if get_origin(tp) is list:
-            tp = get_args(tp)[0]
-        elif isinstance(tp, type) and issubclass(tp, msgspec.Struct):
-            tp = {f.encode_name: f.type for f in msgspec.structs.fields(tp)}.get(p, tp)
-    return tp
-
-
-def _lookup(value: Any, sub: tuple[str, ...]) -> Any:
-    for p in sub:
-        try:
-            value = value[int(p)] if isinstance(value, list) else value[p]
-        except (KeyError, IndexError, ValueError, TypeError):
-            return value
+def _lookup(value: Any, key: tuple[str, ...]) -> Any:
+    for k in key:
+        if isinstance(value, dict) and k in value:
+            value = value[k]
+        elif isinstance(value, list) and k.isdigit() and int(k) < len(value):
+            value = value[int(k)]
+        else:
+            return _INVALID
     return value
 
 
@@ -513,7 +584,9 @@ def _describe(tp: Any) -> str:
         return "array of " + _describe(get_args(tp)[0])
     if tp is type(None):
         return "none"
-    return _type_name(tp)
+    if tp is Duration:
+        return Duration.EXPECTED
+    return tp.__name__ if isinstance(tp, type) else str(tp)
 
 
 def _closest(key: str, options: Mapping[str, Any]) -> str | None:
@@ -579,14 +652,16 @@ def parse_config(
     data = dict(data)
     channels_raw = data.pop("channels", {})
     data = _resolve_env(data, (), os.environ if env is None else env, problems)
-    _check(data, GatewaySettings, (), problems)
+    settings: GatewaySettings = _check(data, GatewaySettings, (), problems)
     warnings: list[str] = []
     calendars_raw = data.get("calendars")
     calendar_names = set(calendars_raw) if isinstance(calendars_raw, dict) else set()
+    closures: dict[str, ClosuresFile] = {}
     if isinstance(calendars_raw, dict):
         for cname, craw in calendars_raw.items():
-            if isinstance(craw, dict):
-                _check_calendar(craw, ("calendars", cname), problems, warnings, base_dir)
+            if isinstance(craw, dict) and (loaded := _check_calendar(craw, ("calendars", cname), problems, warnings,
+                                                                      base_dir)) is not None:
+                closures[cname] = loaded
     channels: dict[str, ChannelConfig] = {}
     if not isinstance(channels_raw, dict):
         problems.add(("channels",), f"expected a table of [channels.<name>] sections, got {_found_type(channels_raw)}")
@@ -621,27 +696,16 @@ def parse_config(
             known = ", ".join(sorted(channel_types)) or "none loaded"
             problems.add(path + ("type",), f"unknown channel type {ctype!r}; loaded types: {known}")
             continue
-        before = len(problems.items)
-        _check(common, ChannelCommon, path, problems)
+        c = _check(common, ChannelCommon, path, problems)
         cls = getattr(channel_types[ctype], "cls", channel_types[ctype])  # a ChannelTypeInfo or a class
         config_type = getattr(cls, "config_type", None)
-        if config_type is None:
+        if config_type is not None:
+            options = _check(own, config_type, path, problems)
+        else:
+            options = _INVALID if own else None
             for key in own:
                 problems.add(path + (key,), f"unknown key; channel type {ctype!r} takes no keys of its own")
-        else:
-            _check(own, config_type, path, problems)
-        if len(problems.items) != before:
-            continue
-        try:
-            c = msgspec.convert(common, ChannelCommon)
-            options = msgspec.convert(own, config_type) if config_type is not None else None
-        except msgspec.ValidationError as exc:  # e.g. a __post_init__ check of the plugin
-            # A sub-section's own check names the sub-section (`- at `$.twilio``): report it
-            # there, with its line, instead of at the channel.
-            m = _MSGSPEC_ERR.match(str(exc))
-            at = m.group("at") if m else ""
-            sub = tuple(p for p in re.findall(r"\[(\d+)\]|\.([^.\[]+)", at or "") for p in p if p)
-            problems.add(path + sub, (m.group("msg") if m else str(exc)).replace("`", ""))
+        if c is _INVALID or options is _INVALID:
             continue
         quiet = c.quiet_hours.problems() if c.quiet_hours is not None else {}
         for key, problem in quiet.items():
@@ -680,10 +744,8 @@ def parse_config(
             from_env.add(key)
     if problems.items:
         raise ConfigError(problems.items)
-    try:
-        settings = msgspec.convert(data, GatewaySettings)
-    except msgspec.ValidationError as exc:  # defensive: _check should have caught it
-        raise ConfigError([f"{source}: {exc}"]) from exc
+    for cname, loaded in closures.items():
+        settings.calendars[cname].loaded = loaded
     if bus_url:
         settings.bus.url = bus_url
     # "nats://a, nats://b" is a fine list to write; the client splits on the commas alone.
@@ -707,10 +769,10 @@ def _zone_exists(tz: str) -> bool:
 
 
 def _check_calendar(raw: dict[str, Any], path: tuple[str, ...], problems: _Problems, warnings: list[str],
-                    base_dir: Path | None) -> None:
+                    base_dir: Path | None) -> ClosuresFile | None:
     """What the types cannot say about a calendar: the zone exists, a period does not end
     where it starts, weekday ranges do not overlap, the holiday source is known (and which
-    years it cannot answer), the closures file reads. Loads the closures into ``loaded``."""
+    years it cannot answer), the closures file reads. Returns the closures, loaded."""
     tz = raw.get("tz", "Asia/Shanghai")
     if isinstance(tz, str) and not _zone_exists(tz):
         problems.add(path + ("tz",), f"expected an IANA time zone such as Asia/Shanghai, got {tz!r}")
@@ -741,13 +803,12 @@ def _check_calendar(raw: dict[str, Any], path: tuple[str, ...], problems: _Probl
         _check_holidays(spec, path + ("holidays",), problems, warnings)
     if "loaded" in raw:
         problems.add(path + ("loaded",), "unknown key; expected one of: closures, holidays, hours, tz, workday")
-        return
+        return None
     closures = raw.get("closures")
-    if isinstance(closures, str):
-        cpath = Path(closures) if base_dir is None or Path(closures).is_absolute() else base_dir / closures
-        loaded = _load_closures(cpath, path + ("closures",), problems)
-        if loaded is not None:
-            raw["loaded"] = msgspec.to_builtins(loaded)
+    if not isinstance(closures, str):
+        return None
+    cpath = Path(closures) if base_dir is None or Path(closures).is_absolute() else base_dir / closures
+    return _load_closures(cpath, path + ("closures",), problems)
 
 
 def _period_problem(p: Any) -> str | None:
@@ -815,7 +876,7 @@ def _load_closures(cpath: Path, path: tuple[str, ...], problems: _Problems) -> C
         problems.add(path, f"{cpath}: invalid TOML: {exc}")
         return None
     own = _Problems(str(cpath), _Locator(text))
-    _check(data, ClosuresFile, (), own)
+    loaded = _check(data, ClosuresFile, (), own)
 
     def when(value: Any, at: tuple[str, ...]) -> None:
         try:
@@ -835,9 +896,7 @@ def _load_closures(cpath: Path, path: tuple[str, ...], problems: _Problems) -> C
             except ValueError:
                 own.add(("open", str(i), "date"), f"expected a date such as 2026-12-27, got {o['date']!r}")
     problems.items.extend(own.items)
-    if own.items:
-        return None
-    return msgspec.convert(data, ClosuresFile)
+    return None if own.items else loaded
 
 
 DEFAULT_CONFIG = "gateway.toml"

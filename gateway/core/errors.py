@@ -27,6 +27,21 @@ class ConfigError(GatewayError):
         super().__init__("\n".join(self.problems))
 
 
+class ConfigValueError(ConfigError, ValueError):
+    """Raised by a configuration Struct's ``__post_init__`` for what its types cannot say
+    (a key that another key makes required, a region code): the loader reports it like a
+    type error, at the key's own path and line, with what was found added (hidden when
+    secret): ``gw.toml:7: channels.sms.default_region: expected an ISO 3166 alpha-2 region
+    such as CN or US, got "XX"``. ``key`` is a field of the Struct, or a path below it
+    (``"strings.fr"``), or ``""`` for the section as a whole; ``expected`` says what would
+    do, without the value. A ``ValueError``, so msgspec reports it where the Struct is."""
+
+    def __init__(self, key: str | tuple[str, ...], expected: str):
+        self.key: tuple[str, ...] = tuple(key.split(".")) if isinstance(key, str) and key else tuple(key)
+        self.expected = expected
+        super().__init__([f"{'.'.join(self.key) or '(section)'}: {expected}"])
+
+
 class StartupError(ConfigError):
     """The configuration is valid but cannot be used on this machine right now: a port or
     folder it names is taken (by another ``gateway run``, say). The message is one line

@@ -11,7 +11,7 @@ from typing import Any
 
 from .bus.connection import Bus
 from .channel.api import Channel, Conversation
-from .config import ChannelConfig, Config, load_config, seconds
+from .config import ChannelConfig, Config, load_config
 from .bus.embedded import EmbeddedServer
 from .errors import ConfigError, PluginError
 from .http.server import HttpServer
@@ -117,7 +117,7 @@ class Gateway:
         self.bus.on_ready.append(self.restore.start)
         self.bus.start()
         try:
-            await self.bus.wait_ready(seconds(self.config.bus.connect_timeout))
+            await self.bus.wait_ready(self.config.bus.connect_timeout)
         except asyncio.TimeoutError:
             self.log.warning("starting without the bus: webhooks answer 503 until it is reachable", error=self.bus.error)
         if self.config.http.enabled:

@@ -14,7 +14,8 @@ import nats
 import nats.errors
 import nats.js.errors
 
-from ..core.errors import StartupError
+from gateway import ConfigError
+
 from . import NatsServer, free_port  # bound before this module is imported
 
 
@@ -94,7 +95,7 @@ class NatsCluster:
             if not failed:
                 break
             await asyncio.gather(*(n.stop() for n in self.nodes), return_exceptions=True)
-            if attempt == 2 or not all(isinstance(r, StartupError) and "already in use" in str(r) for r in failed):
+            if attempt == 2 or not all(isinstance(r, ConfigError) and "already in use" in str(r) for r in failed):
                 raise failed[0]
             cluster_ports = [free_port() for _ in self.nodes]
             for node, port in zip(self.nodes, cluster_ports):

@@ -38,7 +38,6 @@ from .. import (
     WebSocketConnection,
     hookimpl,
     provider_error,
-    seconds,
 )
 from ..wire import encode
 
@@ -52,10 +51,10 @@ class MockWebSocket(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     allowed_origins: list[str] | None = None
     max_connections: int = 100
     max_message_size: int = 1 << 20
-    idle_timeout: Duration = "300s"
-    ping_interval: Duration = "20s"
+    idle_timeout: Duration = Duration("300s")
+    ping_interval: Duration = Duration("20s")
     send_queue: int = 64
-    send_timeout: Duration = "5s"
+    send_timeout: Duration = Duration("5s")
 
 
 class MockConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -64,7 +63,7 @@ class MockConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     record_file: str = ""
     """Append every delivery as a JSON line to this file (fsynced), for tests that kill
     the gateway process."""
-    deliver_delay: Duration = "0s"
+    deliver_delay: Duration = Duration("0s")
     """Pretend the provider takes this long to accept."""
     provider_url: str = ""
     """When set, every delivery is also POSTed (the outbound as JSON) to this URL, as to a
@@ -118,7 +117,7 @@ class MockChannel(Channel):
         self.delivered = asyncio.Condition()
         self._failures: deque[_Failure] = deque()
         self.supported_parts = frozenset(cfg.supported_parts)
-        self._delay = seconds(cfg.deliver_delay)
+        self._delay = cfg.deliver_delay
         self.websocket_sessions = 0
         """WebSocket handler runs so far (a refused handshake never gets one)."""
         self._provider: httpx.AsyncClient | None = None
@@ -133,8 +132,8 @@ class MockChannel(Channel):
             self.ctx.add_websocket(
                 "/ws", self._echo, authorize=self._authorize if ws.token else None,
                 allowed_origins=ws.allowed_origins, max_connections=ws.max_connections,
-                max_message_size=ws.max_message_size, idle_timeout=seconds(ws.idle_timeout),
-                ping_interval=seconds(ws.ping_interval), send_queue=ws.send_queue, send_timeout=seconds(ws.send_timeout))
+                max_message_size=ws.max_message_size, idle_timeout=ws.idle_timeout,
+                ping_interval=ws.ping_interval, send_queue=ws.send_queue, send_timeout=ws.send_timeout)
 
     async def stop(self) -> None:
         client, self._provider = self._provider, None
@@ -233,7 +232,7 @@ class MockChannel(Channel):
         if window is None:
             return Reach(ok=True)
         last = conversation.last_inbound_at
-        until = last + timedelta(seconds=seconds(window)) if last is not None else None
+        until = last + timedelta(seconds=window) if last is not None else None
         if until is not None and at < until:
             return Reach(ok=True, until=until)
         return Reach(ok=False, code="outside_window", detail="outside the mock reply window", until=until, template=True)

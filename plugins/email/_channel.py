@@ -21,7 +21,7 @@ from gateway import (
     Receipt,
 )
 
-from ._config import EmailConfig, seconds
+from ._config import EmailConfig
 from ._imap import ImapPoller
 from ._parse import Limits, MailRejected, ParsedMail, meta_addresses, parse_mail
 from ._smtp_in import SmtpListener
@@ -56,9 +56,9 @@ class EmailChannel(Channel):
         self.cfg = cfg
         self.domain = (cfg.message_id_domain or cfg.address.rsplit("@", 1)[1]).lower()
         self.own_addresses = {cfg.address.lower(), *(a.lower() for a in cfg.own_addresses)}
-        self.threads = ThreadStore(ctx.state, ttl=seconds(cfg.thread_ttl))
+        self.threads = ThreadStore(ctx.state, ttl=cfg.thread_ttl)
         # Our Message-ID → the outbound it carried: bounces name the Message-ID.
-        self.sent = ProviderIndex(ctx.state, "sent", ttl=seconds(cfg.thread_ttl))
+        self.sent = ProviderIndex(ctx.state, "sent", ttl=cfg.thread_ttl)
         self.limits = Limits(max_parts=cfg.max_parts, max_nesting=cfg.max_nesting, max_text=cfg.max_text,
                              fallback_charsets=tuple(cfg.fallback_charsets))
         self.smtp: SmtpListener | None = None
@@ -257,7 +257,7 @@ class EmailChannel(Channel):
                                          error=error)
             self.ctx.log.info("bounce reported", outbound_id=rec.outbound_id, state=state, status=status)
         if handled:
-            await self.ctx.state.put(seen_key, b"1", ttl=seconds(self.cfg.thread_ttl))
+            await self.ctx.state.put(seen_key, b"1", ttl=self.cfg.thread_ttl)
         return handled
 
     # --- outbound ------------------------------------------------------------------

@@ -6,7 +6,7 @@ from typing import Annotated, Literal
 
 import msgspec
 
-from gateway import Duration, seconds  # noqa: F401  (seconds is used by the other modules)
+from gateway import Duration
 
 
 class _Section(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -36,7 +36,7 @@ class SmtpInConfig(_Section, kw_only=True):
     """``{user = "password"}``: enables AUTH PLAIN/LOGIN."""
     auth_required: bool = False
     auth_require_tls: bool = True
-    timeout: Duration = "5m"
+    timeout: Duration = Duration("5m")
     """Idle timeout of one SMTP session."""
 
 
@@ -54,13 +54,13 @@ class ImapConfig(_Section, kw_only=True):
     mailbox: str = "INBOX"
     idle: bool = True
     """Use IDLE when the server offers it; otherwise poll every ``poll_interval``."""
-    poll_interval: Duration = "60s"
-    idle_refresh: Duration = "5m"
+    poll_interval: Duration = Duration("60s")
+    idle_refresh: Duration = Duration("5m")
     """Leave and re-enter IDLE this often (servers drop idle clients after 30 minutes),
     re-checking the mailbox each time."""
-    timeout: Duration = "30s"
+    timeout: Duration = Duration("30s")
     """Timeout of one IMAP command."""
-    backoff_max: Duration = "60s"
+    backoff_max: Duration = Duration("60s")
     """Reconnect backoff grows from 1 s up to this."""
     batch: Annotated[int, msgspec.Meta(ge=1, le=1000)] = 25
     """Messages fetched per UID FETCH."""
@@ -70,7 +70,7 @@ class ImapConfig(_Section, kw_only=True):
     after: Literal["none", "seen", "move"] = "none"
     """After a message is on the bus: leave it, flag it \\Seen, or move it to ``move_to``."""
     move_to: str = ""
-    lease_ttl: Duration = "10s"
+    lease_ttl: Duration = Duration("10s")
     """Only one gateway process polls a mailbox; another takes over this long after the
     holder stops renewing."""
 
@@ -84,7 +84,7 @@ class SmtpOutConfig(_Section, kw_only=True):
     verify_certs: bool = True
     user: str = ""
     password: str = ""
-    timeout: Duration = "30s"
+    timeout: Duration = Duration("30s")
     helo: str = ""
     """Name in EHLO (default: the machine's FQDN)."""
 
@@ -117,7 +117,7 @@ class EmailConfig(_Section, kw_only=True):
     dkim: DkimConfig | None = None
     keep_raw: bool = True
     """Store the original message in the object store (``meta.raw``) for audit."""
-    thread_ttl: Duration = "180d"
+    thread_ttl: Duration = Duration("180d")
     """How long the Message-ID → conversation map is kept: a reply to mail older than this
     starts a new conversation (the map holds addresses and subjects: not kept forever)."""
     max_parts: Annotated[int, msgspec.Meta(ge=1)] = 500

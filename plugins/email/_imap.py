@@ -20,7 +20,7 @@ import msgspec
 
 from gateway import Backoff, ChannelState, GatewayError, KeyValue, Lease, RequestError, Supervised
 
-from ._config import ImapConfig, seconds
+from ._config import ImapConfig
 
 Ingest = Callable[[bytes, dict[str, Any]], Awaitable[str]]
 
@@ -83,9 +83,9 @@ class ImapPoller:
         self.set_state = set_state
         safe = re.sub(r"[^A-Za-z0-9_-]", "_", cfg.mailbox)[:80]
         self.cp_key = f"imap-cp-{safe}"
-        self.lease = Lease(state, f"imap-lease-{safe}", seconds(cfg.lease_ttl))
+        self.lease = Lease(state, f"imap-lease-{safe}", cfg.lease_ttl)
         self.supervisor = Supervised(f"imap:{cfg.mailbox}", self._serve, set_state=set_state, log=log,
-                                     lease=self.lease, backoff=Backoff(1.0, seconds(cfg.backoff_max)))
+                                     lease=self.lease, backoff=Backoff(1.0, cfg.backoff_max))
         self.client: aioimaplib.IMAP4 | None = None
         self.published = 0
         self._lost = asyncio.Event()
@@ -135,7 +135,7 @@ class ImapPoller:
             if use_idle:
                 await self._idle(client, wake_every)
             else:
-                await asyncio.sleep(seconds(self.cfg.poll_interval))
+                await asyncio.sleep(self.cfg.poll_interval)
             if not use_idle:
                 _check(await client.noop(), "NOOP")
             await self._catch_up_all(client, uidvalidity, None)
@@ -156,7 +156,7 @@ class ImapPoller:
     async def _idle(self, client: aioimaplib.IMAP4, wake_every: float) -> None:
         """IDLE until the server pushes a change or ``wake_every`` passed."""
         lost = self._lost
-        idle = await client.idle_start(timeout=seconds(self.cfg.idle_refresh))
+        idle = await client.idle_start(timeout=self.cfg.idle_refresh)
         try:
             while True:
                 push_task = asyncio.ensure_future(client.wait_server_push(timeout=wake_every))
@@ -184,13 +184,13 @@ class ImapPoller:
             if not lost.is_set():
                 client.idle_done()
                 # A server that does not answer DONE is treated as gone.
-                await asyncio.wait_for(idle, min(5.0, seconds(self.cfg.timeout)))
+                await asyncio.wait_for(idle, min(5.0, self.cfg.timeout))
 
     # --- IMAP ----------------------------------------------------------------------
 
     async def _connect(self) -> aioimaplib.IMAP4:
         cfg = self.cfg
-        timeout = seconds(cfg.timeout)
+        timeout = cfg.timeout
         if cfg.security == "ssl":
             ctx = ssl.create_default_context()
             if not cfg.verify_certs:

@@ -14,7 +14,7 @@ from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
 
 from gateway import BusUnavailable, PayloadTooLarge, RequestError, Throttle
 
-from ._config import SmtpInConfig, seconds
+from ._config import SmtpInConfig
 from ._parse import MailRejected
 
 Ingest = Callable[[bytes, str, list[str], str], Awaitable[str]]
@@ -124,7 +124,7 @@ class SmtpListener:
             ident="gateway ESMTP",
             tls_context=self._tls,
             require_starttls=cfg.require_starttls and self._tls is not None,
-            timeout=seconds(cfg.timeout),
+            timeout=cfg.timeout,
             auth_required=cfg.auth_required and auth,
             auth_require_tls=cfg.auth_require_tls,
             authenticator=self._authenticate if auth else None,

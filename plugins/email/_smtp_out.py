@@ -29,7 +29,7 @@ from gateway import (
     TextPart,
 )
 
-from ._config import DkimConfig, SmtpOutConfig, seconds
+from ._config import DkimConfig, SmtpOutConfig
 
 _POLICY = email.policy.SMTP.clone(max_line_length=998)
 _CTRL = re.compile(r"[\r\n\x00]")
@@ -156,7 +156,7 @@ class Sender:
         return aiosmtplib.SMTP(
             hostname=cfg.host, port=cfg.port, username=cfg.user or None, password=cfg.password or None,
             use_tls=cfg.security == "ssl", start_tls=cfg.security == "starttls",
-            tls_context=ctx, timeout=seconds(cfg.timeout), local_hostname=cfg.helo or socket.getfqdn())
+            tls_context=ctx, timeout=cfg.timeout, local_hostname=cfg.helo or socket.getfqdn())
 
     async def send(self, msg: EmailMessage, sender: str, recipients: list[str]) -> None:
         """Submit ``msg``; maps SMTP outcomes to :class:`DeliveryError` (4xx and network

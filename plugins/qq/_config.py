@@ -8,7 +8,7 @@ from typing import Annotated, Literal
 
 import msgspec
 
-from gateway import Duration
+from gateway import ConfigValueError, Duration
 
 Filter = Literal["all", "mention", "keyword"]
 
@@ -46,9 +46,9 @@ class OneBotConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     ``X-Signature: sha1=<HMAC-SHA1 of the body>`` (required with ``http``)."""
     self_ids: list[str] = []
     """QQ numbers of bot accounts allowed to connect (``X-Self-ID``); empty allows any."""
-    api_timeout: Duration = "10s"
+    api_timeout: Duration = Duration("10s")
     """How long an API call over the socket waits for its answer (matched by ``echo``)."""
-    heartbeat_timeout: Duration = "0s"
+    heartbeat_timeout: Duration = Duration("0s")
     """The channel is ``degraded`` when a connected bot sent no heartbeat for this long;
     ``0s`` uses three times the ``interval`` the heartbeats announce (at least 15 s)."""
     filter: Filter = "all"
@@ -64,7 +64,7 @@ class OneBotConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     """Group replies quote the customer's message (a ``reply`` segment)."""
     mention_sender: bool = False
     """Group replies @mention the customer they answer."""
-    group_interval: Duration = "1s"
+    group_interval: Duration = Duration("1s")
     """At least this long between two messages the gateway sends into one group (per
     process), so the account is not flagged for flooding."""
     max_message_size: Annotated[int, msgspec.Meta(ge=4096)] = 4 * 1024 * 1024
@@ -77,11 +77,16 @@ class OneBotConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     def __post_init__(self) -> None:
         for group in self.groups:
             if not group.isdigit():
-                raise ValueError(f"groups are keyed by group number: {group!r} is not one")
-        if self.transport == "http" and (not self.secret or not self.url.startswith(("http://", "https://"))):
-            raise ValueError("transport http needs secret (signs events) and url (the HTTP API, http(s)://)")
+                raise ConfigValueError(("groups", group), "expected a group number as the key")
+        if self.transport == "http" and not self.secret:
+            raise ConfigValueError("secret", "expected the implementation's secret with transport http (it signs "
+                                             "the events)")
+        if self.transport == "http" and not self.url.startswith(("http://", "https://")):
+            raise ConfigValueError("url", "expected the implementation's HTTP API (http:// or https://) with "
+                                          "transport http")
         if self.transport == "forward_ws" and not self.url.startswith(("ws://", "wss://")):
-            raise ValueError("transport forward_ws needs url (the implementation's ws:// or wss:// server)")
+            raise ConfigValueError("url", "expected the implementation's ws:// or wss:// server with transport "
+                                          "forward_ws")
 
 
 class OfficialConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -97,18 +102,18 @@ class OfficialConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     """The OpenAPI (a proxy, or a local fake in tests)."""
     token_url: str = "https://bots.qq.com/app/getAppAccessToken"
     """Where the access token is got."""
-    api_timeout: Duration = "10s"
+    api_timeout: Duration = Duration("10s")
     """HTTP timeout of API calls (the platform recommends at least 5 s)."""
-    token_refresh_margin: Duration = "2m"
+    token_refresh_margin: Duration = Duration("2m")
     """Refresh the token this long before it expires."""
-    timestamp_tolerance: Duration = "5m"
+    timestamp_tolerance: Duration = Duration("5m")
     """A callback whose ``X-Signature-Timestamp`` differs from our clock by more is refused;
     ``0s`` checks only its form."""
-    group_reply_window: Duration = "5m"
+    group_reply_window: Duration = Duration("5m")
     """How long after a group message the platform accepts replies to it."""
     group_reply_limit: Annotated[int, msgspec.Meta(ge=1)] = 5
     """How many replies one group message may get."""
-    c2c_reply_window: Duration = "60m"
+    c2c_reply_window: Duration = Duration("60m")
     """How long after a private (C2C) message the platform accepts replies to it."""
     c2c_reply_limit: Annotated[int, msgspec.Meta(ge=1)] = 5
     """How many replies one private message may get."""
@@ -128,4 +133,5 @@ class QQConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 
     def __post_init__(self) -> None:
         if (self.onebot is None) == (self.official is None):
-            raise ValueError("exactly one of [onebot] or [official] is required")
+            raise ConfigValueError("", "expected exactly one of [onebot] or [official], got "
+                                       + ("neither" if self.onebot is None else "both"))

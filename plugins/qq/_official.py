@@ -34,7 +34,6 @@ from gateway import (
     check_timestamp,
     provider_call,
     provider_error,
-    seconds,
     stable_id,
     verify_ed25519,
 )
@@ -128,17 +127,17 @@ class Official:
         self.ctx = ctx
         self.cfg = cfg
         self.public_key = public_key(cfg.secret)
-        self.tolerance = seconds(cfg.timestamp_tolerance)
-        self.windows = {"group": (seconds(cfg.group_reply_window), cfg.group_reply_limit),
-                        "c2c": (seconds(cfg.c2c_reply_window), cfg.c2c_reply_limit)}
-        timeout = seconds(cfg.api_timeout)
+        self.tolerance = cfg.timestamp_tolerance
+        self.windows = {"group": (cfg.group_reply_window, cfg.group_reply_limit),
+                        "c2c": (cfg.c2c_reply_window, cfg.c2c_reply_limit)}
+        timeout = cfg.api_timeout
         self.client: httpx.AsyncClient | None = None
         self.token = SharedValue(ctx.state, "qb-token", str, self._fetch_token,
-                                 margin=seconds(cfg.token_refresh_margin), lease_ttl=timeout + 5,
+                                 margin=cfg.token_refresh_margin, lease_ttl=timeout + 5,
                                  wait=2 * timeout + 5)
 
     async def start(self) -> None:
-        self.client = httpx.AsyncClient(timeout=seconds(self.cfg.api_timeout),
+        self.client = httpx.AsyncClient(timeout=self.cfg.api_timeout,
                                         headers={"User-Agent": "omnichannel-gateway"})
         self.ctx.add_route(WEBHOOK_PATH, self.webhook, methods=["POST"], max_body=self.cfg.max_body)
 

@@ -53,7 +53,6 @@ from gateway import (
     provider_call,
     provider_error,
     transport_error,
-    seconds,
     tokens_equal,
     verify_hmac,
 )
@@ -239,8 +238,8 @@ class OneBot:
     def __init__(self, ctx: ChannelContext, cfg: OneBotConfig) -> None:
         self.ctx = ctx
         self.cfg = cfg
-        self.api_timeout = seconds(cfg.api_timeout)
-        self.interval = seconds(cfg.group_interval)
+        self.api_timeout = cfg.api_timeout
+        self.interval = cfg.group_interval
         self.bots: dict[str, _Bot] = {}
         self._echo = itertools.count(1)
         # At most one send per group_interval into one group (this process).
@@ -442,7 +441,7 @@ class OneBot:
     # --- health ------------------------------------------------------------------
 
     def _timeout(self, bot: _Bot) -> float:
-        configured = seconds(self.cfg.heartbeat_timeout)
+        configured = self.cfg.heartbeat_timeout
         if configured > 0:
             return configured
         return max(_MIN_HEARTBEAT_TIMEOUT, 3 * (bot.interval or 5.0))

@@ -37,7 +37,6 @@ from gateway import (
     TextPart,
     public_url,
     quiet_until,
-    seconds,
     stable_id,
     tokens_equal,
 )
@@ -156,7 +155,7 @@ class SmsChannel(Channel):
 
     async def start(self) -> None:
         cfg = self.cfg
-        self.client = httpx.AsyncClient(timeout=seconds(cfg.api_timeout))
+        self.client = httpx.AsyncClient(timeout=cfg.api_timeout)
         mb = cfg.max_body
         if cfg.twilio is not None:
             self.ctx.add_route("/twilio/inbound", self._twilio_inbound, max_body=mb)
@@ -490,10 +489,10 @@ class SmsChannel(Channel):
         self._fails += 1
         if self._fails >= self.cfg.failover_after:
             self._fails = 0
-            self._failover_until = now() + seconds(self.cfg.failover_for)
+            self._failover_until = now() + self.cfg.failover_for
             self.ctx.log.warning("provider failing; sending through the failover provider",
                                  provider=adapter.name, failover=self.cfg.failover,
-                                 seconds=seconds(self.cfg.failover_for))
+                                 seconds=float(self.cfg.failover_for))
 
 
 def _aliyun_ok() -> Response:

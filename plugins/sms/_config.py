@@ -7,7 +7,7 @@ from typing import Annotated, Literal
 import msgspec
 import phonenumbers
 
-from gateway import Duration
+from gateway import ConfigValueError, Duration
 
 Provider = Literal["twilio", "aliyun", "tencent"]
 _SECRET = msgspec.Meta(min_length=1)
@@ -37,7 +37,8 @@ class TwilioConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 
     def __post_init__(self) -> None:
         if not self.from_number and not self.messaging_service_sid:
-            raise ValueError("twilio needs from_number or messaging_service_sid")
+            raise ConfigValueError("from_number", "expected from_number or messaging_service_sid (the number or "
+                                                  "Messaging Service messages are sent from)")
 
 
 class AliyunConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -87,7 +88,7 @@ class SmsConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     """A second provider (its sub-section must be present), used after ``failover_after``
     transient failures of the first in a row."""
     failover_after: Annotated[int, msgspec.Meta(ge=1)] = 3
-    failover_for: Duration = "5m"
+    failover_for: Duration = Duration("5m")
     """How long sends go to the second provider before the first is tried again."""
     twilio: TwilioConfig | None = None
     aliyun: AliyunConfig | None = None
@@ -105,20 +106,22 @@ class SmsConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     where status callbacks are sent."""
     trust_forwarded: bool = False
     """Without ``public_url``, read the signed URL from ``X-Forwarded-Proto``/``-Host``."""
-    api_timeout: Duration = "10s"
+    api_timeout: Duration = Duration("10s")
     max_body: Annotated[int, msgspec.Meta(ge=1024)] = 1 << 20
     """Largest webhook or push body accepted (413 beyond)."""
 
     def __post_init__(self) -> None:
-        for name in {self.provider, self.failover} - {None}:
-            if getattr(self, str(name)) is None:
-                raise ValueError(f"provider {name!r} is used but its [{name}] section is missing")
+        for key in ("provider", "failover"):
+            name = getattr(self, key)
+            if name is not None and getattr(self, name) is None:
+                raise ConfigValueError(name, f"missing required table ({key} = {name!r} sends through it)")
         if self.failover == self.provider:
-            raise ValueError("failover must name another provider than provider")
+            raise ConfigValueError("failover", "expected another provider than provider")
         # phonenumbers reads regions in upper case only: "us" would refuse every national number.
         self.default_region = self.default_region.upper()
         if self.default_region not in phonenumbers.SUPPORTED_REGIONS:
-            raise ValueError("default_region must be an ISO 3166 alpha-2 region such as CN or US")
+            raise ConfigValueError("default_region", "expected an ISO 3166 alpha-2 region such as CN or US")
         if self.public_url and not self.public_url.startswith(("https://", "http://")):
             # Twilio signs the full URL it called: without a scheme no signature could match.
-            raise ValueError("public_url must be the full base URL with its scheme, such as https://gw.example.com")
+            raise ConfigValueError("public_url", "expected the full base URL with its scheme, such as "
+                                                 "https://gw.example.com")

@@ -39,7 +39,6 @@ from gateway import (
     Supervised,
     TextPart,
     VideoPart,
-    seconds,
     tokens_equal,
 )
 
@@ -99,7 +98,7 @@ class TelegramChannel(Channel):
     async def start(self) -> None:
         cfg = self.cfg
         _silence_library_log()
-        timeout = seconds(cfg.api_timeout)
+        timeout = cfg.api_timeout
         api = HTTPXRequest(connection_pool_size=16, connect_timeout=timeout, read_timeout=timeout,
                            write_timeout=timeout, pool_timeout=timeout, media_write_timeout=max(timeout, 60.0))
         poll = HTTPXRequest(connection_pool_size=1, connect_timeout=timeout, read_timeout=timeout,
@@ -118,7 +117,7 @@ class TelegramChannel(Channel):
             # for the lease is healthy, and the poller reports its own trouble.
             self.ctx.set_state("degraded", "connecting to the Bot API")
         else:
-            lease = Lease(self.ctx.state, "poller-lease", seconds(cfg.lease_ttl))
+            lease = Lease(self.ctx.state, "poller-lease", cfg.lease_ttl)
             self.task = Supervised(f"telegram-poller:{self.ctx.name}", self._poll, set_state=self.ctx.set_state,
                                    log=self.ctx.log, lease=lease, backoff=Backoff(1.0, 60.0))
         self.task.start()
@@ -156,7 +155,7 @@ class TelegramChannel(Channel):
         while True:
             try:
                 updates = await self._api(self.bot.get_updates(
-                    offset=offset, timeout=int(seconds(self.cfg.poll_timeout)), allowed_updates=ALLOWED_UPDATES))
+                    offset=offset, timeout=int(self.cfg.poll_timeout), allowed_updates=ALLOWED_UPDATES))
             except TelegramAPIError:
                 raise
             except Exception as exc:  # noqa: BLE001 - the library could not read the batch

@@ -7,7 +7,7 @@ from typing import Annotated, Literal
 
 import msgspec
 
-from gateway import Duration
+from gateway import ConfigValueError, Duration
 
 _TOKEN = msgspec.Meta(pattern=r"^[0-9]{1,20}:[A-Za-z0-9_-]{20,}$",
                       description="the bot token from @BotFather, <bot id>:<secret>")
@@ -34,11 +34,11 @@ class TelegramConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     api_base: str = "https://api.telegram.org"
     """Where the Bot API is (a local Bot API server, a proxy, a fake in tests): methods are
     called at ``<api_base>/bot<token>/<method>``, files read from ``<api_base>/file/bot<token>/``."""
-    api_timeout: Duration = "10s"
+    api_timeout: Duration = Duration("10s")
     """Timeout of one Bot API call (a timeout is transient and retried)."""
-    poll_timeout: Duration = "25s"
+    poll_timeout: Duration = Duration("25s")
     """Polling mode: how long one ``getUpdates`` waits for news (long polling)."""
-    lease_ttl: Duration = "30s"
+    lease_ttl: Duration = Duration("30s")
     """Polling mode: the poller's lease; another process takes over this long after the
     poller's process died."""
     username: str = ""
@@ -69,10 +69,11 @@ class TelegramConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 
     def __post_init__(self) -> None:
         if self.mode == "webhook" and not self.secret_token:
-            raise ValueError("secret_token is required in webhook mode (Telegram sends it in every update)")
+            raise ConfigValueError("secret_token", "expected a secret token in webhook mode (Telegram sends it in "
+                                                   "every update)")
         if self.secret_token and not _SECRET.match(self.secret_token):
-            raise ValueError("secret_token must be 16 to 256 characters of A-Z, a-z, 0-9, _ and -")
+            raise ConfigValueError("secret_token", "expected 16 to 256 characters of A-Z, a-z, 0-9, _ and -")
         if self.public_url and not self.public_url.startswith("https://"):
-            raise ValueError("public_url must start with https:// (Telegram calls webhooks over HTTPS only)")
+            raise ConfigValueError("public_url", "expected an https:// URL (Telegram calls webhooks over HTTPS only)")
         if not self.api_base.startswith(("http://", "https://")):
-            raise ValueError("api_base must start with http:// or https://")
+            raise ConfigValueError("api_base", "expected an http:// or https:// URL")

@@ -49,7 +49,6 @@ from gateway import (
     WebSocketClosed,
     WebSocketConnection,
     quiet_until,
-    seconds,
 )
 
 from ._config import IMAGE_TYPES, WebChatConfig, limit_warnings
@@ -175,7 +174,7 @@ class WebChatChannel(Channel):
         super().__init__(ctx)
         cfg: WebChatConfig = ctx.config
         self.cfg = cfg
-        self.history = HistoryStore(ctx.state, cfg.history_size, seconds(cfg.history_ttl))
+        self.history = HistoryStore(ctx.state, cfg.history_size, cfg.history_ttl)
         self.sockets: dict[str, set[WebSocketConnection]] = {}
         """Open widget sockets of this process, by conversation key."""
         self.visitor_limit = RateLimiter(cfg.messages_per_minute, per=60, burst=max(1, cfg.messages_per_minute // 4))
@@ -224,9 +223,9 @@ class WebChatChannel(Channel):
         ctx.add_route("/media/{entry}/{n:int}", self._media, methods=["GET", "OPTIONS"])
         # A text frame holds at most max_message_chars characters of 4 UTF-8 bytes, quoted.
         ctx.add_websocket("/ws", self._session, authorize=self._authorize, max_connections=cfg.max_connections,
-                          max_message_size=cfg.max_message_chars * 6 + 1024, idle_timeout=seconds(cfg.idle_timeout),
+                          max_message_size=cfg.max_message_chars * 6 + 1024, idle_timeout=cfg.idle_timeout,
                           send_queue=256)
-        if seconds(cfg.sync_interval) > 0:
+        if cfg.sync_interval > 0:
             self._sync = Supervised(f"webchat-sync {ctx.name}", self._sync_loop, set_state=ctx.set_state, log=ctx.log)
             self._sync.start()
 
@@ -238,7 +237,7 @@ class WebChatChannel(Channel):
     async def _sync_loop(self, task: Supervised) -> None:
         """Push replies that reached a conversation's history through another gateway
         process to this process's open widgets of that conversation."""
-        interval = seconds(self.cfg.sync_interval)
+        interval = self.cfg.sync_interval
         task.running()
         while True:
             await asyncio.sleep(interval)

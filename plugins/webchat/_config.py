@@ -6,7 +6,7 @@ from typing import Annotated, Literal
 
 import msgspec
 
-from gateway import Config, Duration, QuietHours, check_quiet_hours, seconds
+from gateway import Config, ConfigValueError, Duration, QuietHours
 
 _Positive = Annotated[int, msgspec.Meta(ge=1)]
 _COLOR = msgspec.Meta(pattern=r"^#[0-9A-Fa-f]{3}([0-9A-Fa-f]{3})?$", description="a colour: #rgb or #rrggbb")
@@ -40,10 +40,8 @@ class OfflineHours(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     tz: str = "Asia/Shanghai"
 
     def __post_init__(self) -> None:
-        try:
-            check_quiet_hours(self.quiet())
-        except ValueError as exc:  # name the keys as they are spelled here
-            raise ValueError(str(exc).replace("quiet hours ", "offline_hours.")) from None
+        for key, problem in self.quiet().problems().items():  # the first: one problem per section
+            raise ConfigValueError(key, problem.replace("must be", "expected", 1))
 
     def quiet(self) -> QuietHours:
         """The same window as the toolkit's quiet hours (``quiet_until`` reads it)."""
@@ -96,7 +94,7 @@ class WebChatConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     """Serve the demo page at ``/channels/<name>/demo``."""
     history_size: Annotated[int, msgspec.Meta(ge=1, le=500)] = 100
     """Messages kept per conversation (both ways); the oldest go first."""
-    history_ttl: Duration = "30d"
+    history_ttl: Duration = Duration("30d")
     """A conversation's history is forgotten this long after its last message."""
     max_message_chars: Annotated[int, msgspec.Meta(ge=1, le=20000)] = 4000
     """Longest text a visitor may send (longer: refused with an error in the widget)."""
@@ -124,11 +122,11 @@ class WebChatConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     max_connections: _Positive = 400
     """Open widget sockets at most (per gateway process); below ``[http] max_connections``
     (512), which also counts them, so that webhooks keep some room."""
-    sync_interval: Duration = "2s"
+    sync_interval: Duration = Duration("2s")
     """How often a gateway process looks for replies another process delivered to the
     conversations of its open widgets (one state read per such conversation); ``"0s"``: a
     single gateway process, no need."""
-    idle_timeout: Duration = "10m"
+    idle_timeout: Duration = Duration("10m")
     """A widget socket with no message for this long is closed. The widget reconnects at
     once if its chat box is open on a visible page, else when the visitor opens it or comes
     back to the page."""
@@ -136,17 +134,18 @@ class WebChatConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     def __post_init__(self) -> None:
         # Browsers write an origin with the host in lower case and without a default port.
         self.allowed_origins = [_origin(o) for o in self.allowed_origins]
-        unchecked = [t for t in self.upload_types if t not in CHECKED_TYPES]
-        if unchecked:
-            raise ValueError(f"upload_types: {', '.join(unchecked)} cannot be checked against the file's bytes; "
-                             f"accepted: {', '.join(CHECKED_TYPES)}")
+        for i, t in enumerate(self.upload_types):
+            if t not in CHECKED_TYPES:
+                raise ConfigValueError(("upload_types", str(i)), f"expected a type whose bytes can be checked, one of "
+                                                                 f"{', '.join(CHECKED_TYPES)}")
         for language, table in self.strings.items():
             if language not in LANGUAGES:
-                raise ValueError(f"strings: unknown language {language!r}; the widget speaks {', '.join(LANGUAGES)}")
+                raise ConfigValueError(("strings", language), f"unknown language; the widget speaks "
+                                                              f"{', '.join(LANGUAGES)}")
             unknown = sorted(set(table) - STRING_KEYS)
             if unknown:
-                raise ValueError(f"strings.{language}: unknown key(s) {', '.join(unknown)}; "
-                                 f"known: {', '.join(sorted(STRING_KEYS))}")
+                raise ConfigValueError(("strings", language), f"unknown key(s) {', '.join(unknown)}; "
+                                                              f"expected one of: {', '.join(sorted(STRING_KEYS))}")
 
 
 def _origin(origin: str) -> str:
@@ -174,7 +173,7 @@ def limit_warnings(cfg: WebChatConfig, config: Config) -> list[str]:
         warnings.append(f"max_message_chars ({cfg.max_message_chars}) allows messages of up to {largest} bytes, above "
                         f"[bus] max_message_size ({config.bus.max_message_size}): the bus would refuse them")
     upload = cfg.max_upload_size / _SLOW_UPLOAD
-    if cfg.upload_types and upload > seconds(http.body_timeout):
+    if cfg.upload_types and upload > http.body_timeout:
         warnings.append(f"max_upload_size ({cfg.max_upload_size} bytes) takes {upload:.0f} s to upload at 2 Mbit/s, "
                         f"longer than [http] body_timeout ({http.body_timeout}): such uploads would end in 408")
     if cfg.messages_per_address_minute < cfg.messages_per_minute:

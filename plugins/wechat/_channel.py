@@ -36,7 +36,6 @@ from gateway import (
     TextPart,
     VideoPart,
     check_timestamp,
-    seconds,
 )
 
 from . import _xml
@@ -88,8 +87,8 @@ class WeChatChannel(Channel):
         cfg: WeChatConfig = ctx.config
         self.cfg = cfg
         self.crypto = MessageCrypto(cfg.token, cfg.encoding_aes_key, cfg.appid) if cfg.encoding_aes_key else None
-        self.tolerance = seconds(cfg.timestamp_tolerance)
-        self.window = timedelta(seconds=seconds(cfg.window))
+        self.tolerance = cfg.timestamp_tolerance
+        self.window = timedelta(seconds=cfg.window)
         self.api: WeChatAPI | None = None
         self.path = ""
         self._tasks: set[asyncio.Task[None]] = set()
@@ -97,8 +96,8 @@ class WeChatChannel(Channel):
 
     async def start(self) -> None:
         self.api = WeChatAPI(base_url=self.cfg.api_base, appid=self.cfg.appid, secret=self.cfg.secret,
-                             state=self.ctx.state, timeout=seconds(self.cfg.api_timeout),
-                             refresh_margin=seconds(self.cfg.token_refresh_margin), log=self.ctx.log)
+                             state=self.ctx.state, timeout=self.cfg.api_timeout,
+                             refresh_margin=self.cfg.token_refresh_margin, log=self.ctx.log)
         self.path = self.ctx.add_route(WEBHOOK_PATH, self._webhook, methods=["GET", "POST"], max_body=self.cfg.max_body)
 
     async def stop(self) -> None:
@@ -361,7 +360,7 @@ class WeChatChannel(Channel):
         ctype = part.content_type or {"image": "image/jpeg", "voice": "audio/amr", "video": "video/mp4"}[kind]
         filename = part.filename or f"{kind}.{ctype.split('/')[-1]}"
         media_id = await self.api.upload_media(kind, data, filename, ctype)
-        ttl = seconds(self.cfg.media_cache_ttl)
+        ttl = self.cfg.media_cache_ttl
         await self.ctx.state.put_record(key, _Upload(media_id=media_id, expires_at=time.time() + ttl), ttl=ttl)
         return media_id
 

@@ -58,7 +58,7 @@ def test_the_documentations_example_is_a_valid_config() -> None:
     # Both passed check-config, and then the channel failed to start (or never matched).
     (official_config(app_id=""), "qq.official.app_id"),
     (official_config(secret=""), "qq.official.secret"),
-    (onebot_config(groups={"客户群": {"filter": "all"}}), "qq.onebot: groups are keyed by group number"),
+    (onebot_config(groups={"客户群": {"filter": "all"}}), "qq.onebot.groups.客户群: expected a group number"),
 ])
 def test_what_cannot_work_is_refused_by_check_config(section: dict[str, Any], key: str) -> None:
     with pytest.raises(ConfigError) as info:

@@ -32,7 +32,7 @@ def test_the_configuration_blocks_load_and_build_their_calendars(tmp_path):
     assert desk.openings and desk.closures and desk.holidays is not None
     assert calendar_from_config("support-24h", config.settings.calendars["support-24h"]).always_open
     svc = config.channels["support-mail"].service
-    assert svc is not None and svc.business_hours and svc.first_response == "8h"
+    assert svc is not None and svc.business_hours and svc.first_response == 8 * 3600 and str(svc.first_response) == "8h"
 
 
 def test_the_tables_name_every_field_of_the_desk_wire_types():

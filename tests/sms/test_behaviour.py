@@ -173,7 +173,7 @@ async def test_phone_numbers_are_masked_in_logs(gateway_factory, fake_sms, nats_
 
 
 @pytest.mark.parametrize("section, problem", [
-    ({"type": "sms", "provider": "twilio"}, "[twilio] section is missing"),
+    ({"type": "sms", "provider": "twilio"}, "channels.sms.twilio: missing required table"),
     ({"type": "sms", "provider": "twilio", "failover": "twilio", "twilio": {
         "account_sid": "AC" + "0" * 32, "auth_token": "t", "from_number": "+1"}}, "another provider"),
     ({"type": "sms", "provider": "twilio", "default_region": "XX", "twilio": {

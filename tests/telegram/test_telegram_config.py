@@ -31,7 +31,7 @@ def test_a_malformed_token_is_named_without_its_value():
 
 
 def test_webhook_mode_needs_a_secret_token_of_at_least_16_safe_characters():
-    assert "secret_token is required in webhook mode" in problem(secret_token="")
+    assert "channels.tg.secret_token: expected a secret token in webhook mode" in problem(secret_token="")
     assert "16 to 256 characters" in problem(secret_token="short")
     assert "16 to 256 characters" in problem(secret_token="with spaces in it, sixteen+")
 

@@ -20,7 +20,7 @@ def test_valid_config_in_every_mode_parses():
 
 
 def test_encrypted_mode_without_aes_key_is_a_config_error():
-    with pytest.raises(ConfigError, match=r"channels\.wx.*encoding_aes_key is required in safe mode"):
+    with pytest.raises(ConfigError, match=r"channels\.wx\.encoding_aes_key: expected the EncodingAESKey in safe mode"):
         _parse(mode="safe")
 
 

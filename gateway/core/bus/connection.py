@@ -15,7 +15,7 @@ from nats.js import JetStreamContext, api
 from nats.js.kv import KeyValue as NatsKV
 from nats.js.object_store import ObjectStore
 
-from ..config import BusConfig, seconds
+from ..config import BusConfig
 from ..errors import BusUnavailable, MessageTooLarge, PayloadTooLarge
 from ..retry import Backoff, Supervised
 from .reads import Reads
@@ -178,7 +178,7 @@ class Subjects:
 class Bus:
     """One NATS connection with JetStream, shared by the whole process."""
 
-    def __init__(self, cfg: BusConfig, url: str, *, log: Any, name: str = "gateway", receipt_ttl: str = "7d",
+    def __init__(self, cfg: BusConfig, url: str, *, log: Any, name: str = "gateway", receipt_ttl: float = 7 * 86400,
                  schedules: bool = True):
         self.cfg = cfg
         self.schedules = schedules
@@ -322,7 +322,7 @@ class Bus:
         opts: dict[str, Any] = dict(
             servers=[u.strip() for u in self.url.split(",") if u.strip()],
             name=self.name,
-            connect_timeout=max(1, int(seconds(self.cfg.connect_timeout))),
+            connect_timeout=max(1, int(self.cfg.connect_timeout)),
             allow_reconnect=True,
             # One pass over the servers: while the bus is down at start, our own loop
             # retries with backoff (nats-py would otherwise spin inside connect()).
@@ -343,7 +343,7 @@ class Bus:
         await self.nc.connect(**opts)
         # Once connected, never give up reconnecting (nats-py reads this option live).
         self.nc.options["max_reconnect_attempts"] = -1
-        self._js = _JetStream(self.nc, timeout=seconds(self.cfg.publish_timeout), publish_async_max_pending=20000)
+        self._js = _JetStream(self.nc, timeout=self.cfg.publish_timeout, publish_async_max_pending=20000)
         self._reads = Reads(self.nc)
         await self._reads.start()
         # Also after a reconnect: the KV and object store handles hold the JetStream
@@ -387,16 +387,16 @@ class Bus:
         """The streams of the bus contract, as the ``[bus]`` section configures them."""
         s, c = self.subjects, self.cfg
         common: dict[str, Any] = dict(storage=api.StorageType.FILE, num_replicas=c.replicas, max_msg_size=c.max_message_size,
-                      duplicate_window=seconds(c.duplicate_window))
+                      duplicate_window=c.duplicate_window)
         return [
             api.StreamConfig(name=s.stream_in, subjects=[f"{s.prefix}.in.>"], retention=api.RetentionPolicy.LIMITS,
-                             max_age=seconds(c.inbound_max_age), description="inbound customer messages", **common),
+                             max_age=c.inbound_max_age, description="inbound customer messages", **common),
             api.StreamConfig(name=s.stream_out, subjects=[f"{s.prefix}.out.>"], retention=api.RetentionPolicy.WORK_QUEUE,
                              description="outbound replies awaiting delivery", **common),
             api.StreamConfig(name=s.stream_status, subjects=[f"{s.prefix}.status.>"], retention=api.RetentionPolicy.LIMITS,
-                             max_age=seconds(c.status_max_age), description="delivery status events", **common),
+                             max_age=c.status_max_age, description="delivery status events", **common),
             api.StreamConfig(name=s.stream_dead, subjects=[f"{s.prefix}.dead.>"], retention=api.RetentionPolicy.LIMITS,
-                             max_age=seconds(c.dead_max_age), description="dead letters", **common),
+                             max_age=c.dead_max_age, description="dead letters", **common),
         ] + (self._schedule_streams(common) if self.schedules else [])
 
     def _schedule_streams(self, common: dict[str, Any]) -> list[api.StreamConfig]:
@@ -408,7 +408,7 @@ class Bus:
                              allow_msg_schedules=True, allow_msg_ttl=True,
                              description="reminder schedules, fired reminders and reminder statuses", **common),
             api.StreamConfig(name=s.stream_tasks, subjects=[f"{s.prefix}.task.>"], retention=api.RetentionPolicy.LIMITS,
-                             max_age=seconds(c.status_max_age), description="tasks for the desk (callbacks by phone)",
+                             max_age=c.status_max_age, description="tasks for the desk (callbacks by phone)",
                              **common),
         ]
 
@@ -425,14 +425,14 @@ class Bus:
                     self.log.warning("stream config could not be updated", stream=cfg.name, error=str(exc2), first=str(exc))
         s, c = self.subjects, self.cfg
         buckets = [
-            api.KeyValueConfig(bucket=s.kv_dedup, ttl=seconds(c.dedup_ttl), history=1, replicas=c.replicas, direct=True,
+            api.KeyValueConfig(bucket=s.kv_dedup, ttl=c.dedup_ttl, history=1, replicas=c.replicas, direct=True,
                                storage=api.StorageType.FILE, description="seen provider message ids"),
             api.KeyValueConfig(bucket=s.kv_conversations, history=1, replicas=c.replicas, direct=True,
                                storage=api.StorageType.FILE, description="conversation routes"),
             api.KeyValueConfig(bucket=s.kv_state, history=1, replicas=c.replicas, direct=True,
                                storage=api.StorageType.FILE, description="channel state"),
             api.KeyValueConfig(bucket=s.kv_receipts, history=1, replicas=c.replicas, direct=True,
-                               ttl=seconds(self.receipt_ttl), storage=api.StorageType.FILE,
+                               ttl=self.receipt_ttl, storage=api.StorageType.FILE,
                                description="provider receipts by outbound id"),
         ]
         for b in buckets:
@@ -442,13 +442,13 @@ class Bus:
         except nats.js.errors.BucketNotFoundError:
             self._objects = await self.js.create_object_store(
                 s.object_store, config=api.ObjectStoreConfig(bucket=s.object_store, replicas=c.replicas,
-                                                             storage=api.StorageType.FILE, ttl=seconds(c.blob_max_age)))
+                                                             storage=api.StorageType.FILE, ttl=c.blob_max_age))
         else:
             # Retention may change with the config: apply it to the existing bucket.
             stream = f"OBJ_{s.object_store}"
             info = await self.js.stream_info(stream)
-            if info.config.max_age != seconds(c.blob_max_age) or info.config.num_replicas != c.replicas:
-                info.config.max_age = seconds(c.blob_max_age)
+            if info.config.max_age != c.blob_max_age or info.config.num_replicas != c.replicas:
+                info.config.max_age = c.blob_max_age
                 info.config.num_replicas = c.replicas
                 await self.js.update_stream(info.config)
 

@@ -21,7 +21,6 @@ from nats.js import api
 from .connection import Bus, wire_size
 from .reads import Entry, valid_key
 from ..channel.api import Conversation, Receipt
-from ..config import seconds
 from .contract import PAYLOAD_HEADER, dead_letter_headers, message_headers, status_headers
 from ..errors import BusUnavailable
 from ..schema import DeadLetter, DeliveryStatus, Message, ObjectRef, encode
@@ -41,8 +40,8 @@ class BusServices:
     def __init__(self, bus: Bus) -> None:
         self.bus = bus
         self.subjects = bus.subjects
-        self.publish_timeout = seconds(bus.cfg.publish_timeout)
-        self._blob_max_age = seconds(bus.cfg.blob_max_age)
+        self.publish_timeout = bus.cfg.publish_timeout
+        self._blob_max_age = bus.cfg.blob_max_age
 
     async def await_ack(self, fut: asyncio.Future[Any]) -> Any:
         """Wait for a pipelined publish's ack, within ``publish_timeout``."""

@@ -72,7 +72,7 @@ class Lease:
     def __init__(self, state: KeyValue, key: str, ttl: float):
         self.state = state
         self.key = key
-        self.ttl = max(1.0, ttl)  # JetStream's smallest per-message TTL
+        self.ttl = max(1.0, float(ttl))  # JetStream's smallest per-message TTL; a plain float: it is encoded
         self.holder = uuid.uuid4().hex
         """This contender's identity (one per :class:`Lease` object)."""
 

@@ -36,7 +36,7 @@ from nats.js import api
 
 from ..channel.api import Channel, Conversation, Receipt
 from ..channel.ratelimit import RateLimiter
-from ..config import ChannelConfig, OutboundConfig, seconds
+from ..config import ChannelConfig, OutboundConfig
 from ..errors import BusUnavailable, Deferred, DeliveryError
 from ..failpoints import failpoint
 from ..metrics import Metrics
@@ -187,10 +187,10 @@ class Dispatcher:
         self.channel = channel
         self.metrics = metrics
         # The consumers and their keep-alives keep the ack_wait they started with.
-        self._ack_wait = seconds(self.cfg.ack_wait)
+        self._ack_wait = self.cfg.ack_wait
         self.log = log.bind(component="outbound")
         self.instance = uuid.uuid4().hex[:20]
-        self.owners = Owners(self.bus, instance=self.instance, ttl=seconds(cfg.lease), pid=os.getpid())
+        self.owners = Owners(self.bus, instance=self.instance, ttl=cfg.lease, pid=os.getpid())
         self.terms: dict[str, _Term] = {}
         """The channels this process delivers now, by name."""
         self._ending: dict[str, _Term] = {}
@@ -611,7 +611,7 @@ class Dispatcher:
             return
         ccfg = self.channel_configs().get(cname)
         cfg = self.cfg  # read per message: a reload applies to the next one
-        backoff = [seconds(d) for d in ((ccfg.backoff if ccfg and ccfg.backoff else None) or cfg.backoff)]
+        backoff = (ccfg.backoff if ccfg and ccfg.backoff else None) or cfg.backoff
         max_attempts = (ccfg.max_attempts if ccfg and ccfg.max_attempts else None) or cfg.max_attempts
         local = 0
         while True:

@@ -32,7 +32,7 @@ from starlette.routing import Route, Router, WebSocketRoute
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from ..config import HttpConfig, seconds
+from ..config import HttpConfig
 from ..errors import BusUnavailable, PayloadTooLarge, RequestError, StartupError
 from ..logs import Throttle
 from ..metrics import Metrics
@@ -159,8 +159,8 @@ class HttpServer:
         self.task: asyncio.Task[None] | None = None
         self.port: int | None = None
         self.sockets: list[socket.socket] = []
-        self.header_timeout = seconds(self.cfg.header_timeout)
-        self.body_timeout = seconds(self.cfg.body_timeout)
+        self.header_timeout = self.cfg.header_timeout
+        self.body_timeout = self.cfg.body_timeout
         # At the cap, a connection still without complete headers after this long makes
         # room for a new one (real clients send their headers in milliseconds).
         self.evict_after = 1.0
@@ -367,7 +367,7 @@ class HttpServer:
             http=type("Protocol", (_GuardedProtocol,), {"owner": self}),
             # Size limit and keep-alive are set per route before accepting (see _websocket).
             ws=GatewayWebSocketProtocol, ws_max_size=1 << 20,
-            timeout_keep_alive=seconds(self.cfg.keep_alive_timeout),  # type: ignore[arg-type]  # a float works
+            timeout_keep_alive=self.cfg.keep_alive_timeout,  # type: ignore[arg-type]  # a float works
             # uvicorn would rewrite scheme and client from X-Forwarded-* sent by any local
             # process; webhooks read them only where configured (gateway.public_url).
             proxy_headers=False,

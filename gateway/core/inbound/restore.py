@@ -41,7 +41,6 @@ from nats.js import api
 
 from ..bus.connection import Bus
 from ..bus.state import Dedup, Stored, liveness_key, state_records
-from ..config import seconds
 from ..retry import cancel_and_wait
 
 
@@ -89,10 +88,10 @@ class DedupRestore:
         self.dedup = Dedup(bus)
         self.log = log.bind(component="dedup-restore")
         self.instance = uuid.uuid4().hex[:20]
-        window = seconds(bus.cfg.duplicate_window)
+        window = float(bus.cfg.duplicate_window)
         self.beat = min(5.0, max(0.1, window / 6))
         self.stale_after = 3 * self.beat
-        self.publish_timeout = seconds(bus.cfg.publish_timeout)
+        self.publish_timeout = float(bus.cfg.publish_timeout)
         self.ready = asyncio.Event()
         """Set once the first repair at start finished (or failed and was logged)."""
         self.last_repair: dict[str, Any] | None = None

@@ -27,7 +27,6 @@ from nats.js import api
 
 from ..bus.contract import EXPECTED_LAST_SEQUENCE, JSON, SCHEMA_TASK, outbound_headers, rfc3339
 from ..bus.state import desk_key, state_records
-from ..config import seconds
 from ..failpoints import failpoint
 from ..retry import cancel_and_wait
 from ..schema import (
@@ -230,13 +229,13 @@ class ServiceDesk:
         await self._cancel_loops()
         js = self.bus.require(during_setup=True)
         c = self.bus.cfg
-        sc = stream_config(self.ds, c.replicas, seconds(c.duplicate_window))
+        sc = stream_config(self.ds, c.replicas, c.duplicate_window)
         try:
             await js.add_stream(sc)
         except nats.js.errors.BadRequestError:
             await js.update_stream(sc)
         s = self.bus.subjects
-        ack_wait = seconds(self.cfg().ack_wait)
+        ack_wait = self.cfg().ack_wait
         # New consumers start with what arrives from now on: a desk switched on later does
         # not time the whole history of the inbound stream.
         loops: list[tuple[str, str, str, Callable[[Any], Awaitable[None]], api.DeliverPolicy]] = [
@@ -342,7 +341,7 @@ class ServiceDesk:
         js = self.bus.require()
         await js.publish(subject, encode(timer), headers={
             "Nats-Schedule": f"@at {rfc3339(at)}", "Nats-Schedule-Target": self.ds.fire(timer.kind),
-            "Nats-Schedule-TTL": f"{int(seconds(self.bus.cfg.status_max_age))}s", "Content-Type": JSON})
+            "Nats-Schedule-TTL": f"{int(self.bus.cfg.status_max_age)}s", "Content-Type": JSON})
 
     async def _purge(self, subject: str) -> None:
         req = msgspec.json.encode({"filter": subject})
@@ -355,17 +354,16 @@ class ServiceDesk:
                  "resolution": svc.resolution}[rule]
         if limit is None:
             return
-        secs = seconds(limit)
         if svc.business_hours:
-            due = cal.add_business(started, secs)
-            warn = cal.add_business(started, secs * svc.warn_at)
+            due = cal.add_business(started, limit)
+            warn = cal.add_business(started, limit * svc.warn_at)
             self._note_unknown_years(cal)
             if due is None or warn is None:
                 self.log.warning("SLA timer not started: the calendar has no open time ahead", calendar=cal.name)
                 return
         else:
-            due = started + timedelta(seconds=secs)
-            warn = started + timedelta(seconds=secs * svc.warn_at)
+            due = started + timedelta(seconds=limit)
+            warn = started + timedelta(seconds=limit * svc.warn_at)
         kind_key = "resolution" if rule == "resolution" else "response"
         timer = DeskTimer(kind="sla", conversation=conversation, channel_type=channel_type, channel=channel,
                           started_at=started, due_at=due, rule=rule, stage="warning")
@@ -428,7 +426,7 @@ class ServiceDesk:
                 timer = DeskTimer(kind="ack", conversation=m.conversation, channel_type=m.channel_type,
                                   channel=m.channel, message_id=m.id, started_at=at, opens_at=opens_at)
                 await self._schedule(self.ds.timer("ack", m.conversation), timer,
-                                     max(at + timedelta(seconds=seconds(svc.ack_delay)), self.clock()))
+                                     max(at + timedelta(seconds=svc.ack_delay), self.clock()))
 
     async def _count_waiting(self, cal: Calendar, opens_at: datetime, at: datetime, channel: str) -> None:
         key = desk_key(f"open.{cal.name}")
@@ -515,7 +513,7 @@ class ServiceDesk:
                 if fu is not None and fu.state in ("due", "scheduled"):
                     fu.state = "cancelled"  # a new resolution replaces the promise not kept yet
                     followups.append(msgspec.structs.replace(fu))
-                rec.followup = Followup(resolved_at=at, due_by=at + timedelta(seconds=seconds(within)))
+                rec.followup = Followup(resolved_at=at, due_by=at + timedelta(seconds=within))
                 followups.append(rec.followup)
             elif mark.action == "reopened" and fu is not None and fu.state in ("due", "scheduled"):
                 fu.state = "cancelled"
@@ -588,7 +586,7 @@ class ServiceDesk:
                               conversation=timer.conversation, code=reach.code)
                 return
         template = self.cfg().templates.get(svc.language) or self.cfg().templates.get("en", "")
-        text = render_ack(template, timer.opens_at, cal, seconds(svc.answer_within), svc.language)
+        text = render_ack(template, timer.opens_at, cal, svc.answer_within, svc.language)
         stamp = rfc3339(timer.opens_at).replace(":", "").replace(".", "") if timer.opens_at else "none"
         out = Outbound(id=f"{ACK_PREFIX}{timer.conversation.split('.', 1)[1]}-{stamp}", conversation=timer.conversation,
                        parts=[TextPart(text=text)], kind="notice", auto=True, in_reply_to=timer.message_id,
@@ -616,11 +614,12 @@ class ServiceDesk:
         now = self.clock()
         assert timer.stage is not None
         ev = SlaEvent(conversation=timer.conversation, channel_type=timer.channel_type, channel=timer.channel,
-                      rule=timer.rule, state=timer.stage, limit=limit or "", business_hours=bool(svc and svc.business_hours),
+                      rule=timer.rule, state=timer.stage, limit=limit.text if limit is not None else "",
+                      business_hours=bool(svc and svc.business_hours),
                       started_at=timer.started_at, due_at=timer.due_at, at=now,
                       late=(now - timer.due_at).total_seconds())
         js = self.bus.require()
-        ttl = int(seconds(self.bus.cfg.status_max_age))
+        ttl = int(self.bus.cfg.status_max_age)
         await js.publish(self.ds.sla(timer.channel_type, timer.channel), encode(ev), headers={
             "Nats-Msg-Id": f"sla:{timer.conversation}:{timer.rule}:{timer.stage}:{rfc3339(timer.started_at)}",
             "Nats-TTL": f"{ttl}s", "Content-Type": JSON, "Gw-Schema": SCHEMA_SLA})
@@ -638,7 +637,7 @@ class ServiceDesk:
         js = self.bus.require()
         await js.publish(subject, encode(timer), headers={
             "Nats-Schedule": f"@at {rfc3339(at)}", "Nats-Schedule-Target": self.ds.fire(timer.kind),
-            "Nats-Schedule-TTL": f"{int(seconds(self.bus.cfg.status_max_age))}s", "Content-Type": JSON,
+            "Nats-Schedule-TTL": f"{int(self.bus.cfg.status_max_age)}s", "Content-Type": JSON,
             EXPECTED_LAST_SEQUENCE: "0"})
 
     async def _fire_open(self, timer: DeskTimer) -> None:
@@ -655,7 +654,7 @@ class ServiceDesk:
         js = self.bus.require()
         await js.publish(self.ds.opened(timer.calendar), encode(ev), headers={
             "Nats-Msg-Id": f"opened:{timer.calendar}:{rfc3339(timer.opens_at)}",
-            "Nats-TTL": f"{int(seconds(self.bus.cfg.status_max_age))}s", "Content-Type": JSON,
+            "Nats-TTL": f"{int(self.bus.cfg.status_max_age)}s", "Content-Type": JSON,
             "Gw-Schema": SCHEMA_OPENED})
 
     # --- follow-up (回访) coverage -------------------------------------------------------
@@ -732,7 +731,7 @@ class ServiceDesk:
                             outbound_id=fu.outbound_id, reason=reason, task_id=task_id)
         await js.publish(self.ds.followup(channel_type, channel), encode(ev), headers={
             "Nats-Msg-Id": f"followup:{conversation}:{stamp}:{fu.state}",
-            "Nats-TTL": f"{int(seconds(self.bus.cfg.status_max_age))}s", "Content-Type": JSON,
+            "Nats-TTL": f"{int(self.bus.cfg.status_max_age)}s", "Content-Type": JSON,
             "Gw-Schema": SCHEMA_FOLLOWUP})
 
 

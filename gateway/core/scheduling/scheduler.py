@@ -34,7 +34,6 @@ import nats.js.errors
 from nats.js import api
 
 from ..bus.contract import outbound_headers, task_headers
-from ..config import seconds
 from ..failpoints import failpoint
 from ..retry import cancel_and_wait
 from ..schema import ErrorInfo, Message, QuietHours, Reminder, Task, encode, reminder_decoder
@@ -109,9 +108,9 @@ class Reminders:
         c = self.bus.cfg
         js = bus.require(during_setup=True)
         s = self.subjects
-        self.store = ReminderStore(bus.nc, js, bus.subjects, keep_fired=seconds(self.cfg.keep_fired),
-                                   status_ttl=seconds(c.status_max_age))
-        ack_wait = seconds(self.cfg.ack_wait)
+        self.store = ReminderStore(bus.nc, js, bus.subjects, keep_fired=self.cfg.keep_fired,
+                                   status_ttl=c.status_max_age)
+        ack_wait = self.cfg.ack_wait
         loops = []
         # The early checks are read without acks: on nats-server 2.15.1 an ack of a consumer
         # on schedule messages cost 0.4 to 1.3 ms of server CPU each (0.02 ms unacked),

@@ -22,24 +22,17 @@ from .core.channel.api import (
     Receipt,
 )
 from .core.channel.ratelimit import RateLimiter
-from .core.channel.toolkit import (
+from .core.channel.providers import (
     TIMEOUT,
     UNREACHABLE,
-    Lease,
-    ProviderIndex,
-    Sent,
-    SharedValue,
-    check_timestamp,
     not_connected,
     parse_retry_after,
     provider_call,
     provider_error,
-    public_url,
-    stable_id,
     transport_error,
-    verify_ed25519,
-    verify_hmac,
 )
+from .core.channel.shared import Lease, ProviderIndex, Sent, SharedValue, stable_id
+from .core.channel.webhooks import check_timestamp, public_url, verify_ed25519, verify_hmac
 from .core.channel.websocket_client import WebSocketClient
 from .core.config import ChannelConfig, Config, Duration, load_config, parse_config, seconds
 from .core.errors import (

@@ -24,7 +24,7 @@ from ..channel.api import Conversation, Receipt
 from .contract import PAYLOAD_HEADER, dead_letter_headers, message_headers, status_headers
 from ..errors import BusUnavailable
 from ..schema import DeadLetter, DeliveryStatus, Message, ObjectRef, encode
-from ..channel.toolkit import stable_id
+from ..channel.shared import stable_id
 
 conversation_decoder = msgspec.json.Decoder(Conversation)
 receipt_decoder = msgspec.json.Decoder(Receipt)

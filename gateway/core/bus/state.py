@@ -29,7 +29,7 @@ import nats.js.errors
 
 from ..channel.api import KeyValue
 from ..config import CORE_NAMESPACES
-from ..channel.toolkit import stable_id
+from ..channel.shared import stable_id
 from .codes import WRONG_LAST_SEQUENCE
 from .connection import Subjects
 from .contract import EXPECTED_LAST_SEQUENCE

@@ -19,7 +19,7 @@ from ..bus.state import Dedup
 from ..errors import MessageTooLarge
 from ..bus.services import BusServices
 from ..channel.api import Conversation, PublishResult
-from ..channel.toolkit import stable_id
+from ..channel.shared import stable_id
 from ..errors import BusUnavailable, PayloadTooLarge, RequestError
 from ..failpoints import failpoint
 from ..logs import Throttle

@@ -4,23 +4,18 @@ process delivered the channel before."""
 
 from __future__ import annotations
 
-import nats
-
 from gateway import Outbound, TextPart
+from gateway.client import Client
 from gateway.testing import wait_for_status, wait_until
-from gateway.wire import encode
 
 from .conftest import FakeOneBot, onebot_config, private_message, published, ws_url
 
 FAST = {"lease": "2s", "backoff": ["100ms"], "max_attempts": 3}  # ownership rounds every 0.5 s
 
 
-async def _reply(url: str, subject: str, outbound: Outbound) -> None:
-    nc = await nats.connect(url)
-    try:
-        await nc.jetstream().publish(subject, encode(outbound), headers={"Nats-Msg-Id": outbound.id})
-    finally:
-        await nc.close()
+async def _reply(url: str, outbound: Outbound) -> None:
+    async with Client(url) as client:
+        await client.send(outbound, channel_type="qq", channel="qq")
 
 
 def _holds(gw, channel: str) -> bool:
@@ -38,7 +33,7 @@ async def test_qq_replies_go_out_through_the_process_the_reverse_websocket_reach
         await bot.send(private_message("你好"))
         [msg] = await published(nats_server.url, 1)
         await wait_until(lambda: _holds(second, "qq") and not _holds(first, "qq"), timeout=15)
-        await _reply(nats_server.url, "gw.out.qq.qq", Outbound(id="r-qq", conversation=msg.conversation,
+        await _reply(nats_server.url, Outbound(id="r-qq", conversation=msg.conversation,
                                                                parts=[TextPart(text="您好")]))
         await wait_for_status(nats_server.url, "r-qq", "sent")
         assert [c["action"] for c in bot.sends()] == ["send_private_msg"]

@@ -139,7 +139,7 @@ class Inbound:
 
     async def _publish(self, message: Message, route: dict[str, Any] | None, key: str | None,
                        interaction: bool = True) -> PublishResult:
-        js = self.bus.require()
+        self.bus.require()  # BusUnavailable (503) until the bus is connected
         t0 = time.perf_counter()
         try:
             # One deadline for the whole path (asyncio.timeout costs no task, unlike
